@@ -1,0 +1,242 @@
+"""Run an HF model's decoder on a chosen subset of sequence positions, exactly.
+
+The engine takes a batch in the model's own keys plus ``labels`` and an optional ``keep_mask``
+(bool ``[B, L]``, True = the position stays in the decoder's sequence). It lets the model encode
+its images or videos and merge them into the input embeddings as usual; a forward pre-hook on the
+text decoder then gathers the kept positions, with their *original* position ids (1-D, or
+Qwen2-VL's 3-D M-RoPE ids), right-pads them to the longest kept row and passes an explicit 2-D
+attention mask (without it, transformers reads gaps in the position ids as packed-sequence
+boundaries and silently blocks attention across them). The LM head runs only at kept positions
+that have a supervised target, and the loss uses the targets pre-shifted on the *full* sequence,
+so a shortened sequence never shifts labels across positions that were not neighbours.
+
+Which positions to keep is the caller's policy; the engine runs whatever the mask keeps, visual
+and prompt positions included.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from regate_lightning.families import ModelParts, resolve
+from regate_lightning.keys import ATTENTION_MASK, IGNORE_INDEX, INPUT_IDS, KEEP_MASK, LABELS
+from regate_lightning.targets import shift_targets
+
+
+@dataclass
+class ElidedOutput:
+    """What one forward pass on the active positions produced.
+
+    Attributes:
+        loss: float scalar, mean cross-entropy over the computed supervised targets (with grad).
+        token_loss: float32 ``[B, L]``, detached; the loss of predicting token ``t + 1`` at original
+            position ``t``; NaN where nothing was computed (elided, padding, or unsupervised).
+        num_active: positions the decoder processed (padding excluded).
+        num_tokens: non-padding positions of the batch.
+        num_targets: supervised targets whose loss was computed.
+        decoder_length: sequence length the decoder actually ran on (``L'`` after gathering).
+    """
+
+    loss: torch.Tensor
+    token_loss: torch.Tensor
+    num_active: int
+    num_tokens: int
+    num_targets: int
+    decoder_length: int
+
+
+def active_index(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the active positions of each row, in order, right-padded.
+
+    Args:
+        active: bool ``[B, L]``.
+
+    Returns:
+        ``(index, valid)``: int64 ``[B, L']`` positions (padding slots hold 0) and bool ``[B, L']``
+        marking real entries, where ``L'`` is the largest number of active positions in a row.
+
+    Example:
+        >>> idx, valid = active_index(torch.tensor([[True, False, True], [False, True, False]]))
+        >>> idx.tolist(), valid.tolist()
+        ([[0, 2], [1, 0]], [[True, True], [True, False]])
+    """
+    counts = active.sum(dim=1)
+    width = int(counts.max().item()) if active.numel() else 0
+    order = torch.sort((~active).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    valid = torch.arange(width, device=active.device)[None, :] < counts[:, None]
+    return order.masked_fill(~valid, 0), valid
+
+
+def gather_positions(x: torch.Tensor, index: torch.Tensor, seq_dim: int) -> torch.Tensor:
+    """Gather ``index`` (``[B, L']``) along the sequence dimension of ``x``.
+
+    Works for embeddings ``[B, L, H]`` (``seq_dim=1``) and for position ids ``[B, L]`` or
+    ``[k, B, L]`` (``seq_dim=-1``, the batch dimension just before it).
+
+    Args:
+        x: tensor whose batch dimension precedes ``seq_dim``.
+        index: int64 ``[B, L']``.
+        seq_dim: the sequence dimension of ``x``.
+
+    Returns:
+        ``x`` with its sequence dimension replaced by ``L'``.
+    """
+    seq_dim = seq_dim % x.dim()
+    shape = [1] * x.dim()
+    shape[seq_dim - 1], shape[seq_dim] = index.shape
+    idx = index.view(shape).expand(*x.shape[: seq_dim - 1], *index.shape, *x.shape[seq_dim + 1 :])
+    return x.gather(seq_dim, idx)
+
+
+class _GatherHook:
+    """Forward pre-hook on the text decoder that shortens its inputs to the active positions."""
+
+    def __init__(self, parts: ModelParts, index: torch.Tensor, valid: torch.Tensor) -> None:
+        self.parts = parts
+        self.index = index
+        self.valid = valid
+        self.decoder_length = -1
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        kwargs = dict(kwargs)
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            input_ids = kwargs.pop(INPUT_IDS, None)
+            if input_ids is None and args:
+                input_ids, args = args[0], args[1:]
+            embeds = module.get_input_embeddings()(input_ids)
+        kwargs[INPUT_IDS] = None
+        batch, length = embeds.shape[:2]
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = torch.arange(length, device=embeds.device).expand(batch, length)
+            if self.parts.mrope:
+                positions = positions.expand(3, batch, length)
+        kwargs["inputs_embeds"] = gather_positions(embeds, self.index, seq_dim=1)
+        kwargs["position_ids"] = gather_positions(positions, self.index, seq_dim=-1)
+        kwargs[ATTENTION_MASK] = self.valid.long()
+        if kwargs.get("cache_position") is not None:
+            kwargs["cache_position"] = torch.arange(self.index.shape[1], device=embeds.device)
+        self.decoder_length = self.index.shape[1]
+        return args, kwargs
+
+
+@contextmanager
+def _gathering(parts: ModelParts, index: torch.Tensor, valid: torch.Tensor) -> Iterator[_GatherHook]:
+    hook = _GatherHook(parts, index, valid)
+    handle = parts.decoder.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield hook
+    finally:
+        handle.remove()
+
+
+_NON_MODEL_KEYS = frozenset({LABELS, KEEP_MASK})
+
+
+def model_inputs(parts: ModelParts, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``batch`` that the model's inner forward accepts by name."""
+    accepted = inspect.signature(parts.inner.forward).parameters
+    return {k: v for k, v in batch.items() if k in accepted and k not in _NON_MODEL_KEYS}
+
+
+def check_keep_mask(keep_mask: torch.Tensor, input_ids: torch.Tensor) -> None:
+    """Raise a clear error for a keep mask of the wrong type or shape."""
+    if not isinstance(keep_mask, torch.Tensor) or keep_mask.dtype != torch.bool:
+        got = keep_mask.dtype if isinstance(keep_mask, torch.Tensor) else type(keep_mask).__name__
+        raise TypeError(f"`{KEEP_MASK}` must be a bool tensor [B, L] (True = keep the position), got {got}")
+    if keep_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"`{KEEP_MASK}` must have the shape of `{INPUT_IDS}` {tuple(input_ids.shape)}, "
+            f"got {tuple(keep_mask.shape)}"
+        )
+
+
+def forward_active(model: nn.Module, batch: Mapping[str, Any], keep_mask: torch.Tensor | None = None) -> ElidedOutput:
+    """Run ``model`` on the active positions of ``batch`` and compute the loss there.
+
+    Active positions are those with ``attention_mask`` 1 and ``keep_mask`` True. Without a keep
+    mask (or when it keeps every attended position) the model runs unchanged on the full batch,
+    which is the exact baseline.
+
+    Args:
+        model: a supported HF model (see :mod:`regate_lightning.families`), optionally peft-wrapped.
+        batch: the model's inputs (``input_ids``, ``attention_mask``, pixel values, grids, ...) and
+            ``labels`` (int64 ``[B, L]``, -100 where unsupervised, *not* shifted).
+        keep_mask: bool ``[B, L]`` or None.
+
+    Returns:
+        The loss, the per-position token losses and token counts.
+
+    Raises:
+        ValueError: no ``labels``; no supervised target in the batch; a keep mask of the wrong shape,
+            or one that keeps no position of a row.
+        TypeError: an unsupported model class, or a keep mask that is not bool.
+    """
+    parts = resolve(model)
+    if LABELS not in batch:
+        raise ValueError(
+            f"the batch has no `{LABELS}`: training needs labels [B, L] with {IGNORE_INDEX} on unsupervised "
+            "positions (the data collators of regate_lightning.data add them)"
+        )
+    input_ids: torch.Tensor = batch[INPUT_IDS]
+    labels: torch.Tensor = batch[LABELS]
+    attention = batch.get(ATTENTION_MASK)
+    attended = torch.ones_like(input_ids, dtype=torch.bool) if attention is None else attention.bool()
+    targets = shift_targets(labels).masked_fill(~attended, IGNORE_INDEX)
+    if not (targets != IGNORE_INDEX).any():
+        raise ValueError(
+            "the batch has no supervised target: every label is -100 (or only the last token of each row is "
+            "supervised). Check that the data marks the assistant's answer in `labels` and that max_length "
+            "does not cut it away"
+        )
+    active = attended
+    if keep_mask is not None:
+        check_keep_mask(keep_mask, input_ids)
+        active = attended & keep_mask.to(attended.device)
+        empty = (active.sum(1) == 0) & (attended.sum(1) > 0)
+        if empty.any():
+            rows = empty.nonzero().flatten().tolist()
+            raise ValueError(f"`{KEEP_MASK}` keeps no position in rows {rows}; keep at least the prompt of each row")
+    inputs = model_inputs(parts, batch)
+    inputs["use_cache"] = False
+    num_tokens = int(attended.sum())
+    if torch.equal(active, attended):
+        hidden = parts.inner(**inputs).last_hidden_state
+        position = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        gathered_targets = targets
+        decoder_length = input_ids.shape[1]
+    else:
+        index, valid = active_index(active)
+        with _gathering(parts, index, valid) as hook:
+            hidden = parts.inner(**inputs).last_hidden_state
+        if hook.decoder_length != index.shape[1] or hidden.shape[1] != index.shape[1]:
+            raise RuntimeError(
+                f"{type(parts.model).__name__}: the decoder did not run on the gathered sequence "
+                f"(expected length {index.shape[1]}, saw {hidden.shape[1]})"
+            )
+        position = index
+        gathered_targets = targets.gather(1, index).masked_fill(~valid, IGNORE_INDEX)
+        decoder_length = index.shape[1]
+    supervised = gathered_targets != IGNORE_INDEX
+    logits = parts.lm_head(hidden[supervised]).float()
+    per_token = F.cross_entropy(logits, gathered_targets[supervised], reduction="none")
+    token_loss = torch.full(input_ids.shape, float("nan"), dtype=torch.float32, device=input_ids.device)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(position)
+    token_loss[rows[supervised], position[supervised]] = per_token.detach().float()
+    return ElidedOutput(
+        loss=per_token.mean(),
+        token_loss=token_loss,
+        num_active=int(active.sum()),
+        num_tokens=num_tokens,
+        num_targets=int(supervised.sum()),
+        decoder_length=decoder_length,
+    )
