@@ -155,8 +155,7 @@ def check_keep_mask(keep_mask: torch.Tensor, input_ids: torch.Tensor) -> None:
         raise TypeError(f"`{KEEP_MASK}` must be a bool tensor [B, L] (True = keep the position), got {got}")
     if keep_mask.shape != input_ids.shape:
         raise ValueError(
-            f"`{KEEP_MASK}` must have the shape of `{INPUT_IDS}` {tuple(input_ids.shape)}, "
-            f"got {tuple(keep_mask.shape)}"
+            f"`{KEEP_MASK}` must have the shape of `{INPUT_IDS}` {tuple(input_ids.shape)}, got {tuple(keep_mask.shape)}"
         )
 
 

@@ -104,3 +104,24 @@ def text_positions(input_ids: torch.Tensor, parts: ModelParts) -> torch.Tensor:
     for token_id in parts.media_token_ids:
         text &= input_ids != token_id
     return text
+
+
+def vision_parts(parts: ModelParts) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The vision encoder's modules and the projector's modules of a multimodal model.
+
+    For Qwen2-VL the projector is the patch merger inside ``visual``; freezing the tower then
+    freezes every ``visual`` parameter outside the merger.
+
+    Returns:
+        ``(tower, projector)``, empty lists for a causal LM.
+    """
+    inner = parts.inner
+    if parts.family == "qwen2_vl":
+        visual = inner.visual
+        tower = [m for name, m in visual.named_children() if name != "merger"]
+        return tower, [visual.merger]
+    if parts.family == CAUSAL_LM:
+        return [], []
+    tower = [getattr(inner, n) for n in ("vision_tower", "video_tower", "image_tower") if hasattr(inner, n)]
+    projector = [getattr(inner, n) for n in ("multi_modal_projector", "vision_resampler") if hasattr(inner, n)]
+    return tower, projector

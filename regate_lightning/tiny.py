@@ -70,13 +70,17 @@ def _finish(model: PreTrainedModel, seed: int) -> PreTrainedModel:
     return model.float()
 
 
-def tiny_llama(vocab_size: int = DEFAULT_VOCAB, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(
+    vocab_size: int = DEFAULT_VOCAB, hidden_size: int = 64, num_layers: int = 2, seed: int = 0
+) -> LlamaForCausalLM:
     """A tiny ``LlamaForCausalLM`` (text-only student or teacher)."""
     torch.manual_seed(seed)
     return _finish(LlamaForCausalLM(LlamaConfig(**_text_kwargs(vocab_size, hidden_size, num_layers))), seed)
 
 
-def tiny_qwen2(vocab_size: int = DEFAULT_VOCAB, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Qwen2ForCausalLM:
+def tiny_qwen2(
+    vocab_size: int = DEFAULT_VOCAB, hidden_size: int = 64, num_layers: int = 2, seed: int = 0
+) -> Qwen2ForCausalLM:
     """A tiny ``Qwen2ForCausalLM`` (text-only student or teacher)."""
     torch.manual_seed(seed)
     return _finish(Qwen2ForCausalLM(Qwen2Config(**_text_kwargs(vocab_size, hidden_size, num_layers))), seed)
@@ -104,8 +108,12 @@ def tiny_llava(
         strategy = "default"
     else:
         vcfg = SiglipVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            image_size=image_size, patch_size=PATCH_SIZE,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=PATCH_SIZE,
         )
         strategy = "full"
     cfg = LlavaConfig(
@@ -181,23 +189,43 @@ def _qwen_vl_kwargs(vocab_size: int, hidden_size: int, num_layers: int) -> dict[
     }
 
 
-def tiny_qwen2_vl(vocab_size: int = DEFAULT_VOCAB, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Qwen2VLForConditionalGeneration:
+def tiny_qwen2_vl(
+    vocab_size: int = DEFAULT_VOCAB, hidden_size: int = 64, num_layers: int = 2, seed: int = 0
+) -> Qwen2VLForConditionalGeneration:
     """A tiny ``Qwen2VLForConditionalGeneration`` (patch 8, temporal patch 2, merge 2).
 
     An image or video of grid ``(t, h, w)`` patches gives ``t * h * w / 4`` placeholder tokens.
     """
     torch.manual_seed(seed)
-    vision = {"depth": 2, "embed_dim": 32, "hidden_size": hidden_size, "num_heads": 4, "patch_size": PATCH_SIZE,
-              "spatial_merge_size": 2, "temporal_patch_size": 2}
+    vision = {
+        "depth": 2,
+        "embed_dim": 32,
+        "hidden_size": hidden_size,
+        "num_heads": 4,
+        "patch_size": PATCH_SIZE,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
     cfg = Qwen2VLConfig(vision_config=vision, **_qwen_vl_kwargs(vocab_size, hidden_size, num_layers))
     return _finish(Qwen2VLForConditionalGeneration(cfg), seed)
 
 
-def tiny_qwen2_5_vl(vocab_size: int = DEFAULT_VOCAB, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
+def tiny_qwen2_5_vl(
+    vocab_size: int = DEFAULT_VOCAB, hidden_size: int = 64, num_layers: int = 2, seed: int = 0
+) -> Qwen2_5_VLForConditionalGeneration:
     """A tiny ``Qwen2_5_VLForConditionalGeneration`` (patch 8, temporal patch 2, merge 2)."""
     torch.manual_seed(seed)
-    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "out_hidden_size": hidden_size, "num_heads": 4,
-              "patch_size": PATCH_SIZE, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 16,
-              "fullatt_block_indexes": [1]}
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "out_hidden_size": hidden_size,
+        "num_heads": 4,
+        "patch_size": PATCH_SIZE,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 16,
+        "fullatt_block_indexes": [1],
+    }
     cfg = Qwen2_5_VLConfig(vision_config=vision, **_qwen_vl_kwargs(vocab_size, hidden_size, num_layers))
     return _finish(Qwen2_5_VLForConditionalGeneration(cfg), seed)

@@ -1,0 +1,215 @@
+"""``MLLMModule``: the LightningModule around a student HF model.
+
+The module executes: it runs its model on the positions that ``batch["keep_mask"]`` keeps (all of
+them when the batch has no keep mask, which is the exact baseline) and reports per-token losses.
+It knows nothing about how the kept positions were chosen; that is the callback's policy.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from transformers import AutoConfig, PreTrainedModel
+
+from regate_lightning.elision import ElidedOutput, forward_active
+from regate_lightning.families import resolve, unwrap, vision_parts
+from regate_lightning.keys import KEEP_MASK, LOSS, NUM_ACTIVE, NUM_TOKENS, TOKEN_LOSS, TRAIN_LOSS, VAL_LOSS
+
+DECODER_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraOptions:
+    """LoRA adapters through peft on the student's language model.
+
+    Attributes:
+        r: rank of the adapters.
+        alpha: scaling numerator (``lora_alpha``).
+        dropout: dropout on the adapter input.
+        target_modules: module names or a regex; None = the decoder's attention and MLP projections
+            (never the vision tower).
+        modules_to_save: modules trained in full beside the adapters, e.g. ``["multi_modal_projector"]``.
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] | str | None = None
+    modules_to_save: list[str] = field(default_factory=list)
+
+
+def _default_optimizer(params: Iterable) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=2e-5, weight_decay=0.0)
+
+
+def _import_callable(path: str) -> Callable[..., Any] | None:
+    module_name, _, attr = path.rpartition(".")
+    if not module_name:
+        return None
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    obj = getattr(module, attr, None)
+    return obj if callable(obj) else None
+
+
+def load_model(model: str | PreTrainedModel, model_kwargs: dict[str, Any] | None = None) -> PreTrainedModel:
+    """Build the student from a spec.
+
+    Args:
+        model: an already-built ``PreTrainedModel``; a dotted path to a factory (e.g.
+            ``regate_lightning.tiny.tiny_llava``); or an HF id / local path, loaded with the class
+            named in its config's ``architectures``.
+        model_kwargs: keyword arguments of the factory or of ``from_pretrained`` (e.g. ``dtype``,
+            ``attn_implementation``).
+
+    Returns:
+        The HF model.
+    """
+    kwargs = dict(model_kwargs or {})
+    if isinstance(model, nn.Module):
+        if kwargs:
+            raise ValueError("`model_kwargs` only applies when `model` is a factory path or an HF id/path")
+        return model
+    if not isinstance(model, str) or not model:
+        raise TypeError(f"`model` must be an HF id/path, a factory's dotted path or a PreTrainedModel, got {model!r}")
+    if not os.path.isdir(model):
+        factory = _import_callable(model)
+        if factory is not None:
+            return factory(**kwargs)
+    import transformers
+
+    config = AutoConfig.from_pretrained(model)
+    architectures = getattr(config, "architectures", None) or []
+    cls = next((getattr(transformers, a) for a in architectures if hasattr(transformers, a)), None)
+    if cls is None:
+        raise ValueError(f"`model` {model!r}: its config names no transformers class ({architectures})")
+    if isinstance(kwargs.get("dtype"), str):
+        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+    return cls.from_pretrained(model, **kwargs)
+
+
+def _module_name(root: nn.Module, target: nn.Module) -> str:
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    raise ValueError("module not found in model")
+
+
+class MLLMModule(pl.LightningModule):
+    """Fine-tune an HF multimodal (or text) model; run only kept positions when the batch says so.
+
+    Args:
+        model: HF id or local path, dotted path to a factory, or a built ``PreTrainedModel``.
+        model_kwargs: keyword arguments for the factory or ``from_pretrained``.
+        lora: LoRA options; None trains the weights themselves.
+        freeze_vision_tower: keep the vision encoder's weights fixed.
+        freeze_projector: keep the multimodal projector's weights fixed.
+        gradient_checkpointing: recompute decoder activations in the backward pass.
+        optimizer: callable from parameters to an optimizer (LightningCLI's ``optimizer:`` block);
+            default AdamW at lr 2e-5.
+        lr_scheduler: callable from the optimizer to a scheduler, stepped every optimizer step.
+    """
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        model_kwargs: dict[str, Any] | None = None,
+        lora: LoraOptions | None = None,
+        freeze_vision_tower: bool = False,
+        freeze_projector: bool = False,
+        gradient_checkpointing: bool = False,
+        optimizer: OptimizerCallable = _default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
+        net = load_model(model, model_kwargs)
+        parts = resolve(net)  # refuses unsupported classes before anything else happens
+        net.config.use_cache = False
+        if freeze_vision_tower or freeze_projector:
+            tower, projector = vision_parts(parts)
+            if not tower:
+                raise ValueError("`freeze_vision_tower` / `freeze_projector` need a multimodal model, got a causal LM")
+            for module in (tower if freeze_vision_tower else []) + (projector if freeze_projector else []):
+                module.requires_grad_(False)
+        if gradient_checkpointing:
+            enable = getattr(net, "activation_checkpointing_enable", None)  # transformers >= 5.x name
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora is not None:
+            net = self._apply_lora(net, lora)
+        self.model = net
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+
+    @staticmethod
+    def _apply_lora(net: PreTrainedModel, lora: LoraOptions) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        for name, value, low in (("r", lora.r, 1), ("alpha", lora.alpha, 1)):
+            if value < low:
+                raise ValueError(f"`lora.{name}` must be >= {low}, got {value}")
+        if not 0.0 <= lora.dropout < 1.0:
+            raise ValueError(f"`lora.dropout` must be in [0, 1), got {lora.dropout}")
+        targets = lora.target_modules
+        if targets is None:
+            prefix = _module_name(net, resolve(net).decoder)
+            scope = rf"{re.escape(prefix)}\..*" if prefix else r"(.*\.)?"
+            targets = rf"{scope}({'|'.join(DECODER_LINEAR_NAMES)})"
+        config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=targets,
+            modules_to_save=lora.modules_to_save or None,
+        )
+        return get_peft_model(net, config)
+
+    @property
+    def hf_model(self) -> PreTrainedModel:
+        """The HF model itself (inside peft's wrapper when LoRA is on)."""
+        return unwrap(self.model)
+
+    def run(self, batch: dict[str, Any]) -> ElidedOutput:
+        """Forward on the positions ``batch[KEEP_MASK]`` keeps (all when absent)."""
+        return forward_active(self.model, batch, batch.get(KEEP_MASK))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """One step; returns ``loss`` and the detached per-position ``token_loss`` [B, L]."""
+        out = self.run(batch)
+        self.log(TRAIN_LOSS, out.loss.detach(), prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return {LOSS: out.loss, TOKEN_LOSS: out.token_loss, NUM_ACTIVE: out.num_active, NUM_TOKENS: out.num_tokens}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Validation always sees every token: the keep mask is ignored here."""
+        out = forward_active(self.model, batch)
+        self.log(VAL_LOSS, out.loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Like validation, logged as ``test/loss``."""
+        out = forward_active(self.model, batch)
+        self.log("test/loss", out.loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+
+    def configure_optimizers(self) -> Any:
+        """The optimizer over trainable parameters, with the scheduler stepped per optimizer step."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("no trainable parameter: check `lora`, `freeze_vision_tower` and `freeze_projector`")
+        optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
