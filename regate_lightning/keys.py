@@ -29,6 +29,9 @@ NUM_ACTIVE = "num_active"
 NUM_TOKENS = "num_tokens"
 """int; non-padding positions of the batch (what the decoder would process without elision)."""
 
+NUM_TARGETS = "num_targets"
+"""int; supervised targets whose loss was computed in this step."""
+
 # Logged metric names.
 TRAIN_LOSS = "train/loss"
 VAL_LOSS = "val/loss"

@@ -22,7 +22,16 @@ from transformers import AutoConfig, PreTrainedModel
 
 from regate_lightning.elision import ElidedOutput, forward_active
 from regate_lightning.families import resolve, unwrap, vision_parts
-from regate_lightning.keys import KEEP_MASK, LOSS, NUM_ACTIVE, NUM_TOKENS, TOKEN_LOSS, TRAIN_LOSS, VAL_LOSS
+from regate_lightning.keys import (
+    KEEP_MASK,
+    LOSS,
+    NUM_ACTIVE,
+    NUM_TARGETS,
+    NUM_TOKENS,
+    TOKEN_LOSS,
+    TRAIN_LOSS,
+    VAL_LOSS,
+)
 
 DECODER_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -133,7 +142,8 @@ class MLLMModule(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
+        ignored = ["optimizer", "lr_scheduler"] + (["model"] if isinstance(model, nn.Module) else [])
+        self.save_hyperparameters(ignore=ignored)
         net = load_model(model, model_kwargs)
         parts = resolve(net)  # refuses unsupported classes before anything else happens
         net.config.use_cache = False
@@ -191,7 +201,13 @@ class MLLMModule(pl.LightningModule):
         """One step; returns ``loss`` and the detached per-position ``token_loss`` [B, L]."""
         out = self.run(batch)
         self.log(TRAIN_LOSS, out.loss.detach(), prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return {LOSS: out.loss, TOKEN_LOSS: out.token_loss, NUM_ACTIVE: out.num_active, NUM_TOKENS: out.num_tokens}
+        return {
+            LOSS: out.loss,
+            TOKEN_LOSS: out.token_loss,
+            NUM_ACTIVE: out.num_active,
+            NUM_TOKENS: out.num_tokens,
+            NUM_TARGETS: out.num_targets,
+        }
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Validation always sees every token: the keep mask is ignored here."""

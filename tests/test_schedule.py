@@ -55,7 +55,17 @@ def test_boundaries_at_defaults() -> None:
 
 def test_no_warmup() -> None:
     s = Schedule(warmup_steps=0, cycle_steps=4, full_steps=1)
-    assert [is_full_step(t, s) for t in range(9)] == [True, False, False, False, True, False, False, False, True]
+    assert [is_full_step(t, s) for t in range(9)] == [
+        True,
+        False,
+        False,
+        False,
+        True,
+        False,
+        False,
+        False,
+        True,
+    ]
 
 
 def test_no_full_steps_after_warmup() -> None:

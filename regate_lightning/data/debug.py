@@ -46,6 +46,7 @@ class RandomDataModule(pl.LightningDataModule):
         answer_len: supervised tokens per sample.
         num_frames: frames per video for video students.
         seed: the same seed gives the same data.
+        shuffle: shuffle the training set every epoch.
     """
 
     def __init__(
@@ -56,9 +57,14 @@ class RandomDataModule(pl.LightningDataModule):
         answer_len: int = 32,
         num_frames: int = 2,
         seed: int = 0,
+        shuffle: bool = True,
     ) -> None:
         super().__init__()
-        for name, value in (("num_samples", num_samples), ("batch_size", batch_size), ("answer_len", answer_len)):
+        for name, value in (
+            ("num_samples", num_samples),
+            ("batch_size", batch_size),
+            ("answer_len", answer_len),
+        ):
             if value < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {value}")
         self.save_hyperparameters()
@@ -81,7 +87,12 @@ class RandomDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches."""
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, collate_fn=concat_collate)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.hparams.batch_size,
+            shuffle=self.hparams.shuffle,
+            collate_fn=concat_collate,
+        )
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches in order."""

@@ -1,0 +1,399 @@
+"""``ReGATECallback``: the method as a Lightning callback.
+
+The callback decides; the module executes. At each training batch it
+
+1. ``on_train_batch_start``: registers the batch's samples in the score store, runs the frozen
+   teacher once for samples it has never scored (or reads the cache), and, in a sparse step of the
+   schedule, fuses the student-loss EMA with the reference loss and writes ``batch["keep_mask"]``
+   with the top ``keep_ratio`` candidates of each sample;
+2. ``on_train_batch_end``: folds the student's per-token losses into the EMA and logs the counts.
+
+Under DDP every rank gathers the step's samples, reference losses and student losses from all ranks
+and applies them in rank order, so the stores stay identical. Validation, test and predict are never
+touched. Without the callback the module trains the plain baseline; with ``keep_ratio=1.0`` it runs
+the very same computation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from regate_lightning.bank import FALLBACKS, ScoreBank
+from regate_lightning.cache import load_cache, load_into, save_cache, weights_digest
+from regate_lightning.families import resolve
+from regate_lightning.keys import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    KEEP_MASK,
+    LABELS,
+    NUM_ACTIVE,
+    NUM_TARGETS,
+    NUM_TOKENS,
+    SAMPLE_IDX,
+    TOKEN_LOSS,
+)
+from regate_lightning.schedule import Schedule, is_full_step
+from regate_lightning.scoring import (
+    check_fraction,
+    check_int,
+    check_keep_ratio,
+    fuse_scores,
+    gather_candidates,
+    random_keep,
+    scatter_candidates,
+    select_keep,
+)
+from regate_lightning.sync import all_gather_ragged
+from regate_lightning.targets import candidate_mask, shift_targets
+from regate_lightning.teacher import STUDENT, Teacher, check_tokenizers, text_mask
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+SELECTIONS = ("regate", "random")
+PREFIX = "regate/"
+METRICS = {
+    "kept": PREFIX + "kept_frac",
+    "active": PREFIX + "active_frac",
+    "cum_active": PREFIX + "cum_active_tokens",
+    "cum_tokens": PREFIX + "cum_tokens",
+    "cum_supervised": PREFIX + "cum_supervised_tokens",
+    "ref": PREFIX + "mean_ref",
+    "ema": PREFIX + "mean_ema",
+    "phase": PREFIX + "sparse_step",
+    "teacher_calls": PREFIX + "teacher_samples",
+}
+
+
+@dataclass
+class _Step:
+    """What on_train_batch_start prepared for on_train_batch_end."""
+
+    sample_idx: torch.Tensor
+    candidates: torch.Tensor
+    counts: torch.Tensor
+    target_ids: torch.Tensor
+    sparse: bool
+    kept: int
+    mean_ref: float
+    mean_ema: float
+
+
+class ReGATECallback(Callback):
+    """Reference-guided adaptive token elision (ReGATE) for an ``MLLMModule``.
+
+    Args:
+        keep_ratio: ``p``, fraction of candidate answer tokens kept in a sparse step, in (0, 1].
+        ema_decay: ``beta``, EMA decay of the student's per-token loss, in [0, 1].
+        ref_weight: ``lambda``, weight of the reference loss in ``d = (1 - lambda) m + lambda ref``.
+        warmup_steps: ``W``, first optimizer steps that keep every token.
+        cycle_steps: ``C``, cycle length in optimizer steps after the warm-up.
+        full_steps: ``F``, full steps at the start of every cycle (``0 <= F <= C``).
+        min_keep: at least this many candidates of a sample are kept.
+        fallback: student difficulty of a never-measured candidate: ``"vocab"`` (EMA of its target
+            token id, then the reference loss) or ``"ref"`` (the reference loss).
+        teacher: ``"student"`` (a frozen copy of the student's language backbone taken when fitting
+            starts, without adapters) or an HF id / local path of a causal LM with the same tokenizer.
+        teacher_kwargs: keyword arguments of the teacher's ``from_pretrained`` (``dtype``, ...).
+        tokenizer: HF id / path of the student's tokenizer, for the teacher-tokenizer check; by
+            default the datamodule's ``tokenizer`` attribute is used.
+        ref_cache: file of reference losses: read at the start when it exists, written (atomically,
+            by rank 0) at the end of every training epoch and of fitting.
+        selection: ``"regate"`` (top fused score) or ``"random"`` (a control at the same keep count).
+        seed: seed of the ``"random"`` selection.
+    """
+
+    def __init__(
+        self,
+        keep_ratio: float = 0.5,
+        ema_decay: float = 0.9,
+        ref_weight: float = 0.5,
+        warmup_steps: int = 100,
+        cycle_steps: int = 128,
+        full_steps: int = 16,
+        min_keep: int = 1,
+        fallback: str = "vocab",
+        teacher: str = STUDENT,
+        teacher_kwargs: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        ref_cache: str | None = None,
+        selection: str = "regate",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        check_keep_ratio(keep_ratio)
+        check_fraction("ema_decay", ema_decay)
+        check_fraction("ref_weight", ref_weight)
+        check_int("min_keep", min_keep, minimum=0)
+        self.schedule = Schedule(warmup_steps=warmup_steps, cycle_steps=cycle_steps, full_steps=full_steps)
+        if fallback not in FALLBACKS:
+            raise ValueError(f"`fallback` must be one of {FALLBACKS}, got {fallback!r}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"`selection` must be one of {SELECTIONS}, got {selection!r}")
+        if not isinstance(teacher, str) or not teacher:
+            raise ValueError(f"`teacher` must be 'student' or an HF id / local path, got {teacher!r}")
+        self.keep_ratio = float(keep_ratio)
+        self.ema_decay = float(ema_decay)
+        self.ref_weight = float(ref_weight)
+        self.min_keep = min_keep
+        self.fallback = fallback
+        self.teacher_spec = teacher
+        self.teacher_kwargs = dict(teacher_kwargs or {})
+        self.tokenizer = tokenizer
+        self.ref_cache = ref_cache
+        self.selection = selection
+        self.seed = seed
+        self.teacher: Teacher | None = None
+        self.bank: ScoreBank | None = None
+        self.fingerprint: dict[str, Any] = {}
+        self.totals = {"active": 0, "tokens": 0, "supervised": 0, "teacher_samples": 0, "candidates": 0, "kept": 0}
+        self._restored: dict[str, Any] | None = None
+        self._step: _Step | None = None
+        self._generator: torch.Generator | None = None
+
+    # ---------------------------------------------------------------------------------------------
+    # Lifecycle.
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Build the teacher and the score store (fit only), check the tokenizer, read the cache."""
+        if stage != "fit" or self.teacher is not None:
+            return
+        model = getattr(pl_module, "model", None)
+        if model is None:
+            raise TypeError("ReGATECallback needs a LightningModule with the student HF model as `.model` (MLLMModule)")
+        parts = resolve(model)
+        if self.teacher_spec == STUDENT:
+            self.teacher = Teacher.from_student(model)
+        else:
+            self.teacher = Teacher.from_pretrained(self.teacher_spec, **self.teacher_kwargs)
+            self._check_teacher_tokenizer(trainer, parts.media_token_ids)
+        vocab = max(self.teacher.vocab_size, int(parts.lm_head.weight.shape[0]))
+        self.bank = ScoreBank(vocab_size=vocab)
+        self.fingerprint = {
+            "teacher": self.teacher_spec,
+            "teacher_weights": weights_digest(self.teacher),
+            "vocab_size": self.teacher.vocab_size,
+            "data": _data_fingerprint(trainer),
+        }
+        if self._restored is not None:
+            self._apply_state(self._restored)
+            self._restored = None
+        if self.ref_cache:
+            payload = load_cache(self.ref_cache, self.fingerprint)
+            if payload is not None:
+                loaded = load_into(self.bank, payload)
+                log.info("ReGATE: read reference losses of %d samples from %s", loaded, self.ref_cache)
+
+    def _check_teacher_tokenizer(self, trainer: pl.Trainer, media_ids: tuple[int, ...]) -> None:
+        from transformers import AutoTokenizer
+
+        student_tok = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
+        if self.tokenizer is not None:
+            student_tok = AutoTokenizer.from_pretrained(self.tokenizer)
+        if student_tok is None:
+            raise ValueError(
+                f"teacher {self.teacher_spec!r} is not the student, so its tokenizer must be checked against the "
+                "student's: pass `tokenizer=` (the student's HF id or path) or give the datamodule a `tokenizer`"
+            )
+        check_tokenizers(student_tok, AutoTokenizer.from_pretrained(self.teacher_spec), media_ids)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Place the teacher and the store on the student's device, in the student's dtype."""
+        assert self.teacher is not None and self.bank is not None
+        dtype = next(p.dtype for p in pl_module.parameters() if p.is_floating_point())
+        self.teacher.to(device=pl_module.device, dtype=dtype)
+        self.bank.to(pl_module.device)
+        self._generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + trainer.global_rank)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Free the teacher when fitting ends (the store stays for inspection)."""
+        if stage == "fit":
+            self.teacher = None
+
+    # ---------------------------------------------------------------------------------------------
+    # Training steps.
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Score the batch and, in a sparse step, write ``batch["keep_mask"]``."""
+        assert self.teacher is not None and self.bank is not None
+        if SAMPLE_IDX not in batch:
+            raise KeyError(
+                f"ReGATECallback needs `batch['{SAMPLE_IDX}']`: an int64 [B] tensor with a stable id per sample (its "
+                "index in the training set). The collators of regate_lightning.data add it; for your own dataset "
+                f"return the index from __getitem__ and collate it as `{SAMPLE_IDX}`"
+            )
+        if LABELS not in batch:
+            raise KeyError(f"ReGATECallback needs `batch['{LABELS}']` to find the answer tokens")
+        parts = resolve(pl_module.model)
+        labels = batch[LABELS]
+        text = text_mask(parts, batch[INPUT_IDS], batch.get(ATTENTION_MASK))
+        candidates = candidate_mask(labels) & text
+        counts = candidates.sum(1)
+        sample_idx = batch[SAMPLE_IDX].to(labels.device).long()
+        target_ids = gather_candidates(shift_targets(labels), candidates)
+
+        all_idx, all_counts = all_gather_ragged(trainer.strategy, [sample_idx, counts])
+        self.bank.register(all_idx, all_counts)
+        self._score_missing(trainer, batch, text, candidates, sample_idx, counts)
+
+        sparse = self.keep_ratio < 1.0 and not is_full_step(trainer.global_step, self.schedule)
+        ref = self.bank.get_ref(sample_idx, counts)
+        ema = self.bank.difficulty(sample_idx, counts, target_ids, self.fallback)
+        kept = int(counts.sum())
+        if sparse and kept:
+            if self.selection == "random":
+                keep = random_keep(candidates, self.keep_ratio, self.min_keep, self._generator)
+            else:
+                score = scatter_candidates(fuse_scores(ema, ref, self.ref_weight), candidates)
+                keep = select_keep(score, candidates, self.keep_ratio, self.min_keep)
+            batch[KEEP_MASK] = keep
+            kept = int((keep & candidates).sum())
+        else:
+            batch.pop(KEEP_MASK, None)
+        self._step = _Step(sample_idx, candidates, counts, target_ids, sparse, kept, _nanmean(ref), _nanmean(ema))
+
+    def _score_missing(
+        self,
+        trainer: pl.Trainer,
+        batch: Any,
+        text: torch.Tensor,
+        candidates: torch.Tensor,
+        sample_idx: torch.Tensor,
+        counts: torch.Tensor,
+    ) -> None:
+        """Run the teacher on this rank's unscored samples; share the losses with every rank."""
+        assert self.teacher is not None and self.bank is not None
+        missing = ~self.bank.has_ref(sample_idx)
+        flat = torch.zeros(0, device=sample_idx.device)
+        if missing.any():
+            with torch.no_grad(), trainer.precision_plugin.forward_context():
+                losses = self.teacher.reference_losses(
+                    batch[INPUT_IDS][missing], batch[LABELS][missing], text[missing], candidates[missing]
+                )
+            flat = gather_candidates(losses, candidates[missing])
+            self.totals["teacher_samples"] += int(missing.sum())
+        idx, cnt, flat = all_gather_ragged(trainer.strategy, [sample_idx[missing], counts[missing], flat.float()])
+        if idx.numel():
+            self.bank.set_ref(idx, flat, cnt)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Fold the student's losses into the EMA store; log the step's counts."""
+        assert self.bank is not None
+        step, self._step = self._step, None
+        if step is None:
+            return
+        if not isinstance(outputs, dict) or TOKEN_LOSS not in outputs:
+            raise KeyError(
+                f"the training step must return a dict with `{TOKEN_LOSS}` [B, L] (MLLMModule does); got "
+                f"{type(outputs).__name__}"
+            )
+        flat = gather_candidates(outputs[TOKEN_LOSS].to(step.candidates.device), step.candidates)
+        gathered = all_gather_ragged(trainer.strategy, [step.sample_idx, step.counts, flat, step.target_ids])
+        self.bank.update(gathered[0], gathered[2], gathered[1], gathered[3], self.ema_decay)
+        counts = torch.tensor(
+            [outputs[NUM_ACTIVE], outputs[NUM_TOKENS], outputs[NUM_TARGETS], int(step.counts.sum()), step.kept],
+            dtype=torch.float64,
+            device=step.counts.device,
+        )
+        active, tokens, supervised, candidates, kept = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        for key, value in (
+            ("active", active),
+            ("tokens", tokens),
+            ("supervised", supervised),
+            ("candidates", candidates),
+            ("kept", kept),
+        ):
+            self.totals[key] += int(value)
+        size = int(step.sample_idx.numel())
+        metrics = {
+            METRICS["active"]: active / max(tokens, 1),
+            METRICS["cum_active"]: float(self.totals["active"]),
+            METRICS["cum_tokens"]: float(self.totals["tokens"]),
+            METRICS["cum_supervised"]: float(self.totals["supervised"]),
+            METRICS["ref"]: step.mean_ref,
+            METRICS["ema"]: step.mean_ema,
+            METRICS["phase"]: float(step.sparse),
+            METRICS["teacher_calls"]: float(self.totals["teacher_samples"]),
+        }
+        pl_module.log(METRICS["kept"], kept / max(candidates, 1), prog_bar=True, batch_size=size)
+        pl_module.log_dict(metrics, batch_size=size)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the reference cache (rank 0) so that a later run need not run the teacher again."""
+        self._write_cache(trainer)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the reference cache once more at the end of fitting."""
+        self._write_cache(trainer)
+
+    def _write_cache(self, trainer: pl.Trainer) -> None:
+        if self.ref_cache and self.bank is not None and trainer.is_global_zero:
+            written = save_cache(self.ref_cache, self.bank, self.fingerprint)
+            log.info("ReGATE: wrote reference losses of %d samples to %s", written, self.ref_cache)
+
+    # ---------------------------------------------------------------------------------------------
+    # Checkpointing.
+
+    def _arguments(self) -> dict[str, Any]:
+        """The arguments a resumed run must share with the saved one."""
+        return {"teacher": self.teacher_spec, "fallback": self.fallback}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Version, arguments that must match, the score store and the counters."""
+        return {
+            "version": STATE_VERSION,
+            "arguments": self._arguments(),
+            "bank": None if self.bank is None else _to_cpu(self.bank.state_dict()),
+            "totals": dict(self.totals),
+            "fingerprint": dict(self.fingerprint),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Check compatibility and restore (now, or in ``setup`` when the store does not exist yet)."""
+        version = state_dict.get("version")
+        if version != STATE_VERSION:
+            raise ValueError(f"ReGATECallback state has version {version!r}; this release reads {STATE_VERSION}")
+        saved = state_dict["arguments"]
+        mismatch = {k: (saved.get(k), v) for k, v in self._arguments().items() if saved.get(k) != v}
+        if mismatch:
+            details = ", ".join(f"`{k}` saved {a!r}, now {b!r}" for k, (a, b) in mismatch.items())
+            raise ValueError(f"cannot resume ReGATE state: {details}. Resume with the same values or start afresh")
+        if self.bank is None:
+            self._restored = state_dict
+        else:
+            self._apply_state(state_dict)
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        assert self.bank is not None
+        saved_fp = state.get("fingerprint") or {}
+        if saved_fp and saved_fp.get("teacher_weights") != self.fingerprint.get("teacher_weights"):
+            log.warning("ReGATE: the teacher's weights differ from the checkpoint's; cached reference losses kept")
+        if state["bank"] is not None:
+            self.bank.load_state_dict(state["bank"])
+        self.totals.update(state["totals"])
+
+
+def _nanmean(x: torch.Tensor) -> float:
+    finite = x[~x.isnan()]
+    return float(finite.mean()) if finite.numel() else math.nan
+
+
+def _data_fingerprint(trainer: pl.Trainer) -> str | None:
+    datamodule = trainer.datamodule
+    fingerprint = getattr(datamodule, "fingerprint", None)
+    return fingerprint() if callable(fingerprint) else None
+
+
+def _to_cpu(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}

@@ -1,0 +1,168 @@
+"""The frozen text-only reference model and its per-token losses at candidate positions.
+
+The teacher reads the same text tokens at the same positions as the student, with the visual
+positions removed: it answers "how predictable is this answer token from the text alone?". It
+computes logits only at candidate positions, in chunks, so its peak memory never holds
+``[B, L, vocab]``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from regate_lightning.elision import active_index, gather_positions
+from regate_lightning.families import ModelParts, resolve
+from regate_lightning.keys import IGNORE_INDEX
+from regate_lightning.targets import shift_targets
+
+STUDENT = "student"
+
+
+def strip_adapters(module: nn.Module) -> nn.Module:
+    """Replace every peft adapter layer in ``module`` by the layer it wraps (in place).
+
+    LoRA layers keep the frozen original as ``base_layer``; ``modules_to_save`` wrappers keep it as
+    ``original_module``. What is left is the backbone as it was before adapters were added.
+    """
+    for name, child in list(module.named_children()):
+        inner = getattr(child, "base_layer", None)
+        if inner is None and hasattr(child, "modules_to_save"):
+            inner = getattr(child, "original_module", None)
+        if isinstance(inner, nn.Module):
+            setattr(module, name, strip_adapters(inner))
+        else:
+            strip_adapters(child)
+    return module
+
+
+class Teacher(nn.Module):
+    """A frozen causal decoder and head that scores answer tokens from text alone.
+
+    Build it with :meth:`from_student` (a copy of the student's language backbone, the paper's
+    choice) or :meth:`from_pretrained` (any causal LM sharing the student's tokenizer).
+
+    Args:
+        decoder: a text decoder taking ``inputs_embeds``, ``position_ids`` and ``attention_mask``.
+        lm_head: projection to the vocabulary.
+        chunk_size: candidate positions per LM-head chunk (bounds the logits' memory).
+    """
+
+    def __init__(self, decoder: nn.Module, lm_head: nn.Module, chunk_size: int = 1024) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.lm_head = lm_head
+        self.chunk_size = chunk_size
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> Teacher:
+        """The teacher stays in eval mode (no dropout), whatever the trainer asks."""
+        return super().train(False)
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the LM head."""
+        return int(self.lm_head.weight.shape[0])
+
+    @classmethod
+    def from_student(cls, model: nn.Module, chunk_size: int = 1024) -> Teacher:
+        """A frozen copy of the student's language backbone and head, without peft adapters."""
+        parts = resolve(model)
+        decoder = strip_adapters(copy.deepcopy(parts.decoder))
+        head = strip_adapters(copy.deepcopy(parts.lm_head))
+        return cls(decoder, head, chunk_size)
+
+    @classmethod
+    def from_pretrained(cls, name: str, chunk_size: int = 1024, **kwargs: Any) -> Teacher:
+        """Load a causal LM by HF id or local path (``kwargs`` go to ``from_pretrained``)."""
+        from transformers import AutoModelForCausalLM
+
+        if isinstance(kwargs.get("dtype"), str):
+            kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+        lm = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        parts = resolve(lm)
+        return cls(parts.decoder, parts.lm_head, chunk_size)
+
+    @torch.no_grad()
+    def reference_losses(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        """Negative log-likelihood of ``target[t]`` given the text tokens up to ``t``, at candidates.
+
+        Args:
+            input_ids: int64 ``[B, L]`` (the student's).
+            labels: int64 ``[B, L]``, not shifted.
+            text: bool ``[B, L]``: attended text positions (visual placeholders and padding False).
+            candidates: bool ``[B, L]``: where to compute; must be text positions.
+
+        Returns:
+            float32 ``[B, L]``: the loss at candidate positions, NaN elsewhere.
+        """
+        if (candidates & ~text).any():
+            raise ValueError("candidate positions must be text positions")
+        device = self.lm_head.weight.device
+        input_ids, labels, text, candidates = (x.to(device) for x in (input_ids, labels, text, candidates))
+        out = torch.full(input_ids.shape, float("nan"), dtype=torch.float32, device=device)
+        rows = candidates.any(1)
+        if not rows.any():
+            return out
+        index, valid = active_index(text[rows])
+        ids = gather_positions(input_ids[rows], index, seq_dim=1)
+        embeds = self.decoder.get_input_embeddings()(ids)
+        hidden = self.decoder(
+            inputs_embeds=embeds, position_ids=index, attention_mask=valid.long(), use_cache=False
+        ).last_hidden_state
+        wanted = gather_positions(candidates[rows], index, seq_dim=1) & valid
+        targets = gather_positions(shift_targets(labels[rows]), index, seq_dim=1)[wanted]
+        if (targets == IGNORE_INDEX).any():
+            raise ValueError("a candidate position has no supervised target")
+        if int(targets.max()) >= self.vocab_size:
+            raise ValueError(
+                f"a target token id ({int(targets.max())}) is outside the teacher's vocabulary ({self.vocab_size}); "
+                "the teacher must share the student's tokenizer"
+            )
+        selected = hidden[wanted]
+        losses = torch.cat(
+            [
+                F.cross_entropy(self.lm_head(h).float(), t, reduction="none")
+                for h, t in zip(selected.split(self.chunk_size), targets.split(self.chunk_size), strict=True)
+            ]
+        )
+        row_ids = rows.nonzero().flatten()[:, None].expand_as(index)[wanted]
+        out[row_ids, index[wanted]] = losses
+        return out
+
+
+def text_mask(parts: ModelParts, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Attended positions that hold text (not an image/video placeholder, not padding)."""
+    text = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    for token_id in parts.media_token_ids:
+        text = text & (input_ids != token_id)
+    return text
+
+
+def check_tokenizers(student_tokenizer: Any, teacher_tokenizer: Any, media_token_ids: tuple[int, ...]) -> None:
+    """Refuse a teacher whose tokenizer maps text tokens differently from the student's.
+
+    Every student token (except the multimodal placeholders, which the teacher never sees) must have
+    the same id in the teacher's vocabulary.
+
+    Raises:
+        ValueError: naming how many tokens differ and a few examples.
+    """
+    student = student_tokenizer.get_vocab()
+    teacher = teacher_tokenizer.get_vocab()
+    media = set(media_token_ids)
+    wrong = [(tok, i, teacher.get(tok)) for tok, i in student.items() if i not in media and teacher.get(tok) != i]
+    if wrong:
+        examples = ", ".join(f"{tok!r}: student {i}, teacher {j}" for tok, i, j in wrong[:5])
+        raise ValueError(
+            f"the teacher's tokenizer does not match the student's: {len(wrong)} of {len(student)} tokens differ "
+            f"({examples}). ReGATE compares per-token losses, so the teacher must share the student's tokenizer: "
+            "use teacher='student' or a text LLM of the same family"
+        )
