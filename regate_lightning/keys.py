@@ -20,6 +20,12 @@ SAMPLE_IDX = "sample_idx"
 """int64 [B]; a stable integer id per sample (its index in the training set)."""
 MM_TOKEN_TYPE_IDS = "mm_token_type_ids"
 
+# Multiple-choice evaluation batches (one row per option; int64 [B]).
+QUESTION_IDX = "question_idx"
+OPTION_IDX = "option_idx"
+ANSWER_IDX = "answer_idx"
+TASK = "task"
+
 # Keys of the dict returned by ``MLLMModule.training_step``.
 LOSS = "loss"
 TOKEN_LOSS = "token_loss"
@@ -35,3 +41,5 @@ NUM_TARGETS = "num_targets"
 # Logged metric names.
 TRAIN_LOSS = "train/loss"
 VAL_LOSS = "val/loss"
+VAL_ACC = "val/acc"
+TEST_ACC = "test/acc"

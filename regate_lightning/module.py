@@ -21,6 +21,7 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
 from regate_lightning.elision import ElidedOutput, forward_active
+from regate_lightning.evaluation import OPTION_SCORES, ChoiceAccuracy, choose_options
 from regate_lightning.families import resolve, unwrap, vision_parts
 from regate_lightning.keys import (
     KEEP_MASK,
@@ -28,9 +29,9 @@ from regate_lightning.keys import (
     NUM_ACTIVE,
     NUM_TARGETS,
     NUM_TOKENS,
+    QUESTION_IDX,
     TOKEN_LOSS,
     TRAIN_LOSS,
-    VAL_LOSS,
 )
 
 DECODER_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -128,6 +129,9 @@ class MLLMModule(pl.LightningModule):
         optimizer: callable from parameters to an optimizer (LightningCLI's ``optimizer:`` block);
             default AdamW at lr 2e-5.
         lr_scheduler: callable from the optimizer to a scheduler, stepped every optimizer step.
+        option_score: how a multiple-choice option is scored from its token log-likelihoods:
+            ``"sum"`` (default, the option's log-likelihood) or ``"mean"`` (per token, length-neutral).
+        task_names: names of the multiple-choice tasks, for the per-task accuracy metric names.
     """
 
     def __init__(
@@ -140,6 +144,8 @@ class MLLMModule(pl.LightningModule):
         gradient_checkpointing: bool = False,
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
+        option_score: str = "sum",
+        task_names: list[str] | None = None,
     ) -> None:
         super().__init__()
         ignored = ["optimizer", "lr_scheduler"] + (["model"] if isinstance(model, nn.Module) else [])
@@ -161,7 +167,11 @@ class MLLMModule(pl.LightningModule):
                 net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lora is not None:
             net = self._apply_lora(net, lora)
+        if option_score not in OPTION_SCORES:
+            raise ValueError(f"`option_score` must be one of {OPTION_SCORES}, got {option_score!r}")
         self.model = net
+        self.option_score = option_score
+        self.accuracy = ChoiceAccuracy(task_names)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
 
@@ -197,8 +207,14 @@ class MLLMModule(pl.LightningModule):
         """Forward on the positions ``batch[KEEP_MASK]`` keeps (all when absent)."""
         return forward_active(self.model, batch, batch.get(KEEP_MASK))
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """One step; returns ``loss`` and the detached per-position ``token_loss`` [B, L]."""
+    def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> dict[str, Any] | None:
+        """One step; returns ``loss`` and the detached per-position ``token_loss`` [B, L].
+
+        A ``None`` batch (every sample of it skipped by the data's ``on_error="skip"`` policy, and
+        counted there) skips the optimizer step.
+        """
+        if batch is None:
+            return None
         out = self.run(batch)
         self.log(TRAIN_LOSS, out.loss.detach(), prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return {
@@ -209,15 +225,57 @@ class MLLMModule(pl.LightningModule):
             NUM_TARGETS: out.num_targets,
         }
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Validation always sees every token: the keep mask is ignored here."""
-        out = forward_active(self.model, batch)
-        self.log(VAL_LOSS, out.loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+    def validation_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
+        """Validation always sees every token; multiple-choice batches are scored by option likelihood."""
+        self._evaluate(batch, "val")
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Like validation, logged as ``test/loss``."""
-        out = forward_active(self.model, batch)
-        self.log("test/loss", out.loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+    def test_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
+        """Like validation, logged under ``test/``."""
+        self._evaluate(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        """Log multiple-choice accuracy, overall and per task."""
+        self._log_accuracy("val")
+
+    def on_test_epoch_end(self) -> None:
+        """Log multiple-choice accuracy, overall and per task."""
+        self._log_accuracy("test")
+
+    def setup(self, stage: str) -> None:
+        """Take the multiple-choice task names from the datamodule when none were given."""
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        names = getattr(datamodule, "task_names", None)
+        if names and not self.accuracy.task_names:
+            self.accuracy.task_names = list(names)
+
+    def on_train_epoch_end(self) -> None:
+        """Report the inputs the data skipped (``on_error="skip"``), counted by reason, and log the total."""
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        report = getattr(datamodule, "report_skips", None)
+        if callable(report):
+            counts = report(f"up to epoch {self.current_epoch}")
+            self.log("data/skipped", float(sum(counts.values())))
+
+    def _evaluate(self, batch: dict[str, Any] | None, stage: str) -> None:
+        if batch is None:
+            return
+        out = forward_active(self.model, batch)  # no keep mask: evaluation sees every token
+        size = batch["input_ids"].shape[0]
+        if QUESTION_IDX not in batch:
+            self.log(f"{stage}/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=size)
+            return
+        preds, answers, tasks = choose_options(out.token_loss, batch, self.option_score)
+        self.log(f"{stage}/option_loss", out.loss, sync_dist=True, batch_size=size)
+        self.accuracy.update(preds, answers, tasks)
+
+    def _log_accuracy(self, stage: str) -> None:
+        if self.accuracy.count == 0:
+            return
+        values = self.accuracy.compute()
+        self.log(f"{stage}/acc", values.pop("all"), prog_bar=True)
+        for task, value in values.items():
+            self.log(f"{stage}/acc_{task}", value)
+        self.accuracy.reset()
 
     def configure_optimizers(self) -> Any:
         """The optimizer over trainable parameters, with the scheduler stepped per optimizer step."""

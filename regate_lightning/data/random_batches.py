@@ -13,7 +13,14 @@ import torch
 from torch import nn
 
 from regate_lightning.families import CAUSAL_LM, resolve
-from regate_lightning.keys import ATTENTION_MASK, IGNORE_INDEX, INPUT_IDS, LABELS, MM_TOKEN_TYPE_IDS, SAMPLE_IDX
+from regate_lightning.keys import (
+    ATTENTION_MASK,
+    IGNORE_INDEX,
+    INPUT_IDS,
+    LABELS,
+    MM_TOKEN_TYPE_IDS,
+    SAMPLE_IDX,
+)
 
 
 def _vision_geometry(vision_config: Any) -> tuple[int, int]:
@@ -38,17 +45,29 @@ def media_layout(model: nn.Module, num_frames: int) -> tuple[int, int, dict[str,
     cfg = parts.model.config
     if parts.family == "llava":
         size, grid = _vision_geometry(cfg.vision_config)
-        cls = 1 if cfg.vision_feature_select_strategy == "full" and "siglip" not in cfg.vision_config.model_type else 0
+        cls = (
+            1
+            if cfg.vision_feature_select_strategy == "full" and "siglip" not in cfg.vision_config.model_type
+            else 0
+        )
         return cfg.image_token_id, grid * grid + cls, {"key": "pixel_values", "shape": (3, size, size)}
     if parts.family == "llava_next_video":
         size, grid = _vision_geometry(cfg.vision_config)
         pooled = grid // cfg.spatial_pool_stride
         shape = (num_frames, 3, size, size)
-        return cfg.video_token_id, num_frames * pooled * pooled, {"key": "pixel_values_videos", "shape": shape}
+        return (
+            cfg.video_token_id,
+            num_frames * pooled * pooled,
+            {"key": "pixel_values_videos", "shape": shape},
+        )
     if parts.family == "video_llava":
         size, grid = _vision_geometry(cfg.vision_config)
         shape = (num_frames, 3, size, size)
-        return cfg.video_token_id, num_frames * (grid * grid + 1), {"key": "pixel_values_videos", "shape": shape}
+        return (
+            cfg.video_token_id,
+            num_frames * (grid * grid + 1),
+            {"key": "pixel_values_videos", "shape": shape},
+        )
     if parts.family == "qwen2_vl":
         vc = cfg.vision_config
         tp, merge, patch = vc.temporal_patch_size, vc.spatial_merge_size, vc.patch_size
@@ -57,7 +76,11 @@ def media_layout(model: nn.Module, num_frames: int) -> tuple[int, int, dict[str,
         side = 4 * merge  # 4 merged tokens per side
         grid = (num_frames // tp, side, side)
         n_patches = grid[0] * grid[1] * grid[2]
-        spec = {"key": "pixel_values_videos", "shape": (n_patches, vc.in_channels * tp * patch * patch), "grid": grid}
+        spec = {
+            "key": "pixel_values_videos",
+            "shape": (n_patches, vc.in_channels * tp * patch * patch),
+            "grid": grid,
+        }
         return cfg.video_token_id, n_patches // (merge * merge), spec
     raise ValueError(f"no media layout for family {parts.family!r}")
 

@@ -1,0 +1,242 @@
+"""Datasets over normalised records: conversations for training, multiple choice for evaluation.
+
+Both decode their media lazily in ``__getitem__`` (so in DataLoader workers), turn them into the
+model's tensors with the renderer's :class:`~regate_lightning.data.vision.VisionSpec` and render the
+text with its :class:`~regate_lightning.data.render.ChatRenderer`. Every check that needs no decoding
+runs in the constructor (see :mod:`regate_lightning.data.conversations`); with ``on_error="skip"`` a
+media file that fails to decode makes ``__getitem__`` return ``None`` (counted in :attr:`counter`),
+which :class:`~regate_lightning.data.collate.Collator` drops.
+
+:class:`MultipleChoiceDataset` returns, per question, one sample per option: the question in the user
+turn and the option as the assistant's answer, with labels on the option text only (no end-of-turn),
+so that the sum of the option's token log-likelihoods scores it. Each sample carries ``question_idx``,
+``option_idx``, ``answer_idx`` and ``task`` (an index into :attr:`MultipleChoiceDataset.task_names`),
+which the collator turns into int64 ``[B]`` batch entries.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch.utils.data import Dataset
+
+from regate_lightning.data.conversations import (
+    MARKERS,
+    ChoiceRecord,
+    Media,
+    Record,
+    Turn,
+    read_choice_records,
+    read_records,
+)
+from regate_lightning.data.errors import DataError, MediaError, OnError, SkipCounter, check_on_error
+from regate_lightning.data.render import ChatRenderer, Sample
+from regate_lightning.data.video import Fit, Sampling, load_image, sample_video
+from regate_lightning.data.vision import ProcessedMedia, VisionSpec
+from regate_lightning.keys import ANSWER_IDX, OPTION_IDX, QUESTION_IDX, TASK
+
+OPTION_LETTERS = "ABCDEFGHIJ"
+
+
+@dataclass(frozen=True)
+class FrameSampling:
+    """How videos are sampled and images and frames resized (see :mod:`regate_lightning.data.video`).
+
+    Attributes:
+        num_frames: frames per video (``"uniform"``) or their cap (``"fps"``).
+        sample: ``"uniform"`` or ``"fps"``.
+        fps: the rate for ``"fps"``.
+        fit: ``"stretch"`` or ``"crop"`` resizing.
+    """
+
+    num_frames: int = 8
+    sample: Sampling = "uniform"
+    fps: float | None = None
+    fit: Fit = "stretch"
+
+    def __post_init__(self) -> None:
+        if self.num_frames < 1:
+            raise ValueError(f"`num_frames` must be >= 1, got {self.num_frames}")
+        if self.sample not in ("uniform", "fps"):
+            raise ValueError(f"`sample` must be 'uniform' or 'fps', got {self.sample!r}")
+        if (self.sample == "fps") != (self.fps is not None):
+            raise ValueError(
+                f"`fps` must be given with sample='fps' only, got sample={self.sample!r}, fps={self.fps}"
+            )
+
+
+def load_media(media: Media, spec: VisionSpec, frames: FrameSampling) -> ProcessedMedia:
+    """Decode one image or video and turn it into the model's tensors.
+
+    Args:
+        media: kind and path.
+        spec: the model family's layout.
+        frames: the sampling and resizing rule.
+
+    Returns:
+        The processed media.
+
+    Raises:
+        MediaError: the file is missing or does not decode.
+    """
+    if media.kind == "image":
+        return spec.process_image(load_image(media.path, spec.size, frames.fit))
+    video = sample_video(media.path, frames.num_frames, frames.sample, frames.fps, spec.size, frames.fit)
+    return spec.process_video(video.frames, video.sampled_fps)
+
+
+class _MediaDataset(Dataset):
+    """Shared policy of both datasets: eager checks, lazy decoding, ``on_error``."""
+
+    def __init__(
+        self, renderer: ChatRenderer, frames: FrameSampling, on_error: OnError, counter: SkipCounter | None
+    ):
+        check_on_error(on_error)
+        self.renderer = renderer
+        self.frames = frames
+        self.on_error = on_error
+        self.counter = counter if counter is not None else SkipCounter()
+
+    def _supported(self, records: Sequence[Record | ChoiceRecord]) -> list:
+        kept = []
+        for record in records:
+            media = record.media if isinstance(record, Record) else (record.media,)
+            reasons = [self.renderer.spec.accepts(m.kind) for m in media]
+            reason = next((r for r in reasons if r), "")
+            if not reason:
+                kept.append(record)
+                continue
+            error = DataError(f"{record.source or record.id}: {reason}", "unsupported_media")
+            if self.on_error == "raise":
+                raise error
+            self.counter.skip(error)
+        return kept
+
+    def _fail(self, record: Record | ChoiceRecord, err: DataError) -> None:
+        where = record.source or f"id {record.id}"
+        error = type(err)(f"{where}: {err}", err.reason)
+        if self.on_error == "raise":
+            raise error from err
+        self.counter.skip(error)
+
+
+class ConversationDataset(_MediaDataset):
+    """Training samples from conversation records (LLaVA / VideoLLaMA2 or HF messages format).
+
+    Args:
+        records: an annotation file (JSON list or JSONL) or already normalised records.
+        renderer: renders with the student's tokenizer and :class:`VisionSpec`.
+        frames: video sampling and resizing; default 8 uniform frames, stretched.
+        media_root: folder for relative media paths (files only); default the file's folder.
+        on_error: ``"raise"`` or ``"skip"`` (see :mod:`regate_lightning.data.conversations`).
+        counter: where skips are counted; a new one by default (:attr:`counter`).
+        check_media: whether the constructor checks that media files exist.
+    """
+
+    def __init__(
+        self,
+        records: str | os.PathLike[str] | Sequence[Record],
+        renderer: ChatRenderer,
+        frames: FrameSampling | None = None,
+        media_root: str | os.PathLike[str] | None = None,
+        on_error: OnError = "raise",
+        counter: SkipCounter | None = None,
+        check_media: bool = True,
+    ) -> None:
+        super().__init__(renderer, frames or FrameSampling(), on_error, counter)
+        if isinstance(records, (str, os.PathLike)):
+            records = read_records(records, media_root, on_error, self.counter, check_media)
+        self.records: list[Record] = self._supported(records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Sample | None:
+        """Decode and render sample ``index``; ``None`` if it fails under ``on_error="skip"``."""
+        record = self.records[index]
+        try:
+            media = [load_media(m, self.renderer.spec, self.frames) for m in record.media]
+            return self.renderer.render(record.turns, media, sample_idx=index, record_id=record.id)
+        except (MediaError, DataError) as err:
+            self._fail(record, err)
+            return None
+
+
+class MultipleChoiceDataset(_MediaDataset):
+    """MVBench-style evaluation: one sample per option, labels on the option text only.
+
+    Args:
+        records: a multiple-choice file (see :func:`~regate_lightning.data.conversations.read_choice_records`)
+            or records.
+        renderer: renders with the student's tokenizer and :class:`VisionSpec`.
+        frames: video sampling and resizing.
+        list_options: also list the lettered options in the question (``"(A) red"`` ...).
+        task_names: the task vocabulary (ids are indices into it); default the sorted tasks of the records.
+        media_root: folder for relative media paths (files only).
+        on_error: ``"raise"`` or ``"skip"``.
+        counter: where skips are counted.
+        check_media: whether the constructor checks that media files exist.
+    """
+
+    def __init__(
+        self,
+        records: str | os.PathLike[str] | Sequence[ChoiceRecord],
+        renderer: ChatRenderer,
+        frames: FrameSampling | None = None,
+        list_options: bool = False,
+        task_names: Sequence[str] | None = None,
+        media_root: str | os.PathLike[str] | None = None,
+        on_error: OnError = "raise",
+        counter: SkipCounter | None = None,
+        check_media: bool = True,
+    ) -> None:
+        super().__init__(renderer, frames or FrameSampling(), on_error, counter)
+        if isinstance(records, (str, os.PathLike)):
+            records = read_choice_records(records, media_root, on_error, self.counter, check_media)
+        self.records: list[ChoiceRecord] = self._supported(records)
+        self.task_names: tuple[str, ...] = tuple(task_names or sorted({r.task for r in self.records}))
+        unknown = {r.task for r in self.records} - set(self.task_names)
+        if unknown:
+            raise ValueError(f"`task_names` lacks the tasks {sorted(unknown)} found in the records")
+        if list_options and max((len(r.options) for r in self.records), default=0) > len(OPTION_LETTERS):
+            raise ValueError(f"`list_options` supports at most {len(OPTION_LETTERS)} options")
+        self.list_options = list_options
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def question_text(self, record: ChoiceRecord) -> str:
+        """The user turn: marker, question and, with ``list_options``, the lettered options."""
+        text = f"{MARKERS[record.media.kind]}\n{record.question}"
+        if self.list_options:
+            text += "\n" + "\n".join(f"({OPTION_LETTERS[i]}) {o}" for i, o in enumerate(record.options))
+        return text
+
+    def __getitem__(self, index: int) -> list[Sample] | None:
+        """One sample per option of question ``index``; ``None`` if it fails under ``on_error="skip"``."""
+        record = self.records[index]
+        try:
+            media = [load_media(record.media, self.renderer.spec, self.frames)]
+            question = Turn("user", self.question_text(record))
+            samples = []
+            for j, option in enumerate(record.options):
+                sample = self.renderer.render(
+                    [question, Turn("assistant", option)],
+                    media,
+                    sample_idx=index,
+                    record_id=record.id,
+                    end_of_turn=False,
+                )
+                sample.extras = {
+                    QUESTION_IDX: index,
+                    OPTION_IDX: j,
+                    ANSWER_IDX: record.answer,
+                    TASK: self.task_names.index(record.task),
+                }
+                samples.append(sample)
+            return samples
+        except (MediaError, DataError) as err:
+            self._fail(record, err)
+            return None

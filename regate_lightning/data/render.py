@@ -1,0 +1,257 @@
+r"""Rendering a conversation into ``input_ids`` and ``labels`` with the student's tokenizer.
+
+The conversation is rendered to text with the tokenizer's chat template, or, when it has none, with
+:data:`FALLBACK_CHAT_TEMPLATE`::
+
+    {bos}[{system} ]USER: {user} ASSISTANT: {assistant}{eos}USER: {user} ASSISTANT: {assistant}{eos}
+
+(LLaVA-1.5's "USER: ... ASSISTANT: ..." layout; ``bos``/``eos`` only where the tokenizer has them).
+
+**Supervision.** Only assistant turns are supervised, each including what the template writes after
+the answer up to the next message (its end-of-turn token, e.g. ``</s>`` or ``<|im_end|>\n``). The
+span of assistant turn ``i`` is found by rendering twice: ``render(turns[:i], add_generation_prompt)``
+must be a prefix of ``render(turns[:i + 1])``, and the difference is the span. A template that is not
+prefix-stable this way (e.g. one that rewrites earlier turns) is refused with a clear error. With a
+fast tokenizer, a token is supervised when its characters overlap a span (offsets mapping), so the
+text is tokenized as the model would see it at inference; a slow tokenizer tokenizes the spans
+separately.
+
+**Media.** Each :data:`~regate_lightning.data.conversations.IMAGE_MARKER` /
+:data:`~regate_lightning.data.conversations.VIDEO_MARKER` in the rendered text is replaced by the
+exact run of placeholder ids the model expects (:meth:`VisionSpec.placeholder_ids`), inserted as ids
+from the model's config, so the tokenizer needs no placeholder tokens of its own; the text around a
+marker is tokenized on its own. A text token that equals a placeholder id (a tokenizer/model mismatch)
+raises.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from regate_lightning.data.conversations import IMAGE_MARKER, VIDEO_MARKER, Turn
+from regate_lightning.data.errors import DataError
+from regate_lightning.data.vision import IMAGE_TYPE, TEXT_TYPE, VIDEO_TYPE, ProcessedMedia, VisionSpec
+from regate_lightning.keys import IGNORE_INDEX
+
+FALLBACK_CHAT_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }} "
+    "{% elif message['role'] == 'user' %}USER: {{ message['content'] }}"
+    "{% elif message['role'] == 'assistant' %} ASSISTANT: {{ message['content'] }}"
+    "{% if eos_token %}{{ eos_token }}{% endif %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+)
+"""Jinja chat template used when the tokenizer has none (see the module docstring)."""
+
+_MARKER_RE = re.compile(f"({re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)})")
+_KIND = {IMAGE_MARKER: "image", VIDEO_MARKER: "video"}
+
+
+@dataclass
+class Sample:
+    """One rendered sample, before collation.
+
+    Attributes:
+        input_ids: int64 ``[L]``.
+        labels: int64 ``[L]``, ``-100`` where unsupervised (everything but assistant turns).
+        token_types: int64 ``[L]``, 0 text, 1 image placeholder, 2 video placeholder.
+        media: HF batch key -> tensor, concatenated on dim 0 over this sample's media (see
+            :class:`~regate_lightning.data.vision.VisionSpec`).
+        sample_idx: the dataset index.
+        visual_end: every visual token (and Qwen's vision-end token) is at a position ``< visual_end``.
+        emit_token_types: whether the model takes ``mm_token_type_ids`` (Qwen2-VL families).
+        extras: further int64 ``[B]`` batch entries (e.g. ``option_idx`` for multiple choice).
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    token_types: torch.Tensor
+    media: dict[str, torch.Tensor]
+    sample_idx: int
+    visual_end: int = 0
+    emit_token_types: bool = False
+    extras: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+class ChatRenderer:
+    """Renders turns and processed media into a :class:`Sample` (see the module docstring).
+
+    Args:
+        tokenizer: the student's HF tokenizer.
+        spec: the student's :class:`VisionSpec`.
+        chat_template: a Jinja template to use instead of the tokenizer's.
+        system_prompt: a system turn prepended to conversations that have none.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        spec: VisionSpec,
+        chat_template: str | None = None,
+        system_prompt: str | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.chat_template = (
+            chat_template or getattr(tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
+        )
+        self.system_prompt = system_prompt
+        self._forbidden = set(spec.media_token_ids)
+
+    def _text(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        out = self.tokenizer.apply_chat_template(
+            messages,
+            chat_template=self.chat_template,
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
+        )
+        if not isinstance(out, str):
+            raise TypeError(f"the chat template must render to str, got {type(out).__name__}")
+        return out
+
+    def _spans(
+        self, turns: Sequence[Turn], end_of_turn: bool, record_id: str
+    ) -> tuple[str, list[tuple[int, int]]]:
+        messages = [{"role": t.role, "content": t.text} for t in turns]
+        if self.system_prompt is not None and (not messages or messages[0]["role"] != "system"):
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        text = self._text(messages, generation_prompt=messages[-1]["role"] != "assistant")
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            if i == 0:
+                raise ValueError(f"record {record_id}: the conversation starts with an assistant turn")
+            prefix = self._text(messages[:i], generation_prompt=True)
+            upto = self._text(messages[: i + 1], generation_prompt=False)
+            if not upto.startswith(prefix) or not text.startswith(upto):
+                raise ValueError(
+                    f"record {record_id}: the chat template is not prefix-stable (rendering the "
+                    f"conversation up to turn {i} does not extend the rendering before it), so assistant "
+                    "spans cannot be found; pass `chat_template=` (e.g. FALLBACK_CHAT_TEMPLATE)"
+                )
+            start, stop = len(prefix), len(upto)
+            if not end_of_turn:
+                at = upto.find(message["content"], start)
+                if at < 0:
+                    raise ValueError(
+                        f"record {record_id}: the chat template altered the answer text of turn {i}"
+                    )
+                start, stop = at, at + len(message["content"])
+            spans.append((start, stop))
+        return text, spans
+
+    def _tokenize(self, text: str, offset: int, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+        """Tokenize ``text`` (starting at character ``offset`` of the rendering); flag supervised tokens."""
+        if not text:
+            return [], []
+        if getattr(self.tokenizer, "is_fast", False):
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids = list(enc["input_ids"])
+            sup = [
+                any(offset + a < e and offset + max(b, a + 1) > s for s, e in spans)
+                for a, b in enc["offset_mapping"]
+            ]
+            return ids, sup
+        cuts = sorted({0, len(text), *(min(max(p - offset, 0), len(text)) for span in spans for p in span)})
+        ids, sup = [], []
+        for a, b in itertools.pairwise(cuts):
+            piece = self.tokenizer(text[a:b], add_special_tokens=False)["input_ids"]
+            inside = any(offset + a >= s and offset + b <= e for s, e in spans)
+            ids += piece
+            sup += [inside] * len(piece)
+        return ids, sup
+
+    def render(
+        self,
+        turns: Sequence[Turn],
+        media: Sequence[ProcessedMedia],
+        sample_idx: int = 0,
+        record_id: str = "",
+        end_of_turn: bool = True,
+    ) -> Sample:
+        """Render one conversation.
+
+        Args:
+            turns: the conversation; media markers in user turns.
+            media: one processed media per marker, in marker order.
+            sample_idx: the dataset index, copied into the sample.
+            record_id: for error messages.
+            end_of_turn: supervise the template's end-of-turn text after each answer (training);
+                ``False`` supervises the answer text only (multiple-choice scoring).
+
+        Returns:
+            The :class:`Sample`.
+
+        Raises:
+            DataError: the markers do not match ``media`` or nothing is supervised.
+            ValueError: the tokenizer produces an id that is a placeholder id or beyond the vocabulary.
+        """
+        text, spans = self._spans(turns, end_of_turn, record_id)
+        pieces = _MARKER_RE.split(text)
+        markers = pieces[1::2]
+        if [_KIND[m] for m in markers] != [m.kind for m in media]:
+            raise DataError(
+                f"record {record_id}: the rendered text has media placeholders {markers} but the media are "
+                f"{[m.kind for m in media]}; one placeholder per media, in order",
+                "placeholder_mismatch",
+            )
+        ids: list[int] = []
+        sup: list[bool] = []
+        types: list[int] = []
+        visual_end = 0
+        offset = 0
+        for j, piece in enumerate(pieces):
+            if j % 2 == 0:
+                piece_ids, piece_sup = self._tokenize(piece, offset, spans)
+                bad = self._forbidden.intersection(piece_ids)
+                if bad or any(i >= self.spec.vocab_size for i in piece_ids):
+                    raise ValueError(
+                        f"record {record_id}: the tokenizer produced id(s) {sorted(bad) or max(piece_ids)} "
+                        f"that are placeholder ids or >= the model's vocab_size {self.spec.vocab_size}; "
+                        "use a tokenizer that matches the model"
+                    )
+                ids += piece_ids
+                sup += piece_sup
+                types += [TEXT_TYPE] * len(piece_ids)
+            else:
+                item = media[j // 2]
+                block = self.spec.placeholder_ids(item.kind, item.num_tokens)
+                kind_type = IMAGE_TYPE if item.kind == "image" else VIDEO_TYPE
+                ids += block
+                sup += [False] * len(block)
+                types += [
+                    kind_type if t in (self.spec.image_token_id, self.spec.video_token_id) else TEXT_TYPE
+                    for t in block
+                ]
+                visual_end = len(ids)
+            offset += len(piece)
+        if not any(sup):
+            raise DataError(f"record {record_id}: no token is supervised (empty answers?)", "no_assistant")
+        input_ids = torch.tensor(ids, dtype=torch.int64)
+        labels = torch.where(torch.tensor(sup), input_ids, IGNORE_INDEX)
+        tensors: dict[str, list[torch.Tensor]] = {}
+        for item in media:
+            for key, value in item.tensors.items():
+                tensors.setdefault(key, []).append(value)
+        return Sample(
+            input_ids=input_ids,
+            labels=labels,
+            token_types=torch.tensor(types, dtype=torch.int64),
+            media={k: torch.cat(v) for k, v in tensors.items()},
+            sample_idx=int(sample_idx),
+            visual_end=visual_end,
+            emit_token_types=self.spec.is_qwen,
+        )
