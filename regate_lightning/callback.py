@@ -50,6 +50,7 @@ from regate_lightning.scoring import (
     scatter_candidates,
     select_keep,
 )
+from regate_lightning.strategies import check_strategy, check_unsharded
 from regate_lightning.sync import all_gather_ragged
 from regate_lightning.targets import candidate_mask, shift_targets
 from regate_lightning.teacher import STUDENT, Teacher, check_tokenizers, text_mask
@@ -57,6 +58,7 @@ from regate_lightning.teacher import STUDENT, Teacher, check_tokenizers, text_ma
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+_MIXED = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 SELECTIONS = ("regate", "random")
 PREFIX = "regate/"
 METRICS = {
@@ -73,8 +75,19 @@ METRICS = {
 
 
 @dataclass
-class _Step:
-    """What on_train_batch_start prepared for on_train_batch_end."""
+class StepRecord:
+    """What the callback decided for the current (or last) training batch; read by reports.
+
+    Attributes:
+        sample_idx: int64 ``[B]``.
+        candidates: bool ``[B, L]``, the elision candidates.
+        counts: int64 ``[B]``, candidates per row.
+        target_ids: int64 ``[N]``, target token of each candidate (flat layout).
+        sparse: whether this was a sparse step.
+        kept: candidates kept on this rank.
+        ref: float32 ``[B, L]``, reference loss at candidates (NaN elsewhere).
+        difficulty: float32 ``[B, L]``, student difficulty ``m`` used for the score (NaN elsewhere).
+    """
 
     sample_idx: torch.Tensor
     candidates: torch.Tensor
@@ -82,8 +95,8 @@ class _Step:
     target_ids: torch.Tensor
     sparse: bool
     kept: int
-    mean_ref: float
-    mean_ema: float
+    ref: torch.Tensor
+    difficulty: torch.Tensor
 
 
 class ReGATECallback(Callback):
@@ -155,7 +168,8 @@ class ReGATECallback(Callback):
         self.fingerprint: dict[str, Any] = {}
         self.totals = {"active": 0, "tokens": 0, "supervised": 0, "teacher_samples": 0, "candidates": 0, "kept": 0}
         self._restored: dict[str, Any] | None = None
-        self._step: _Step | None = None
+        self._step: StepRecord | None = None
+        self.last_step: StepRecord | None = None
         self._generator: torch.Generator | None = None
 
     # ---------------------------------------------------------------------------------------------
@@ -168,11 +182,14 @@ class ReGATECallback(Callback):
         model = getattr(pl_module, "model", None)
         if model is None:
             raise TypeError("ReGATECallback needs a LightningModule with the student HF model as `.model` (MLLMModule)")
+        # Before anything is built: refuse strategies that cannot work and a student that is already sharded.
+        check_strategy(trainer, self.teacher_spec)
         parts = resolve(model)
         if self.teacher_spec == STUDENT:
             self.teacher = Teacher.from_student(model)
         else:
             self.teacher = Teacher.from_pretrained(self.teacher_spec, **self.teacher_kwargs)
+            check_unsharded(self.teacher, f"the teacher {self.teacher_spec!r}", type(trainer.strategy).__name__)
             self._check_teacher_tokenizer(trainer, parts.media_token_ids)
         vocab = max(self.teacher.vocab_size, int(parts.lm_head.weight.shape[0]))
         self.bank = ScoreBank(vocab_size=vocab)
@@ -205,9 +222,20 @@ class ReGATECallback(Callback):
         check_tokenizers(student_tok, AutoTokenizer.from_pretrained(self.teacher_spec), media_ids)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Place the teacher and the store on the student's device, in the student's dtype."""
+        """Place the teacher and the store on the student's device.
+
+        The teacher takes the dtype given in ``teacher_kwargs``; else, under mixed precision, the autocast
+        dtype (it only runs forward, under the same autocast, so fp32 weights would double its memory for
+        nothing); else the student's parameter dtype.
+        """
         assert self.teacher is not None and self.bank is not None
-        dtype = next(p.dtype for p in pl_module.parameters() if p.is_floating_point())
+        dtype = self.teacher_kwargs.get("dtype")
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        if dtype is None:
+            dtype = _MIXED.get(str(trainer.precision))
+        if dtype is None:
+            dtype = next(p.dtype for p in pl_module.parameters() if p.is_floating_point())
         self.teacher.to(device=pl_module.device, dtype=dtype)
         self.bank.to(pl_module.device)
         self._generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + trainer.global_rank)
@@ -225,6 +253,14 @@ class ReGATECallback(Callback):
     ) -> None:
         """Score the batch and, in a sparse step, write ``batch["keep_mask"]``."""
         assert self.teacher is not None and self.bank is not None
+        if batch is None:  # every sample of the batch skipped by the data's on_error="skip" policy
+            if trainer.world_size > 1:
+                raise RuntimeError(
+                    "a whole batch was skipped by the data's on_error='skip' policy on one process; under several "
+                    "processes every rank must run every step (DDP synchronises gradients), so fix or remove the bad "
+                    "records, or use a larger batch size"
+                )
+            return
         if SAMPLE_IDX not in batch:
             raise KeyError(
                 f"ReGATECallback needs `batch['{SAMPLE_IDX}']`: an int64 [B] tensor with a stable id per sample (its "
@@ -259,7 +295,16 @@ class ReGATECallback(Callback):
             kept = int((keep & candidates).sum())
         else:
             batch.pop(KEEP_MASK, None)
-        self._step = _Step(sample_idx, candidates, counts, target_ids, sparse, kept, _nanmean(ref), _nanmean(ema))
+        self._step = self.last_step = StepRecord(
+            sample_idx,
+            candidates,
+            counts,
+            target_ids,
+            sparse,
+            kept,
+            scatter_candidates(ref.float(), candidates),
+            scatter_candidates(ema.float(), candidates),
+        )
 
     def _score_missing(
         self,
@@ -280,8 +325,9 @@ class ReGATECallback(Callback):
                     batch[INPUT_IDS][missing], batch[LABELS][missing], text[missing], candidates[missing]
                 )
             flat = gather_candidates(losses, candidates[missing])
-            self.totals["teacher_samples"] += int(missing.sum())
         idx, cnt, flat = all_gather_ragged(trainer.strategy, [sample_idx[missing], counts[missing], flat.float()])
+        # Counted over all ranks, like the other totals, so it is the same on every rank and in checkpoints.
+        self.totals["teacher_samples"] += int(idx.numel())
         if idx.numel():
             self.bank.set_ref(idx, flat, cnt)
 
@@ -321,8 +367,8 @@ class ReGATECallback(Callback):
             METRICS["cum_active"]: float(self.totals["active"]),
             METRICS["cum_tokens"]: float(self.totals["tokens"]),
             METRICS["cum_supervised"]: float(self.totals["supervised"]),
-            METRICS["ref"]: step.mean_ref,
-            METRICS["ema"]: step.mean_ema,
+            METRICS["ref"]: _nanmean(step.ref),
+            METRICS["ema"]: _nanmean(step.difficulty),
             METRICS["phase"]: float(step.sparse),
             METRICS["teacher_calls"]: float(self.totals["teacher_samples"]),
         }

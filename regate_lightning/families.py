@@ -125,3 +125,25 @@ def vision_parts(parts: ModelParts) -> tuple[list[nn.Module], list[nn.Module]]:
     tower = [getattr(inner, n) for n in ("vision_tower", "video_tower", "image_tower") if hasattr(inner, n)]
     projector = [getattr(inner, n) for n in ("multi_modal_projector", "vision_resampler") if hasattr(inner, n)]
     return tower, projector
+
+
+def unused_vision_modules(parts: ModelParts) -> list[nn.Module]:
+    """Vision-tower modules that never reach the loss in this family.
+
+    LLaVA-family models read the tower's hidden states, so CLIP's ``post_layernorm`` and SigLIP's
+    pooling ``head`` get no gradient; under DDP such parameters stop training with "parameters that
+    were not used" unless ``find_unused_parameters`` is on. :class:`~regate_lightning.MLLMModule`
+    freezes them (their values do not affect any output).
+    """
+    tower, _ = vision_parts(parts)
+    if parts.family in (CAUSAL_LM, "qwen2_vl"):
+        return []
+    found = []
+    for module in tower:
+        vision_model = getattr(module, "vision_model", module)
+        found += [
+            getattr(vision_model, n)
+            for n in ("post_layernorm", "head")
+            if isinstance(getattr(vision_model, n, None), nn.Module)
+        ]
+    return found

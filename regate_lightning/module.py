@@ -22,7 +22,7 @@ from transformers import AutoConfig, PreTrainedModel
 
 from regate_lightning.elision import ElidedOutput, forward_active
 from regate_lightning.evaluation import OPTION_SCORES, ChoiceAccuracy, choose_options
-from regate_lightning.families import resolve, unwrap, vision_parts
+from regate_lightning.families import resolve, unused_vision_modules, unwrap, vision_parts
 from regate_lightning.keys import (
     KEEP_MASK,
     LOSS,
@@ -153,6 +153,8 @@ class MLLMModule(pl.LightningModule):
         net = load_model(model, model_kwargs)
         parts = resolve(net)  # refuses unsupported classes before anything else happens
         net.config.use_cache = False
+        for module in unused_vision_modules(parts):
+            module.requires_grad_(False)
         if freeze_vision_tower or freeze_projector:
             tower, projector = vision_parts(parts)
             if not tower:

@@ -29,15 +29,22 @@ def strip_adapters(module: nn.Module) -> nn.Module:
     LoRA layers keep the frozen original as ``base_layer``; ``modules_to_save`` wrappers keep it as
     ``original_module``. What is left is the backbone as it was before adapters were added.
     """
+    inner = _wrapped(module)
+    if inner is not None:
+        return strip_adapters(inner)
     for name, child in list(module.named_children()):
-        inner = getattr(child, "base_layer", None)
-        if inner is None and hasattr(child, "modules_to_save"):
-            inner = getattr(child, "original_module", None)
-        if isinstance(inner, nn.Module):
-            setattr(module, name, strip_adapters(inner))
-        else:
-            strip_adapters(child)
+        stripped = strip_adapters(child)
+        if stripped is not child:
+            setattr(module, name, stripped)
     return module
+
+
+def _wrapped(module: nn.Module) -> nn.Module | None:
+    """The original layer inside a peft adapter wrapper, or None for any other module."""
+    inner = getattr(module, "base_layer", None)
+    if inner is None and hasattr(module, "modules_to_save"):
+        inner = getattr(module, "original_module", None)
+    return inner if isinstance(inner, nn.Module) else None
 
 
 class Teacher(nn.Module):
