@@ -13,13 +13,18 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from regate_lightning.bank import ScoreBank
 
+if TYPE_CHECKING:
+    from regate_lightning.teacher import Teacher
+
 CACHE_VERSION = 1
+CHUNK_SAMPLES = 1 << 16
+"""Samples per bank call when a cache is written or read: bounds the temporaries of huge caches."""
 
 
 def cached_samples(bank: ScoreBank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -32,18 +37,34 @@ def cached_samples(bank: ScoreBank) -> tuple[torch.Tensor, torch.Tensor, torch.T
     if registered.numel() == 0:
         empty = torch.zeros(0, dtype=torch.int64)
         return empty, empty, torch.zeros(0)
-    done = registered[bank.has_ref(registered)]
-    counts = bank.length[done]
-    return done.cpu(), counts.cpu(), bank.get_ref(done, counts).cpu()
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for rows in registered.split(CHUNK_SAMPLES):  # chunks bound the temporaries (slot indices) at scale
+        done = rows[bank.has_ref(rows)]
+        counts = bank.length[done]
+        parts.append((done.cpu(), counts.cpu(), bank.get_ref(done, counts).cpu()))
+    idx, counts, ref = zip(*parts, strict=True)
+    return torch.cat(idx), torch.cat(counts), torch.cat(ref)
 
 
-def save_cache(path: str | os.PathLike, bank: ScoreBank, fingerprint: dict[str, Any]) -> int:
+def save_cache(
+    path: str | os.PathLike, bank: ScoreBank, fingerprint: dict[str, Any], samples: torch.Tensor | None = None
+) -> int:
     """Write the complete reference losses of ``bank`` to ``path`` atomically.
+
+    Args:
+        path: the cache file.
+        bank: the store to read.
+        fingerprint: what made the losses (see :func:`reference_fingerprint`).
+        samples: integer ``[K]``: write only these samples (those of them that are complete); all when None.
 
     Returns:
         The number of samples written.
     """
     sample_idx, counts, ref = cached_samples(bank)
+    if samples is not None:
+        keep = torch.isin(sample_idx, samples.to(device="cpu", dtype=torch.int64))
+        ref = ref[torch.repeat_interleave(keep, counts)]
+        sample_idx, counts = sample_idx[keep], counts[keep]
     payload = {
         "version": CACHE_VERSION,
         "fingerprint": fingerprint,
@@ -105,10 +126,60 @@ def load_into(bank: ScoreBank, payload: dict[str, Any]) -> int:
         The number of samples loaded.
     """
     sample_idx, counts, ref = payload["sample_idx"], payload["counts"], payload["ref"]
-    if sample_idx.numel():
-        bank.register(sample_idx, counts)
-        bank.set_ref(sample_idx, ref, counts)
+    ends = torch.cumsum(counts, 0)
+    for start in range(0, sample_idx.numel(), CHUNK_SAMPLES):  # chunks bound the temporaries at scale
+        stop = min(start + CHUNK_SAMPLES, sample_idx.numel())
+        first = int(ends[start - 1]) if start else 0
+        idx, cnt = sample_idx[start:stop], counts[start:stop]
+        bank.register(idx, cnt)
+        bank.set_ref(idx, ref[first : int(ends[stop - 1])], cnt)
     return int(sample_idx.numel())
+
+
+def data_fingerprint(datamodule: Any) -> str | None:
+    """The data module's own ``fingerprint()`` (a str naming its samples and rendering), or None."""
+    fingerprint = getattr(datamodule, "fingerprint", None)
+    return fingerprint() if callable(fingerprint) else None
+
+
+def tokenizer_digest(tokenizer: Any) -> str | None:
+    """A short digest of a tokenizer's vocabulary (token -> id), or None without a ``get_vocab``."""
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    if not callable(get_vocab):
+        return None
+    import hashlib
+    import json
+
+    text = json.dumps(sorted(get_vocab().items()), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def reference_fingerprint(teacher_spec: str, teacher: Teacher, datamodule: Any) -> dict[str, Any]:
+    """What makes reference losses reusable: the teacher (spec, weights, vocabulary), tokenizer and data.
+
+    The one definition shared by :class:`~regate_lightning.ReGATECallback` (which reads and writes the
+    cache while fitting) and ``regate-lightning score`` (which writes it offline), so that a cache made
+    by either is accepted by the other, and one made for another setup is refused by both.
+
+    Args:
+        teacher_spec: the callback's ``teacher`` argument (``"student"`` or an HF id / path).
+        teacher: the teacher as built, before it is cast to the student's dtype or moved to a device, so
+            that the digest does not depend on the run's precision.
+        datamodule: the training data module (or None); its ``fingerprint()`` and the vocabulary of its
+            ``tokenizer`` are used when it has them.
+
+    Returns:
+        ``{"teacher", "teacher_weights", "vocab_size", "tokenizer", "data"}``. ``tokenizer`` and ``data``
+        are None when the data module has no tokenizer / no ``fingerprint()``; a cache written without
+        a key compares equal to None there, so caches written before a key existed still load.
+    """
+    return {
+        "teacher": teacher_spec,
+        "teacher_weights": weights_digest(teacher),
+        "vocab_size": teacher.vocab_size,
+        "tokenizer": tokenizer_digest(getattr(datamodule, "tokenizer", None)),
+        "data": data_fingerprint(datamodule),
+    }
 
 
 def weights_digest(module: torch.nn.Module, samples: int = 4096) -> str:

@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from regate_lightning.bank import FALLBACKS, ScoreBank
-from regate_lightning.cache import load_cache, load_into, save_cache, weights_digest
+from regate_lightning.cache import load_cache, load_into, reference_fingerprint, save_cache
 from regate_lightning.families import resolve
 from regate_lightning.keys import (
     ATTENTION_MASK,
@@ -193,12 +193,7 @@ class ReGATECallback(Callback):
             self._check_teacher_tokenizer(trainer, parts.media_token_ids)
         vocab = max(self.teacher.vocab_size, int(parts.lm_head.weight.shape[0]))
         self.bank = ScoreBank(vocab_size=vocab)
-        self.fingerprint = {
-            "teacher": self.teacher_spec,
-            "teacher_weights": weights_digest(self.teacher),
-            "vocab_size": self.teacher.vocab_size,
-            "data": _data_fingerprint(trainer),
-        }
+        self.fingerprint = reference_fingerprint(self.teacher_spec, self.teacher, trainer.datamodule)
         if self._restored is not None:
             self._apply_state(self._restored)
             self._restored = None
@@ -361,6 +356,8 @@ class ReGATECallback(Callback):
             ("kept", kept),
         ):
             self.totals[key] += int(value)
+        if not _logging_step(trainer):
+            return
         size = int(step.sample_idx.numel())
         metrics = {
             METRICS["active"]: active / max(tokens, 1),
@@ -430,15 +427,15 @@ class ReGATECallback(Callback):
         self.totals.update(state["totals"])
 
 
+def _logging_step(trainer: pl.Trainer) -> bool:
+    """Whether the trainer writes logs at this step: ``self.log`` costs about 1 ms a call, so the
+    callback logs only on the steps Lightning records (every ``log_every_n_steps`` optimizer steps)."""
+    return (trainer.global_step + 1) % max(trainer.log_every_n_steps, 1) == 0 or trainer.global_step == 0
+
+
 def _nanmean(x: torch.Tensor) -> float:
     finite = x[~x.isnan()]
     return float(finite.mean()) if finite.numel() else math.nan
-
-
-def _data_fingerprint(trainer: pl.Trainer) -> str | None:
-    datamodule = trainer.datamodule
-    fingerprint = getattr(datamodule, "fingerprint", None)
-    return fingerprint() if callable(fingerprint) else None
 
 
 def _to_cpu(state: dict[str, Any]) -> dict[str, Any]:

@@ -179,7 +179,11 @@ def tiny_video_llava(
 
 def _qwen_vl_kwargs(vocab_size: int, hidden_size: int, num_layers: int) -> dict[str, Any]:
     text = _text_kwargs(vocab_size, hidden_size, num_layers)
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    half = hidden_size // text["num_attention_heads"] // 2  # rotary frequencies per head
+    temporal = half // 4
+    height = (half - temporal) // 2
+    section = [temporal, height, half - temporal - height]  # [2, 3, 3] at hidden 64, as Qwen2-VL's 16/24/24
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
     return {
         "text_config": text,
         "image_token_id": vocab_size - 1,

@@ -165,6 +165,16 @@ def visual_words() -> frozenset[str]:
     return frozenset({*COLOURS, *shapes, *DIRECTIONS, *COUNTS})
 
 
+def needs_video(word: str) -> bool:
+    """Whether one answer word needs the video (see :func:`visual_words`).
+
+    Example:
+        >>> needs_video("Red"), needs_video("moving")
+        (True, False)
+    """
+    return word.lower() in visual_words()
+
+
 def classify_words(text: str) -> list[tuple[str, bool]]:
     """Split an answer into words, each marked ``True`` if it needs the video.
 

@@ -1,0 +1,595 @@
+"""Shared helpers of the benchmarks: models of a chosen size, batches of a chosen shape, timing, memory.
+
+Everything here runs on CPU and on CUDA with the same code. Models are random-initialised from
+configs (no download), built directly on the target device in the target dtype, so a model of a
+few billion parameters is ready in seconds on a GPU. Only config fields that have existed since
+transformers 5.0 are used (the GPU machines may run an older 5.x than the development machines).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FAMILIES = ("qwen2_vl", "llava_next_video")
+
+
+# --------------------------------------------------------------------------------------------------
+# Models.
+
+
+@dataclass
+class ModelSpec:
+    """Sizes of a random-initialised multimodal model.
+
+    Attributes:
+        family: ``"qwen2_vl"`` (Qwen2-VL, M-RoPE, video through the Qwen2-VL vision tower) or
+            ``"llava_next_video"`` (LLaMA decoder, CLIP tower, 2x2-pooled frames).
+        vocab_size: vocabulary of the language model; the last four ids are the media placeholders.
+        hidden_size: hidden size of the language model.
+        num_layers: decoder layers.
+        num_heads: attention heads of the decoder.
+        num_kv_heads: key/value heads of the decoder (grouped-query attention).
+        intermediate_size: MLP width of the decoder.
+        vision_depth: layers of the vision tower.
+        vision_width: hidden size of the vision tower.
+        vision_heads: attention heads of the vision tower.
+        patch_size: patch side of the vision tower, in pixels.
+        image_size: frame side in pixels (``llava_next_video`` only; Qwen2-VL frames are set per batch).
+    """
+
+    family: str = "qwen2_vl"
+    vocab_size: int = 4096
+    hidden_size: int = 512
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    intermediate_size: int = 1536
+    vision_depth: int = 2
+    vision_width: int = 64
+    vision_heads: int = 4
+    patch_size: int = 8
+    image_size: int = 64
+
+    def check(self) -> None:
+        """Raise a clear error for sizes the model classes would reject later, less clearly."""
+        if self.family not in FAMILIES:
+            raise ValueError(f"`family` must be one of {FAMILIES}, got {self.family!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.vision_width % self.vision_heads:
+            raise ValueError(f"vision_width {self.vision_width} is not a multiple of vision_heads {self.vision_heads}")
+        if self.family == "qwen2_vl" and (self.hidden_size // self.num_heads) % 2:
+            raise ValueError("qwen2_vl needs an even head dimension (M-RoPE sections)")
+        if self.family == "llava_next_video" and self.image_size % (2 * self.patch_size):
+            raise ValueError(f"image_size {self.image_size} must be a multiple of 2 * patch_size {self.patch_size}")
+
+
+QWEN2_VL_2B_LIKE = ModelSpec(
+    family="qwen2_vl",
+    vocab_size=151936,
+    hidden_size=1536,
+    num_layers=28,
+    num_heads=12,
+    num_kv_heads=2,
+    intermediate_size=8960,
+    vision_depth=16,
+    vision_width=1280,
+    vision_heads=16,
+    patch_size=14,
+)
+"""Text backbone of Qwen2-VL-2B (hidden 1536, 28 layers, 12/2 heads, MLP 8960, vocabulary 151936) with a
+vision tower of half the real depth (16 of 32 blocks, width 1280)."""
+
+
+def mrope_section(head_dim: int) -> list[int]:
+    """M-RoPE sections (temporal, height, width) for a head dimension, in Qwen2-VL's proportions.
+
+    Example:
+        >>> mrope_section(128)
+        [16, 24, 24]
+    """
+    half = head_dim // 2
+    first = half // 4
+    rest = half - first
+    return [first + rest % 2, rest // 2, rest // 2]
+
+
+def _text_config(spec: ModelSpec) -> dict[str, Any]:
+    return {
+        "vocab_size": spec.vocab_size,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_heads,
+        "num_key_value_heads": spec.num_kv_heads,
+        "max_position_embeddings": 32768,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+
+
+def model_config(spec: ModelSpec) -> Any:
+    """The transformers config of ``spec`` (placeholder ids are the last ids of the vocabulary)."""
+    spec.check()
+    vocab = spec.vocab_size
+    if spec.family == "qwen2_vl":
+        from transformers import Qwen2VLConfig
+
+        text = _text_config(spec)
+        head_dim = spec.hidden_size // spec.num_heads
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": 1000000.0,
+            "mrope_section": mrope_section(head_dim),
+        }
+        vision = {
+            "depth": spec.vision_depth,
+            "embed_dim": spec.vision_width,
+            "hidden_size": spec.hidden_size,
+            "num_heads": spec.vision_heads,
+            "mlp_ratio": 4,
+            "patch_size": spec.patch_size,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "in_channels": 3,
+        }
+        return Qwen2VLConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=vocab - 1,
+            video_token_id=vocab - 2,
+            vision_start_token_id=vocab - 3,
+            vision_end_token_id=vocab - 4,
+        )
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextVideoConfig
+
+    vision_cfg = CLIPVisionConfig(
+        hidden_size=spec.vision_width,
+        intermediate_size=4 * spec.vision_width,
+        num_hidden_layers=spec.vision_depth,
+        num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        projection_dim=spec.vision_width,
+    )
+    return LlavaNextVideoConfig(
+        vision_config=vision_cfg,
+        text_config=LlamaConfig(**_text_config(spec)),
+        video_token_index=vocab - 2,
+        image_token_index=vocab - 1,
+        vision_feature_layer=-1,
+        image_grid_pinpoints=[[spec.image_size, spec.image_size]],
+        spatial_pool_stride=2,
+    )
+
+
+def build_model(
+    spec: ModelSpec,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    attn: str = "sdpa",
+    seed: int = 0,
+) -> nn.Module:
+    """A random-initialised model of ``spec``, built directly on ``device`` in ``dtype``.
+
+    Args:
+        spec: sizes.
+        device: where the weights are created (no CPU detour for a GPU model).
+        dtype: weight dtype.
+        attn: attention implementation (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``).
+        seed: weight seed.
+
+    Returns:
+        The HF model in train mode, ``use_cache=False``.
+    """
+    config = model_config(spec)
+    if spec.family == "qwen2_vl":
+        from transformers import Qwen2VLForConditionalGeneration as cls
+    else:
+        from transformers import LlavaNextVideoForConditionalGeneration as cls
+    torch.manual_seed(seed)
+    with torch.device(device):
+        try:
+            model = cls._from_config(config, dtype=dtype, attn_implementation=attn)
+        except TypeError:  # an older signature: set the default dtype ourselves
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)
+            try:
+                config._attn_implementation = attn
+                model = cls(config)
+            finally:
+                torch.set_default_dtype(previous)
+    if any(p.dtype != dtype for p in model.parameters() if p.is_floating_point()):
+        model.to(dtype=dtype)  # an older transformers left a sub-model in another dtype
+    model.config.use_cache = False
+    model.train()
+    return model
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Parameters in total and in the language model (the text decoder plus the LM head)."""
+    from regate_lightning.families import resolve
+
+    parts = resolve(model)
+    total = sum(p.numel() for p in model.parameters())
+    text = sum(p.numel() for p in parts.decoder.parameters())
+    head = parts.lm_head.weight
+    tied = any(head is p for p in parts.decoder.parameters())
+    return {"total": total, "language_model": text + (0 if tied else head.numel())}
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches.
+
+
+@dataclass
+class Shape:
+    """A sequence shape: per row ``[bos] [visual] [prompt] [answer]`` (Qwen2-VL adds two vision markers).
+
+    Attributes:
+        batch_size: rows.
+        visual_tokens: placeholder tokens of the video (rounded to whole frames by :func:`make_batch`).
+        prompt_len: text tokens between the video and the answer.
+        answer_len: supervised answer tokens (the last one is ``eos``).
+        overhead: other positions: ``bos`` and, for Qwen2-VL, the vision start/end markers.
+    """
+
+    batch_size: int
+    visual_tokens: int
+    prompt_len: int
+    answer_len: int
+    overhead: int = 1
+
+    @property
+    def length(self) -> int:
+        """Sequence length of a row."""
+        return self.overhead + self.visual_tokens + self.prompt_len + self.answer_len
+
+    @property
+    def answer_share(self) -> float:
+        """Answer tokens / sequence length."""
+        return self.answer_len / self.length
+
+
+def _frame_unit(model: nn.Module) -> tuple[int, int]:
+    """(frames per unit, placeholder tokens per unit) of the family's default frame layout."""
+    from regate_lightning.data.random_batches import media_layout
+    from regate_lightning.families import resolve
+
+    parts = resolve(model)
+    unit = parts.model.config.vision_config.temporal_patch_size if parts.family == "qwen2_vl" else 1
+    _, tokens, _ = media_layout(model, unit)
+    return unit, tokens
+
+
+def media_overhead(model: nn.Module) -> int:
+    """Non-media, non-text positions around the video: bos, plus Qwen2-VL's vision start/end markers."""
+    from regate_lightning.families import resolve
+
+    return 1 + (2 if resolve(model).family == "qwen2_vl" else 0)
+
+
+def visual_granularity(model: nn.Module, frame_grid: tuple[int, int] | None = None) -> int:
+    """The visual token counts :func:`make_batch` can produce are multiples of this number."""
+    _, tokens = _frame_unit(model)
+    if frame_grid is None:
+        return tokens
+    merge = _merge(model)
+    per_unit = frame_grid[0] * frame_grid[1] // (merge * merge)
+    return math.lcm(tokens, per_unit)
+
+
+def _merge(model: nn.Module) -> int:
+    from regate_lightning.families import resolve
+
+    return int(resolve(model).model.config.vision_config.spatial_merge_size)
+
+
+def shape_for_share(
+    model: nn.Module,
+    length: int,
+    answer_share: float,
+    prompt_len: int,
+    batch_size: int,
+    frame_grid: tuple[int, int] | None = None,
+) -> Shape:
+    """A shape of about ``length`` tokens whose answer is ``answer_share`` of it; the video fills the rest.
+
+    The video is rounded to whole frames; the answer then takes whatever makes the length exact.
+    """
+    overhead = media_overhead(model)
+    step = visual_granularity(model, frame_grid)
+    answer = max(2, round(answer_share * length))
+    visual = max(step, round((length - answer - prompt_len - overhead) / step) * step)
+    answer = max(2, length - overhead - visual - prompt_len)
+    return Shape(batch_size, visual, prompt_len, answer, overhead)
+
+
+def fixed_shape(model: nn.Module, batch_size: int, visual_tokens: int, prompt_len: int, answer_len: int) -> Shape:
+    """A shape with the given token counts and the model's own overhead positions."""
+    return Shape(batch_size, visual_tokens, prompt_len, answer_len, media_overhead(model))
+
+
+def make_batch(model: nn.Module, shape: Shape, seed: int = 0, frame_grid: tuple[int, int] | None = None) -> dict:
+    """A random batch of ``shape`` that ``model`` accepts (on CPU, float32 pixels).
+
+    Args:
+        model: a Qwen2-VL or LLaVA-NeXT-Video model.
+        shape: the sequence shape; ``visual_tokens`` must be a multiple of :func:`visual_granularity`.
+        seed: batch seed; also offsets ``sample_idx`` so that different seeds are different samples.
+        frame_grid: Qwen2-VL only: ``(height, width)`` of a frame in patches (multiples of the merge
+            size). The default is the 8x8-patch frames of ``random_batch``; a realistic video (e.g.
+            24x32 patches = 336x448 pixels at patch 14) gives fewer, larger frames of the same token count.
+
+    Returns:
+        The model's keys plus ``labels`` and ``sample_idx``.
+    """
+    from regate_lightning.data.random_batches import random_batch
+    from regate_lightning.families import resolve
+
+    unit, per_unit = _frame_unit(model)
+    granularity = visual_granularity(model, frame_grid)
+    if shape.visual_tokens <= 0 or shape.visual_tokens % granularity:
+        raise ValueError(f"visual_tokens must be a positive multiple of {granularity}, got {shape.visual_tokens}")
+    if shape.overhead != media_overhead(model):
+        raise ValueError(f"shape.overhead {shape.overhead} does not match the model's {media_overhead(model)}")
+    frames = unit * shape.visual_tokens // per_unit
+    batch = random_batch(
+        model,
+        batch_size=shape.batch_size,
+        prompt_len=shape.prompt_len,
+        answer_len=shape.answer_len,
+        num_frames=frames,
+        seed=seed,
+    )
+    parts = resolve(model)
+    if frame_grid is not None:
+        if parts.family != "qwen2_vl":
+            raise ValueError("`frame_grid` applies to qwen2_vl only")
+        merge = _merge(model)
+        height, width = frame_grid
+        if height % merge or width % merge:
+            raise ValueError(f"frame_grid {frame_grid} must be multiples of the merge size {merge}")
+        temporal = shape.visual_tokens * merge * merge // (height * width)
+        patches = temporal * height * width
+        gen = torch.Generator().manual_seed(seed + 7919)
+        dim = batch["pixel_values_videos"].shape[-1]
+        batch["pixel_values_videos"] = torch.randn(shape.batch_size * patches, dim, generator=gen)
+        batch["video_grid_thw"] = torch.tensor([[temporal, height, width]] * shape.batch_size, dtype=torch.long)
+    return batch
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Move a batch; floating tensors (pixels) take the model's dtype."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device=device, dtype=dtype if value.is_floating_point() else None, non_blocking=True)
+        out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Driving the callback without a fit loop.
+
+
+def attach_callback(callback: Any, module: Any, device: torch.device) -> Any:
+    """Attach a Trainer and run the callback's ``setup`` and ``on_fit_start`` without fitting.
+
+    The callback's batch hooks can then be called directly around hand-written training steps, exactly
+    as ``tests/test_callback.py`` does. The module must already be on ``device``.
+
+    Set ``module._current_fx_name`` to the hook's name before calling a hook that logs, as the
+    trainer does.
+
+    Returns:
+        The trainer, to pass to the hooks.
+    """
+    import lightning.pytorch as pl
+
+    accelerator = "gpu" if device.type == "cuda" else "cpu"
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
+    module.to(device)  # updates the LightningModule's own record of its device
+    trainer.strategy.connect(module)
+    # What the fit loop sets up, so that `pl_module.log` inside the hooks records into the training
+    # result collection as in a real run (instead of warning and returning early, which would hide its cost).
+    module.trainer = trainer
+    trainer.training = True
+    callback.setup(trainer, module, "fit")
+    callback.on_fit_start(trainer, module)
+    return trainer
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing and memory.
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def now(device: torch.device) -> float:
+    """A timestamp after the device's queued work has finished."""
+    synchronize(device)
+    return time.perf_counter()
+
+
+def median(values: Sequence[float]) -> float:
+    """Median of a non-empty sequence (mean of the two middle values for an even count).
+
+    Example:
+        >>> median([3.0, 1.0, 2.0, 10.0])
+        2.5
+    """
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+
+
+class ActivationMeter:
+    """Bytes of the tensors autograd saves for the backward pass ("activation memory").
+
+    Counts, through ``torch.autograd.graph.saved_tensors_hooks``, every distinct storage saved during
+    the forward pass, excluding the model's parameters and buffers. Saved tensors stay alive until the
+    backward pass, so the sum at the end of the forward pass is the peak of saved activations. It
+    leaves out transient buffers freed within the forward pass and the gradients of the backward
+    pass; on a GPU, ``torch.cuda.max_memory_allocated`` is reported beside it.
+
+    Args:
+        model: the model whose parameters and buffers are not counted.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.exclude = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        self.saved: dict[int, int] = {}
+
+    @property
+    def bytes(self) -> int:
+        """Saved bytes so far."""
+        return sum(self.saved.values())
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = tensor.untyped_storage()
+            ptr = storage.data_ptr()
+        except (RuntimeError, NotImplementedError):  # tensors without a plain storage
+            return tensor
+        if ptr and ptr not in self.exclude and ptr not in self.saved:
+            self.saved[ptr] = storage.nbytes()
+        return tensor
+
+    @contextmanager
+    def measure(self) -> Iterator[ActivationMeter]:
+        """Count what is saved inside the block."""
+        self.saved = {}
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+            yield self
+
+
+def reset_peak(device: torch.device) -> None:
+    """Reset the CUDA peak-memory counter (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_allocated(device: torch.device) -> int | None:
+    """``torch.cuda.max_memory_allocated`` on CUDA, None on CPU."""
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Reporting.
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Machine and library versions, for the header of every result."""
+    import lightning
+    import transformers
+
+    info: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "lightning": lightning.__version__,
+        "device": str(device),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "load_average": _load_average(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str, Callable[[Any], str]]]) -> str:
+    """A plain-text (and Markdown-compatible) table.
+
+    Args:
+        rows: one mapping per row.
+        columns: ``(key, header, formatter)`` per column.
+
+    Returns:
+        The table as Markdown pipe syntax, aligned for reading in a terminal.
+    """
+    cells = [[header for _, header, _ in columns]]
+    for row in rows:
+        cells.append([fmt(row.get(key)) for key, _, fmt in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def fmt_float(digits: int) -> Callable[[Any], str]:
+    """Formatter with ``digits`` decimals; ``-`` for None/NaN."""
+
+    def fmt(value: Any) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "-"
+        return f"{value:.{digits}f}"
+
+    return fmt
+
+
+def fmt_str(value: Any) -> str:
+    """Formatter for text; ``-`` for None."""
+    return "-" if value is None else str(value)
+
+
+def write_json(path: str | Path, payload: Any) -> Path:
+    """Write ``payload`` as indented JSON (dataclasses and NaN allowed), creating folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def default(obj: Any) -> Any:
+        if hasattr(obj, "__dataclass_fields__"):
+            return asdict(obj)
+        if isinstance(obj, torch.dtype | torch.device):
+            return str(obj)
+        return repr(obj)
+
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=default))
+    tmp.replace(path)
+    return path

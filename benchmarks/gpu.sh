@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The prepared GPU check: ReGATE throughput at ~2B scale on one GPU, then the strategy checks
+# (benchmarks/gpu_strategies.py) when that script exists. Meant to finish in under 5 minutes.
+#
+#   bash benchmarks/gpu.sh                 # results in $OUT (default ./gpu_results)
+#   bash benchmarks/gpu.sh --batch-size 1  # extra arguments go to benchmarks/gpu_throughput.py
+#
+# Needs python3 with torch (CUDA), transformers >= 5.0, lightning, peft; no network, and the package
+# need not be installed (PYTHONPATH is set to the repository). Every part runs even if an earlier one
+# failed; each prints its own errors.
+set -u
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export OUT="${OUT:-$PWD/gpu_results}"
+export TOKENIZERS_PARALLELISM=false
+# Baseline and ReGATE steps alternate between two sequence lengths: avoid allocator fragmentation.
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+TOTAL_S="${GPU_TOTAL_S:-290}"
+start=$(date +%s)
+
+echo "== benchmarks/gpu.sh, $(date -u '+%Y-%m-%d %H:%M UTC'), results in $OUT =="
+nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader 2>/dev/null \
+  || echo "nvidia-smi unavailable"
+"$PY" - <<'EOF' || echo "version check failed"
+import torch, transformers, lightning
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}, "
+      f"lightning {lightning.__version__}, GPU: {gpu}")
+EOF
+
+echo
+echo "== 1. throughput (benchmarks/gpu_throughput.py) =="
+timeout --kill-after=10 "${THROUGHPUT_TIMEOUT_S:-200}" "$PY" benchmarks/gpu_throughput.py --out "$OUT" "$@" \
+  2>&1 | tee "$OUT/gpu_throughput.log"
+status=${PIPESTATUS[0]}
+[ "$status" -eq 124 ] && echo "throughput: stopped by the time limit (partial results are in $OUT/gpu_throughput.json)"
+echo "throughput exit status: $status"
+
+if [ -f benchmarks/gpu_strategies.py ]; then
+  left=$(( TOTAL_S - ($(date +%s) - start) ))
+  [ "$left" -lt 60 ] && left=60
+  echo
+  echo "== 2. strategies (benchmarks/gpu_strategies.py, limit ${left} s) =="
+  timeout --kill-after=10 "$left" "$PY" benchmarks/gpu_strategies.py 2>&1 | tee "$OUT/gpu_strategies.log"
+  echo "strategies exit status: ${PIPESTATUS[0]}"
+fi
+
+echo
+echo "== gpu.sh done in $(( $(date +%s) - start )) s =="

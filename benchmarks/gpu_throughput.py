@@ -1,0 +1,286 @@
+"""ReGATE throughput at a realistic size on one GPU: the prepared check that ``benchmarks/gpu.sh`` runs.
+
+A random-initialised model shaped like Qwen2-VL-2B (text: hidden 1536, 28 layers, 12/2 heads, MLP 8960,
+vocabulary 151936; vision tower: 16 blocks of width 1280, half the real depth), bf16 weights, SDPA
+attention, built directly on the GPU. Each row: ``[bos] <video 1536 tokens: 16 frames of 336x448>
+[prompt 64] [answer]``, batch 2. Baseline and ReGATE steps alternate in one process (see
+``benchmarks/throughput.py``; the same code runs here).
+
+Parts, each guarded (an error is printed and the next part runs):
+
+1. answer 1024, keep ratio 0.5 (the headline);
+2. answer 1024, keep ratios 0.25, 0.75 and 1.0 (1.0 = the callback around the full computation);
+3. answer 512, keep ratios 0.25, 0.5 and 0.75.
+
+Parts 2 and 3 run only if the time budget (``--budget-s``) allows. On a CUDA out-of-memory error a
+part is retried once at half the batch size. Results go to ``$OUT/gpu_throughput.json`` (``$OUT``
+defaults to ``./gpu_results``), rewritten after every part, and one table is printed at the end.
+
+``--smoke`` runs the same code on the CPU with a tiny model (a few seconds), for the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` and `regate_lightning` importable
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import (  # noqa: E402
+    QWEN2_VL_2B_LIKE,
+    ModelSpec,
+    build_model,
+    count_parameters,
+    environment,
+    fixed_shape,
+    write_json,
+)
+from benchmarks.throughput import SMOKE_SPEC, Bench, evaluate_targets, format_report, plot  # noqa: E402
+
+
+@dataclass
+class Part:
+    """One measured configuration.
+
+    Attributes:
+        name: label in the table and the JSON.
+        answer_len: answer tokens per row.
+        keep_ratios: ReGATE keep ratios, each alternated with the baseline.
+        optional: skipped when the time budget would be exceeded.
+    """
+
+    name: str
+    answer_len: int
+    keep_ratios: list[float]
+    optional: bool = True
+
+
+@dataclass
+class Config:
+    """Sizes and settings of the GPU run (``smoke()`` gives the CPU stand-in)."""
+
+    spec: ModelSpec
+    device: str = "cuda"
+    dtype: str = "bfloat16"
+    attn: str = "sdpa"
+    batch_size: int = 2
+    visual_tokens: int = 1536
+    frame_grid: tuple[int, int] = (24, 32)  # 336x448 pixels at patch 14: 192 tokens per 2 frames
+    prompt_len: int = 64
+    repeats: int = 10
+    warmup: int = 2
+    lr: float = 1e-5
+    budget_s: float = 150.0
+    parts: tuple[Part, ...] = (
+        Part("a1024-p0.5", 1024, [0.5], optional=False),
+        Part("a1024-more", 1024, [0.25, 0.75, 1.0]),
+        Part("a512", 512, [0.25, 0.5, 0.75]),
+    )
+
+    @staticmethod
+    def smoke() -> Config:
+        """The same parts on the CPU with a tiny model."""
+        return Config(
+            spec=SMOKE_SPEC,
+            device="cpu",
+            dtype="float32",
+            batch_size=2,
+            visual_tokens=32,
+            frame_grid=(4, 8),
+            prompt_len=8,
+            repeats=2,
+            warmup=0,
+            budget_s=60.0,
+            parts=(
+                Part("a48-p0.5", 48, [0.5], optional=False),
+                Part("a48-more", 48, [0.25, 1.0]),
+                Part("a24", 24, [0.5]),
+            ),
+        )
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_part(bench: Bench, config: Config, part: Part, index: int) -> dict[str, Any]:
+    """Run one part; on CUDA out-of-memory retry once at half the batch size."""
+    batch_size = config.batch_size
+    while True:
+        shape = fixed_shape(bench.model, batch_size, config.visual_tokens, config.prompt_len, part.answer_len)
+        _log(
+            f"  part {part.name}: B={shape.batch_size} L={shape.length} (video {shape.visual_tokens}, prompt "
+            f"{shape.prompt_len}, answer {shape.answer_len} = {shape.answer_share:.0%}), keep {part.keep_ratios}"
+        )
+        try:
+            result = bench.run_shape(
+                shape,
+                part.keep_ratios,
+                config.repeats,
+                config.warmup,
+                seed=index + 1,
+                frame_grid=config.frame_grid,
+            )
+        except torch.cuda.OutOfMemoryError:
+            bench.optimizer.zero_grad(set_to_none=True)
+            _release(bench.device)
+            if batch_size == 1:
+                raise
+            batch_size //= 2
+            _log(f"    CUDA out of memory: retrying at batch size {batch_size}")
+            continue
+        result["label"] = part.name
+        return result
+
+
+def estimate_s(config: Config, part: Part, step_s: float) -> float:
+    """Seconds a part should take, from a baseline step time (ReGATE steps count as baseline steps)."""
+    steps = (config.warmup + config.repeats) * 2 * len(part.keep_ratios) + 1 + len(part.keep_ratios)
+    return steps * step_s
+
+
+def run(config: Config, out_dir: Path) -> dict[str, Any]:
+    """Run every part that fits the budget; write the JSON after each; return the result."""
+    started = time.perf_counter()
+    device = torch.device(config.device)
+    result: dict[str, Any] = {
+        "environment": {},
+        "model": {"family": config.spec.family, "spec": asdict(config.spec)},
+        "settings": {k: v for k, v in asdict(config).items() if k not in ("spec", "parts")},
+        "parts": [asdict(p) for p in config.parts],
+        "shapes": [],
+        "errors": [],
+    }
+    result["settings"]["repeats"] = config.repeats
+    json_path = out_dir / "gpu_throughput.json"
+
+    def save() -> None:
+        result["targets"] = evaluate_targets(result["shapes"]) if result["shapes"] else []
+        result["wall_s"] = time.perf_counter() - started
+        write_json(json_path, result)
+
+    try:
+        result["environment"] = environment(device)
+        _log("environment: " + ", ".join(f"{k}={v}" for k, v in result["environment"].items()))
+    except Exception as error:  # report and go on: the versions are nice to have, not needed
+        result["errors"].append({"part": "environment", "error": repr(error)})
+        traceback.print_exc()
+    try:
+        t0 = time.perf_counter()
+        model = build_model(config.spec, device=device, dtype=getattr(torch, config.dtype), attn=config.attn)
+        result["model"]["parameters"] = count_parameters(model)
+        result["model"]["build_s"] = time.perf_counter() - t0
+        params = result["model"]["parameters"]
+        _log(
+            f"built {config.spec.family}: {params['total'] / 1e6:.1f} M parameters "
+            f"({params['language_model'] / 1e6:.1f} M language model), {config.dtype}, "
+            f"in {result['model']['build_s']:.1f} s"
+        )
+        t0 = time.perf_counter()
+        bench = Bench(model, device, lr=config.lr, log=_log)
+        result["model"]["callback_setup_s"] = time.perf_counter() - t0
+    except Exception as error:
+        result["errors"].append({"part": "build", "error": repr(error)})
+        traceback.print_exc()
+        save()
+        return result
+    step_s: float | None = None
+    for index, part in enumerate(config.parts):
+        elapsed = time.perf_counter() - started
+        if part.optional and step_s is not None and elapsed + estimate_s(config, part, step_s) > config.budget_s:
+            _log(
+                f"  part {part.name}: skipped (about {estimate_s(config, part, step_s):.0f} s more would pass the "
+                f"{config.budget_s:.0f} s budget at {elapsed:.0f} s)"
+            )
+            result["errors"].append({"part": part.name, "error": "skipped: time budget"})
+            continue
+        t0 = time.perf_counter()
+        try:
+            shape = run_part(bench, config, part, index)
+            result["shapes"].append(shape)
+            step_s = shape["baseline"]["median_s"]
+            _log(f"    done in {time.perf_counter() - t0:.1f} s")
+        except Exception as error:
+            result["errors"].append({"part": part.name, "error": repr(error)})
+            _log(f"  part {part.name} FAILED: {error!r}")
+            traceback.print_exc()
+            bench.optimizer.zero_grad(set_to_none=True)
+            _release(device)
+        save()
+    save()
+    return result
+
+
+def parser() -> argparse.ArgumentParser:
+    """Command-line options (sizes other than these are fixed: edit ``Config`` to change them)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, same code path (seconds)")
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default $OUT, else ./gpu_results)")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None, help="timed pairs per keep ratio")
+    ap.add_argument("--budget-s", type=float, default=None, help="skip optional parts past this many seconds")
+    ap.add_argument("--num-layers", type=int, default=None, help="decoder layers (default 28)")
+    ap.add_argument("--vision-depth", type=int, default=None, help="vision blocks (default 16)")
+    ap.add_argument("--attn", default=None, help="attention implementation (default sdpa)")
+    ap.add_argument("--dtype", default=None, help="weight dtype (default bfloat16; float32 with --smoke)")
+    return ap
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The run's configuration: the GPU defaults, or the smoke stand-in, with overrides."""
+    config = Config.smoke() if args.smoke else Config(spec=QWEN2_VL_2B_LIKE)
+    spec_overrides = {k: getattr(args, k) for k in ("num_layers", "vision_depth") if getattr(args, k) is not None}
+    overrides = {
+        k: getattr(args, k) for k in ("batch_size", "repeats", "budget_s", "attn", "dtype") if getattr(args, k)
+    }
+    return replace(config, spec=replace(config.spec, **spec_overrides), **overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the GPU throughput check; 0 when at least the headline part produced figures."""
+    args = parser().parse_args(argv)
+    config = config_from_args(args)
+    if args.smoke:
+        torch.set_num_threads(1)
+    elif not torch.cuda.is_available():
+        print("no CUDA device: run with --smoke for the CPU stand-in", file=sys.stderr)
+        return 2
+    out_dir = args.out or Path(os.environ.get("OUT") or "gpu_results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _log(f"== ReGATE GPU throughput ({'smoke, CPU' if args.smoke else config.device}) -> {out_dir} ==")
+    result = run(config, out_dir)
+    if result["shapes"]:
+        for key in ("dtype", "attn"):
+            result["settings"].setdefault(key, getattr(config, key))
+        print()
+        print(format_report(result), flush=True)
+        try:
+            png = plot(result, out_dir / "gpu_step_time_vs_keep_ratio.png")
+            if png:
+                _log(f"wrote {png}")
+        except Exception as error:  # a plot is optional
+            _log(f"plot failed: {error!r}")
+    for error in result["errors"]:
+        _log(f"note: {error['part']}: {error['error']}")
+    _log(f"wrote {out_dir / 'gpu_throughput.json'} ({result.get('wall_s', 0):.0f} s)")
+    return 0 if result["shapes"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""The CPU demo's student: a small LLaVA-NeXT-Video whose language model first learned the text.
+
+Real MLLMs start from a pretrained LLM; ReGATE's teacher (``teacher="student"``) is that LLM before
+multimodal tuning, and it is useful only because it already knows the language of the answers. The
+demo reproduces that on CPU in seconds: :func:`pretrained_text_lm` trains a small Llama on the text of
+the synthetic training conversations (no video), so it predicts template words ("The video shows
+... moving ... across a dark background") well and the words that need the video (colour, shape,
+direction, count) no better than chance; :func:`demo_student` grafts it into a LLaVA-NeXT-Video with a
+small random CLIP tower. Both are cached under the synthetic set's folder.
+
+Why not SmolLM2-135M (see ``regate_lightning.smollm2``)? On a 2-core CPU a 135M-parameter student
+leaves time for a few dozen steps in the demo's budget, too few to learn the videos; a teacher that
+is not the student's own backbone would also depart from the paper's choice. The slow test suite
+shows SmolLM2 as a real teacher on real English instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
+)
+
+from regate_lightning.data.conversations import read_records
+from regate_lightning.data.synthetic import SyntheticPaths, ensure_synthetic, synthetic_tokenizer
+from regate_lightning.keys import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+VOCAB_SIZE = 512  # the synthetic tokenizer stays below 508; the placeholders take the top ids
+VIDEO_TOKEN_ID = 510
+IMAGE_TOKEN_ID = 511
+
+
+def _text_config(vocab_size: int, hidden_size: int, num_layers: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+
+
+def conversation_texts(paths: SyntheticPaths, tokenizer: Any) -> list[list[int]]:
+    """Token ids of every training conversation rendered with the chat template, video marker removed."""
+    out = []
+    for record in read_records(paths.train, check_media=False):
+        messages = [{"role": t.role, "content": t.text.replace("<video>", "").strip()} for t in record.turns]
+        out.append(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+    return out
+
+
+def pretrained_text_lm(
+    paths: SyntheticPaths,
+    hidden_size: int = 96,
+    num_layers: int = 3,
+    steps: int = 250,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    """A small Llama trained on the text of the training conversations (cached beside the data).
+
+    Every token of the conversation is supervised, as in LLM pretraining.
+
+    Returns:
+        The trained model (eval mode, float32).
+    """
+    key = json.dumps({"h": hidden_size, "l": num_layers, "s": steps, "b": batch_size, "lr": lr, "seed": seed})
+    folder = paths.root / f"text_lm_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    if (folder / "config.json").exists():
+        return LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = synthetic_tokenizer(paths)
+    texts = conversation_texts(paths, tokenizer)
+    torch.manual_seed(seed)
+    lm = LlamaForCausalLM(_text_config(VOCAB_SIZE, hidden_size, num_layers))
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    lm.train()
+    for step in range(steps):
+        rows = [texts[i] for i in torch.randint(len(texts), (batch_size,), generator=generator).tolist()]
+        length = max(len(r) for r in rows)
+        ids = torch.zeros(batch_size, length, dtype=torch.long)
+        labels = torch.full((batch_size, length), IGNORE_INDEX)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            labels[i, : len(row)] = ids[i, : len(row)]
+        loss = lm(input_ids=ids, attention_mask=(labels != IGNORE_INDEX).long(), labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0 or step == steps - 1:
+            log.info("text LM pretraining step %d: loss %.3f", step, float(loss))
+    lm.eval()
+    lm.save_pretrained(folder)
+    return lm
+
+
+def demo_student(
+    root: str | None = None,
+    num_train: int = 500,
+    num_val: int = 200,
+    hidden_size: int = 96,
+    num_layers: int = 3,
+    image_size: int = 64,
+    patch_size: int = 16,
+    pretrain_steps: int = 250,
+    seed: int = 0,
+) -> LlavaNextVideoForConditionalGeneration:
+    """The demo's student: the pretrained text LM inside a LLaVA-NeXT-Video with a small CLIP tower.
+
+    A clip of T frames gives ``T * (image_size / patch_size / 2) ** 2`` video tokens (16 for 8 frames
+    at the defaults... times 4 per frame: 32).
+
+    Args:
+        root: the synthetic set's folder (the data module must use the same one); default cache.
+        num_train: training clips (must match the data module's).
+        num_val: validation questions (must match the data module's).
+        hidden_size: the language model's width.
+        num_layers: the language model's depth.
+        image_size: the vision tower's input side; frames are resized to it.
+        patch_size: the tower's patch side.
+        pretrain_steps: text-only pretraining steps of the language model.
+        seed: seed of the random vision tower and projector.
+    """
+    paths = ensure_synthetic(root, num_train=num_train, num_val=num_val, seed=0)
+    lm = pretrained_text_lm(paths, hidden_size=hidden_size, num_layers=num_layers, steps=pretrain_steps)
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=64,
+    )
+    config = LlavaNextVideoConfig(
+        vision_config=vision,
+        text_config=_text_config(VOCAB_SIZE, hidden_size, num_layers),
+        video_token_index=VIDEO_TOKEN_ID,
+        image_token_index=IMAGE_TOKEN_ID,
+        vision_feature_layer=-1,
+        image_grid_pinpoints=[[image_size, image_size]],
+        spatial_pool_stride=2,
+    )
+    model = LlavaNextVideoForConditionalGeneration(config)
+    model.model.language_model.load_state_dict(lm.model.state_dict())
+    model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    model.config.use_cache = False
+    return model.float()
+
+
+def synthetic_paths(root: str | None = None, num_train: int = 500, num_val: int = 200) -> SyntheticPaths:
+    """The synthetic set's paths (generated if needed), as :func:`demo_student` uses them."""
+    return ensure_synthetic(root, num_train=num_train, num_val=num_val, seed=0)
+
+
+def as_path(value: str | Path) -> Path:
+    """``Path`` of ``value`` with ``~`` expanded."""
+    return Path(value).expanduser()
