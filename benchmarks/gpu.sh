@@ -32,11 +32,13 @@ EOF
 
 echo
 echo "== 1. throughput (benchmarks/gpu_throughput.py) =="
-timeout --kill-after=10 "${THROUGHPUT_TIMEOUT_S:-200}" "$PY" benchmarks/gpu_throughput.py --out "$OUT" "$@" \
-  2>&1 | tee "$OUT/gpu_throughput.log"
+for part in ${GPU_PARTS:-a1024-p0.5 a1024-more a512}; do  # one process per part: no allocator state carried over
+timeout --kill-after=10 "${THROUGHPUT_TIMEOUT_S:-100}" "$PY" benchmarks/gpu_throughput.py --out "$OUT" --only "$part" "$@" \
+  2>&1 | tee -a "$OUT/gpu_throughput.log"
 status=${PIPESTATUS[0]}
-[ "$status" -eq 124 ] && echo "throughput: stopped by the time limit (partial results are in $OUT/gpu_throughput.json)"
-echo "throughput exit status: $status"
+[ "$status" -eq 124 ] && echo "throughput $part: stopped by the time limit (partial results in $OUT)"
+echo "throughput $part exit status: $status"
+done
 
 if [ -f benchmarks/gpu_strategies.py ]; then
   left=$(( TOTAL_S - ($(date +%s) - start) ))

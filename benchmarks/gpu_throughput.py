@@ -22,6 +22,7 @@ defaults to ``./gpu_results``), rewritten after every part, and one table is pri
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -88,6 +89,13 @@ class Config:
         Part("a512", 512, [0.25, 0.5, 0.75]),
     )
 
+    @property
+    def tag(self) -> str:
+        """Suffix of the output files: empty for the default parts, ``-<names>`` for a selection."""
+        default = {p.name for p in (Config.smoke() if self.device == "cpu" else Config(spec=self.spec)).parts}
+        names = [p.name for p in self.parts]
+        return "" if set(names) == default else "-" + "-".join(names)
+
     @staticmethod
     def smoke() -> Config:
         """The same parts on the CPU with a tiny model."""
@@ -115,6 +123,7 @@ def _log(message: str) -> None:
 
 
 def _release(device: torch.device) -> None:
+    gc.collect()  # reference cycles in model outputs can keep a whole autograd graph alive
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -168,7 +177,7 @@ def run(config: Config, out_dir: Path) -> dict[str, Any]:
         "errors": [],
     }
     result["settings"]["repeats"] = config.repeats
-    json_path = out_dir / "gpu_throughput.json"
+    json_path = out_dir / f"gpu_throughput{config.tag}.json"
 
     def save() -> None:
         result["targets"] = evaluate_targets(result["shapes"]) if result["shapes"] else []
@@ -230,6 +239,8 @@ def run(config: Config, out_dir: Path) -> dict[str, Any]:
 def parser() -> argparse.ArgumentParser:
     """Command-line options (sizes other than these are fixed: edit ``Config`` to change them)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default=None, help="comma-separated part names to run (one process per part avoids "
+                    "carrying allocator state between parts); results go to gpu_throughput-<names>.json")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, same code path (seconds)")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default $OUT, else ./gpu_results)")
     ap.add_argument("--batch-size", type=int, default=None)
@@ -249,6 +260,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
     overrides = {
         k: getattr(args, k) for k in ("batch_size", "repeats", "budget_s", "attn", "dtype") if getattr(args, k)
     }
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = sorted(set(wanted) - {p.name for p in config.parts})
+        if unknown:
+            raise SystemExit(f"--only: no part named {unknown}; parts are {[p.name for p in config.parts]}")
+        overrides["parts"] = tuple(replace(p, optional=False) for p in config.parts if p.name in wanted)
     return replace(config, spec=replace(config.spec, **spec_overrides), **overrides)
 
 
@@ -271,14 +288,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print(format_report(result), flush=True)
         try:
-            png = plot(result, out_dir / "gpu_step_time_vs_keep_ratio.png")
+            png = plot(result, out_dir / f"gpu_step_time_vs_keep_ratio{config.tag}.png")
             if png:
                 _log(f"wrote {png}")
         except Exception as error:  # a plot is optional
             _log(f"plot failed: {error!r}")
     for error in result["errors"]:
         _log(f"note: {error['part']}: {error['error']}")
-    _log(f"wrote {out_dir / 'gpu_throughput.json'} ({result.get('wall_s', 0):.0f} s)")
+    _log(f"wrote {out_dir / f'gpu_throughput{config.tag}.json'} ({result.get('wall_s', 0):.0f} s)")
     return 0 if result["shapes"] else 1
 
 

@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 _MIXED = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 SELECTIONS = ("regate", "random")
+STORE_DEVICES = ("cpu", "model")
 PREFIX = "regate/"
 METRICS = {
     "kept": PREFIX + "kept_frac",
@@ -121,6 +122,10 @@ class ReGATECallback(Callback):
             by rank 0) at the end of every training epoch and of fitting.
         selection: ``"regate"`` (top fused score) or ``"random"`` (a control at the same keep count).
         seed: seed of the ``"random"`` selection.
+        store_device: where the score store and the per-step bookkeeping live: ``"cpu"`` (default) or
+            ``"model"`` (the student's device). The bookkeeping is a few dozen tiny operations on a few
+            thousand values; on a GPU each is a kernel launch and several force a synchronisation while the
+            GPU waits for the next forward, so host memory is faster and spares GPU memory.
     """
 
     def __init__(
@@ -139,6 +144,7 @@ class ReGATECallback(Callback):
         ref_cache: str | None = None,
         selection: str = "regate",
         seed: int = 0,
+        store_device: str = "cpu",
     ) -> None:
         super().__init__()
         check_keep_ratio(keep_ratio)
@@ -150,6 +156,8 @@ class ReGATECallback(Callback):
             raise ValueError(f"`fallback` must be one of {FALLBACKS}, got {fallback!r}")
         if selection not in SELECTIONS:
             raise ValueError(f"`selection` must be one of {SELECTIONS}, got {selection!r}")
+        if store_device not in STORE_DEVICES:
+            raise ValueError(f"`store_device` must be one of {STORE_DEVICES}, got {store_device!r}")
         if not isinstance(teacher, str) or not teacher:
             raise ValueError(f"`teacher` must be 'student' or an HF id / local path, got {teacher!r}")
         self.keep_ratio = float(keep_ratio)
@@ -163,6 +171,8 @@ class ReGATECallback(Callback):
         self.ref_cache = ref_cache
         self.selection = selection
         self.seed = seed
+        self.store_device = store_device
+        self._store = torch.device("cpu")
         self.teacher: Teacher | None = None
         self.bank: ScoreBank | None = None
         self.fingerprint: dict[str, Any] = {}
@@ -232,8 +242,9 @@ class ReGATECallback(Callback):
         if dtype is None:
             dtype = next(p.dtype for p in pl_module.parameters() if p.is_floating_point())
         self.teacher.to(device=pl_module.device, dtype=dtype)
-        self.bank.to(pl_module.device)
-        self._generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + trainer.global_rank)
+        self._store = torch.device("cpu") if self.store_device == "cpu" else pl_module.device
+        self.bank.to(self._store)
+        self._generator = torch.Generator(device=self._store).manual_seed(self.seed + trainer.global_rank)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Free the teacher when fitting ends (the store stays for inspection)."""
@@ -265,16 +276,18 @@ class ReGATECallback(Callback):
         if LABELS not in batch:
             raise KeyError(f"ReGATECallback needs `batch['{LABELS}']` to find the answer tokens")
         parts = resolve(pl_module.model)
-        labels = batch[LABELS]
-        text = text_mask(parts, batch[INPUT_IDS], batch.get(ATTENTION_MASK))
+        store = self._store
+        input_ids, labels = batch[INPUT_IDS].to(store), batch[LABELS].to(store)
+        attention = batch.get(ATTENTION_MASK)
+        text = text_mask(parts, input_ids, None if attention is None else attention.to(store))
         candidates = candidate_mask(labels) & text
         counts = candidates.sum(1)
-        sample_idx = batch[SAMPLE_IDX].to(labels.device).long()
+        sample_idx = batch[SAMPLE_IDX].to(store).long()
         target_ids = gather_candidates(shift_targets(labels), candidates)
 
-        all_idx, all_counts = all_gather_ragged(trainer.strategy, [sample_idx, counts])
+        all_idx, all_counts = self._gather(trainer, [sample_idx, counts])
         self.bank.register(all_idx, all_counts)
-        self._score_missing(trainer, batch, text, candidates, sample_idx, counts)
+        self._score_missing(trainer, input_ids, labels, text, candidates, sample_idx, counts)
 
         sparse = self.keep_ratio < 1.0 and not is_full_step(trainer.global_step, self.schedule)
         ref = self.bank.get_ref(sample_idx, counts)
@@ -286,7 +299,7 @@ class ReGATECallback(Callback):
             else:
                 score = scatter_candidates(fuse_scores(ema, ref, self.ref_weight), candidates)
                 keep = select_keep(score, candidates, self.keep_ratio, self.min_keep)
-            batch[KEEP_MASK] = keep
+            batch[KEEP_MASK] = keep.to(batch[INPUT_IDS].device, non_blocking=True)
             kept = int((keep & candidates).sum())
         else:
             batch.pop(KEEP_MASK, None)
@@ -301,10 +314,15 @@ class ReGATECallback(Callback):
             scatter_candidates(ema.float(), candidates),
         )
 
+    def _gather(self, trainer: pl.Trainer, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """All ranks' values (see :func:`all_gather_ragged`), back on the store's device."""
+        return [t.to(self._store) for t in all_gather_ragged(trainer.strategy, tensors)]
+
     def _score_missing(
         self,
         trainer: pl.Trainer,
-        batch: Any,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
         text: torch.Tensor,
         candidates: torch.Tensor,
         sample_idx: torch.Tensor,
@@ -313,14 +331,14 @@ class ReGATECallback(Callback):
         """Run the teacher on this rank's unscored samples; share the losses with every rank."""
         assert self.teacher is not None and self.bank is not None
         missing = ~self.bank.has_ref(sample_idx)
-        flat = torch.zeros(0, device=sample_idx.device)
+        flat = torch.zeros(0, device=self._store)
         if missing.any():
             with torch.no_grad(), trainer.precision_plugin.forward_context():
                 losses = self.teacher.reference_losses(
-                    batch[INPUT_IDS][missing], batch[LABELS][missing], text[missing], candidates[missing]
+                    input_ids[missing], labels[missing], text[missing], candidates[missing]
                 )
-            flat = gather_candidates(losses, candidates[missing])
-        idx, cnt, flat = all_gather_ragged(trainer.strategy, [sample_idx[missing], counts[missing], flat.float()])
+            flat = gather_candidates(losses.to(self._store), candidates[missing])
+        idx, cnt, flat = self._gather(trainer, [sample_idx[missing], counts[missing], flat.float()])
         # Counted over all ranks, like the other totals, so it is the same on every rank and in checkpoints.
         self.totals["teacher_samples"] += int(idx.numel())
         if idx.numel():
@@ -339,13 +357,13 @@ class ReGATECallback(Callback):
                 f"the training step must return a dict with `{TOKEN_LOSS}` [B, L] (MLLMModule does); got "
                 f"{type(outputs).__name__}"
             )
-        flat = gather_candidates(outputs[TOKEN_LOSS].to(step.candidates.device), step.candidates)
-        gathered = all_gather_ragged(trainer.strategy, [step.sample_idx, step.counts, flat, step.target_ids])
+        flat = gather_candidates(outputs[TOKEN_LOSS].to(self._store), step.candidates)
+        gathered = self._gather(trainer, [step.sample_idx, step.counts, flat, step.target_ids])
         self.bank.update(gathered[0], gathered[2], gathered[1], gathered[3], self.ema_decay)
         counts = torch.tensor(
             [outputs[NUM_ACTIVE], outputs[NUM_TOKENS], outputs[NUM_TARGETS], int(step.counts.sum()), step.kept],
             dtype=torch.float64,
-            device=step.counts.device,
+            device=trainer.strategy.root_device,
         )
         active, tokens, supervised, candidates, kept = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
         for key, value in (

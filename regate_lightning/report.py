@@ -99,8 +99,8 @@ class ElisionReport(Callback):
         step = self._regate(trainer).last_step
         if step is None or batch is None:
             return
-        targets = shift_targets(batch["labels"])
         cand = step.candidates
+        targets = shift_targets(batch["labels"].to(cand.device))
         ids = targets[cand]
         ref = step.ref[cand].float()
         finite = ~ref.isnan()
@@ -113,6 +113,7 @@ class ElisionReport(Callback):
         keep = batch.get(KEEP_MASK)
         if keep is None or len(self.views) >= self.num_samples:
             return
+        keep = keep.to(cand.device)
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
         for row in range(batch[INPUT_IDS].shape[0]):
             if len(self.views) >= self.num_samples:

@@ -21,51 +21,58 @@ Typical use::
 
 from __future__ import annotations
 
-from regate_lightning.data.collate import Collator, fit_length
-from regate_lightning.data.conversations import (
-    IMAGE_MARKER,
-    VIDEO_MARKER,
-    ChoiceRecord,
-    Media,
-    Record,
-    Turn,
-    read_choice_records,
-    read_records,
-)
-from regate_lightning.data.datasets import (
-    ANSWER_IDX,
-    OPTION_IDX,
-    QUESTION_IDX,
-    TASK,
-    ConversationDataset,
-    FrameSampling,
-    MultipleChoiceDataset,
-    load_media,
-)
-from regate_lightning.data.errors import SKIP_REASONS, DataError, MediaError, SkipCounter
-from regate_lightning.data.render import FALLBACK_CHAT_TEMPLATE, ChatRenderer, Sample
-from regate_lightning.data.synthetic import (
-    SyntheticPaths,
-    classify_words,
-    ensure_synthetic,
-    synthetic_tokenizer,
-    train_tokenizer,
-    visual_words,
-)
-from regate_lightning.data.video import (
-    CLIP_MEAN,
-    CLIP_STD,
-    SIGLIP_MEAN,
-    SIGLIP_STD,
-    DecodedVideo,
-    decode_video,
-    encode_video,
-    load_image,
-    normalize,
-    resize_frames,
-    sample_video,
-)
-from regate_lightning.data.vision import ProcessedMedia, VisionSpec, qwen_patchify
+import importlib
+from typing import Any
+
+# Names are imported on first use (PEP 562), so that `regate_lightning.data.random_batches` and the
+# debug data module work where PyAV or Pillow are not installed (e.g. a bare GPU benchmark machine).
+_EXPORTS: dict[str, str] = {
+    "Collator": "regate_lightning.data.collate",
+    "fit_length": "regate_lightning.data.collate",
+    "IMAGE_MARKER": "regate_lightning.data.conversations",
+    "VIDEO_MARKER": "regate_lightning.data.conversations",
+    "ChoiceRecord": "regate_lightning.data.conversations",
+    "Media": "regate_lightning.data.conversations",
+    "Record": "regate_lightning.data.conversations",
+    "Turn": "regate_lightning.data.conversations",
+    "read_choice_records": "regate_lightning.data.conversations",
+    "read_records": "regate_lightning.data.conversations",
+    "ANSWER_IDX": "regate_lightning.data.datasets",
+    "OPTION_IDX": "regate_lightning.data.datasets",
+    "QUESTION_IDX": "regate_lightning.data.datasets",
+    "TASK": "regate_lightning.data.datasets",
+    "ConversationDataset": "regate_lightning.data.datasets",
+    "FrameSampling": "regate_lightning.data.datasets",
+    "MultipleChoiceDataset": "regate_lightning.data.datasets",
+    "load_media": "regate_lightning.data.datasets",
+    "SKIP_REASONS": "regate_lightning.data.errors",
+    "DataError": "regate_lightning.data.errors",
+    "MediaError": "regate_lightning.data.errors",
+    "SkipCounter": "regate_lightning.data.errors",
+    "FALLBACK_CHAT_TEMPLATE": "regate_lightning.data.render",
+    "ChatRenderer": "regate_lightning.data.render",
+    "Sample": "regate_lightning.data.render",
+    "SyntheticPaths": "regate_lightning.data.synthetic",
+    "classify_words": "regate_lightning.data.synthetic",
+    "ensure_synthetic": "regate_lightning.data.synthetic",
+    "synthetic_tokenizer": "regate_lightning.data.synthetic",
+    "train_tokenizer": "regate_lightning.data.synthetic",
+    "visual_words": "regate_lightning.data.synthetic",
+    "CLIP_MEAN": "regate_lightning.data.video",
+    "CLIP_STD": "regate_lightning.data.video",
+    "SIGLIP_MEAN": "regate_lightning.data.video",
+    "SIGLIP_STD": "regate_lightning.data.video",
+    "DecodedVideo": "regate_lightning.data.video",
+    "decode_video": "regate_lightning.data.video",
+    "encode_video": "regate_lightning.data.video",
+    "load_image": "regate_lightning.data.video",
+    "normalize": "regate_lightning.data.video",
+    "resize_frames": "regate_lightning.data.video",
+    "sample_video": "regate_lightning.data.video",
+    "ProcessedMedia": "regate_lightning.data.vision",
+    "VisionSpec": "regate_lightning.data.vision",
+    "qwen_patchify": "regate_lightning.data.vision",
+}
 
 __all__ = [
     "ANSWER_IDX",
@@ -114,3 +121,14 @@ __all__ = [
     "train_tokenizer",
     "visual_words",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'regate_lightning.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -16,7 +16,11 @@ guarded by a file lock, so concurrent ranks do it once. 500 training clips take 
 (circle, square, triangle), all moving in one direction (left, right, up, down) across a dark
 background, each in its own lane.
 
-**Training answers** (15-30 words, 5 templates, a quarter of the records with a second turn) mix
+**Training conversations** open, right after the video, with one short-answer turn in the validation
+style: the multiple-choice question of a task drawn from :data:`TASKS`, answered by the one word that
+is the correct option's text (as real instruction data mixes short answers with long ones, and so that
+validation scores a format the student was trained on). Then come the **long answers** (15-30 words,
+5 templates, a quarter of the records with a follow-up turn); they mix
 words a text-only model can predict from the question and the template ("The video shows ... moving
 ... across a dark background") with words that need the video: the colour, shape, direction and count
 words, listed by :func:`visual_words` and marked per word by :func:`classify_words`.
@@ -47,7 +51,7 @@ import torch
 from regate_lightning.data.render import FALLBACK_CHAT_TEMPLATE
 from regate_lightning.data.video import encode_video_hwc
 
-SYNTHETIC_VERSION = 1
+SYNTHETIC_VERSION = 2
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (225, 40, 40),
@@ -246,10 +250,21 @@ def _draw(spec: ClipSpec, num_frames: int, size: int) -> np.ndarray:
 
 
 def _train_record(index: int, spec: ClipSpec, rng: np.random.Generator, video: str) -> dict[str, Any]:
+    """One training conversation: a short-answer turn in the validation style, then the long answers.
+
+    The first turn asks one of the multiple-choice questions of a random task of :data:`TASKS`, right
+    after the video, and is answered by the single word that is the correct option's text, exactly as
+    validation scores it. The long template answer (and, for a quarter of the records, a follow-up)
+    come after it; they are most of the answer tokens, and what ReGATE elides.
+    """
     words = spec.words()
+    task = TASKS[int(rng.integers(len(TASKS)))]
+    short_question = _MC_QUESTIONS[task][0]
     question, answer = _QA_TEMPLATES[int(rng.integers(len(_QA_TEMPLATES)))]
     conversations = [
-        {"from": "human", "value": f"<video>\n{question}"},
+        {"from": "human", "value": f"<video>\n{short_question}"},
+        {"from": "gpt", "value": words[task]},
+        {"from": "human", "value": question},
         {"from": "gpt", "value": answer.format(**words)},
     ]
     if rng.random() < 0.25:
@@ -334,6 +349,8 @@ def ensure_synthetic(
             (folder / "manifest.json").unlink(missing_ok=True)
             shutil.rmtree(folder / "videos", ignore_errors=True)
             shutil.rmtree(paths.tokenizer, ignore_errors=True)
+            for stale in folder.glob("text_lm_*"):  # language models pretrained on the old text and tokenizer
+                shutil.rmtree(stale, ignore_errors=True)
             (folder / "videos").mkdir()
             for split, count, make in (("train", num_train, _train_record), ("val", num_val, _val_record)):
                 rng = np.random.default_rng([seed, SYNTHETIC_VERSION, 0 if split == "train" else 1])

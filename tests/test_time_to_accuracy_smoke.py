@@ -1,0 +1,82 @@
+"""``benchmarks/time_to_accuracy.py --smoke`` still runs (a subprocess, own cache), and its summary helpers.
+
+The smoke size trains the baseline and ReGATE for 10 steps each on 40 clips with 16 validation
+questions, in one process (``--jobs 1`` would be the same; the script's default of two processes is
+kept so the process pool is exercised), with a text LM pretrained for 20 steps into a temporary cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `benchmarks` is a folder of the repository, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+
+def test_time_to_accuracy_smoke(tmp_path):
+    env = {**os.environ, "REGATE_LIGHTNING_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/time_to_accuracy.py", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert "| variant |" in proc.stdout
+    report = json.loads((out / "time_to_accuracy.json").read_text())
+    runs = {r["config"]["variant"]: r for r in report["runs"]}
+    assert set(runs) == {"baseline", "regate"}
+    for run in runs.values():
+        steps = [p["step"] for p in run["points"]]
+        assert steps == [5, 10]  # one validation per (capped) epoch
+        assert all(0.0 <= p["acc"] <= 1.0 and p["train_s"] > 0 for p in run["points"])
+        tokens = [p["tokens"] for p in run["points"]]
+        assert 0 < tokens[0] < tokens[1]
+    base, regate = runs["baseline"], runs["regate"]
+    assert all(p["tokens"] == p["tokens_all"] for p in base["points"])  # the baseline processes every token
+    assert regate["points"][-1]["tokens"] < regate["points"][-1]["tokens_all"]  # elision happened
+    assert regate["points"][-1]["tokens"] == regate["regate_totals"]["active"]  # our count = the callback's
+    summary = report["summary"]
+    assert summary["target_acc"] == pytest.approx(max(p["acc"] for p in base["points"]))
+    assert summary["variants"]["baseline"]["tokens_ratio"] == 1.0
+    if (out / "acc_vs_tokens.png").exists():
+        assert (out / "acc_vs_wallclock.png").stat().st_size > 0
+
+
+def test_summary_reaches_and_ratios():
+    from benchmarks.time_to_accuracy import format_table, summarise
+
+    def run(variant: str, seed: int, accs: list[float], per_step: int) -> dict:
+        points = [
+            {"step": 10 * (i + 1), "tokens": per_step * (i + 1), "tokens_all": 100 * (i + 1), "train_s": i + 1.0,
+             "acc": a}
+            for i, a in enumerate(accs)
+        ]
+        return {"config": {"variant": variant, "seed": seed}, "points": points}
+
+    runs = [
+        run("baseline", 0, [0.3, 0.5, 0.6], 100),
+        run("baseline", 1, [0.3, 0.4, 0.4], 100),
+        run("regate", 0, [0.4, 0.6, 0.6], 50),
+        run("regate", 1, [0.4, 0.5, 0.6], 50),
+        run("random", 0, [0.2, 0.2, 0.2], 50),
+    ]
+    summary = summarise(runs)
+    assert summary["target_acc"] == pytest.approx(0.5)  # mean of the baseline seeds' peaks
+    base, regate, rand = (summary["variants"][k] for k in ("baseline", "regate", "random"))
+    assert base["tokens_to_target"] == 300 and base["peak_mean"] == pytest.approx(0.5)  # mean curve .3 .45 .5
+    assert regate["tokens_to_target"] == 100 and regate["tokens_ratio"] == pytest.approx(1 / 3)  # mean .4 .55
+    assert rand["tokens_to_target"] is None and rand["tokens_ratio"] is None
+    assert regate["paired"][0] == {"seed": 0, "target": 0.6, "tokens": 100, "train_s": 2.0}
+    assert "not reached" in format_table(summary)
