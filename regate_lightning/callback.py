@@ -88,6 +88,7 @@ class StepRecord:
         kept: candidates kept on this rank.
         ref: float32 ``[B, L]``, reference loss at candidates (NaN elsewhere).
         difficulty: float32 ``[B, L]``, student difficulty ``m`` used for the score (NaN elsewhere).
+        global_step: the optimizer step the batch belongs to (``trainer.global_step`` at its start).
     """
 
     sample_idx: torch.Tensor
@@ -98,6 +99,7 @@ class StepRecord:
     kept: int
     ref: torch.Tensor
     difficulty: torch.Tensor
+    global_step: int
 
 
 class ReGATECallback(Callback):
@@ -312,6 +314,7 @@ class ReGATECallback(Callback):
             kept,
             scatter_candidates(ref.float(), candidates),
             scatter_candidates(ema.float(), candidates),
+            trainer.global_step,
         )
 
     def _gather(self, trainer: pl.Trainer, tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -107,7 +107,7 @@ def pretrained_text_lm(
         loss.backward()
         optimizer.step()
         if step % 100 == 0 or step == steps - 1:
-            log.info("text LM pretraining step %d: loss %.3f", step, float(loss))
+            log.info("text LM pretraining step %d: loss %.3f", step, float(loss.detach()))
     lm.eval()
     lm.save_pretrained(folder)
     return lm

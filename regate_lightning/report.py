@@ -121,7 +121,7 @@ class ElisionReport(Callback):
             positions = cand[row].nonzero().flatten()
             if positions.numel() == 0:
                 continue
-            view = SampleView(int(batch[SAMPLE_IDX][row]), trainer.global_step)
+            view = SampleView(int(batch[SAMPLE_IDX][row]), step.global_step)
             for t in positions.tolist():
                 token_id = int(targets[row, t])
                 text = tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)

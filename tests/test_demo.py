@@ -1,0 +1,74 @@
+"""The embedded demo, shrunk: synthetic videos, pretrained text LM, ReGATE, the elision report."""
+
+from __future__ import annotations
+
+import re
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from regate_lightning import MLLMModule, ReGATECallback
+from regate_lightning.data.datamodule import SyntheticVideoQADataModule
+from regate_lightning.demo import demo_student
+from regate_lightning.keys import KEEP_MASK, SAMPLE_IDX
+from regate_lightning.report import ElisionReport
+
+
+class KeepSpy(pl.Callback):
+    """Records each sparse step's keep mask per sample (listed after ReGATECallback)."""
+
+    def __init__(self) -> None:
+        self.masks: dict[tuple[int, int], torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if KEEP_MASK in batch:
+            for row, idx in enumerate(batch[SAMPLE_IDX].tolist()):
+                self.masks[(trainer.global_step, idx)] = batch[KEEP_MASK][row].cpu().clone()
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    cache = str(root / "synthetic")
+    size = {"root": cache, "num_train": 24, "num_val": 8}
+    pl.seed_everything(0)
+    student = demo_student(**size, pretrain_steps=30)
+    module = MLLMModule(student, optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3))
+    data = SyntheticVideoQADataModule(**size, num_frames=8, batch_size=4, val_batch_questions=4)
+    spy = KeepSpy()
+    report = ElisionReport(html_path=str(root / "report.html"), num_samples=3,
+                           word_classifier="regate_lightning.data.synthetic.needs_video")
+    regate = ReGATECallback(warmup_steps=1, cycle_steps=4, full_steps=1)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[regate, spy, report])
+    trainer.fit(module, data)
+    return trainer, regate, spy, report, root
+
+
+def test_demo_trains_evaluates_and_saves_tokens(demo_run, capsys):
+    trainer, regate, _, _, _ = demo_run
+    assert 0.0 <= float(trainer.callback_metrics["val/acc"]) <= 1.0
+    assert {"val/acc_colour", "val/acc_shape", "val/acc_direction", "val/acc_count"} <= set(trainer.callback_metrics)
+    assert regate.totals["active"] < regate.totals["tokens"], "sparse steps processed fewer tokens"
+    assert regate.totals["teacher_samples"] == 24
+
+
+def test_report_marks_agree_with_keep_masks(demo_run):
+    _, _, spy, _, root = demo_run
+    html = (root / "report.html").read_text()
+    samples = re.findall(r"<h3>sample (\d+), step (\d+)</h3><p class='sample' data-sample='\d+'>(.*?)</p>", html)
+    assert len(samples) == 3
+    for sample, step, body in samples:
+        mask = spy.masks[(int(step), int(sample))]
+        marks = re.findall(r"data-pos='(\d+)' data-kept='(\d)'", body)
+        assert marks, "every shown sample has answer tokens"
+        for pos, kept in marks:
+            assert bool(int(kept)) == bool(mask[int(pos)]), f"sample {sample} position {pos}"
+        assert any(k == "0" for _, k in marks) and any(k == "1" for _, k in marks)
+
+
+def test_reference_contrast_is_reported(demo_run):
+    trainer, _, _, report, _ = demo_run
+    contrast = report.contrast(trainer.datamodule.tokenizer)
+    assert contrast["video"]["tokens"] > 0 and contrast["text"]["tokens"] > 0
