@@ -197,12 +197,9 @@ class ReGATECallback(Callback):
         # Before anything is built: refuse strategies that cannot work and a student that is already sharded.
         check_strategy(trainer, self.teacher_spec)
         parts = resolve(model)
-        if self.teacher_spec == STUDENT:
-            self.teacher = Teacher.from_student(model)
-        else:
-            self.teacher = Teacher.from_pretrained(self.teacher_spec, **self.teacher_kwargs)
+        self.teacher = self.build_teacher(model, trainer.datamodule)
+        if self.teacher_spec != STUDENT:
             check_unsharded(self.teacher, f"the teacher {self.teacher_spec!r}", type(trainer.strategy).__name__)
-            self._check_teacher_tokenizer(trainer, parts.media_token_ids)
         vocab = max(self.teacher.vocab_size, int(parts.lm_head.weight.shape[0]))
         self.bank = ScoreBank(vocab_size=vocab)
         self.fingerprint = reference_fingerprint(self.teacher_spec, self.teacher, trainer.datamodule)
@@ -215,10 +212,25 @@ class ReGATECallback(Callback):
                 loaded = load_into(self.bank, payload)
                 log.info("ReGATE: read reference losses of %d samples from %s", loaded, self.ref_cache)
 
-    def _check_teacher_tokenizer(self, trainer: pl.Trainer, media_ids: tuple[int, ...]) -> None:
+    def build_teacher(self, model: torch.nn.Module, datamodule: Any) -> Teacher:
+        """The teacher of this callback: a frozen copy of the student, or a loaded LM (fitting and scoring).
+
+        A teacher that is not the student must share the student's tokenizer: the ``tokenizer`` argument,
+        else the data module's ``tokenizer`` attribute, is compared with the teacher's.
+
+        Args:
+            model: the student HF model.
+            datamodule: the training data module (or None).
+
+        Returns:
+            The teacher, on the CPU, in the dtype it was built in.
+        """
+        if self.teacher_spec == STUDENT:
+            return Teacher.from_student(model)
         from transformers import AutoTokenizer
 
-        student_tok = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
+        teacher = Teacher.from_pretrained(self.teacher_spec, **self.teacher_kwargs)
+        student_tok = getattr(datamodule, "tokenizer", None)
         if self.tokenizer is not None:
             student_tok = AutoTokenizer.from_pretrained(self.tokenizer)
         if student_tok is None:
@@ -226,7 +238,8 @@ class ReGATECallback(Callback):
                 f"teacher {self.teacher_spec!r} is not the student, so its tokenizer must be checked against the "
                 "student's: pass `tokenizer=` (the student's HF id or path) or give the datamodule a `tokenizer`"
             )
-        check_tokenizers(student_tok, AutoTokenizer.from_pretrained(self.teacher_spec), media_ids)
+        check_tokenizers(student_tok, AutoTokenizer.from_pretrained(self.teacher_spec), resolve(model).media_token_ids)
+        return teacher
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Place the teacher and the store on the student's device.

@@ -45,7 +45,7 @@ from regate_lightning.families import ModelParts, resolve
 from regate_lightning.keys import ATTENTION_MASK, INPUT_IDS, LABELS, SAMPLE_IDX
 from regate_lightning.scoring import check_int, gather_candidates
 from regate_lightning.targets import candidate_mask
-from regate_lightning.teacher import STUDENT, Teacher, check_tokenizers, text_mask
+from regate_lightning.teacher import Teacher, text_mask
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,6 @@ __all__ = [
     "ReferenceScorer",
     "ScoreOptions",
     "ScoreResult",
-    "build_teacher",
     "find_callback",
     "part_files",
     "part_path",
@@ -121,37 +120,6 @@ def find_callback(trainer: pl.Trainer) -> ReGATECallback:
             f"teacher and `ref_cache`); the recipe has {len(found)}"
         )
     return found[0]
-
-
-def build_teacher(callback: ReGATECallback, model: nn.Module, datamodule: Any) -> Teacher:
-    """The teacher ``callback`` builds in ``setup``: a frozen copy of the student, or a loaded LM.
-
-    A teacher that is not the student is checked to share the student's tokenizer (the callback's
-    ``tokenizer`` argument, else the data module's ``tokenizer`` attribute), as in fitting.
-
-    Args:
-        callback: the recipe's callback (its ``teacher``, ``teacher_kwargs`` and ``tokenizer``).
-        model: the student HF model.
-        datamodule: the training data module.
-
-    Returns:
-        The teacher, on the CPU, in the dtype it was built in.
-    """
-    if callback.teacher_spec == STUDENT:
-        return Teacher.from_student(model)
-    teacher = Teacher.from_pretrained(callback.teacher_spec, **callback.teacher_kwargs)
-    from transformers import AutoTokenizer
-
-    student_tok = getattr(datamodule, "tokenizer", None)
-    if callback.tokenizer is not None:
-        student_tok = AutoTokenizer.from_pretrained(callback.tokenizer)
-    if student_tok is None:
-        raise ValueError(
-            f"teacher {callback.teacher_spec!r} is not the student, so its tokenizer must be checked against the "
-            "student's: pass `tokenizer=` (the student's HF id or path) or give the datamodule a `tokenizer`"
-        )
-    check_tokenizers(student_tok, AutoTokenizer.from_pretrained(callback.teacher_spec), resolve(model).media_token_ids)
-    return teacher
 
 
 def part_path(path: str | Path, rank: int, world_size: int) -> Path:
@@ -320,7 +288,7 @@ class ReferenceScorer(pl.LightningModule):
             return
         student, datamodule, callback = self._held
         self._parts = resolve(student.model)
-        teacher = build_teacher(callback, student.model, datamodule)
+        teacher = callback.build_teacher(student.model, datamodule)
         self.fingerprint = reference_fingerprint(callback.teacher_spec, teacher, datamodule)
         dtype = next(p.dtype for p in student.parameters() if p.is_floating_point())
         self.teacher = teacher.to(dtype=dtype)

@@ -307,13 +307,12 @@ def test_fingerprint_tells_teachers_tokenizers_and_data_apart(tmp_path):
             load_cache(path, other)
 
 
-def test_pretrained_teacher_is_built_as_the_callback_builds_it(tmp_path):
+def test_pretrained_teacher_and_its_tokenizer_check(tmp_path):
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
     from regate_lightning import ReGATECallback, tiny
-    from regate_lightning.score import build_teacher
 
     student = tiny.tiny_llava(vocab_size=64)
     words = [f"w{i}" for i in range(64)]
@@ -324,21 +323,21 @@ def test_pretrained_teacher_is_built_as_the_callback_builds_it(tmp_path):
     tokenizer.save_pretrained(folder)
     callback = ReGATECallback(teacher=str(folder), teacher_kwargs={"dtype": "float32"})
     with pytest.raises(ValueError, match="its tokenizer must be checked"):
-        build_teacher(callback, student, datamodule=None)
+        callback.build_teacher(student, datamodule=None)
 
     class Data:
         pass
 
     data = Data()
     data.tokenizer = tokenizer
-    teacher = build_teacher(callback, student, data)
+    teacher = callback.build_teacher(student, data)
     assert teacher.vocab_size == 64 and not any(p.requires_grad for p in teacher.parameters())
     assert reference_fingerprint(str(folder), teacher, data)["tokenizer"] is not None
     data.tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(WordLevel({w: 63 - i for w, i in vocab.items()}, unk_token="w0"))
     )
     with pytest.raises(ValueError, match="does not match the student's"):
-        build_teacher(callback, student, data)
+        callback.build_teacher(student, data)
 
 
 def test_memory_benchmark_smoke(tmp_path, capsys):
