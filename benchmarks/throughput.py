@@ -160,7 +160,6 @@ class Bench:
             batch: the batch on the device (not modified; a shallow copy receives the keep mask).
             keep_ratio: ReGATE's ``p``, or None for the baseline.
         """
-        from regate_lightning.keys import NUM_ACTIVE, NUM_TARGETS, NUM_TOKENS, TOKEN_LOSS
 
         batch = dict(batch)
         reset_peak(self.device)
@@ -178,12 +177,7 @@ class Bench:
             hooks_start = now(self.device) - start
             out = self._train(batch)
             before_end = now(self.device)
-            outputs = {
-                TOKEN_LOSS: out.token_loss,
-                NUM_ACTIVE: out.num_active,
-                NUM_TOKENS: out.num_tokens,
-                NUM_TARGETS: out.num_targets,
-            }
+            outputs = out.step_output()
             self.module._current_fx_name = "on_train_batch_end"
             self.callback.on_train_batch_end(self.trainer, self.module, outputs, batch, 0)
             end = now(self.device)
@@ -244,7 +238,7 @@ class Bench:
     def _activation_bytes(self, batch: dict[str, Any], keep_ratio: float | None) -> int:
         """Bytes saved for backward by one forward pass (no backward: the graph is dropped)."""
         from regate_lightning.elision import forward_active
-        from regate_lightning.keys import KEEP_MASK, NUM_ACTIVE, NUM_TARGETS, NUM_TOKENS, TOKEN_LOSS
+        from regate_lightning.keys import KEEP_MASK
 
         batch = dict(batch)
         if keep_ratio is not None:
@@ -254,12 +248,7 @@ class Bench:
         with self.meter.measure():
             out = forward_active(self.model, batch, batch.get(KEEP_MASK))
         if keep_ratio is not None:
-            outputs = {
-                TOKEN_LOSS: out.token_loss,
-                NUM_ACTIVE: out.num_active,
-                NUM_TOKENS: out.num_tokens,
-                NUM_TARGETS: out.num_targets,
-            }
+            outputs = out.step_output()
             self.module._current_fx_name = "on_train_batch_end"
             self.callback.on_train_batch_end(self.trainer, self.module, outputs, batch, 0)
         del out

@@ -27,7 +27,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from regate_lightning.families import ModelParts, resolve
-from regate_lightning.keys import ATTENTION_MASK, IGNORE_INDEX, INPUT_IDS, KEEP_MASK, LABELS
+from regate_lightning.keys import (
+    ATTENTION_MASK,
+    IGNORE_INDEX,
+    INPUT_IDS,
+    KEEP_MASK,
+    LABELS,
+    LOSS,
+    NUM_ACTIVE,
+    NUM_TARGETS,
+    NUM_TOKENS,
+    TOKEN_LOSS,
+)
 from regate_lightning.targets import shift_targets
 
 
@@ -51,6 +62,16 @@ class ElidedOutput:
     num_tokens: int
     num_targets: int
     decoder_length: int
+
+    def step_output(self) -> dict[str, Any]:
+        """The dict a training step returns and ``ReGATECallback.on_train_batch_end`` reads."""
+        return {
+            LOSS: self.loss,
+            TOKEN_LOSS: self.token_loss,
+            NUM_ACTIVE: self.num_active,
+            NUM_TOKENS: self.num_tokens,
+            NUM_TARGETS: self.num_targets,
+        }
 
 
 def active_index(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

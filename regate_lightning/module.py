@@ -25,12 +25,7 @@ from regate_lightning.evaluation import OPTION_SCORES, ChoiceAccuracy, choose_op
 from regate_lightning.families import resolve, unused_vision_modules, unwrap, vision_parts
 from regate_lightning.keys import (
     KEEP_MASK,
-    LOSS,
-    NUM_ACTIVE,
-    NUM_TARGETS,
-    NUM_TOKENS,
     QUESTION_IDX,
-    TOKEN_LOSS,
     TRAIN_LOSS,
 )
 
@@ -219,13 +214,7 @@ class MLLMModule(pl.LightningModule):
             return None
         out = self.run(batch)
         self.log(TRAIN_LOSS, out.loss.detach(), prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return {
-            LOSS: out.loss,
-            TOKEN_LOSS: out.token_loss,
-            NUM_ACTIVE: out.num_active,
-            NUM_TOKENS: out.num_tokens,
-            NUM_TARGETS: out.num_targets,
-        }
+        return out.step_output()
 
     def validation_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
         """Validation always sees every token; multiple-choice batches are scored by option likelihood."""
