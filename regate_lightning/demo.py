@@ -71,7 +71,7 @@ def pretrained_text_lm(
     paths: SyntheticPaths,
     hidden_size: int = 96,
     num_layers: int = 3,
-    steps: int = 250,
+    steps: int = 200,
     batch_size: int = 16,
     lr: float = 3e-3,
     seed: int = 0,
@@ -121,7 +121,7 @@ def demo_student(
     num_layers: int = 3,
     image_size: int = 64,
     patch_size: int = 16,
-    pretrain_steps: int = 250,
+    pretrain_steps: int = 200,
     seed: int = 0,
 ) -> LlavaNextVideoForConditionalGeneration:
     """The demo's student: the pretrained text LM inside a LLaVA-NeXT-Video with a small CLIP tower.
