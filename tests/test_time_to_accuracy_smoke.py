@@ -59,8 +59,13 @@ def test_summary_reaches_and_ratios():
 
     def run(variant: str, seed: int, accs: list[float], per_step: int) -> dict:
         points = [
-            {"step": 10 * (i + 1), "tokens": per_step * (i + 1), "tokens_all": 100 * (i + 1), "train_s": i + 1.0,
-             "acc": a}
+            {
+                "step": 10 * (i + 1),
+                "tokens": per_step * (i + 1),
+                "tokens_all": 100 * (i + 1),
+                "train_s": i + 1.0,
+                "acc": a,
+            }
             for i, a in enumerate(accs)
         ]
         return {"config": {"variant": variant, "seed": seed}, "points": points}
@@ -73,10 +78,12 @@ def test_summary_reaches_and_ratios():
         run("random", 0, [0.2, 0.2, 0.2], 50),
     ]
     summary = summarise(runs)
-    assert summary["target_acc"] == pytest.approx(0.5)  # mean of the baseline seeds' peaks
+    assert summary["target_acc"] == pytest.approx(0.5)  # the peak of the baseline's mean curve
     base, regate, rand = (summary["variants"][k] for k in ("baseline", "regate", "random"))
     assert base["tokens_to_target"] == 300 and base["peak_mean"] == pytest.approx(0.5)  # mean curve .3 .45 .5
     assert regate["tokens_to_target"] == 100 and regate["tokens_ratio"] == pytest.approx(1 / 3)  # mean .4 .55
     assert rand["tokens_to_target"] is None and rand["tokens_ratio"] is None
-    assert regate["paired"][0] == {"seed": 0, "target": 0.6, "tokens": 100, "train_s": 2.0}
+    assert regate["paired"][0] == {"seed": 0, "target": 0.6, "tokens": 100, "train_s": 2.0, "tokens_ratio": 1 / 3}
+    assert regate["paired"][1]["tokens_ratio"] == 0.25 and regate["paired_reached"] == "2/2"  # .4 at 50 vs 200
+    assert regate["paired_median_ratio"] == pytest.approx((1 / 3 + 0.25) / 2) and rand["paired_reached"] == "0/1"
     assert "not reached" in format_table(summary)
