@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -126,8 +125,8 @@ def demo_student(
 ) -> LlavaNextVideoForConditionalGeneration:
     """The demo's student: the pretrained text LM inside a LLaVA-NeXT-Video with a small CLIP tower.
 
-    A clip of T frames gives ``T * (image_size / patch_size / 2) ** 2`` video tokens (16 for 8 frames
-    at the defaults... times 4 per frame: 32).
+    A clip of T frames gives ``T * (image_size / patch_size / 2) ** 2`` video tokens: 4 per frame, 32 for
+    8 frames at the defaults.
 
     Args:
         root: the synthetic set's folder (the data module must use the same one); default cache.
@@ -166,13 +165,3 @@ def demo_student(
     model.lm_head.load_state_dict(lm.lm_head.state_dict())
     model.config.use_cache = False
     return model.float()
-
-
-def synthetic_paths(root: str | None = None, num_train: int = 500, num_val: int = 200) -> SyntheticPaths:
-    """The synthetic set's paths (generated if needed), as :func:`demo_student` uses them."""
-    return ensure_synthetic(root, num_train=num_train, num_val=num_val, seed=0)
-
-
-def as_path(value: str | Path) -> Path:
-    """``Path`` of ``value`` with ``~`` expanded."""
-    return Path(value).expanduser()

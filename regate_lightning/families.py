@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 SUPPORTED: dict[str, str] = {
@@ -88,22 +87,6 @@ def resolve(model: nn.Module) -> ModelParts:
     if name.endswith("ForCausalLM") and isinstance(getattr(hf, "model", None), nn.Module) and hasattr(hf, "lm_head"):
         return ModelParts(CAUSAL_LM, hf, hf.model, hf.model, hf.lm_head, (), False)
     raise TypeError(_supported_message(name))
-
-
-def text_positions(input_ids: torch.Tensor, parts: ModelParts) -> torch.Tensor:
-    """Positions that hold text tokens (not image/video placeholders).
-
-    Args:
-        input_ids: int64 ``[B, L]``.
-        parts: the model's parts.
-
-    Returns:
-        bool ``[B, L]``.
-    """
-    text = torch.ones_like(input_ids, dtype=torch.bool)
-    for token_id in parts.media_token_ids:
-        text &= input_ids != token_id
-    return text
 
 
 def vision_parts(parts: ModelParts) -> tuple[list[nn.Module], list[nn.Module]]:

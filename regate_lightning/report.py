@@ -29,7 +29,6 @@ from lightning.pytorch.callbacks import Callback
 
 from regate_lightning.callback import ReGATECallback
 from regate_lightning.keys import INPUT_IDS, KEEP_MASK, SAMPLE_IDX
-from regate_lightning.scoring import scatter_candidates
 from regate_lightning.targets import shift_targets
 
 
@@ -279,8 +278,3 @@ def render_html(views: list[SampleView], summary: dict[str, float], contrast: di
         parts.append("</p>")
     parts.append("</body></html>")
     return "".join(parts)
-
-
-def scores_grid(flat: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """``[B, L]`` view of flat per-candidate values (NaN elsewhere)."""
-    return scatter_candidates(flat.float(), candidates)
