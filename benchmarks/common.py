@@ -269,8 +269,8 @@ class Shape:
 
 def _frame_unit(model: nn.Module) -> tuple[int, int]:
     """(frames per unit, placeholder tokens per unit) of the family's default frame layout."""
-    from regate_lightning.data.random_batches import media_layout
     from regate_lightning.families import resolve
+    from regate_lightning.testing.batches import media_layout
 
     parts = resolve(model)
     unit = parts.model.config.vision_config.temporal_patch_size if parts.family == "qwen2_vl" else 1
@@ -340,8 +340,8 @@ def make_batch(model: nn.Module, shape: Shape, seed: int = 0, frame_grid: tuple[
     Returns:
         The model's keys plus ``labels`` and ``sample_idx``.
     """
-    from regate_lightning.data.random_batches import random_batch
     from regate_lightning.families import resolve
+    from regate_lightning.testing.batches import random_batch
 
     unit, per_unit = _frame_unit(model)
     granularity = visual_granularity(model, frame_grid)

@@ -43,11 +43,12 @@ if str(ROOT) not in sys.path:  # run as a script: make `regate_lightning` import
 
 import lightning.pytorch as pl  # noqa: E402
 
-from regate_lightning import MLLMModule, ReGATECallback, tiny  # noqa: E402
-from regate_lightning.data.debug import RandomDataModule  # noqa: E402
+from regate_lightning import MLLMModule, ReGATECallback  # noqa: E402
 from regate_lightning.families import resolve  # noqa: E402
 from regate_lightning.keys import KEEP_MASK  # noqa: E402
 from regate_lightning.strategies import check_strategy, sharded_reason  # noqa: E402
+from regate_lightning.testing import tiny  # noqa: E402
+from regate_lightning.testing.datamodule import RandomDataModule  # noqa: E402
 
 STEPS = 3
 BATCH = 2

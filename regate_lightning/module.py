@@ -73,7 +73,7 @@ def load_model(model: str | PreTrainedModel, model_kwargs: dict[str, Any] | None
 
     Args:
         model: an already-built ``PreTrainedModel``; a dotted path to a factory (e.g.
-            ``regate_lightning.tiny.tiny_llava``); or an HF id / local path, loaded with the class
+            ``regate_lightning.testing.tiny_llava``); or an HF id / local path, loaded with the class
             named in its config's ``architectures``.
         model_kwargs: keyword arguments of the factory or of ``from_pretrained`` (e.g. ``dtype``,
             ``attn_implementation``).

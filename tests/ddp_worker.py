@@ -24,8 +24,9 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from regate_lightning import MLLMModule, ReGATECallback, tiny
-from regate_lightning.data.debug import RandomDataModule, concat_collate
+from regate_lightning import MLLMModule, ReGATECallback
+from regate_lightning.testing import tiny
+from regate_lightning.testing.datamodule import RandomDataModule, concat_collate
 
 WORLD_SIZE = 2
 NUM_SAMPLES = 16

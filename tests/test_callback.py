@@ -11,13 +11,14 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from regate_lightning import MLLMModule, ReGATECallback, tiny
-from regate_lightning.data.debug import RandomDataModule
+from regate_lightning import MLLMModule, ReGATECallback
 from regate_lightning.keys import IGNORE_INDEX, KEEP_MASK, SAMPLE_IDX
 from regate_lightning.schedule import Schedule, expected_kept_fraction
 from regate_lightning.scoring import fuse_scores, gather_candidates, scatter_candidates, select_keep
 from regate_lightning.targets import candidate_mask, shift_targets
 from regate_lightning.teacher import Teacher, check_tokenizers
+from regate_lightning.testing import tiny
+from regate_lightning.testing.datamodule import RandomDataModule
 
 
 def trainer(max_steps: int, callbacks: list | None = None, **kwargs) -> pl.Trainer:

@@ -6,9 +6,9 @@ import pytest
 import torch
 from data_fixtures import tokenizer
 
-from regate_lightning import tiny
 from regate_lightning.data import ChatRenderer, Collator, DataError, Turn, VisionSpec, fit_length
 from regate_lightning.keys import IGNORE_INDEX
+from regate_lightning.testing import tiny
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import torch
 from data_fixtures import llava_record, messages_record, tokenizer, write_records, write_video
 from torch.utils.data import DataLoader
 
-from regate_lightning import tiny
 from regate_lightning.data import (
     ChatRenderer,
     Collator,
@@ -22,6 +21,7 @@ from regate_lightning.data import (
     VisionSpec,
     read_records,
 )
+from regate_lightning.testing import tiny
 
 FRAMES = FrameSampling(num_frames=4)
 

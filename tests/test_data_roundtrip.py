@@ -6,7 +6,6 @@ import pytest
 import torch
 from data_fixtures import llava_record, messages_record, tokenizer, write_image, write_records, write_video
 
-from regate_lightning import tiny
 from regate_lightning.data import (
     ChatRenderer,
     Collator,
@@ -20,6 +19,7 @@ from regate_lightning.data import (
 )
 from regate_lightning.data.render import FALLBACK_CHAT_TEMPLATE
 from regate_lightning.keys import IGNORE_INDEX, SAMPLE_IDX
+from regate_lightning.testing import tiny
 
 FRAMES = FrameSampling(num_frames=4)
 

@@ -8,7 +8,6 @@ import re
 import pytest
 import torch
 
-from regate_lightning import tiny
 from regate_lightning.data import (
     ChatRenderer,
     Collator,
@@ -24,6 +23,7 @@ from regate_lightning.data import (
 )
 from regate_lightning.data.synthetic import _MC_QUESTIONS, _QA_TEMPLATES, COLOURS, COUNTS, DIRECTIONS, SHAPES, TASKS
 from regate_lightning.keys import IGNORE_INDEX
+from regate_lightning.testing import tiny
 
 
 @pytest.fixture(scope="module")

@@ -52,14 +52,15 @@ from lightning.pytorch.strategies.single_xla import SingleDeviceXLAStrategy
 from lightning.pytorch.strategies.xla import XLAStrategy
 from torch.utils.data import DistributedSampler
 
-from regate_lightning import MLLMModule, ReGATECallback, tiny
-from regate_lightning.data.debug import RandomDataModule
+from regate_lightning import MLLMModule, ReGATECallback
 from regate_lightning.strategies import (
     UnsupportedStrategyError,
     check_strategy,
     check_unsharded,
     sharded_reason,
 )
+from regate_lightning.testing import tiny
+from regate_lightning.testing.datamodule import RandomDataModule
 
 REPO = Path(__file__).resolve().parents[1]
 EXACT_KEYS = ("ref", "offset", "length")

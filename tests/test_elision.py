@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from regate_lightning import tiny
-from regate_lightning.data.random_batches import random_batch
 from regate_lightning.elision import active_index, forward_active
 from regate_lightning.families import resolve
 from regate_lightning.keys import IGNORE_INDEX, LABELS, SAMPLE_IDX
 from regate_lightning.targets import candidate_mask, shift_targets
+from regate_lightning.testing import tiny
+from regate_lightning.testing.batches import random_batch
 
 TOL = 1e-5
 FACTORIES = {

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from regate_lightning import tiny
-from regate_lightning.data.random_batches import random_batch
 from regate_lightning.elision import forward_active
 from regate_lightning.families import resolve, vision_parts
 from regate_lightning.keys import IGNORE_INDEX, KEEP_MASK, LABELS, TOKEN_LOSS
 from regate_lightning.module import LoraOptions, MLLMModule, load_model
 from regate_lightning.targets import candidate_mask
+from regate_lightning.testing import tiny
+from regate_lightning.testing.batches import random_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 

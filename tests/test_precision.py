@@ -12,14 +12,15 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from regate_lightning import LoraOptions, MLLMModule, ReGATECallback, tiny
-from regate_lightning.data.debug import RandomDataModule
-from regate_lightning.data.random_batches import random_batch
+from regate_lightning import LoraOptions, MLLMModule, ReGATECallback
 from regate_lightning.families import resolve
 from regate_lightning.keys import KEEP_MASK, SAMPLE_IDX
 from regate_lightning.scoring import gather_candidates
 from regate_lightning.targets import candidate_mask
 from regate_lightning.teacher import Teacher, text_mask
+from regate_lightning.testing import tiny
+from regate_lightning.testing.batches import random_batch
+from regate_lightning.testing.datamodule import RandomDataModule
 
 # Steps 0, 2, ... keep every token; steps 1, 3, ... keep half of the candidates.
 SCHEDULE = {"keep_ratio": 0.5, "warmup_steps": 0, "cycle_steps": 2, "full_steps": 1}

@@ -275,7 +275,7 @@ def test_fingerprint_tells_teachers_tokenizers_and_data_apart(tmp_path):
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    from regate_lightning import tiny
+    from regate_lightning.testing import tiny
 
     def tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
         vocab = {w: i for i, w in enumerate(words)}
@@ -312,7 +312,8 @@ def test_pretrained_teacher_and_its_tokenizer_check(tmp_path):
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    from regate_lightning import ReGATECallback, tiny
+    from regate_lightning import ReGATECallback
+    from regate_lightning.testing import tiny
 
     student = tiny.tiny_llava(vocab_size=64)
     words = [f"w{i}" for i in range(64)]

@@ -60,7 +60,7 @@ def threads():
 
 @pytest.fixture(scope="module")
 def smollm2_folder():
-    from regate_lightning.smollm2 import smollm2_dir
+    from regate_lightning.demo.smollm2 import smollm2_dir
 
     start = time.perf_counter()
     folder = smollm2_dir()
@@ -180,7 +180,7 @@ class _Exchanges(Dataset):
 
 
 def test_llava_on_smollm2_fine_tunes_with_regate(smollm2_folder):
-    from regate_lightning.smollm2 import smollm2_llava
+    from regate_lightning.demo.smollm2 import smollm2_llava
 
     start = time.perf_counter()
     model, tokenizer = smollm2_llava(smollm2_folder, image_size=32)

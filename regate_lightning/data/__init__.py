@@ -9,6 +9,7 @@ The pipeline, one file per step::
     datasets.py       ConversationDataset / MultipleChoiceDataset: lazy decoding in __getitem__
     collate.py        samples -> batch of the HF model's own keys + labels + sample_idx (max_length)
     synthetic.py      the demo set of moving shapes, and its tokenizer
+    datamodule.py     ConversationDataModule (user files), SyntheticVideoQADataModule (the demo set)
     errors.py         DataError, MediaError, SkipCounter
 
 Typical use::
@@ -21,11 +22,10 @@ Typical use::
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from regate_lightning._lazy import lazy_exports
 
-# Names are imported on first use (PEP 562), so that `regate_lightning.data.random_batches` and the
-# debug data module work where PyAV or Pillow are not installed (e.g. a bare GPU benchmark machine).
+# Names are imported on first use (PEP 562): importing one submodule costs only its own imports (PyAV and
+# Pillow only where decoding is needed).
 _EXPORTS: dict[str, str] = {
     "Collator": "regate_lightning.data.collate",
     "fit_length": "regate_lightning.data.collate",
@@ -123,12 +123,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'regate_lightning.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

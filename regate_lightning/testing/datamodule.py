@@ -1,7 +1,7 @@
 """``RandomDataModule``: random token batches shaped for whatever student the module holds.
 
 It serves the ``debug`` recipes and the tests: no files, no tokenizer; the batches follow the
-student's own placeholder counts (see :mod:`regate_lightning.data.random_batches`).
+student's own placeholder counts (see :mod:`regate_lightning.testing.batches`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from regate_lightning.data.random_batches import random_batch
 from regate_lightning.keys import SAMPLE_IDX
+from regate_lightning.testing.batches import random_batch
 
 
 class _RandomSamples(Dataset):

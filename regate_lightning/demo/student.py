@@ -8,7 +8,7 @@ the synthetic training conversations (no video), so it predicts template words (
 direction, count) no better than chance; :func:`demo_student` grafts it into a LLaVA-NeXT-Video with a
 small random CLIP tower. Both are cached under the synthetic set's folder.
 
-Why not SmolLM2-135M (see ``regate_lightning.smollm2``)? On a 2-core CPU a 135M-parameter student
+Why not SmolLM2-135M (see ``regate_lightning.demo.smollm2``)? On a 2-core CPU a 135M-parameter student
 leaves time for a few dozen steps in the demo's budget, too few to learn the videos; a teacher that
 is not the student's own backbone would also depart from the paper's choice. The slow test suite
 shows SmolLM2 as a real teacher on real English instead.

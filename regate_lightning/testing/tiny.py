@@ -4,7 +4,7 @@ They serve the tests, the ``debug`` recipes and the CPU demo. Each factory retur
 class; only the sizes are small. Placeholder token ids default to the last ids of the vocabulary, as
 transformers 5 requires them to be smaller than ``vocab_size``.
 
-A recipe names a factory by its dotted path, e.g. ``model: regate_lightning.tiny.tiny_llava``.
+A recipe names a factory by its dotted path, e.g. ``model: regate_lightning.testing.tiny_llava``.
 """
 
 from __future__ import annotations

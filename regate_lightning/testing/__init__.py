@@ -1,0 +1,38 @@
+"""Helpers for tests, the ``debug`` recipes and benchmarks: tiny random models and random batches.
+
+Nothing here is part of the method. Everything builds from configs, without a download::
+
+    tiny.py        tiny random-initialised models of every supported family, and the one tiny-config builder
+    batches.py     random token batches in a model's own keys (``random_batch``)
+    datamodule.py  ``RandomDataModule``: those batches as a LightningDataModule (the ``debug`` recipes)
+
+A recipe names them by dotted path, e.g. ``model: regate_lightning.testing.tiny_llava_next_video`` and
+``class_path: regate_lightning.testing.RandomDataModule``.
+"""
+
+from __future__ import annotations
+
+from regate_lightning._lazy import lazy_exports
+
+_EXPORTS: dict[str, str] = {
+    **{
+        name: "regate_lightning.testing.tiny"
+        for name in (
+            "tiny_llama",
+            "tiny_qwen2",
+            "tiny_llava",
+            "tiny_llava_next_video",
+            "tiny_video_llava",
+            "tiny_qwen2_vl",
+            "tiny_qwen2_5_vl",
+        )
+    },
+    "media_layout": "regate_lightning.testing.batches",
+    "random_batch": "regate_lightning.testing.batches",
+    "RandomDataModule": "regate_lightning.testing.datamodule",
+    "concat_collate": "regate_lightning.testing.datamodule",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
