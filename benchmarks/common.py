@@ -96,48 +96,23 @@ QWEN2_VL_2B_LIKE = ModelSpec(
 vision tower of half the real depth (16 of 32 blocks, width 1280)."""
 
 
-def mrope_section(head_dim: int) -> list[int]:
-    """M-RoPE sections (temporal, height, width) for a head dimension, in Qwen2-VL's proportions.
-
-    Example:
-        >>> mrope_section(128)
-        [16, 24, 24]
-    """
-    half = head_dim // 2
-    first = half // 4
-    rest = half - first
-    return [first + rest % 2, rest // 2, rest // 2]
-
-
-def _text_config(spec: ModelSpec) -> dict[str, Any]:
-    return {
-        "vocab_size": spec.vocab_size,
-        "hidden_size": spec.hidden_size,
-        "intermediate_size": spec.intermediate_size,
-        "num_hidden_layers": spec.num_layers,
-        "num_attention_heads": spec.num_heads,
-        "num_key_value_heads": spec.num_kv_heads,
-        "max_position_embeddings": 32768,
-        "pad_token_id": 0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-    }
-
-
 def model_config(spec: ModelSpec) -> Any:
     """The transformers config of ``spec`` (placeholder ids are the last ids of the vocabulary)."""
+    from regate_lightning.testing.tiny import clip_vision_config, llava_next_video_config, qwen_vl_kwargs, text_config
+
     spec.check()
-    vocab = spec.vocab_size
+    text = text_config(
+        spec.vocab_size,
+        spec.hidden_size,
+        spec.num_layers,
+        num_heads=spec.num_heads,
+        num_kv_heads=spec.num_kv_heads,
+        intermediate_size=spec.intermediate_size,
+        max_positions=32768,
+    )
     if spec.family == "qwen2_vl":
         from transformers import Qwen2VLConfig
 
-        text = _text_config(spec)
-        head_dim = spec.hidden_size // spec.num_heads
-        text["rope_parameters"] = {
-            "rope_type": "default",
-            "rope_theta": 1000000.0,
-            "mrope_section": mrope_section(head_dim),
-        }
         vision = {
             "depth": spec.vision_depth,
             "embed_dim": spec.vision_width,
@@ -149,34 +124,16 @@ def model_config(spec: ModelSpec) -> Any:
             "temporal_patch_size": 2,
             "in_channels": 3,
         }
-        return Qwen2VLConfig(
-            text_config=text,
-            vision_config=vision,
-            image_token_id=vocab - 1,
-            video_token_id=vocab - 2,
-            vision_start_token_id=vocab - 3,
-            vision_end_token_id=vocab - 4,
-        )
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextVideoConfig
-
-    vision_cfg = CLIPVisionConfig(
+        return Qwen2VLConfig(vision_config=vision, **qwen_vl_kwargs(text, rope_theta=1000000.0))
+    vision_cfg = clip_vision_config(
+        spec.image_size,
+        spec.patch_size,
         hidden_size=spec.vision_width,
+        num_layers=spec.vision_depth,
+        num_heads=spec.vision_heads,
         intermediate_size=4 * spec.vision_width,
-        num_hidden_layers=spec.vision_depth,
-        num_attention_heads=spec.vision_heads,
-        image_size=spec.image_size,
-        patch_size=spec.patch_size,
-        projection_dim=spec.vision_width,
     )
-    return LlavaNextVideoConfig(
-        vision_config=vision_cfg,
-        text_config=LlamaConfig(**_text_config(spec)),
-        video_token_index=vocab - 2,
-        image_token_index=vocab - 1,
-        vision_feature_layer=-1,
-        image_grid_pinpoints=[[spec.image_size, spec.image_size]],
-        spatial_pool_stride=2,
-    )
+    return llava_next_video_config(vision_cfg, text)
 
 
 def build_model(

@@ -204,8 +204,10 @@ def smollm2_llava(
         ``(LlavaForConditionalGeneration, tokenizer)``; ``model.config.image_token_id`` is the
         placeholder id and ``model.config.image_seq_length`` the placeholders per image.
     """
-    from transformers import AutoModel, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import AutoModel, LlavaConfig, LlavaForConditionalGeneration
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    from regate_lightning.testing.tiny import clip_vision_config
 
     lm, tokenizer = load_smollm2(cache_dir)
     tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
@@ -214,15 +216,7 @@ def smollm2_llava(
     if image_token_id != lm.config.vocab_size - 1:
         raise ValueError(f"{IMAGE_TOKEN} got id {image_token_id}; expected the new last id {lm.config.vocab_size - 1}")
     tokens = (image_size // patch_size) ** 2
-    vision = CLIPVisionConfig(
-        hidden_size=vision_width,
-        intermediate_size=2 * vision_width,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=vision_width,
-    )
+    vision = clip_vision_config(image_size, patch_size, hidden_size=vision_width, num_layers=vision_layers)
     config = LlavaConfig(
         vision_config=vision,
         text_config=lm.config.to_dict(),

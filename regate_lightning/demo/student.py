@@ -22,17 +22,12 @@ import logging
 from typing import Any
 
 import torch
-from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    LlavaNextVideoConfig,
-    LlavaNextVideoForConditionalGeneration,
-)
+from transformers import LlamaConfig, LlamaForCausalLM, LlavaNextVideoForConditionalGeneration
 
 from regate_lightning.data.conversations import read_records
 from regate_lightning.data.synthetic import SyntheticPaths, ensure_synthetic, synthetic_tokenizer
 from regate_lightning.keys import IGNORE_INDEX
+from regate_lightning.testing.tiny import clip_vision_config, llava_next_video_config, text_config
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +36,10 @@ VIDEO_TOKEN_ID = 510
 IMAGE_TOKEN_ID = 511
 
 
-def _text_config(vocab_size: int, hidden_size: int, num_layers: int) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
+def _text_config(hidden_size: int, num_layers: int) -> dict[str, Any]:
+    """The language model's config: 4 KV heads (no grouping), 1024 positions, an untied head."""
+    return text_config(
+        VOCAB_SIZE, hidden_size, num_layers, num_kv_heads=4, max_positions=1024, tie_word_embeddings=False
     )
 
 
@@ -89,7 +75,7 @@ def pretrained_text_lm(
     tokenizer = synthetic_tokenizer(paths)
     texts = conversation_texts(paths, tokenizer)
     torch.manual_seed(seed)
-    lm = LlamaForCausalLM(_text_config(VOCAB_SIZE, hidden_size, num_layers))
+    lm = LlamaForCausalLM(LlamaConfig(**_text_config(hidden_size, num_layers)))
     optimizer = torch.optim.AdamW(lm.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     lm.train()
@@ -142,24 +128,8 @@ def demo_student(
     paths = ensure_synthetic(root, num_train=num_train, num_val=num_val, seed=0)
     lm = pretrained_text_lm(paths, hidden_size=hidden_size, num_layers=num_layers, steps=pretrain_steps)
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=64,
-    )
-    config = LlavaNextVideoConfig(
-        vision_config=vision,
-        text_config=_text_config(VOCAB_SIZE, hidden_size, num_layers),
-        video_token_index=VIDEO_TOKEN_ID,
-        image_token_index=IMAGE_TOKEN_ID,
-        vision_feature_layer=-1,
-        image_grid_pinpoints=[[image_size, image_size]],
-        spatial_pool_stride=2,
-    )
+    vision = clip_vision_config(image_size, patch_size, hidden_size=64)
+    config = llava_next_video_config(vision, _text_config(hidden_size, num_layers), VIDEO_TOKEN_ID, IMAGE_TOKEN_ID)
     model = LlavaNextVideoForConditionalGeneration(config)
     model.model.language_model.load_state_dict(lm.model.state_dict())
     model.lm_head.load_state_dict(lm.lm_head.state_dict())
