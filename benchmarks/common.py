@@ -23,7 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-FAMILIES = ("qwen2_vl", "llava_next_video")
+from regate_lightning.families import FAMILIES as REGISTRY
+from regate_lightning.families import GRID, LLAVA_NEXT_VIDEO, QWEN2_VL, resolve
+
+FAMILIES = (QWEN2_VL, LLAVA_NEXT_VIDEO)
+"""The families the benchmarks build (names of :data:`regate_lightning.families.FAMILIES`)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -50,7 +54,7 @@ class ModelSpec:
         image_size: frame side in pixels (``llava_next_video`` only; Qwen2-VL frames are set per batch).
     """
 
-    family: str = "qwen2_vl"
+    family: str = QWEN2_VL
     vocab_size: int = 4096
     hidden_size: int = 512
     num_layers: int = 4
@@ -73,14 +77,14 @@ class ModelSpec:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.vision_width % self.vision_heads:
             raise ValueError(f"vision_width {self.vision_width} is not a multiple of vision_heads {self.vision_heads}")
-        if self.family == "qwen2_vl" and (self.hidden_size // self.num_heads) % 2:
+        if self.family == QWEN2_VL and (self.hidden_size // self.num_heads) % 2:
             raise ValueError("qwen2_vl needs an even head dimension (M-RoPE sections)")
-        if self.family == "llava_next_video" and self.image_size % (2 * self.patch_size):
+        if self.family == LLAVA_NEXT_VIDEO and self.image_size % (2 * self.patch_size):
             raise ValueError(f"image_size {self.image_size} must be a multiple of 2 * patch_size {self.patch_size}")
 
 
 QWEN2_VL_2B_LIKE = ModelSpec(
-    family="qwen2_vl",
+    family=QWEN2_VL,
     vocab_size=151936,
     hidden_size=1536,
     num_layers=28,
@@ -110,7 +114,7 @@ def model_config(spec: ModelSpec) -> Any:
         intermediate_size=spec.intermediate_size,
         max_positions=32768,
     )
-    if spec.family == "qwen2_vl":
+    if spec.family == QWEN2_VL:
         from transformers import Qwen2VLConfig
 
         vision = {
@@ -155,11 +159,10 @@ def build_model(
     Returns:
         The HF model in train mode, ``use_cache=False``.
     """
+    import transformers
+
     config = model_config(spec)
-    if spec.family == "qwen2_vl":
-        from transformers import Qwen2VLForConditionalGeneration as cls
-    else:
-        from transformers import LlavaNextVideoForConditionalGeneration as cls
+    cls = getattr(transformers, REGISTRY[spec.family].classes[0])
     torch.manual_seed(seed)
     with torch.device(device):
         try:
@@ -181,8 +184,6 @@ def build_model(
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """Parameters in total and in the language model (the text decoder plus the LM head)."""
-    from regate_lightning.families import resolve
-
     parts = resolve(model)
     total = sum(p.numel() for p in model.parameters())
     text = sum(p.numel() for p in parts.decoder.parameters())
@@ -226,20 +227,17 @@ class Shape:
 
 def _frame_unit(model: nn.Module) -> tuple[int, int]:
     """(frames per unit, placeholder tokens per unit) of the family's default frame layout."""
-    from regate_lightning.families import resolve
     from regate_lightning.testing.batches import media_layout
 
     parts = resolve(model)
-    unit = parts.model.config.vision_config.temporal_patch_size if parts.family == "qwen2_vl" else 1
+    unit = parts.model.config.vision_config.temporal_patch_size if parts.family.placeholders == GRID else 1
     _, tokens, _ = media_layout(model, unit)
     return unit, tokens
 
 
 def media_overhead(model: nn.Module) -> int:
     """Non-media, non-text positions around the video: bos, plus Qwen2-VL's vision start/end markers."""
-    from regate_lightning.families import resolve
-
-    return 1 + (2 if resolve(model).family == "qwen2_vl" else 0)
+    return 1 + (2 if resolve(model).family.vision_markers else 0)
 
 
 def visual_granularity(model: nn.Module, frame_grid: tuple[int, int] | None = None) -> int:
@@ -253,8 +251,6 @@ def visual_granularity(model: nn.Module, frame_grid: tuple[int, int] | None = No
 
 
 def _merge(model: nn.Module) -> int:
-    from regate_lightning.families import resolve
-
     return int(resolve(model).model.config.vision_config.spatial_merge_size)
 
 
@@ -297,7 +293,6 @@ def make_batch(model: nn.Module, shape: Shape, seed: int = 0, frame_grid: tuple[
     Returns:
         The model's keys plus ``labels`` and ``sample_idx``.
     """
-    from regate_lightning.families import resolve
     from regate_lightning.testing.batches import random_batch
 
     unit, per_unit = _frame_unit(model)
@@ -317,8 +312,8 @@ def make_batch(model: nn.Module, shape: Shape, seed: int = 0, frame_grid: tuple[
     )
     parts = resolve(model)
     if frame_grid is not None:
-        if parts.family != "qwen2_vl":
-            raise ValueError("`frame_grid` applies to qwen2_vl only")
+        if parts.family.placeholders != GRID:
+            raise ValueError("`frame_grid` applies to grid families (qwen2_vl) only")
         merge = _merge(model)
         height, width = frame_grid
         if height % merge or width % merge:

@@ -41,6 +41,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` and `regate_
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
+    FAMILIES,
     ActivationMeter,
     ModelSpec,
     Shape,
@@ -563,7 +564,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 with --smoke)")
     m = ap.add_argument_group("model (random init)")
-    m.add_argument("--family", default=CPU_SPEC.family, choices=["qwen2_vl", "llava_next_video"])
+    m.add_argument("--family", default=CPU_SPEC.family, choices=list(FAMILIES))
     for name in (
         "vocab_size",
         "hidden_size",

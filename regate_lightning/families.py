@@ -1,26 +1,268 @@
-"""The HF model families this package supports, and where their parts live.
+"""The HF model families this package supports: one registry entry per family, read by every part.
 
-One table (:data:`SUPPORTED`) maps each supported model class to its family; :func:`resolve`
-finds, in a (possibly peft-wrapped) model, the pieces the elision engine and the teacher need: the
-inner model that merges visual features, the text decoder, the LM head and the placeholder ids.
+:data:`FAMILIES` holds one :class:`Family` per supported family: its HF classes and config model types,
+where its vision parts live, its placeholder rule (tokens per image and per video frame, the CLS rule),
+its pixel keys and whether it uses M-RoPE. The elision engine and the teacher read it through
+:func:`resolve` (the parts of a model), the data pipeline through :func:`family_of` (a config's family,
+:class:`~regate_lightning.data.vision.VisionSpec`), the random test batches and the benchmarks through
+both. Any ``*ForCausalLM`` with a ``model`` decoder and an ``lm_head`` is supported too, as the text-only
+family :data:`CAUSAL_LM` (a student without media, or a teacher).
+
+===================  ====================================  =============================================
+family               pixel keys                            placeholder tokens
+===================  ====================================  =============================================
+llava                ``pixel_values``                      image: ``(S / P) ** 2 + CLS - [default]``
+llava_next_video     ``pixel_values_videos``               frame: ``((S / P) // stride) ** 2``; no images
+video_llava          ``pixel_values_images``,              image: as llava; frame: ``(S / P) ** 2 + CLS``
+                     ``pixel_values_videos``
+qwen2_vl             ``pixel_values(_videos)``,            ``t * h * w / merge ** 2`` per media (its grid),
+                     ``image_grid_thw``, ``video_grid_thw`` wrapped in vision start ... end
+===================  ====================================  =============================================
+
+``S`` is the tower's ``image_size``, ``P`` its ``patch_size``, ``CLS`` 1 for a tower with a class token
+(CLIP) and 0 without (SigLIP); ``[default]`` is 1 under ``vision_feature_select_strategy="default"``,
+which drops the first feature (HF's LLaVA does ``[:, 1:]``), and 0 under ``"full"``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
-SUPPORTED: dict[str, str] = {
-    "LlavaForConditionalGeneration": "llava",
-    "LlavaNextVideoForConditionalGeneration": "llava_next_video",
-    "VideoLlavaForConditionalGeneration": "video_llava",
-    "Qwen2VLForConditionalGeneration": "qwen2_vl",
-    "Qwen2_5_VLForConditionalGeneration": "qwen2_vl",
-}
-"""Multimodal classes by name -> family. Any ``*ForCausalLM`` with a decoder and a head is also supported."""
+from regate_lightning.keys import (
+    IMAGE_GRID_THW,
+    PIXEL_VALUES,
+    PIXEL_VALUES_IMAGES,
+    PIXEL_VALUES_VIDEOS,
+    VIDEO_GRID_THW,
+)
 
+# Family names (the values of ``Family.name``).
+LLAVA = "llava"
+LLAVA_NEXT_VIDEO = "llava_next_video"
+VIDEO_LLAVA = "video_llava"
+QWEN2_VL = "qwen2_vl"
 CAUSAL_LM = "causal_lm"
+
+# Placeholder rules (the values of ``Family.placeholders``).
+PATCHES = "patches"
+"""One token per tower patch of an image or frame (LLaVA, Video-LLaVA)."""
+POOLED = "pooled"
+"""One token per pooled patch of a frame: ``spatial_pool_stride`` x ``spatial_pool_stride`` pooling."""
+GRID = "grid"
+"""Qwen2-VL: one token per ``merge x merge`` patches of the media's ``(t, h, w)`` grid."""
+NONE = "none"
+"""A text-only model."""
+
+CLS_TOWERS = ("clip_vision_model",)
+"""Vision towers (config ``model_type``) whose features start with a class token."""
+NO_CLS_TOWERS = ("siglip_vision_model", "siglip2_vision_model")
+"""Vision towers without a class token."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one supported model family is, written once.
+
+    Attributes:
+        name: the family's name (:data:`LLAVA`, ...).
+        classes: the HF model classes, by name (so nothing here imports transformers).
+        model_types: the config ``model_type`` values of those classes.
+        towers: attribute paths, on the inner model (``model.model``), of the vision encoder(s).
+        projectors: attribute paths of the projector(s); one inside a tower (Qwen2-VL's patch merger)
+            is taken out of that tower.
+        placeholders: the placeholder rule: :data:`PATCHES`, :data:`POOLED`, :data:`GRID` or :data:`NONE`.
+        video_cls: whether every video frame keeps the tower's class token (Video-LLaVA).
+        image_key: batch key of image pixels, None if the family takes no images.
+        video_key: batch key of video pixels, None if the family takes no videos.
+        grid_keys: batch keys of the image and video grids (``(t, h, w)`` per media), for :data:`GRID`.
+        image_refusal: why images are refused where the HF class takes them but this package does not, else
+            ``""``.
+        mrope: whether position ids are Qwen2-VL's 3-D M-RoPE ids.
+        vision_markers: whether each media's placeholders are wrapped in vision start / end tokens.
+        token_types: whether the model needs ``mm_token_type_ids`` (0 text, 1 image, 2 video).
+        seconds_per_grid: the model types that also take ``second_per_grid_ts`` per video (Qwen2.5-VL).
+        unused_tower_heads: whether the tower's final norm and pooling head never reach the loss (the
+            family reads the tower's hidden states, so under DDP those parameters get no gradient).
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    model_types: tuple[str, ...]
+    towers: tuple[str, ...] = ()
+    projectors: tuple[str, ...] = ()
+    placeholders: str = NONE
+    video_cls: bool = False
+    image_key: str | None = None
+    video_key: str | None = None
+    grid_keys: tuple[str, str] | None = None
+    image_refusal: str = ""
+    mrope: bool = False
+    vision_markers: bool = False
+    token_types: bool = False
+    seconds_per_grid: tuple[str, ...] = ()
+    unused_tower_heads: bool = False
+
+    @property
+    def multimodal(self) -> bool:
+        """Whether the family takes images or videos."""
+        return self.placeholders != NONE
+
+    def image_tokens(self, config: Any) -> int:
+        """Placeholder tokens per image of a :data:`PATCHES` family.
+
+        Args:
+            config: the HF model config.
+
+        Raises:
+            ValueError: the family has no per-image count (grid families count per media) or takes no
+                images; an unknown tower.
+        """
+        if self.placeholders != PATCHES or self.image_key is None:
+            raise ValueError(f"{self.name} has no fixed number of placeholder tokens per image")
+        grid = patch_grid(config.vision_config)
+        strategy = getattr(config, "vision_feature_select_strategy", "default")
+        return grid * grid + int(tower_has_cls(config.vision_config)) - int(strategy == "default")
+
+    def frame_tokens(self, config: Any) -> int:
+        """Placeholder tokens per video frame of a :data:`PATCHES` or :data:`POOLED` family.
+
+        Args:
+            config: the HF model config.
+
+        Raises:
+            ValueError: the family has no per-frame count or takes no videos; an unknown tower; a pooled
+                family whose features cannot form a square grid.
+        """
+        if self.placeholders not in (PATCHES, POOLED) or self.video_key is None:
+            raise ValueError(f"{self.name} has no fixed number of placeholder tokens per video frame")
+        vision = config.vision_config
+        grid = patch_grid(vision)
+        cls = tower_has_cls(vision)
+        if self.placeholders == PATCHES:
+            return grid * grid + int(cls and self.video_cls)
+        if getattr(config, "vision_feature_select_strategy", "default") == "full" and cls:
+            raise ValueError(
+                f"{self.name} with vision_feature_select_strategy='full' and a CLS tower cannot pool: use 'default'"
+            )
+        pooled = grid // int(config.spatial_pool_stride)
+        return pooled * pooled
+
+
+_LLAVA_IMAGE_REFUSAL = (
+    "LLaVA-NeXT-Video encodes images with anyres tiling, which this package does not implement; "
+    "give it videos (an image can be a one-frame video), or use another family for images"
+)
+
+FAMILIES: dict[str, Family] = {
+    family.name: family
+    for family in (
+        Family(
+            LLAVA,
+            classes=("LlavaForConditionalGeneration",),
+            model_types=("llava",),
+            towers=("vision_tower",),
+            projectors=("multi_modal_projector",),
+            placeholders=PATCHES,
+            image_key=PIXEL_VALUES,
+            unused_tower_heads=True,
+        ),
+        Family(
+            LLAVA_NEXT_VIDEO,
+            classes=("LlavaNextVideoForConditionalGeneration",),
+            model_types=("llava_next_video",),
+            towers=("vision_tower",),
+            projectors=("multi_modal_projector", "vision_resampler"),
+            placeholders=POOLED,
+            video_key=PIXEL_VALUES_VIDEOS,
+            image_refusal=_LLAVA_IMAGE_REFUSAL,
+            unused_tower_heads=True,
+        ),
+        Family(
+            VIDEO_LLAVA,
+            classes=("VideoLlavaForConditionalGeneration",),
+            model_types=("video_llava",),
+            towers=("video_tower", "image_tower"),
+            projectors=("multi_modal_projector",),
+            placeholders=PATCHES,
+            video_cls=True,
+            image_key=PIXEL_VALUES_IMAGES,
+            video_key=PIXEL_VALUES_VIDEOS,
+            unused_tower_heads=True,
+        ),
+        Family(
+            QWEN2_VL,
+            classes=("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"),
+            model_types=("qwen2_vl", "qwen2_5_vl"),
+            towers=("visual",),
+            projectors=("visual.merger",),
+            placeholders=GRID,
+            image_key=PIXEL_VALUES,
+            video_key=PIXEL_VALUES_VIDEOS,
+            grid_keys=(IMAGE_GRID_THW, VIDEO_GRID_THW),
+            mrope=True,
+            vision_markers=True,
+            token_types=True,
+            seconds_per_grid=("qwen2_5_vl",),
+        ),
+    )
+}
+"""The supported multimodal families by name."""
+
+TEXT_ONLY = Family(CAUSAL_LM, classes=(), model_types=())
+"""Any ``*ForCausalLM`` with a ``model`` decoder and an ``lm_head``."""
+
+_BY_CLASS = {cls: family for family in FAMILIES.values() for cls in family.classes}
+_BY_MODEL_TYPE = {kind: family for family in FAMILIES.values() for kind in family.model_types}
+
+
+def tower_has_cls(vision_config: Any) -> bool:
+    """Whether a vision tower's features start with a class token (CLIP) or not (SigLIP).
+
+    Raises:
+        ValueError: for a tower not in :data:`CLS_TOWERS` or :data:`NO_CLS_TOWERS`.
+    """
+    kind = getattr(vision_config, "model_type", "")
+    if kind in NO_CLS_TOWERS:
+        return False
+    if kind in CLS_TOWERS:
+        return True
+    raise ValueError(
+        f"unknown vision tower {kind!r}: cannot tell whether it has a CLS token; supported towers are "
+        f"{CLS_TOWERS + NO_CLS_TOWERS}"
+    )
+
+
+def patch_grid(vision_config: Any) -> int:
+    """Patches per side of a tower's square input (``image_size / patch_size``).
+
+    Raises:
+        ValueError: the image size is not a multiple of the patch size.
+    """
+    size, patch = int(vision_config.image_size), int(vision_config.patch_size)
+    if size % patch:
+        raise ValueError(f"image_size {size} is not a multiple of patch_size {patch}")
+    return size // patch
+
+
+def config_of(model_or_config: Any) -> Any:
+    """The HF config of a model (possibly peft-wrapped), or the argument itself when it is a config."""
+    return getattr(unwrap(model_or_config), "config", model_or_config)
+
+
+def family_of(model_or_config: Any) -> Family:
+    """The family of an HF multimodal model (possibly peft-wrapped) or of its config, by ``model_type``.
+
+    Raises:
+        ValueError: an unsupported model type (the message lists the supported ones).
+    """
+    kind = getattr(config_of(model_or_config), "model_type", None)
+    family = _BY_MODEL_TYPE.get(str(kind))
+    if family is None:
+        raise ValueError(f"model type {kind!r} is not supported; supported are {sorted(_BY_MODEL_TYPE)}")
+    return family
 
 
 @dataclass(frozen=True)
@@ -28,32 +270,35 @@ class ModelParts:
     """The pieces of one HF model that this package drives.
 
     Attributes:
-        family: a value of :data:`SUPPORTED`, or ``"causal_lm"``.
+        family: the model's :class:`Family` (:data:`TEXT_ONLY` for a causal LM).
         model: the unwrapped HF model (``*ForConditionalGeneration`` / ``*ForCausalLM``).
         inner: the model without its head (``model.model``); returns ``last_hidden_state``.
         decoder: the text decoder that takes ``inputs_embeds`` (for a causal LM, ``inner`` itself).
         lm_head: the output projection to the vocabulary.
         media_token_ids: ids of image/video placeholder tokens (empty for a causal LM).
-        mrope: whether position ids are Qwen2-VL's 3-D M-RoPE ids.
     """
 
-    family: str
+    family: Family
     model: nn.Module
     inner: nn.Module
     decoder: nn.Module
     lm_head: nn.Module
     media_token_ids: tuple[int, ...]
-    mrope: bool
+
+    @property
+    def mrope(self) -> bool:
+        """Whether position ids are Qwen2-VL's 3-D M-RoPE ids."""
+        return self.family.mrope
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """Return the HF model inside a peft ``PeftModel`` (or the model itself)."""
+def unwrap(model: Any) -> Any:
+    """Return the HF model inside a peft ``PeftModel`` (or the argument itself)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 
 
 def _supported_message(name: str) -> str:
-    classes = ", ".join(sorted(SUPPORTED))
+    classes = ", ".join(sorted(_BY_CLASS))
     return (
         f"model class {name} is not supported; supported are {classes}, and text-only *ForCausalLM models "
         "with a `model` decoder and an `lm_head`"
@@ -74,7 +319,7 @@ def resolve(model: nn.Module) -> ModelParts:
     """
     hf = unwrap(model)
     name = type(hf).__name__
-    family = SUPPORTED.get(name)
+    family = _BY_CLASS.get(name)
     if family is not None:
         inner = hf.model
         cfg = hf.config
@@ -83,30 +328,38 @@ def resolve(model: nn.Module) -> ModelParts:
             for i in (getattr(cfg, "image_token_id", None), getattr(cfg, "video_token_id", None))
             if i is not None
         )
-        return ModelParts(family, hf, inner, inner.language_model, hf.lm_head, ids, family == "qwen2_vl")
+        return ModelParts(family, hf, inner, inner.language_model, hf.lm_head, ids)
     if name.endswith("ForCausalLM") and isinstance(getattr(hf, "model", None), nn.Module) and hasattr(hf, "lm_head"):
-        return ModelParts(CAUSAL_LM, hf, hf.model, hf.model, hf.lm_head, (), False)
+        return ModelParts(TEXT_ONLY, hf, hf.model, hf.model, hf.lm_head, ())
     raise TypeError(_supported_message(name))
+
+
+def _find(root: nn.Module, path: str) -> nn.Module | None:
+    module: Any = root
+    for name in path.split("."):
+        module = getattr(module, name, None)
+    return module if isinstance(module, nn.Module) else None
 
 
 def vision_parts(parts: ModelParts) -> tuple[list[nn.Module], list[nn.Module]]:
     """The vision encoder's modules and the projector's modules of a multimodal model.
 
-    For Qwen2-VL the projector is the patch merger inside ``visual``; freezing the tower then
-    freezes every ``visual`` parameter outside the merger.
+    A projector inside a tower (Qwen2-VL's patch merger inside ``visual``) is taken out of it: the tower
+    is then the tower's other children, so freezing the tower freezes every ``visual`` parameter outside
+    the merger.
 
     Returns:
         ``(tower, projector)``, empty lists for a causal LM.
     """
-    inner = parts.inner
-    if parts.family == "qwen2_vl":
-        visual = inner.visual
-        tower = [m for name, m in visual.named_children() if name != "merger"]
-        return tower, [visual.merger]
-    if parts.family == CAUSAL_LM:
-        return [], []
-    tower = [getattr(inner, n) for n in ("vision_tower", "video_tower", "image_tower") if hasattr(inner, n)]
-    projector = [getattr(inner, n) for n in ("multi_modal_projector", "vision_resampler") if hasattr(inner, n)]
+    family, inner = parts.family, parts.inner
+    projector = [m for m in (_find(inner, p) for p in family.projectors) if m is not None]
+    tower: list[nn.Module] = []
+    for path in family.towers:
+        module = _find(inner, path)
+        if module is None:
+            continue
+        inside = {p[len(path) + 1 :] for p in family.projectors if p.startswith(path + ".")}
+        tower += [m for n, m in module.named_children() if n not in inside] if inside else [module]
     return tower, projector
 
 
@@ -118,9 +371,9 @@ def unused_vision_modules(parts: ModelParts) -> list[nn.Module]:
     were not used" unless ``find_unused_parameters`` is on. :class:`~regate_lightning.MLLMModule`
     freezes them (their values do not affect any output).
     """
-    tower, _ = vision_parts(parts)
-    if parts.family in (CAUSAL_LM, "qwen2_vl"):
+    if not parts.family.unused_tower_heads:
         return []
+    tower, _ = vision_parts(parts)
     found = []
     for module in tower:
         vision_model = getattr(module, "vision_model", module)

@@ -19,6 +19,16 @@ KEEP_MASK = "keep_mask"
 SAMPLE_IDX = "sample_idx"
 """int64 [B]; a stable integer id per sample (its index in the training set)."""
 MM_TOKEN_TYPE_IDS = "mm_token_type_ids"
+"""int64 [B, L]; Qwen2-VL's media type of each position: :data:`TEXT_TYPE`, :data:`IMAGE_TYPE` or :data:`VIDEO_TYPE`."""
+TEXT_TYPE, IMAGE_TYPE, VIDEO_TYPE = 0, 1, 2
+
+# HF batch keys of the media tensors (which family reads which: regate_lightning.families).
+PIXEL_VALUES = "pixel_values"
+PIXEL_VALUES_IMAGES = "pixel_values_images"
+PIXEL_VALUES_VIDEOS = "pixel_values_videos"
+IMAGE_GRID_THW = "image_grid_thw"
+VIDEO_GRID_THW = "video_grid_thw"
+SECOND_PER_GRID_TS = "second_per_grid_ts"
 
 # Multiple-choice evaluation batches (one row per option; int64 [B]).
 QUESTION_IDX = "question_idx"

@@ -36,8 +36,8 @@ import torch
 
 from regate_lightning.data.conversations import IMAGE_MARKER, VIDEO_MARKER, Turn
 from regate_lightning.data.errors import DataError
-from regate_lightning.data.vision import IMAGE_TYPE, TEXT_TYPE, VIDEO_TYPE, ProcessedMedia, VisionSpec
-from regate_lightning.keys import IGNORE_INDEX
+from regate_lightning.data.vision import ProcessedMedia, VisionSpec
+from regate_lightning.keys import IGNORE_INDEX, IMAGE_TYPE, TEXT_TYPE, VIDEO_TYPE
 
 FALLBACK_CHAT_TEMPLATE = (
     "{% if bos_token %}{{ bos_token }}{% endif %}"
@@ -253,5 +253,5 @@ class ChatRenderer:
             media={k: torch.cat(v) for k, v in tensors.items()},
             sample_idx=int(sample_idx),
             visual_end=visual_end,
-            emit_token_types=self.spec.is_qwen,
+            emit_token_types=self.spec.token_types,
         )

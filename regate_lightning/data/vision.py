@@ -1,66 +1,29 @@
 """What each model family expects of its pixels and placeholder tokens, derived from the model's config.
 
 :class:`VisionSpec` is read from an HF config (:meth:`VisionSpec.from_model`) and turns decoded
-``uint8`` frames into the model's own tensors and the number of placeholder tokens they need:
+``uint8`` frames into the model's own tensors and the number of placeholder tokens they need. Which
+keys and which placeholder rule a family has is written once, in :mod:`regate_lightning.families`
+(its table lists them); this module applies them to pixels.
 
-===================  ==================================  ============================================
-family               tensors (per media, cat on dim 0)    placeholder tokens
-===================  ==================================  ============================================
-llava                ``pixel_values`` [1, 3, H, W]         image: ``(S / P) ** 2`` (+1 if the strategy is
-                                                          ``"full"`` and the tower has a CLS token)
-llava_next_video     ``pixel_values_videos`` [1,T,3,H,W]   video: ``T * ((S / P) // stride) ** 2``;
-                                                          images refused (they need anyres tiling)
-video_llava          ``pixel_values_images`` [1,3,H,W],    image: as llava; video: ``T * ((S / P) ** 2
-                     ``pixel_values_videos`` [1,T,3,H,W]   + CLS)`` (the CLS token is kept for video)
-qwen2_vl             ``pixel_values(_videos)`` [t*h*w,     ``t * h * w / merge ** 2`` pads, wrapped in
-                     3*tp*P*P], ``*_grid_thw`` [1, 3]      vision_start ... vision_end
-===================  ==================================  ============================================
-
-``S`` is the tower's ``image_size``, ``P`` its ``patch_size``; ``(t, h, w)`` is the Qwen2-VL grid in
-patches. Qwen2.5-VL also gets ``second_per_grid_ts`` [1] (``temporal_patch_size / sampled fps``) per
-video, as its processor does. Qwen2-VL patches are flattened exactly like HF's
-``Qwen2VLImageProcessor`` / ``Qwen2VLVideoProcessor``: grid order ``(t, h / m, w / m, m, m)`` and, inside
-a patch, ``(channel, temporal, P, P)``. An image is one frame repeated ``temporal_patch_size`` times; a
-video whose frame count is not a multiple of ``temporal_patch_size`` repeats its last frame.
+Qwen2.5-VL also gets ``second_per_grid_ts`` [1] (``temporal_patch_size / sampled fps``) per video, as
+its processor does. Qwen2-VL patches are flattened exactly like HF's ``Qwen2VLImageProcessor`` /
+``Qwen2VLVideoProcessor``: grid order ``(t, h / m, w / m, m, m)`` and, inside a patch, ``(channel,
+temporal, P, P)``. An image is one frame repeated ``temporal_patch_size`` times; a video whose frame
+count is not a multiple of ``temporal_patch_size`` repeats its last frame.
 
 Normalisation defaults to CLIP's mean/std for CLIP and Qwen towers and ``0.5`` for SigLIP.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from regate_lightning.data.video import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, normalize
-
-LLAVA = "llava"
-LLAVA_NEXT_VIDEO = "llava_next_video"
-VIDEO_LLAVA = "video_llava"
-QWEN2_VL = "qwen2_vl"
-
-_FAMILIES: dict[str, str] = {
-    "llava": LLAVA,
-    "llava_next_video": LLAVA_NEXT_VIDEO,
-    "video_llava": VIDEO_LLAVA,
-    "qwen2_vl": QWEN2_VL,
-    "qwen2_5_vl": QWEN2_VL,
-}
-_NO_CLS_TOWERS = ("siglip_vision_model", "siglip2_vision_model")
-_CLS_TOWERS = ("clip_vision_model",)
-
-# HF batch keys of the media tensors.
-PIXEL_VALUES = "pixel_values"
-PIXEL_VALUES_IMAGES = "pixel_values_images"
-PIXEL_VALUES_VIDEOS = "pixel_values_videos"
-IMAGE_GRID_THW = "image_grid_thw"
-VIDEO_GRID_THW = "video_grid_thw"
-SECOND_PER_GRID_TS = "second_per_grid_ts"
-
-TEXT_TYPE, IMAGE_TYPE, VIDEO_TYPE = 0, 1, 2
-"""Values of ``mm_token_type_ids``."""
+from regate_lightning.families import FAMILIES, GRID, NO_CLS_TOWERS, Family, config_of, family_of, patch_grid
+from regate_lightning.keys import IMAGE_GRID_THW, PIXEL_VALUES, PIXEL_VALUES_VIDEOS, SECOND_PER_GRID_TS, VIDEO_GRID_THW
 
 
 @dataclass(frozen=True)
@@ -78,31 +41,10 @@ class ProcessedMedia:
     num_tokens: int
 
 
-def _tower_has_cls(vision_config: Any) -> bool:
-    kind = getattr(vision_config, "model_type", "")
-    if kind in _NO_CLS_TOWERS:
-        return False
-    if kind in _CLS_TOWERS:
-        return True
-    raise ValueError(
-        f"unknown vision tower {kind!r}: cannot tell whether it has a CLS token; supported towers are "
-        f"{_CLS_TOWERS + _NO_CLS_TOWERS}"
-    )
-
-
 def _triple(values: tuple[float, ...] | list[float]) -> tuple[float, float, float]:
     if len(values) != 3:
         raise ValueError(f"`mean` and `std` need 3 values (RGB), got {values}")
     return (float(values[0]), float(values[1]), float(values[2]))
-
-
-def _config_of(model_or_config: Any) -> Any:
-    config = getattr(model_or_config, "config", model_or_config)
-    if not hasattr(config, "model_type"):
-        # A peft wrapper exposes the HF model through get_base_model().
-        base = getattr(model_or_config, "get_base_model", None)
-        config = base().config if callable(base) else config
-    return config
 
 
 @dataclass(frozen=True)
@@ -176,77 +118,45 @@ class VisionSpec:
         Raises:
             ValueError: unsupported model type, tower, strategy or size; the message names the fix.
         """
-        config = _config_of(model_or_config)
-        model_type = getattr(config, "model_type", None)
-        family = _FAMILIES.get(str(model_type))
-        if family is None:
-            raise ValueError(f"model type {model_type!r} is not supported; supported are {sorted(_FAMILIES)}")
+        config = config_of(model_or_config)
+        family = family_of(config)
         vision = config.vision_config
         vocab = int(config.get_text_config().vocab_size)
-        if family == QWEN2_VL:
-            return cls._qwen(config, vision, vocab, size, mean, std)
-        siglip = getattr(vision, "model_type", "") in _NO_CLS_TOWERS
-        side, patch = int(vision.image_size), int(vision.patch_size)
+        if family.placeholders == GRID:
+            return cls._grid(family, config, vocab, size, mean, std)
+        siglip = getattr(vision, "model_type", "") in NO_CLS_TOWERS
+        side = int(vision.image_size)
+        patch_grid(vision)  # refuses a tower whose image size is no whole number of patches
         if size is not None and tuple(size) != (side, side):
-            raise ValueError(
-                f"`size` must be the tower's image size ({side}, {side}) for {family}, got {size}"
-            )
-        grid = side // patch
-        cls_token = int(_tower_has_cls(vision))
-        strategy = getattr(config, "vision_feature_select_strategy", "default")
-        image_tokens = grid * grid + (cls_token if strategy == "full" else 0)
-        base = cls(
-            family=family,
+            raise ValueError(f"`size` must be the tower's image size ({side}, {side}) for {family.name}, got {size}")
+        images = family.image_key is not None
+        videos = family.video_key is not None
+        return cls(
+            family=family.name,
             size=(side, side),
             mean=_triple(mean or (SIGLIP_MEAN if siglip else CLIP_MEAN)),
             std=_triple(std or (SIGLIP_STD if siglip else CLIP_STD)),
             vocab_size=vocab,
-        )
-        if family == LLAVA:
-            return dataclasses.replace(
-                base,
-                image_token_id=int(config.image_token_id),
-                tokens_per_image=image_tokens,
-                image_key=PIXEL_VALUES,
-            )
-        if family == VIDEO_LLAVA:
-            return dataclasses.replace(
-                base,
-                image_token_id=int(config.image_token_id),
-                video_token_id=int(config.video_token_id),
-                tokens_per_image=image_tokens,
-                tokens_per_frame=grid * grid + cls_token,
-                image_key=PIXEL_VALUES_IMAGES,
-                video_key=PIXEL_VALUES_VIDEOS,
-            )
-        # llava_next_video: its pooler reshapes patch features to a square grid: no room for a CLS token.
-        if strategy == "full" and cls_token:
-            raise ValueError(
-                "llava_next_video with vision_feature_select_strategy='full' and a CLS tower cannot pool"
-            )
-        per_frame = (grid // int(config.spatial_pool_stride)) ** 2
-        refusal = (
-            "LLaVA-NeXT-Video encodes images with anyres tiling, which this package does not implement; "
-            "give it videos (an image can be a one-frame video), or use another family for images"
-        )
-        return dataclasses.replace(
-            base,
-            video_token_id=int(config.video_token_id),
-            tokens_per_frame=per_frame,
-            image_refusal=refusal,
-            video_key=PIXEL_VALUES_VIDEOS,
+            image_token_id=int(config.image_token_id) if images else None,
+            video_token_id=int(config.video_token_id) if videos else None,
+            tokens_per_image=family.image_tokens(config) if images else 0,
+            tokens_per_frame=family.frame_tokens(config) if videos else 0,
+            image_refusal=family.image_refusal,
+            image_key=family.image_key,
+            video_key=family.video_key,
         )
 
     @classmethod
-    def _qwen(
+    def _grid(
         cls,
+        family: Family,
         config: Any,
-        vision: Any,
         vocab: int,
         size: tuple[int, int] | None,
         mean: tuple[float, float, float] | None,
         std: tuple[float, float, float] | None,
     ) -> VisionSpec:
+        vision = config.vision_config
         patch, merge = int(vision.patch_size), int(vision.spatial_merge_size)
         factor = patch * merge
         size = (int(size[0]), int(size[1])) if size is not None else (4 * factor, 4 * factor)
@@ -255,7 +165,7 @@ class VisionSpec:
                 f"`size` must be positive multiples of patch_size * merge_size = {factor}, got {size}"
             )
         return cls(
-            family=QWEN2_VL,
+            family=family.name,
             size=(int(size[0]), int(size[1])),
             mean=_triple(mean or CLIP_MEAN),
             std=_triple(std or CLIP_STD),
@@ -267,15 +177,20 @@ class VisionSpec:
             patch_size=patch,
             temporal_patch_size=int(vision.temporal_patch_size),
             merge_size=merge,
-            seconds_per_grid=config.model_type == "qwen2_5_vl",
-            image_key=PIXEL_VALUES,
-            video_key=PIXEL_VALUES_VIDEOS,
+            seconds_per_grid=config.model_type in family.seconds_per_grid,
+            image_key=family.image_key,
+            video_key=family.video_key,
         )
 
     @property
     def is_qwen(self) -> bool:
-        """Whether the family is Qwen2-VL / Qwen2.5-VL (grids, M-RoPE, ``mm_token_type_ids``)."""
-        return self.family == QWEN2_VL
+        """Whether the family counts placeholders by grid (Qwen2-VL / Qwen2.5-VL: patches, grids, markers)."""
+        return FAMILIES[self.family].placeholders == GRID
+
+    @property
+    def token_types(self) -> bool:
+        """Whether the model needs ``mm_token_type_ids`` beside ``input_ids``."""
+        return FAMILIES[self.family].token_types
 
     @property
     def media_token_ids(self) -> tuple[int, ...]:
@@ -298,7 +213,7 @@ class VisionSpec:
         token = self.image_token_id if kind == "image" else self.video_token_id
         assert token is not None
         ids = [token] * num_tokens
-        if self.is_qwen:
+        if FAMILIES[self.family].vision_markers:
             assert self.vision_start_token_id is not None and self.vision_end_token_id is not None
             ids = [self.vision_start_token_id, *ids, self.vision_end_token_id]
         return ids

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from regate_lightning.families import CAUSAL_LM, resolve
+from regate_lightning.families import GRID, resolve
 from regate_lightning.keys import (
     ATTENTION_MASK,
     IGNORE_INDEX,
@@ -20,69 +20,48 @@ from regate_lightning.keys import (
     LABELS,
     MM_TOKEN_TYPE_IDS,
     SAMPLE_IDX,
+    VIDEO_TYPE,
 )
-
-
-def _vision_geometry(vision_config: Any) -> tuple[int, int]:
-    size = vision_config.image_size
-    patch = vision_config.patch_size
-    if size % patch:
-        raise ValueError(f"image_size {size} is not a multiple of patch_size {patch}")
-    return size, size // patch
 
 
 def media_layout(model: nn.Module, num_frames: int) -> tuple[int, int, dict[str, Any]]:
     """Placeholder id, placeholder count and pixel tensor shapes of one sample's media.
 
+    A family that takes videos gets one video of ``num_frames`` frames, else one image; the counts follow
+    the family's placeholder rule in :mod:`regate_lightning.families`.
+
     Args:
-        model: a supported HF model.
-        num_frames: frames per video (video families); even for Qwen2-VL.
+        model: a supported multimodal HF model.
+        num_frames: frames per video (video families); a multiple of the temporal patch size for grid
+            families (Qwen2-VL), whose frames are ``4 * merge`` patches a side.
 
     Returns:
-        ``(token_id, num_tokens, spec)`` where ``spec`` describes the pixel inputs of one sample.
+        ``(token_id, num_tokens, spec)`` where ``spec`` describes the pixel inputs of one sample:
+        ``{"key", "shape"}``, plus ``"grid"`` (``(t, h, w)``) for grid families.
+
+    Raises:
+        ValueError: a text-only model, or a frame count the family cannot take.
     """
     parts = resolve(model)
-    cfg = parts.model.config
-    if parts.family == "llava":
-        size, grid = _vision_geometry(cfg.vision_config)
-        cls = (
-            1
-            if cfg.vision_feature_select_strategy == "full" and "siglip" not in cfg.vision_config.model_type
-            else 0
-        )
-        return cfg.image_token_id, grid * grid + cls, {"key": "pixel_values", "shape": (3, size, size)}
-    if parts.family == "llava_next_video":
-        size, grid = _vision_geometry(cfg.vision_config)
-        pooled = grid // cfg.spatial_pool_stride
-        shape = (num_frames, 3, size, size)
-        return (
-            cfg.video_token_id,
-            num_frames * pooled * pooled,
-            {"key": "pixel_values_videos", "shape": shape},
-        )
-    if parts.family == "video_llava":
-        size, grid = _vision_geometry(cfg.vision_config)
-        shape = (num_frames, 3, size, size)
-        return (
-            cfg.video_token_id,
-            num_frames * (grid * grid + 1),
-            {"key": "pixel_values_videos", "shape": shape},
-        )
-    if parts.family == "qwen2_vl":
-        vc = cfg.vision_config
-        tp, merge, patch = vc.temporal_patch_size, vc.spatial_merge_size, vc.patch_size
+    family, cfg = parts.family, parts.model.config
+    vision = getattr(cfg, "vision_config", None)
+    if family.placeholders == GRID:
+        tp, merge, patch = vision.temporal_patch_size, vision.spatial_merge_size, vision.patch_size
         if num_frames % tp:
             raise ValueError(f"`num_frames` must be a multiple of temporal_patch_size {tp}, got {num_frames}")
         side = 4 * merge  # 4 merged tokens per side
         grid = (num_frames // tp, side, side)
         n_patches = grid[0] * grid[1] * grid[2]
-        spec = {
-            "key": "pixel_values_videos",
-            "shape": (n_patches, vc.in_channels * tp * patch * patch),
-            "grid": grid,
-        }
+        spec = {"key": family.video_key, "shape": (n_patches, vision.in_channels * tp * patch * patch), "grid": grid}
         return cfg.video_token_id, n_patches // (merge * merge), spec
-    raise ValueError(f"no media layout for family {parts.family!r}")
+    if family.video_key is not None:
+        size = vision.image_size
+        shape = (num_frames, 3, size, size)
+        return cfg.video_token_id, num_frames * family.frame_tokens(cfg), {"key": family.video_key, "shape": shape}
+    if family.image_key is not None:
+        size = vision.image_size
+        return cfg.image_token_id, family.image_tokens(cfg), {"key": family.image_key, "shape": (3, size, size)}
+    raise ValueError(f"no media layout for family {family.name!r}")
 
 
 def random_batch(
@@ -114,8 +93,9 @@ def random_batch(
     vocab = text_cfg.vocab_size
     gen = torch.Generator().manual_seed(seed)
     low, high = 3, vocab - 8  # keep clear of pad/bos/eos and of the placeholder ids at the top
-    media_id, n_media, spec = (None, 0, {}) if parts.family == CAUSAL_LM else media_layout(model, num_frames)
-    vision_wrap = parts.family == "qwen2_vl"
+    family = parts.family
+    media_id, n_media, spec = media_layout(model, num_frames) if family.multimodal else (None, 0, {})
+    vision_wrap = family.vision_markers
     head = 1 + n_media + (2 if vision_wrap else 0) + prompt_len
     length = head + answer_len
     ids = torch.zeros(batch_size, length, dtype=torch.long)
@@ -139,7 +119,7 @@ def random_batch(
         attention[row, :n] = 1
         labels[row, head:n] = ids[row, head:n]
         if media_id is not None:
-            types[row, :n] = (ids[row, :n] == media_id).long() * 2
+            types[row, :n] = (ids[row, :n] == media_id).long() * VIDEO_TYPE
     batch: dict[str, torch.Tensor] = {
         INPUT_IDS: ids,
         ATTENTION_MASK: attention,
@@ -148,8 +128,9 @@ def random_batch(
     }
     if spec:
         batch[spec["key"]] = torch.randn((batch_size, *spec["shape"]), generator=gen)
-        if parts.family == "qwen2_vl":
+        if family.grid_keys is not None:
             batch[spec["key"]] = batch[spec["key"]].flatten(0, 1)
-            batch["video_grid_thw"] = torch.tensor([spec["grid"]] * batch_size, dtype=torch.long)
+            batch[family.grid_keys[1]] = torch.tensor([spec["grid"]] * batch_size, dtype=torch.long)
+        if family.token_types:
             batch[MM_TOKEN_TYPE_IDS] = types
     return batch
