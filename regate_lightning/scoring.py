@@ -1,4 +1,4 @@
-"""The method's arithmetic (pure torch): fused score, top-k selection, EMA update, candidate layout.
+"""The method's arithmetic (pure torch): fused score, keep masks (top-k, random, adaptive), EMA update, layout.
 
 Per-candidate values travel in one *flat* layout throughout the package: ``flat = x[candidates]`` for
 an ``[B, L]`` tensor ``x`` and a bool ``[B, L]`` candidate mask, i.e. row by row and, inside a row, in
@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "adaptive_keep",
     "check_fraction",
     "check_int",
     "check_keep_ratio",
@@ -188,17 +189,76 @@ def select_keep(scores: Tensor, candidates: Tensor, keep_ratio: float, min_keep:
     _check_candidates(candidates)
     _check_same_shape("scores", scores, "candidates", candidates)
     k = num_kept(candidates.sum(1), keep_ratio, min_keep)
-    # Order every row by score (descending, stable: earlier position first among ties), then move the
-    # candidates to the front with a second stable sort; the first n entries are then the candidates
-    # in rank order, whatever the scores of non-candidates are.
+    return _keep_first(_rank_order(scores, candidates), candidates, k)
+
+
+def _rank_order(scores: Tensor, candidates: Tensor) -> Tensor:
+    """Positions of each row, candidates first in descending score order, then the non-candidates.
+
+    Every row is ordered by score (descending, stable: earlier position first among ties; NaN first),
+    then the candidates are moved to the front with a second stable sort, so the first ``n`` entries of
+    a row with ``n`` candidates are its candidates in rank order, whatever the other scores are.
+
+    Returns:
+        int64 ``[B, L]``.
+    """
     by_score = torch.sort(scores, dim=1, descending=True, stable=True).indices
     is_cand = torch.gather(candidates, 1, by_score).to(torch.uint8)
-    by_rank = torch.gather(by_score, 1, torch.sort(is_cand, dim=1, descending=True, stable=True).indices)
-    rank = torch.arange(scores.shape[1], device=scores.device)
+    return torch.gather(by_score, 1, torch.sort(is_cand, dim=1, descending=True, stable=True).indices)
+
+
+def _keep_first(by_rank: Tensor, candidates: Tensor, k: Tensor) -> Tensor:
+    """Keep mask that drops every candidate of row ``b`` ranked ``k[b]`` or later in ``by_rank``."""
+    rank = torch.arange(candidates.shape[1], device=candidates.device)
     n = candidates.sum(1, keepdim=True)
     dropped_in_rank_order = (rank >= k.unsqueeze(1)) & (rank < n)
     dropped = torch.zeros_like(candidates).scatter_(1, by_rank, dropped_in_rank_order)
     return ~dropped
+
+
+def adaptive_keep(scores: Tensor, candidates: Tensor, coverage: float, min_keep: int = 1) -> Tensor:
+    """Keep mask with a keep count per sample from its own scores: the fewest top candidates covering ``coverage``.
+
+    Per row, candidates are ranked as in :func:`select_keep` (descending score, earlier position first
+    among ties, NaN first) and the shortest prefix of that ranking whose scores sum to at least
+    ``coverage`` times the row's total is kept, with at least ``min_keep`` candidates (capped at ``n``).
+    Scores are clamped at 0 for the sums, and a NaN score counts 0 (it is kept, being ranked first,
+    but covers nothing). A row whose scores are all 0 keeps ``min_keep``. A row with a few dominant
+    scores keeps few candidates; a row of even scores keeps about ``coverage * n``. Sums are float64.
+    Fully vectorised, like :func:`select_keep`.
+
+    Args:
+        scores: float ``[B, L]``; only values at candidate positions are read.
+        candidates: bool ``[B, L]``, the positions that may be elided.
+        coverage: share of the row's total score to keep, in ``(0, 1]``.
+        min_keep: lower bound on the kept candidates per row (capped at ``n``), ``>= 0``.
+
+    Returns:
+        bool ``[B, L]``; ``False`` exactly at the elided candidates.
+
+    Raises:
+        TypeError: if ``candidates`` is not bool.
+        ValueError: if the shapes differ or an argument is out of range.
+
+    Example:
+        >>> scores = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+        >>> adaptive_keep(scores, torch.ones(2, 5, dtype=torch.bool), coverage=0.7)
+        tensor([[ True,  True, False, False, False],
+                [ True,  True,  True,  True, False]])
+    """
+    _check_candidates(candidates)
+    _check_same_shape("scores", scores, "candidates", candidates)
+    check_fraction("coverage", coverage, allow_zero=False)
+    check_int("min_keep", min_keep, minimum=0)
+    by_rank = _rank_order(scores, candidates)
+    mass = torch.where(candidates, scores.to(torch.float64).nan_to_num(0.0).clamp(min=0.0), 0.0)
+    ranked = torch.gather(mass, 1, by_rank)  # non-candidates sit at the end with mass 0
+    before = torch.cumsum(ranked, dim=1) - ranked  # mass of the candidates ranked above each entry
+    need = coverage * ranked.sum(1, keepdim=True)
+    n = candidates.sum(1)
+    # The fewest first k whose mass reaches `need`: the entries that still see less than `need` above them.
+    k = ((before < need) & (torch.arange(scores.shape[1], device=scores.device) < n.unsqueeze(1))).sum(1)
+    return _keep_first(by_rank, candidates, torch.minimum(k.clamp(min=min_keep), n))
 
 
 def random_keep(

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from regate_lightning.scoring import (
+    adaptive_keep,
     ema_update,
     fuse_scores,
     gather_candidates,
@@ -218,6 +219,72 @@ def test_random_keep_is_reproducible_and_uniform() -> None:
     many = random_keep(torch.ones(4000, 10, dtype=torch.bool), 0.3, generator=g)
     freq = many.float().mean(0)
     assert torch.allclose(freq, torch.full((10,), 0.3), atol=0.03)
+
+
+# --------------------------------------------------------------------------------------------------
+# adaptive_keep
+
+
+def _reference_adaptive(scores: torch.Tensor, candidates: torch.Tensor, coverage: float, min_keep: int) -> torch.Tensor:
+    """A row-by-row loop: rank as select_keep does, keep the shortest prefix reaching the share."""
+    keep = torch.ones_like(candidates)
+    for b in range(scores.shape[0]):
+        pos = [t for t in range(scores.shape[1]) if candidates[b, t]]
+        order = sorted(pos, key=lambda t: (0 if math.isnan(scores[b, t]) else 1, -float(scores[b, t]), t))
+        mass = [0.0 if math.isnan(scores[b, t]) else max(float(scores[b, t]), 0.0) for t in order]
+        need, k, total = coverage * sum(mass), 0, 0.0
+        while k < len(order) and total < need:
+            total += mass[k]
+            k += 1
+        for t in order[min(len(order), max(k, min_keep)) :]:
+            keep[b, t] = False
+    return keep
+
+
+def test_adaptive_keep_covers_the_share_with_the_fewest() -> None:
+    scores = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0], [10.0, 0.1, 0.1, 0.1, 0.1], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    candidates = torch.ones(3, 5, dtype=torch.bool)
+    kept = adaptive_keep(scores, candidates, coverage=0.7, min_keep=1).sum(1)
+    assert kept.tolist() == [2, 1, 4]  # 7 of 10; one dominant score; even scores: ceil(0.7 * 5)
+    assert adaptive_keep(scores, candidates, coverage=1.0, min_keep=0).sum(1).tolist() == [4, 5, 5]  # zeros add nothing
+
+
+def test_adaptive_keep_ties_zeros_nan_and_min_keep() -> None:
+    candidates = torch.ones(1, 4, dtype=torch.bool)
+    ties = adaptive_keep(torch.tensor([[1.0, 2.0, 2.0, 1.0]]), candidates, coverage=0.5, min_keep=0)
+    assert ties.tolist() == [[False, True, True, False]]
+    ties = adaptive_keep(torch.tensor([[2.0, 2.0, 2.0, 2.0]]), candidates, coverage=0.3, min_keep=0)
+    assert ties.tolist() == [[True, True, False, False]], "among equal scores the earlier position wins"
+    zeros = torch.zeros(1, 4)
+    assert adaptive_keep(zeros, candidates, 0.9, min_keep=0).sum().item() == 0
+    assert adaptive_keep(zeros, candidates, 0.9, min_keep=2).tolist() == [[True, True, False, False]]
+    assert adaptive_keep(zeros, candidates, 0.9, min_keep=9).all(), "min_keep is capped at n"
+    # NaN ranks first (kept before scored candidates) but covers nothing; negative scores count 0.
+    nan = adaptive_keep(torch.tensor([[1.0, NAN, 5.0, -3.0]]), candidates, coverage=0.5, min_keep=0)
+    assert nan.tolist() == [[False, True, True, False]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("coverage", [0.3, 0.8, 1.0])
+@pytest.mark.parametrize("min_keep", [0, 3])
+def test_adaptive_keep_matches_reference(device: str, coverage: float, min_keep: int) -> None:
+    g = torch.Generator().manual_seed(99)
+    scores = torch.randint(0, 5, (16, 30), generator=g).float()  # ties and zeros
+    scores[2, :5] = NAN
+    candidates = torch.rand(16, 30, generator=g) < 0.6
+    candidates[4] = False
+    keep = adaptive_keep(scores.to(device), candidates.to(device), coverage, min_keep)
+    assert torch.equal(keep.cpu(), _reference_adaptive(scores, candidates, coverage, min_keep))
+    assert keep.cpu()[~candidates].all()
+
+
+def test_adaptive_keep_errors() -> None:
+    candidates = torch.ones(2, 3, dtype=torch.bool)
+    for bad in (0.0, 1.5, NAN):
+        with pytest.raises(ValueError, match=r"`coverage` must be in \(0, 1\], got"):
+            adaptive_keep(torch.zeros(2, 3), candidates, bad)
+    with pytest.raises(ValueError, match=r"`scores` and `candidates` must have the same shape"):
+        adaptive_keep(torch.zeros(2, 4), candidates, 0.5)
 
 
 # --------------------------------------------------------------------------------------------------
