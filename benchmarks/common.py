@@ -338,46 +338,6 @@ def to_device(batch: Mapping[str, Any], device: torch.device, dtype: torch.dtype
 
 
 # --------------------------------------------------------------------------------------------------
-# Driving the callback without a fit loop.
-
-
-def attach_callback(callback: Any, module: Any, device: torch.device) -> Any:
-    """Attach a Trainer and run the callback's ``setup`` and ``on_fit_start`` without fitting.
-
-    The callback's batch hooks can then be called directly around hand-written training steps, exactly
-    as ``tests/test_callback.py`` does. The module must already be on ``device``.
-
-    Set ``module._current_fx_name`` to the hook's name before calling a hook that logs, as the
-    trainer does.
-
-    Returns:
-        The trainer, to pass to the hooks.
-    """
-    import lightning.pytorch as pl
-
-    accelerator = "gpu" if device.type == "cuda" else "cpu"
-    trainer = pl.Trainer(
-        accelerator=accelerator,
-        devices=1,
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
-    )
-    module.to(device)  # updates the LightningModule's own record of its device
-    trainer.strategy.connect(module)
-    # What the fit loop sets up, so that `pl_module.log` inside the hooks records into the training
-    # result collection as in a real run (instead of warning and returning early, which would hide its cost).
-    module.trainer = trainer
-    trainer.training = True
-    callback.setup(trainer, module, "fit")
-    callback.on_fit_start(trainer, module)
-    return trainer
-
-
-# --------------------------------------------------------------------------------------------------
 # Timing and memory.
 
 

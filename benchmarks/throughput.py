@@ -1,9 +1,11 @@
 """Step time, throughput and memory of ReGATE against the full-token baseline, in one process.
 
 A *step* is ``forward_active`` + backward + an AdamW step on the student. The baseline step runs every
-token. The ReGATE step also runs the real ``ReGATECallback`` around it (``on_train_batch_start``
-writes the keep mask, ``on_train_batch_end`` folds the token losses into the EMA store), driven
-directly as ``tests/test_callback.py`` does, with every step sparse (no warm-up, no full steps).
+token. The ReGATE step also runs the policy that ``ReGATECallback``'s hooks call around it
+(``ReGATEPolicy.plan`` scores the batch and writes the keep mask, ``ReGATEPolicy.observe`` folds the token
+losses into the EMA store), with every step sparse (no warm-up, no full steps). The callback adds to
+that one all-reduce of five counts per step and Lightning's logging on logging steps, which the
+benchmark does not time (results up to November 2026 timed the callback's hooks, logging every step).
 Reference losses are computed in an untimed first pair per shape and cached, as in training after
 the first epoch.
 
@@ -45,7 +47,6 @@ from benchmarks.common import (  # noqa: E402
     ActivationMeter,
     ModelSpec,
     Shape,
-    attach_callback,
     build_model,
     count_parameters,
     environment,
@@ -70,7 +71,7 @@ RATIO_MIN_SHARE = 0.25
 SHARE_SLACK = 0.01
 """... give or take one percentage point (the sweep rounds the video to whole frames)."""
 OVERHEAD_LIMIT = 0.03
-"""Target: the callback's own time below 3 % of a baseline step."""
+"""Target: the policy's own time (plan + observe) below 3 % of a baseline step."""
 
 SMOKE_SPEC = ModelSpec(
     family="qwen2_vl",
@@ -100,9 +101,9 @@ class StepRecord:
     """What one timed step measured.
 
     Attributes:
-        seconds: wall time of the whole step (callback hooks included for ReGATE).
-        hook_seconds: time inside the callback's two batch hooks (0 for the baseline).
-        hook_end_seconds: the part of ``hook_seconds`` spent in ``on_train_batch_end`` (EMA update, logging).
+        seconds: wall time of the whole step (the policy's calls included for ReGATE).
+        hook_seconds: time inside the policy's ``plan`` and ``observe`` (0 for the baseline).
+        hook_end_seconds: the part of ``hook_seconds`` spent in ``observe`` (the EMA update).
         num_active: positions the decoder processed.
         num_tokens: non-padding positions of the batch.
         num_targets: supervised targets whose loss was computed.
@@ -122,7 +123,7 @@ class StepRecord:
 
 
 class Bench:
-    """A student, its optimizer and a ReGATECallback attached to a bare Trainer.
+    """A student, its optimizer and a ReGATE policy (teacher ``"student"``, every step sparse).
 
     Args:
         model: the HF student (already on ``device`` in its dtype).
@@ -132,14 +133,14 @@ class Bench:
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device, lr: float = 1e-5, log: Callable = print) -> None:
-        from regate_lightning import MLLMModule, ReGATECallback
+        from regate_lightning.policy import ReGATEPolicy
 
         self.device = device
         self.model = model
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-        self.module = MLLMModule(model)
-        self.callback = ReGATECallback(keep_ratio=0.5, warmup_steps=0, cycle_steps=1, full_steps=0)
-        self.trainer = attach_callback(self.callback, self.module, device)
+        self.policy = ReGATEPolicy(keep_ratio=0.5, warmup_steps=0, cycle_steps=1, full_steps=0)
+        self.policy.setup(model)
+        self.policy.start(device, student_dtype=self.dtype)
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
         self.meter = ActivationMeter(model)
         self.log = log
@@ -153,6 +154,13 @@ class Bench:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return out
+
+    def _plan(self, batch: dict[str, Any], keep_ratio: float) -> Any:
+        """The policy's plan at ``keep_ratio``, its keep mask written into ``batch``."""
+        self.policy.keep_ratio = keep_ratio  # one policy (one store) for every ratio of the sweep
+        plan = self.policy.plan(batch, step=0)
+        plan.apply(batch)
+        return plan
 
     def step(self, batch: dict[str, Any], keep_ratio: float | None) -> StepRecord:
         """One training step: the baseline when ``keep_ratio`` is None, else ReGATE at ``keep_ratio``.
@@ -171,16 +179,12 @@ class Bench:
             end = now(self.device)
             hooks = hooks_end = 0.0
         else:
-            self.callback.keep_ratio = keep_ratio
             start = now(self.device)
-            self.module._current_fx_name = "on_train_batch_start"
-            self.callback.on_train_batch_start(self.trainer, self.module, batch, 0)
+            plan = self._plan(batch, keep_ratio)
             hooks_start = now(self.device) - start
             out = self._train(batch)
             before_end = now(self.device)
-            outputs = out.step_output()
-            self.module._current_fx_name = "on_train_batch_end"
-            self.callback.on_train_batch_end(self.trainer, self.module, outputs, batch, 0)
+            self.policy.observe(plan, out.token_loss)
             end = now(self.device)
             hooks_end = end - before_end
             hooks = hooks_start + hooks_end
@@ -242,16 +246,11 @@ class Bench:
         from regate_lightning.keys import KEEP_MASK
 
         batch = dict(batch)
-        if keep_ratio is not None:
-            self.callback.keep_ratio = keep_ratio
-            self.module._current_fx_name = "on_train_batch_start"
-            self.callback.on_train_batch_start(self.trainer, self.module, batch, 0)
+        plan = None if keep_ratio is None else self._plan(batch, keep_ratio)
         with self.meter.measure():
             out = forward_active(self.model, batch, batch.get(KEEP_MASK))
-        if keep_ratio is not None:
-            outputs = out.step_output()
-            self.module._current_fx_name = "on_train_batch_end"
-            self.callback.on_train_batch_end(self.trainer, self.module, outputs, batch, 0)
+        if plan is not None:
+            self.policy.observe(plan, out.token_loss)
         del out
         return self.meter.bytes
 
@@ -327,7 +326,7 @@ def evaluate_targets(shapes: Sequence[dict[str, Any]], cpu_time: bool = False) -
     1. ``ratio``: measured (wall-clock) step-time ratio within 10 % of the ideal, where the answer share
        is at least 25 % (within one percentage point: a swept share is rounded to whole frames).
        With ``cpu_time`` the CPU-time ratio is shown beside it.
-    2. ``overhead``: the callback's hooks take < 3 % of a baseline step.
+    2. ``overhead``: the policy's calls take < 3 % of a baseline step.
     3. ``memory``: activation memory falls with the active fraction (never rises when fewer tokens
        are active, and the smallest keep ratio saves memory against the baseline).
     """

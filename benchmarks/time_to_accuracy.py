@@ -130,7 +130,7 @@ class RunResult:
 def _recorder_class() -> type:
     import lightning.pytorch as pl
 
-    from regate_lightning.keys import NUM_ACTIVE, NUM_TOKENS
+    from regate_lightning.keys import NUM_ACTIVE, NUM_TOKENS, VAL, acc_metric
 
     class Recorder(pl.Callback):
         """Cumulative tokens, training seconds (validation excluded) and ``val/acc`` at each validation."""
@@ -162,7 +162,7 @@ def _recorder_class() -> type:
             self.val_s += time.perf_counter() - self._val_start
             if trainer.sanity_checking:
                 return
-            acc = trainer.callback_metrics.get("val/acc")
+            acc = trainer.callback_metrics.get(acc_metric(VAL))
             if acc is None:
                 return
             self.points.append(

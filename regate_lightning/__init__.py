@@ -6,7 +6,7 @@ The names below are imported on first use, so that the pure-torch core (``regate
 
 from __future__ import annotations
 
-from regate_lightning._lazy import lazy_exports
+from regate_lightning._imports import lazy_exports
 
 __version__ = "0.1.0"
 

@@ -18,6 +18,7 @@ import warnings
 from typing import Any
 
 import torch
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from regate_lightning.module import MLLMModule
@@ -49,7 +50,15 @@ class ReGATECLI(LightningCLI):
 
 
 class ScoreCLI(ReGATECLI):
-    """The parser of ``regate-lightning score``: the recipe's keys (no subcommand) plus ``--score.*``."""
+    """The parser of ``regate-lightning score``: the recipe's keys (no subcommand) plus ``--score.*``.
+
+    Its trainer is built from the recipe's trainer settings for scoring alone
+    (:data:`~regate_lightning.score.SCORING_TRAINER`: no callbacks, loggers or progress bar, no inference
+    mode); the recipe's callbacks, among them the ReGATE callback that names the teacher, are kept in
+    :attr:`recipe_callbacks`.
+    """
+
+    recipe_callbacks: list[Callback]
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Add the :class:`~regate_lightning.score.ScoreOptions` group as ``score``."""
@@ -57,6 +66,14 @@ class ScoreCLI(ReGATECLI):
 
         super().add_arguments_to_parser(parser)
         parser.add_class_arguments(ScoreOptions, "score", instantiate=False)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The scoring trainer; the recipe's callbacks go to :attr:`recipe_callbacks`."""
+        from regate_lightning.score import SCORING_TRAINER
+
+        callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        self.recipe_callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        return super().instantiate_trainer(**{**kwargs, **SCORING_TRAINER})
 
 
 def build_cli(
@@ -89,13 +106,14 @@ def score_main(args: list[str]) -> Any:
     Returns:
         The :class:`~regate_lightning.score.ScoreResult`.
     """
-    from regate_lightning.score import ScoreOptions, score
+    from regate_lightning.score import ScoreOptions, find_callback, score
 
     with warnings.catch_warnings():  # `args` is sys.argv without "score": the mix it warns about is intended
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         cli = build_cli(args, run=False, cli_class=ScoreCLI, save_config_callback=None)
+    assert isinstance(cli, ScoreCLI)
     options = ScoreOptions(**cli.config[SCORE].as_dict())
-    result = score(cli.trainer, cli.model, cli.datamodule, options)
+    result = score(cli.trainer, cli.model, cli.datamodule, find_callback(cli.recipe_callbacks), options)
     if cli.trainer.is_global_zero:
         print(
             f"regate-lightning score: {result.num_samples} samples in {result.path} (teacher ran on {result.scored}, "

@@ -7,6 +7,8 @@ package adds or reads itself.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 IGNORE_INDEX: int = -100
 """Label value that marks a position as not supervised (HF convention)."""
 
@@ -15,7 +17,7 @@ INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 LABELS = "labels"
 KEEP_MASK = "keep_mask"
-"""bool [B, L]; True = the position stays in the decoder's sequence. Written by the callback."""
+"""bool [B, L]; True = the position stays in the decoder's sequence. Written by a policy (see ``ReGATEPolicy``)."""
 SAMPLE_IDX = "sample_idx"
 """int64 [B]; a stable integer id per sample (its index in the training set)."""
 MM_TOKEN_TYPE_IDS = "mm_token_type_ids"
@@ -48,8 +50,70 @@ NUM_TOKENS = "num_tokens"
 NUM_TARGETS = "num_targets"
 """int; supervised targets whose loss was computed in this step."""
 
-# Logged metric names.
+# Logged metric names. Evaluation metrics are named per stage ("val", "test"): build them with the helpers.
 TRAIN_LOSS = "train/loss"
-VAL_LOSS = "val/loss"
-VAL_ACC = "val/acc"
-TEST_ACC = "test/acc"
+DATA_SKIPPED = "data/skipped"
+"""Inputs skipped by the data's ``on_error="skip"`` policy, up to the current epoch."""
+VAL, TEST = "val", "test"
+"""The evaluation stages, as metric prefixes."""
+
+
+def loss_metric(stage: str) -> str:
+    """Mean loss of a stage's plain (not multiple-choice) batches, e.g. ``"val/loss"``."""
+    return f"{stage}/loss"
+
+
+def option_loss_metric(stage: str) -> str:
+    """Mean loss of a stage's multiple-choice option tokens, e.g. ``"val/option_loss"``."""
+    return f"{stage}/option_loss"
+
+
+def acc_metric(stage: str, task: str | None = None) -> str:
+    """Multiple-choice accuracy of a stage, overall (``"val/acc"``) or of one task (``"val/acc_colour"``).
+
+    Example:
+        >>> acc_metric("val"), acc_metric("test", "count")
+        ('val/acc', 'test/acc_count')
+    """
+    return f"{stage}/acc" if task is None else f"{stage}/acc_{task}"
+
+
+def task_accuracies(metrics: Mapping[str, float], stage: str) -> dict[str, float]:
+    """The per-task accuracies among logged ``metrics``, by task: the inverse of :func:`acc_metric`.
+
+    Example:
+        >>> task_accuracies({"val/acc": 0.5, "val/acc_count": 0.7, "test/acc_count": 0.1}, "val")
+        {'count': 0.7}
+    """
+    prefix = acc_metric(stage, "")
+    return {name.removeprefix(prefix): float(v) for name, v in metrics.items() if name.startswith(prefix)}
+
+
+REGATE_PREFIX = "regate/"
+"""Prefix of everything ``ReGATECallback`` logs."""
+KEPT_FRAC = REGATE_PREFIX + "kept_frac"
+"""Kept candidates / candidates in the step (all ranks); shown in the progress bar."""
+ACTIVE_FRAC = REGATE_PREFIX + "active_frac"
+"""Positions the decoder processed / non-padding positions."""
+CUM_ACTIVE_TOKENS = REGATE_PREFIX + "cum_active_tokens"
+CUM_TOKENS = REGATE_PREFIX + "cum_tokens"
+CUM_SUPERVISED_TOKENS = REGATE_PREFIX + "cum_supervised_tokens"
+MEAN_REF = REGATE_PREFIX + "mean_ref"
+MEAN_EMA = REGATE_PREFIX + "mean_ema"
+SPARSE_STEP = REGATE_PREFIX + "sparse_step"
+TEACHER_CALLS = REGATE_PREFIX + "teacher_samples"
+
+# Keys of ``ReGATECallback.totals``: counters over the run, summed over ranks, saved in its checkpoint state.
+ACTIVE = "active"
+"""Positions the decoder processed."""
+TOKENS = "tokens"
+"""Non-padding positions (what the baseline processes)."""
+SUPERVISED = "supervised"
+"""Supervised targets whose loss was trained."""
+TEACHER_SAMPLES = "teacher_samples"
+"""Samples the teacher scored."""
+CANDIDATES = "candidates"
+"""Elision candidates seen."""
+KEPT = "kept"
+"""Candidates kept (computed by the student)."""
+TOTALS = (ACTIVE, TOKENS, SUPERVISED, TEACHER_SAMPLES, CANDIDATES, KEPT)

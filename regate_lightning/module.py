@@ -7,10 +7,9 @@ It knows nothing about how the kept positions were chosen; that is the callback'
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,13 +19,21 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
+from regate_lightning._imports import import_object, is_dotted_path
 from regate_lightning.elision import ElidedOutput, forward_active
 from regate_lightning.evaluation import OPTION_SCORES, ChoiceAccuracy, choose_options
 from regate_lightning.families import resolve, unused_vision_modules, unwrap, vision_parts
 from regate_lightning.keys import (
+    DATA_SKIPPED,
+    INPUT_IDS,
     KEEP_MASK,
     QUESTION_IDX,
+    TEST,
     TRAIN_LOSS,
+    VAL,
+    acc_metric,
+    loss_metric,
+    option_loss_metric,
 )
 
 DECODER_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -56,30 +63,24 @@ def _default_optimizer(params: Iterable) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=2e-5, weight_decay=0.0)
 
 
-def _import_callable(path: str) -> Callable[..., Any] | None:
-    module_name, _, attr = path.rpartition(".")
-    if not module_name:
-        return None
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        return None
-    obj = getattr(module, attr, None)
-    return obj if callable(obj) else None
-
-
 def load_model(model: str | PreTrainedModel, model_kwargs: dict[str, Any] | None = None) -> PreTrainedModel:
     """Build the student from a spec.
 
     Args:
         model: an already-built ``PreTrainedModel``; a dotted path to a factory (e.g.
             ``regate_lightning.testing.tiny_llava``); or an HF id / local path, loaded with the class
-            named in its config's ``architectures``.
+            named in its config's ``architectures``. A dotted path (``package.module.name``) that is not a
+            local folder is always a factory: it must import, so a typo fails here, naming the path.
         model_kwargs: keyword arguments of the factory or of ``from_pretrained`` (e.g. ``dtype``,
             ``attn_implementation``).
 
     Returns:
         The HF model.
+
+    Raises:
+        ValueError: a dotted path whose module does not import or lacks the name; ``model_kwargs`` with a
+            built model.
+        TypeError: a ``model`` of another type, or a dotted path to something that is not callable.
     """
     kwargs = dict(model_kwargs or {})
     if isinstance(model, nn.Module):
@@ -88,10 +89,11 @@ def load_model(model: str | PreTrainedModel, model_kwargs: dict[str, Any] | None
         return model
     if not isinstance(model, str) or not model:
         raise TypeError(f"`model` must be an HF id/path, a factory's dotted path or a PreTrainedModel, got {model!r}")
-    if not os.path.isdir(model):
-        factory = _import_callable(model)
-        if factory is not None:
-            return factory(**kwargs)
+    if not os.path.isdir(model) and is_dotted_path(model):  # a factory (an HF id has a "/", a path a folder)
+        factory = import_object(model, "model")
+        if not callable(factory):
+            raise TypeError(f"`model` {model!r} names a {type(factory).__name__}, not a factory to call")
+        return factory(**kwargs)
     import transformers
 
     config = AutoConfig.from_pretrained(model)
@@ -143,6 +145,8 @@ class MLLMModule(pl.LightningModule):
         task_names: list[str] | None = None,
     ) -> None:
         super().__init__()
+        if option_score not in OPTION_SCORES:  # before the model is loaded: a typo must not cost a download
+            raise ValueError(f"`option_score` must be one of {OPTION_SCORES}, got {option_score!r}")
         ignored = ["optimizer", "lr_scheduler"] + (["model"] if isinstance(model, nn.Module) else [])
         self.save_hyperparameters(ignore=ignored)
         net = load_model(model, model_kwargs)
@@ -164,8 +168,6 @@ class MLLMModule(pl.LightningModule):
                 net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lora is not None:
             net = self._apply_lora(net, lora)
-        if option_score not in OPTION_SCORES:
-            raise ValueError(f"`option_score` must be one of {OPTION_SCORES}, got {option_score!r}")
         self.model = net
         self.option_score = option_score
         self.accuracy = ChoiceAccuracy(task_names)
@@ -213,24 +215,24 @@ class MLLMModule(pl.LightningModule):
         if batch is None:
             return None
         out = self.run(batch)
-        self.log(TRAIN_LOSS, out.loss.detach(), prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log(TRAIN_LOSS, out.loss.detach(), prog_bar=True, batch_size=batch[INPUT_IDS].shape[0])
         return out.step_output()
 
     def validation_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
         """Validation always sees every token; multiple-choice batches are scored by option likelihood."""
-        self._evaluate(batch, "val")
+        self._evaluate(batch, VAL)
 
     def test_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
         """Like validation, logged under ``test/``."""
-        self._evaluate(batch, "test")
+        self._evaluate(batch, TEST)
 
     def on_validation_epoch_end(self) -> None:
         """Log multiple-choice accuracy, overall and per task."""
-        self._log_accuracy("val")
+        self._log_accuracy(VAL)
 
     def on_test_epoch_end(self) -> None:
         """Log multiple-choice accuracy, overall and per task."""
-        self._log_accuracy("test")
+        self._log_accuracy(TEST)
 
     def setup(self, stage: str) -> None:
         """Take the multiple-choice task names from the datamodule when none were given."""
@@ -245,27 +247,27 @@ class MLLMModule(pl.LightningModule):
         report = getattr(datamodule, "report_skips", None)
         if callable(report):
             counts = report(f"up to epoch {self.current_epoch}")
-            self.log("data/skipped", float(sum(counts.values())))
+            self.log(DATA_SKIPPED, float(sum(counts.values())))
 
     def _evaluate(self, batch: dict[str, Any] | None, stage: str) -> None:
         if batch is None:
             return
         out = forward_active(self.model, batch)  # no keep mask: evaluation sees every token
-        size = batch["input_ids"].shape[0]
+        size = batch[INPUT_IDS].shape[0]
         if QUESTION_IDX not in batch:
-            self.log(f"{stage}/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=size)
+            self.log(loss_metric(stage), out.loss, prog_bar=True, sync_dist=True, batch_size=size)
             return
         preds, answers, tasks = choose_options(out.token_loss, batch, self.option_score)
-        self.log(f"{stage}/option_loss", out.loss, sync_dist=True, batch_size=size)
+        self.log(option_loss_metric(stage), out.loss, sync_dist=True, batch_size=size)
         self.accuracy.update(preds, answers, tasks)
 
     def _log_accuracy(self, stage: str) -> None:
         if self.accuracy.count == 0:
             return
         values = self.accuracy.compute()
-        self.log(f"{stage}/acc", values.pop("all"), prog_bar=True)
+        self.log(acc_metric(stage), values.pop("all"), prog_bar=True)
         for task, value in values.items():
-            self.log(f"{stage}/acc_{task}", value)
+            self.log(acc_metric(stage, task), value)
         self.accuracy.reset()
 
     def configure_optimizers(self) -> Any:

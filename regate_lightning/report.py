@@ -15,10 +15,8 @@ video against words predictable from the text.
 from __future__ import annotations
 
 import html
-import importlib
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +25,23 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from regate_lightning._imports import import_object
 from regate_lightning.callback import ReGATECallback
-from regate_lightning.keys import INPUT_IDS, KEEP_MASK, SAMPLE_IDX
+from regate_lightning.keys import (
+    ACTIVE,
+    CANDIDATES,
+    INPUT_IDS,
+    KEEP_MASK,
+    KEPT,
+    LABELS,
+    SAMPLE_IDX,
+    SUPERVISED,
+    TEACHER_SAMPLES,
+    TOKENS,
+    VAL,
+    acc_metric,
+    task_accuracies,
+)
 from regate_lightning.targets import shift_targets
 
 
@@ -43,11 +56,6 @@ class SampleView:
     ref: list[float] = field(default_factory=list)
     difficulty: list[float] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
-
-
-def _import(path: str) -> Callable[..., Any]:
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
 
 
 class ElisionReport(Callback):
@@ -74,7 +82,7 @@ class ElisionReport(Callback):
         self.html_path = Path(html_path)
         self.json_path = Path(json_path) if json_path else None
         self.num_samples = num_samples
-        self.word_classifier = _import(word_classifier) if word_classifier else None
+        self.word_classifier = import_object(word_classifier, "word_classifier") if word_classifier else None
         self.views: list[SampleView] = []
         self.ref_sum: torch.Tensor | None = None
         self.ref_count: torch.Tensor | None = None
@@ -95,13 +103,13 @@ class ElisionReport(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Accumulate reference losses per target token; record samples of the first sparse steps."""
-        step = self._regate(trainer).last_step
-        if step is None or batch is None:
+        plan = self._regate(trainer).last_plan
+        if plan is None or batch is None:
             return
-        cand = step.candidates
-        targets = shift_targets(batch["labels"].to(cand.device))
+        cand = plan.candidates
+        targets = shift_targets(batch[LABELS].to(cand.device))
         ids = targets[cand]
-        ref = step.ref[cand].float()
+        ref = plan.ref[cand].float()
         finite = ~ref.isnan()
         if self.ref_sum is None:
             size = int(pl_module.model.get_output_embeddings().weight.shape[0])
@@ -120,14 +128,14 @@ class ElisionReport(Callback):
             positions = cand[row].nonzero().flatten()
             if positions.numel() == 0:
                 continue
-            view = SampleView(int(batch[SAMPLE_IDX][row]), step.global_step)
+            view = SampleView(int(batch[SAMPLE_IDX][row]), plan.step)
             for t in positions.tolist():
                 token_id = int(targets[row, t])
                 text = tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
                 view.tokens.append(text)
                 view.kept.append(bool(keep[row, t]))
-                view.ref.append(float(step.ref[row, t]))
-                view.difficulty.append(float(step.difficulty[row, t]))
+                view.ref.append(float(plan.ref[row, t]))
+                view.difficulty.append(float(plan.difficulty[row, t]))
                 view.positions.append(t)
             self.views.append(view)
 
@@ -171,22 +179,24 @@ class ElisionReport(Callback):
 
 
 def run_summary(trainer: pl.Trainer, regate: ReGATECallback) -> dict[str, float]:
-    """Token counts of the run and the last validation metrics."""
+    """Token counts of the run and the last validation accuracies (overall and per task)."""
     totals = regate.totals
-    tokens, active = totals["tokens"], totals["active"]
+    tokens, active = totals[TOKENS], totals[ACTIVE]
     summary = {
         "steps": float(trainer.global_step),
         "tokens_baseline": float(tokens),
         "tokens_processed": float(active),
         "tokens_saved_frac": 1.0 - active / tokens if tokens else 0.0,
-        "candidates": float(totals["candidates"]),
-        "candidates_kept": float(totals["kept"]),
-        "supervised_trained": float(totals["supervised"]),
-        "teacher_samples": float(totals["teacher_samples"]),
+        "candidates": float(totals[CANDIDATES]),
+        "candidates_kept": float(totals[KEPT]),
+        "supervised_trained": float(totals[SUPERVISED]),
+        "teacher_samples": float(totals[TEACHER_SAMPLES]),
     }
-    for key, value in trainer.callback_metrics.items():
-        if key.startswith("val/acc"):
-            summary[key] = float(value)
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    if acc_metric(VAL) in metrics:
+        summary[acc_metric(VAL)] = metrics[acc_metric(VAL)]
+    for task, value in task_accuracies(metrics, VAL).items():
+        summary[acc_metric(VAL, task)] = value
     return summary
 
 
@@ -199,9 +209,9 @@ def render_text(
 ) -> str:
     """The terminal version of the report."""
     lines = ["", "ReGATE run summary"]
-    if "val/acc" in summary:
-        per_task = ", ".join(f"{k[8:]} {v:.2f}" for k, v in summary.items() if k.startswith("val/acc_"))
-        lines.append(f"  validation accuracy: {summary['val/acc']:.3f}" + (f" ({per_task})" if per_task else ""))
+    if acc_metric(VAL) in summary:
+        per_task = ", ".join(f"{task} {v:.2f}" for task, v in task_accuracies(summary, VAL).items())
+        lines.append(f"  validation accuracy: {summary[acc_metric(VAL)]:.3f}" + (f" ({per_task})" if per_task else ""))
     lines.append(
         f"  tokens through the decoder: {summary['tokens_processed']:.0f} of {summary['tokens_baseline']:.0f} "
         f"that the baseline processes in the same {summary['steps']:.0f} steps "

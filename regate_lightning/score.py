@@ -1,17 +1,19 @@
 """Offline reference scoring: ``regate-lightning score --config recipe.yaml``.
 
-The command reads the very recipe that ``fit`` reads, builds the same student, data module and
-trainer, finds the :class:`~regate_lightning.ReGATECallback` among ``trainer.callbacks`` and runs its
-teacher once over the whole training set, batched, before any training. It writes the callback's
-``ref_cache`` file, in the callback's format and with the fingerprint the callback computes
-(:func:`regate_lightning.cache.reference_fingerprint`), so a following ``fit`` reads every reference
-loss from the file and never runs the teacher.
+The command reads the very recipe that ``fit`` reads, builds the same student and data module, finds
+the :class:`~regate_lightning.ReGATECallback` among the recipe's ``trainer.callbacks`` and runs its
+policy's teacher once over the whole training set, batched, before any training
+(:meth:`~regate_lightning.policy.ReGATEPolicy.reference`: the same teacher, dtype and precision context as
+``fit``). It writes the callback's ``ref_cache`` file, in the callback's format and with the fingerprint
+the callback computes (:func:`regate_lightning.cache.reference_fingerprint`), so a following ``fit``
+reads every reference loss from the file and never runs the teacher.
 
-* **Processes.** Scoring runs as a ``trainer.predict`` of :class:`ReferenceScorer` under the
-  recipe's own trainer: its accelerator, devices, strategy (``ddp``, ``ddp_spawn``, ...) and
-  precision. Under several processes Lightning gives each rank a disjoint shard of the training set
-  (an unrepeated distributed sampler); rank ``r`` of ``W`` writes ``<ref_cache>.part<r>of<W>`` and
-  rank 0 merges the parts into ``<ref_cache>`` at the end.
+* **Processes.** Scoring runs as a ``trainer.predict`` of :class:`ReferenceScorer` under a trainer
+  built from the recipe's trainer settings (accelerator, devices, strategy such as ``ddp`` or
+  ``ddp_spawn``, precision) without its callbacks, loggers and progress bar. Under several
+  processes Lightning gives each rank a disjoint shard of the training set (an unrepeated
+  distributed sampler); rank ``r`` of ``W`` writes ``<ref_cache>.part<r>of<W>`` and rank 0 merges
+  the parts into ``<ref_cache>`` at the end.
 * **Order.** The training loader is rebuilt without shuffling (same dataset, collate function,
   workers and batch size), so two runs see the same batches and write identical caches.
 * **Resuming.** Progress is written every ``flush_every`` batches and every ``flush_seconds``
@@ -22,34 +24,30 @@ loss from the file and never runs the teacher.
 
 from __future__ import annotations
 
-import logging
 import re
 import sys
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from regate_lightning.bank import ScoreBank
-from regate_lightning.cache import load_cache, load_into, reference_fingerprint, save_cache
+from regate_lightning.cache import load_cache, load_into, save_cache
 from regate_lightning.callback import ReGATECallback
-from regate_lightning.families import ModelParts, resolve
 from regate_lightning.keys import ATTENTION_MASK, INPUT_IDS, LABELS, SAMPLE_IDX
-from regate_lightning.scoring import check_int, gather_candidates
-from regate_lightning.targets import candidate_mask
-from regate_lightning.teacher import Teacher, text_mask
-
-log = logging.getLogger(__name__)
+from regate_lightning.policy import ReGATEPolicy
+from regate_lightning.scoring import check_int
 
 __all__ = [
+    "SCORING_TRAINER",
     "ReferenceScorer",
     "ScoreOptions",
     "ScoreResult",
@@ -59,6 +57,16 @@ __all__ = [
     "score",
     "training_loader",
 ]
+
+SCORING_TRAINER: dict[str, Any] = {
+    "callbacks": [],
+    "logger": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "enable_checkpointing": False,
+    "inference_mode": False,  # torch.no_grad, as in fit: the store's tensors stay ordinary tensors
+}
+"""``Trainer`` arguments of a scoring run, over the recipe's: no callbacks, loggers or progress bar."""
 
 
 @dataclass
@@ -107,13 +115,13 @@ class ScoreResult:
     seconds: float = 0.0
 
 
-def find_callback(trainer: pl.Trainer) -> ReGATECallback:
-    """The one :class:`ReGATECallback` among ``trainer.callbacks``.
+def find_callback(callbacks: pl.Trainer | Iterable[Callback]) -> ReGATECallback:
+    """The one :class:`ReGATECallback` among a trainer's callbacks (or among ``callbacks``).
 
     Raises:
         ValueError: there is none, or more than one.
     """
-    found = [c for c in trainer.callbacks if isinstance(c, ReGATECallback)]
+    found = [c for c in getattr(callbacks, "callbacks", callbacks) if isinstance(c, ReGATECallback)]
     if len(found) != 1:
         raise ValueError(
             f"`score` needs exactly one regate_lightning.ReGATECallback in `trainer.callbacks` (it names the "
@@ -226,16 +234,16 @@ class _TrainingSet(pl.LightningDataModule):
 
 
 class ReferenceScorer(pl.LightningModule):
-    """Runs a ReGATE teacher over the training set in ``trainer.predict`` and writes the reference cache.
+    """Runs a ReGATE policy's teacher over the training set in ``trainer.predict`` and writes the reference cache.
 
-    The student is held but not registered as a submodule, so it stays where it is (on the CPU);
-    only the teacher is moved to the device and converted by the precision plugin, exactly as the
-    callback's teacher is when fitting. ``model`` exposes the student's HF model for data modules that
-    read ``trainer.lightning_module.model``.
+    The student is held but not registered as a submodule, so it stays where it is (on the CPU); the
+    policy's teacher is placed on the scorer's device in the dtype ``fit`` gives it
+    (:meth:`~regate_lightning.policy.ReGATEPolicy.start`) and its store stays on the CPU in float32.
+    ``model`` exposes the student's HF model for data modules that read ``trainer.lightning_module.model``.
 
     Args:
         student: the recipe's ``MLLMModule`` (anything with the student HF model as ``.model``).
-        callback: the recipe's ``ReGATECallback`` (teacher spec and arguments).
+        policy: the recipe's ReGATE policy (``ReGATECallback.policy``): teacher spec and arguments.
         datamodule: the recipe's data module (for the data fingerprint and the tokenizer check).
         path: the cache file.
         options: flush period, progress bar.
@@ -244,7 +252,7 @@ class ReferenceScorer(pl.LightningModule):
     def __init__(
         self,
         student: pl.LightningModule,
-        callback: ReGATECallback,
+        policy: ReGATEPolicy,
         datamodule: Any,
         path: str | Path,
         options: ScoreOptions | None = None,
@@ -252,18 +260,14 @@ class ReferenceScorer(pl.LightningModule):
         super().__init__()
         if getattr(student, "model", None) is None:
             raise TypeError("`score` needs a LightningModule with the student HF model as `.model` (MLLMModule)")
-        self._held = (student, datamodule, callback)  # a tuple: not registered as submodules
+        self._held = (student, datamodule)  # a tuple: not registered as submodules
+        self.policy = policy
         self.path = Path(path)
         self.options = options or ScoreOptions()
-        self.teacher: Teacher | None = None
-        # The store is no submodule: it stays on the CPU in float32 whatever the device and precision.
-        self._bank: list[ScoreBank] = []
-        self.fingerprint: dict[str, Any] = {}
         self.result = ScoreResult(self.path)
         self.rows_by_rank = False
         self._own = self.path
         self._mine: list[torch.Tensor] | None = None
-        self._parts: ModelParts | None = None
         self._pending = 0
         self._last_flush = 0.0
         self._started = 0.0
@@ -278,22 +282,23 @@ class ReferenceScorer(pl.LightningModule):
     @property
     def bank(self) -> ScoreBank | None:
         """The reference losses scored or loaded so far (on the CPU; None before ``setup``)."""
-        return self._bank[0] if self._bank else None
+        return self.policy.bank
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """What made the reference losses (the policy's)."""
+        return self.policy.fingerprint
 
     # ---------------------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
         """Build the teacher, compute the fingerprint, load what earlier runs wrote (checked)."""
-        if self.teacher is not None:
+        if self.policy.teacher is not None:
             return
-        student, datamodule, callback = self._held
-        self._parts = resolve(student.model)
-        teacher = callback.build_teacher(student.model, datamodule)
-        self.fingerprint = reference_fingerprint(callback.teacher_spec, teacher, datamodule)
-        dtype = next(p.dtype for p in student.parameters() if p.is_floating_point())
-        self.teacher = teacher.to(dtype=dtype)
-        bank = ScoreBank(vocab_size=teacher.vocab_size)
-        self._bank = [bank]
+        student, datamodule = self._held
+        self.policy.setup(student.model, datamodule)
+        bank = self.policy.bank
+        assert bank is not None
         rank, world = self.trainer.global_rank, self.trainer.world_size
         self._own = self.path if world == 1 else part_path(self.path, rank, world)
         self._mine = None if world == 1 else []
@@ -306,14 +311,18 @@ class ReferenceScorer(pl.LightningModule):
                 self._mine.append(payload["sample_idx"])
 
     def on_predict_start(self) -> None:
-        """Start the clock and the progress bar."""
-        datamodule = self.trainer.datamodule
-        self.rows_by_rank = bool(getattr(datamodule, "iterable", False)) and self.trainer.world_size > 1
+        """Place the teacher as ``fit`` would; start the clock and the progress bar."""
+        trainer = self.trainer
+        self.policy.start(
+            self.device, precision=str(trainer.precision), student_dtype=fit_dtype(trainer, self._held[0])
+        )
+        datamodule = trainer.datamodule
+        self.rows_by_rank = bool(getattr(datamodule, "iterable", False)) and trainer.world_size > 1
         self._started = self._last_flush = time.monotonic()
-        if self.options.progress and self.trainer.is_global_zero:
+        if self.options.progress and trainer.is_global_zero:
             from tqdm import tqdm
 
-            total = self.trainer.num_predict_batches[0] if self.trainer.num_predict_batches else None
+            total = trainer.num_predict_batches[0] if trainer.num_predict_batches else None
             self._bar = tqdm(
                 total=None if total in (None, float("inf")) else int(total),
                 desc="ReGATE reference scoring",
@@ -324,36 +333,17 @@ class ReferenceScorer(pl.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> None:
         """Score the batch's samples that no earlier run scored; flush when due."""
-        assert self.teacher is not None and self.bank is not None and self._parts is not None
-        if SAMPLE_IDX not in batch:
-            raise KeyError(
-                f"`score` needs `batch['{SAMPLE_IDX}']`: an int64 [B] tensor with a stable id per sample (its index "
-                "in the training set), as for ReGATECallback"
-            )
-        if LABELS not in batch:
-            raise KeyError(f"`score` needs `batch['{LABELS}']` to find the answer tokens")
-        input_ids, labels = batch[INPUT_IDS], batch[LABELS]
-        text = text_mask(self._parts, input_ids, batch.get(ATTENTION_MASK))
-        candidates = candidate_mask(labels) & text
-        sample_idx = batch[SAMPLE_IDX].to(labels.device).long()
-        if self.rows_by_rank:  # an iterable data set is not sharded by a sampler: split its rows
-            rows = sample_idx % self.trainer.world_size == self.trainer.global_rank
-            input_ids, labels, text, candidates, sample_idx = (
-                x[rows] for x in (input_ids, labels, text, candidates, sample_idx)
-            )
-        counts = candidates.sum(1)
-        cpu_idx, cpu_counts = sample_idx.cpu(), counts.cpu()
-        self.bank.register(cpu_idx, cpu_counts)  # refuses a sample rendered differently from the cache
-        missing = ~self.bank.has_ref(cpu_idx)
-        self._counts["reused"] += int((~missing).sum())
-        if missing.any():
-            rows = missing.to(labels.device)
-            losses = self.teacher.reference_losses(input_ids[rows], labels[rows], text[rows], candidates[rows])
-            flat = gather_candidates(losses, candidates[rows]).float().cpu()
-            self.bank.set_ref(cpu_idx[missing], flat, cpu_counts[missing])
+        text = {k: batch[k] for k in (INPUT_IDS, ATTENTION_MASK, LABELS, SAMPLE_IDX) if k in batch}
+        if self.rows_by_rank and SAMPLE_IDX in text:  # an iterable data set is not sharded by a sampler
+            rows = text[SAMPLE_IDX] % self.trainer.world_size == self.trainer.global_rank
+            text = {k: v[rows.to(v.device)] for k, v in text.items()}
+        context = self.trainer.precision_plugin.forward_context
+        scored = self.policy.reference(text, context=context).cpu()  # refuses a sample rendered differently
+        self._counts["reused"] += int((~scored).sum())
+        if scored.any():
             if self._mine is not None:
-                self._mine.append(cpu_idx[missing])
-            self._counts["scored"] += int(missing.sum())
+                self._mine.append(text[SAMPLE_IDX].cpu().long()[scored])
+            self._counts["scored"] += int(scored.sum())
             self._pending += 1
         if self._due():
             self._flush()
@@ -401,6 +391,7 @@ class ReferenceScorer(pl.LightningModule):
         )
         scored, reused = (int(v) for v in trainer.strategy.reduce(totals, reduce_op="sum").tolist())
         payload = load_cache(self.path, self.fingerprint)
+        self.policy.release()
         self.result = ScoreResult(
             path=self.path,
             num_samples=0 if payload is None else int(payload["sample_idx"].numel()),
@@ -410,28 +401,43 @@ class ReferenceScorer(pl.LightningModule):
         )
 
 
-def score(
-    trainer: pl.Trainer, model: pl.LightningModule, datamodule: pl.LightningDataModule, options: ScoreOptions | None
-) -> ScoreResult:
-    """Run the recipe's ReGATE teacher over the training set once and write the reference cache.
+def fit_dtype(trainer: pl.Trainer, student: nn.Module) -> torch.dtype:
+    """The parameter dtype ``fit`` gives the student: its own, as ``trainer``'s precision plugin converts it.
 
-    The trainer is borrowed for one ``predict`` run: its progress bar, its loggers, the config-saving
-    callback and the ReGATE callback itself are set aside while it scores and put back afterwards.
+    ``bf16-true`` and ``16-true`` convert the LightningModule's parameters; mixed precisions leave them. The
+    scorer does not convert the student (it only holds it), so it asks the plugin what it would do, on a probe.
+    """
+    dtype = next(p.dtype for p in student.parameters() if p.is_floating_point())
+    converted = trainer.precision_plugin.convert_module(nn.Linear(1, 1, dtype=dtype))
+    return next((p.dtype for p in converted.parameters() if p.is_floating_point()), dtype)
+
+
+def score(
+    trainer: pl.Trainer,
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    callback: ReGATECallback,
+    options: ScoreOptions | None = None,
+) -> ScoreResult:
+    """Run a ReGATE callback's teacher over the training set once and write the reference cache.
 
     Args:
-        trainer: the recipe's trainer (accelerator, devices, strategy, precision).
+        trainer: a trainer for this run alone, with the recipe's accelerator, devices, strategy and
+            precision, built with ``inference_mode=False`` (``regate-lightning score`` builds it from the
+            recipe with :data:`SCORING_TRAINER`); it runs one ``predict``.
         model: the recipe's ``MLLMModule``.
         datamodule: the recipe's data module; its training set is scored.
+        callback: the recipe's ``ReGATECallback`` (teacher, ``ref_cache``, see :func:`find_callback`).
         options: see :class:`ScoreOptions`.
 
     Returns:
         What the run did.
 
     Raises:
-        ValueError: no ReGATECallback, no cache path, or an existing cache made for another setup.
+        ValueError: no cache path, no data, a trainer in inference mode, or an existing cache made for
+            another setup.
     """
     options = options or ScoreOptions()
-    callback = find_callback(trainer)
     path = options.ref_cache or callback.ref_cache
     if not path:
         raise ValueError(
@@ -440,16 +446,13 @@ def score(
         )
     if datamodule is None:
         raise ValueError("`score` needs the recipe's `data` (its training set is what gets scored)")
-    scorer = ReferenceScorer(model, callback, datamodule, path, options)
-    saved = (trainer.callbacks, trainer.loggers, trainer.predict_loop.inference_mode)
-    set_aside = (ProgressBar, SaveConfigCallback, ReGATECallback)
-    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, set_aside)]
-    trainer.loggers = []
-    trainer.predict_loop.inference_mode = False  # torch.no_grad, as the callback: tensors stay ordinary
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="predict returned None")  # the scorer writes files instead
-            trainer.predict(scorer, datamodule=_TrainingSet(datamodule, options.batch_size), return_predictions=False)
-    finally:
-        trainer.callbacks, trainer.loggers, trainer.predict_loop.inference_mode = saved
+    if trainer.predict_loop.inference_mode:
+        raise ValueError(
+            "`score` needs a Trainer built with inference_mode=False: the teacher runs under torch.no_grad, as in "
+            "fit, so that the score store's tensors stay ordinary tensors"
+        )
+    scorer = ReferenceScorer(model, callback.policy, datamodule, path, options)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="predict returned None")  # the scorer writes files instead
+        trainer.predict(scorer, datamodule=_TrainingSet(datamodule, options.batch_size), return_predictions=False)
     return scorer.result

@@ -16,11 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from regate_lightning.elision import active_index, gather_positions
-from regate_lightning.families import ModelParts, resolve
+from regate_lightning.families import resolve
 from regate_lightning.keys import IGNORE_INDEX
 from regate_lightning.targets import shift_targets
 
 STUDENT = "student"
+"""The ``teacher`` spec of a frozen copy of the student's language backbone (the paper's choice)."""
+
+MIXED_PRECISION_DTYPES: dict[str, torch.dtype] = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+"""Lightning's mixed precisions and their autocast dtypes."""
 
 
 def strip_adapters(module: nn.Module) -> nn.Module:
@@ -145,10 +149,25 @@ class Teacher(nn.Module):
         return out
 
 
-def text_mask(parts: ModelParts, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Attended positions that hold text (not an image/video placeholder, not padding)."""
+def text_mask(
+    media_token_ids: tuple[int, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Attended positions that hold text (not an image/video placeholder, not padding).
+
+    Args:
+        media_token_ids: the placeholder ids (``resolve(model).media_token_ids``).
+        input_ids: int64 ``[B, L]``.
+        attention_mask: ``[B, L]``, 0 at padding, or None (no padding).
+
+    Returns:
+        bool ``[B, L]``.
+
+    Example:
+        >>> text_mask((9,), torch.tensor([[1, 9, 9, 5, 0]]), torch.tensor([[1, 1, 1, 1, 0]]))
+        tensor([[ True, False, False,  True, False]])
+    """
     text = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    for token_id in parts.media_token_ids:
+    for token_id in media_token_ids:
         text = text & (input_ids != token_id)
     return text
 
@@ -173,3 +192,71 @@ def check_tokenizers(student_tokenizer: Any, teacher_tokenizer: Any, media_token
             f"({examples}). ReGATE compares per-token losses, so the teacher must share the student's tokenizer: "
             "use teacher='student' or a text LLM of the same family"
         )
+
+
+def build_teacher(
+    spec: str,
+    model: nn.Module,
+    teacher_kwargs: dict[str, Any] | None = None,
+    tokenizer: str | None = None,
+    datamodule: Any = None,
+) -> Teacher:
+    """The teacher of a spec: a frozen copy of the student, or a loaded causal LM (fitting and scoring).
+
+    A teacher that is not the student must share the student's tokenizer: the ``tokenizer`` path, else
+    the data module's ``tokenizer`` attribute, is compared with the teacher's.
+
+    Args:
+        spec: :data:`STUDENT` or an HF id / local path of a causal LM.
+        model: the student HF model.
+        teacher_kwargs: keyword arguments of ``from_pretrained`` (``dtype``, ...).
+        tokenizer: HF id / path of the student's tokenizer.
+        datamodule: the training data (or None); its ``tokenizer`` is used when ``tokenizer`` is None.
+
+    Returns:
+        The teacher, on the CPU, in the dtype it was built in.
+
+    Raises:
+        ValueError: no student tokenizer to check a loaded teacher against, or tokenizers that differ.
+    """
+    if spec == STUDENT:
+        return Teacher.from_student(model)
+    from transformers import AutoTokenizer
+
+    teacher = Teacher.from_pretrained(spec, **dict(teacher_kwargs or {}))
+    student_tok = getattr(datamodule, "tokenizer", None)
+    if tokenizer is not None:
+        student_tok = AutoTokenizer.from_pretrained(tokenizer)
+    if student_tok is None:
+        raise ValueError(
+            f"teacher {spec!r} is not the student, so its tokenizer must be checked against the student's: "
+            "pass `tokenizer=` (the student's HF id or path) or give the datamodule a `tokenizer`"
+        )
+    check_tokenizers(student_tok, AutoTokenizer.from_pretrained(spec), resolve(model).media_token_ids)
+    return teacher
+
+
+def teacher_dtype(
+    teacher_kwargs: dict[str, Any] | None, precision: str | None, student_dtype: torch.dtype
+) -> torch.dtype:
+    """The dtype the teacher runs in, in fitting and in scoring alike.
+
+    ``teacher_kwargs["dtype"]`` when given; else, under mixed precision, the autocast dtype (the teacher
+    only runs forward, under the same autocast, so float32 weights would double its memory for
+    nothing); else the student's parameter dtype (as the precision plugin left it).
+
+    Args:
+        teacher_kwargs: the teacher's ``from_pretrained`` arguments.
+        precision: Lightning's precision string (``"bf16-mixed"``, ``"32-true"``, ...), or None.
+        student_dtype: the student's floating-point parameter dtype.
+
+    Example:
+        >>> teacher_dtype({}, "bf16-mixed", torch.float32), teacher_dtype({"dtype": "float16"}, None, torch.float32)
+        (torch.bfloat16, torch.float16)
+    """
+    dtype = (teacher_kwargs or {}).get("dtype")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if dtype is None:
+        dtype = MIXED_PRECISION_DTYPES.get(str(precision))
+    return student_dtype if dtype is None else dtype

@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 from regate_lightning import MLLMModule, ReGATECallback
 from regate_lightning.keys import IGNORE_INDEX, KEEP_MASK, SAMPLE_IDX
+from regate_lightning.policy import ReGATEPolicy
 from regate_lightning.schedule import Schedule, expected_kept_fraction
 from regate_lightning.scoring import fuse_scores, gather_candidates, scatter_candidates, select_keep
 from regate_lightning.targets import candidate_mask, shift_targets
@@ -132,23 +133,18 @@ def template_lm():
     return train_template_lm()
 
 
-def prepare(callback: ReGATECallback, student: MLLMModule, step: int = 0) -> pl.Trainer:
-    """Attach a trainer and run setup/on_fit_start without fitting (to drive the hooks directly)."""
-    t = trainer(1, [callback])
-    t.strategy.connect(student)
-    t.fit_loop.epoch_loop.manual_optimization.optim_step_progress.total.completed = step
-    t.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step.total.completed = step
-    callback.setup(t, student, "fit")
-    callback.on_fit_start(t, student)
-    return t
+def prepare(policy: ReGATEPolicy, model: torch.nn.Module) -> ReGATEPolicy:
+    """Set the policy up on the CPU, as the callback's ``setup`` and ``on_fit_start`` do."""
+    policy.setup(model)
+    policy.start(torch.device("cpu"))
+    return policy
 
 
 def test_reference_only_keeps_the_unpredictable_tokens(template_lm):
     lm, batch = template_lm
-    student = MLLMModule(lm)
-    callback = ReGATECallback(keep_ratio=0.5, ref_weight=1.0, warmup_steps=0, full_steps=0, min_keep=0)
-    t = prepare(callback, student)
-    callback.on_train_batch_start(t, student, batch, 0)
+    batch = dict(batch)  # the fixture's batch is shared: the keep mask goes into a copy
+    policy = prepare(ReGATEPolicy(keep_ratio=0.5, ref_weight=1.0, warmup_steps=0, full_steps=0, min_keep=0), lm)
+    policy.plan(batch, step=0).apply(batch)
     keep = batch[KEEP_MASK]
     cand = candidate_mask(batch["labels"])
     targets = shift_targets(batch["labels"])
@@ -156,30 +152,26 @@ def test_reference_only_keeps_the_unpredictable_tokens(template_lm):
     # 24 answer tokens give 23 candidates: 12 predict a slot word, 11 a template word; k = ceil(11.5) = 12.
     assert int(cand[0].sum()) == 23
     assert torch.equal(keep & cand, slot_target), "kept candidates must be exactly those predicting slot words"
-    ref = callback.bank.get_ref(batch[SAMPLE_IDX], cand.sum(1))
+    ref = policy.bank.get_ref(batch[SAMPLE_IDX], cand.sum(1))
     ref_grid = scatter_candidates(ref, cand)
     assert float(ref_grid[slot_target].min()) > float(ref_grid[cand & ~slot_target].max())
 
 
 def test_fused_selection_matches_hand_computation(template_lm):
     lm, batch = template_lm
-    student = MLLMModule(lm)
-    callback = ReGATECallback(keep_ratio=0.3, ref_weight=0.5, warmup_steps=0, full_steps=0, min_keep=2)
-    t = prepare(callback, student)
+    policy = prepare(ReGATEPolicy(keep_ratio=0.3, ref_weight=0.5, warmup_steps=0, full_steps=0, min_keep=2), lm)
     cand = candidate_mask(batch["labels"])
     counts = cand.sum(1)
     # Give the EMA store known values for sample 0 and 2; samples 1 and 3 fall back to the vocab EMA/ref.
-    callback.on_train_batch_start(t, student, dict(batch), 0)
+    plan = policy.plan(dict(batch), step=0)
     losses = torch.linspace(0.0, 6.0, int(counts.sum()))
     token_loss = scatter_candidates(losses, cand)
     token_loss[1] = float("nan")
     token_loss[3] = float("nan")
-    callback.on_train_batch_end(
-        t, student, {"token_loss": token_loss, "num_active": 1, "num_tokens": 1, "num_targets": 1}, batch, 0
-    )
+    policy.observe(plan, token_loss)
     b = dict(batch)
-    callback.on_train_batch_start(t, student, b, 1)
-    ref = callback.bank.get_ref(batch[SAMPLE_IDX], counts)
+    policy.plan(b, step=1).apply(b)
+    ref = policy.bank.get_ref(batch[SAMPLE_IDX], counts)
     target_ids = gather_candidates(shift_targets(batch["labels"]), cand)
     flat_loss = gather_candidates(token_loss, cand)
     vocab = {}
@@ -229,7 +221,7 @@ def test_teacher_runs_once_per_sample_and_cache_equals_fresh(tmp_path):
     parts = resolve(student.model)
     fresh_teacher = Teacher.from_student(module().model)  # same seed, same initial weights
     for item in samples:
-        text = text_mask(parts, item["input_ids"], item["attention_mask"])
+        text = text_mask(parts.media_token_ids, item["input_ids"], item["attention_mask"])
         cand = candidate_mask(item["labels"]) & text
         fresh = fresh_teacher.reference_losses(item["input_ids"], item["labels"], text, cand)
         cached = callback.bank.get_ref(item[SAMPLE_IDX], cand.sum(1))

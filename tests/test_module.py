@@ -152,6 +152,23 @@ def test_load_model_from_local_path(tmp_path):
         load_model(model, {"dtype": "float32"})
 
 
+def test_a_mistyped_factory_path_fails_naming_it(monkeypatch):
+    """A dotted path is a factory: an import error or a missing name is reported, never sent to the hub."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"`model` 'regate_lightning.testing.tiny_lava': module .* no attribute"):
+        load_model("regate_lightning.testing.tiny_lava")
+    with pytest.raises(ValueError, match=r"`model` 'regate_lightnin.tiny.x': module 'regate_lightnin.tiny' cannot be"):
+        load_model("regate_lightnin.tiny.x")
+    with pytest.raises(TypeError, match=r"names a str, not a factory"):
+        load_model("regate_lightning.keys.LABELS")
+    assert type(load_model("regate_lightning.testing.tiny_llama", {"num_layers": 1})).__name__ == "LlamaForCausalLM"
+
+
+def test_option_score_is_checked_before_the_model_is_loaded():
+    with pytest.raises(ValueError, match="`option_score` must be one of"):
+        MLLMModule("no-such-org/no-such-model", option_score="median")
+
+
 def test_debug_recipe_runs_through_console_script(tmp_path):
     script = Path(sys.executable).with_name("regate-lightning")
     cmd = [

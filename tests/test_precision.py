@@ -79,7 +79,7 @@ class Spy(pl.Callback):
             return None
         assert self.regate.teacher is not None
         ids, labels = self.fixed["input_ids"], self.fixed["labels"]
-        text = text_mask(resolve(pl_module.model), ids, self.fixed["attention_mask"])
+        text = text_mask(resolve(pl_module.model).media_token_ids, ids, self.fixed["attention_mask"])
         n = len(self.teacher_autocast)
         losses = self.regate.teacher.reference_losses(ids, labels, text, candidate_mask(labels) & text)
         del self.teacher_autocast[n:]  # not a training step
@@ -117,7 +117,8 @@ def stored_ref(callback: ReGATECallback, data: RandomDataModule, model: torch.nn
     parts = resolve(model)
     out = []
     for item in data.train_set:
-        cand = candidate_mask(item["labels"]) & text_mask(parts, item["input_ids"], item["attention_mask"])
+        text = text_mask(parts.media_token_ids, item["input_ids"], item["attention_mask"])
+        cand = candidate_mask(item["labels"]) & text
         out.append(callback.bank.get_ref(item[SAMPLE_IDX], cand.sum(1)))
     return out
 
@@ -130,7 +131,7 @@ def fresh_ref(data: RandomDataModule) -> list[torch.Tensor]:
     assert data.train_set is not None
     out = []
     for item in data.train_set:
-        text = text_mask(parts, item["input_ids"], item["attention_mask"])
+        text = text_mask(parts.media_token_ids, item["input_ids"], item["attention_mask"])
         cand = candidate_mask(item["labels"]) & text
         out.append(gather_candidates(teacher.reference_losses(item["input_ids"], item["labels"], text, cand), cand))
     return out

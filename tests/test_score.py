@@ -135,6 +135,17 @@ def test_scoring_in_bf16_matches_fitting_in_bf16(tmp_path):
     assert_same(cache(scored), cache(fitted), exact=False)
 
 
+def test_scoring_in_bf16_mixed_matches_fitting_in_bf16_mixed(tmp_path):
+    """Mixed precision: one teacher path (bf16 weights, the autocast dtype, under CPU autocast) in both."""
+    scored, fitted = tmp_path / "scored.pt", tmp_path / "fitted.pt"
+    mixed = ["--trainer.precision", "bf16-mixed"]
+    score_main(["--config", str(recipe(tmp_path, "score.yaml", scored, num_samples=8)), *mixed])
+    cli = build_cli(["fit", "--config", str(recipe(tmp_path, "fit.yaml", fitted, num_samples=8)), *mixed])
+    assert next(cli.model.parameters()).dtype == torch.float32, "mixed precision leaves the student in float32"
+    assert find_callback(cli.trainer).totals["teacher_samples"] == 8
+    assert_same(cache(scored), cache(fitted), exact=False)
+
+
 def test_cache_for_another_setup_is_refused(tmp_path):
     path = tmp_path / "ref.pt"
     config = recipe(tmp_path, "score.yaml", path, num_samples=8)
@@ -324,21 +335,21 @@ def test_pretrained_teacher_and_its_tokenizer_check(tmp_path):
     tokenizer.save_pretrained(folder)
     callback = ReGATECallback(teacher=str(folder), teacher_kwargs={"dtype": "float32"})
     with pytest.raises(ValueError, match="its tokenizer must be checked"):
-        callback.build_teacher(student, datamodule=None)
+        callback.policy.build_teacher(student, datamodule=None)
 
     class Data:
         pass
 
     data = Data()
     data.tokenizer = tokenizer
-    teacher = callback.build_teacher(student, data)
+    teacher = callback.policy.build_teacher(student, data)
     assert teacher.vocab_size == 64 and not any(p.requires_grad for p in teacher.parameters())
     assert reference_fingerprint(str(folder), teacher, data)["tokenizer"] is not None
     data.tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(WordLevel({w: 63 - i for w, i in vocab.items()}, unk_token="w0"))
     )
     with pytest.raises(ValueError, match="does not match the student's"):
-        callback.build_teacher(student, data)
+        callback.policy.build_teacher(student, data)
 
 
 def test_memory_benchmark_smoke(tmp_path, capsys):

@@ -22,7 +22,7 @@ Typical use::
 
 from __future__ import annotations
 
-from regate_lightning._lazy import lazy_exports
+from regate_lightning._imports import lazy_exports
 
 # Names are imported on first use (PEP 562): importing one submodule costs only its own imports (PyAV and
 # Pillow only where decoding is needed).

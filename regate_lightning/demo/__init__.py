@@ -11,7 +11,7 @@ The recipes name the student ``regate_lightning.demo.demo_student``.
 
 from __future__ import annotations
 
-from regate_lightning._lazy import lazy_exports
+from regate_lightning._imports import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "demo_student": "regate_lightning.demo.student",

@@ -12,7 +12,7 @@ A recipe names them by dotted path, e.g. ``model: regate_lightning.testing.tiny_
 
 from __future__ import annotations
 
-from regate_lightning._lazy import lazy_exports
+from regate_lightning._imports import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     **{
