@@ -1,7 +1,10 @@
 """regate-lightning: ReGATE token elision for fine-tuning multimodal LLMs with PyTorch Lightning.
 
-The names below are imported on first use, so that the pure-torch core (``regate_lightning.policy``,
-``regate_lightning.scoring``, ...) can be imported without Lightning; see ``docs/architecture.md``.
+The public API: the Lightning drivers (:class:`ReGATECallback`, :class:`MLLMModule`, :class:`ElisionReport`)
+and, beside them, the method's pure-torch core they drive (:class:`ReGATEPolicy` and its parts, the
+selections, the functional core). Names are imported on first use, so that importing a core module
+(``regate_lightning.policy``, ``regate_lightning.scoring``, ...) never imports Lightning; see
+``docs/architecture.md``.
 """
 
 from __future__ import annotations
@@ -11,15 +14,38 @@ from regate_lightning._imports import lazy_exports
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
-    "ElidedOutput": "regate_lightning.elision",
-    "forward_active": "regate_lightning.elision",
+    # Lightning drivers.
+    "ReGATECallback": "regate_lightning.callback",
     "LoraOptions": "regate_lightning.module",
     "MLLMModule": "regate_lightning.module",
-    "ReGATECallback": "regate_lightning.callback",
+    "ElisionReport": "regate_lightning.report",
+    # The policy and its extension points.
+    "ReGATEPolicy": "regate_lightning.policy",
+    "StepPlan": "regate_lightning.policy",
+    "Selection": "regate_lightning.selection",
+    "TopKSelection": "regate_lightning.selection",
+    "RandomSelection": "regate_lightning.selection",
+    "AdaptiveSelection": "regate_lightning.selection",
+    "Fallback": "regate_lightning.selection",
+    "StoreFallback": "regate_lightning.selection",
+    # Its parts.
     "Schedule": "regate_lightning.schedule",
     "is_full_step": "regate_lightning.schedule",
     "ScoreBank": "regate_lightning.bank",
     "Teacher": "regate_lightning.teacher",
+    "ElidedOutput": "regate_lightning.elision",
+    "forward_active": "regate_lightning.elision",
+    "FAMILIES": "regate_lightning.families",
+    "resolve": "regate_lightning.families",
+    # The functional core.
+    "candidate_mask": "regate_lightning.targets",
+    "shift_targets": "regate_lightning.targets",
+    "fuse_scores": "regate_lightning.scoring",
+    "num_kept": "regate_lightning.scoring",
+    "select_keep": "regate_lightning.scoring",
+    "random_keep": "regate_lightning.scoring",
+    "adaptive_keep": "regate_lightning.scoring",
+    "ema_update": "regate_lightning.scoring",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

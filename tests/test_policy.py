@@ -40,6 +40,17 @@ def test_the_core_imports_without_lightning_or_transformers():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_public_names_resolve():
+    import regate_lightning
+    import regate_lightning.data
+    import regate_lightning.demo
+    import regate_lightning.testing
+
+    for package in (regate_lightning, regate_lightning.data, regate_lightning.demo, regate_lightning.testing):
+        missing = [name for name in package.__all__ if getattr(package, name, None) is None]
+        assert not missing, (package.__name__, missing)
+
+
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     return tiny_llava()
