@@ -285,12 +285,10 @@ class ReGATEPolicy:
         """
         _, bank = self._ready()
         view = self._view(batch)
-        all_idx, all_counts = self._gather(gather, [view.sample_idx, view.counts])
-        bank.register(all_idx, all_counts)
-        _, scored = self._score_missing(view, gather, context)
+        _, scored = self._register_and_score(view, gather, context)
         target_ids = gather_candidates(shift_targets(view.labels), view.candidates)
         ref = bank.get_ref(view.sample_idx, view.counts)
-        difficulty = self.fallback(bank, view.sample_idx, view.counts, target_ids)
+        difficulty = self.fallback.difficulty(bank, view.sample_idx, view.counts, target_ids)
         scores = scatter_candidates(fuse_scores(difficulty, ref, self.ref_weight), view.candidates)
         sparse = self.keep_ratio < 1.0 and not is_full_step(step, self.schedule)
         prior = batch.get(KEEP_MASK)
@@ -354,11 +352,7 @@ class ReGATEPolicy:
             bool ``[B]`` on the store's device: the samples the teacher scored now (the others had
             reference losses already).
         """
-        _, bank = self._ready()
-        view = self._view(batch)
-        all_idx, all_counts = self._gather(gather, [view.sample_idx, view.counts])
-        bank.register(all_idx, all_counts)
-        scored, _ = self._score_missing(view, gather, context)
+        scored, _ = self._register_and_score(self._view(batch), gather, context)
         return scored
 
     # ---------------------------------------------------------------------------------------------
@@ -389,15 +383,17 @@ class ReGATEPolicy:
         sample_idx = batch[SAMPLE_IDX].to(store).long()
         return _View(sample_idx, input_ids, labels, text, candidates, candidates.sum(1))
 
-    def _score_missing(
+    def _register_and_score(
         self, view: _View, gather: Gather, context: Callable[[], AbstractContextManager[Any]]
     ) -> tuple[Tensor, int]:
-        """Run the teacher on this rank's unscored samples; share the losses with every rank.
+        """Register every rank's samples; run the teacher on this rank's unscored ones; share the losses.
 
         Returns:
             bool ``[B]``, the rows scored here, and the number of samples scored on all ranks.
         """
         teacher, bank = self._ready()
+        all_idx, all_counts = self._gather(gather, [view.sample_idx, view.counts])
+        bank.register(all_idx, all_counts)
         missing = ~bank.has_ref(view.sample_idx)
         flat = torch.zeros(0, device=self.store_device)
         if missing.any():
@@ -412,7 +408,7 @@ class ReGATEPolicy:
         return missing, int(idx.numel())
 
     def _select(self, scores: Tensor, available: Tensor) -> Tensor:
-        keep = self.selection(scores, available, self.keep_ratio, self.min_keep, self.generator)
+        keep = self.selection.select(scores, available, self.keep_ratio, self.min_keep, self.generator)
         if not isinstance(keep, Tensor) or keep.dtype != torch.bool or keep.shape != available.shape:
             got = f"{keep.dtype} {tuple(keep.shape)}" if isinstance(keep, Tensor) else type(keep).__name__
             raise TypeError(f"`selection` {self.selection!r} must return a bool [B, L] tensor, got {got}")

@@ -39,7 +39,6 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from regate_lightning.bank import ScoreBank
 from regate_lightning.cache import load_cache, load_into, save_cache
 from regate_lightning.callback import ReGATECallback
 from regate_lightning.keys import ATTENTION_MASK, INPUT_IDS, LABELS, SAMPLE_IDX
@@ -279,16 +278,6 @@ class ReferenceScorer(pl.LightningModule):
         """The student's HF model (not a submodule of the scorer)."""
         return self._held[0].model
 
-    @property
-    def bank(self) -> ScoreBank | None:
-        """The reference losses scored or loaded so far (on the CPU; None before ``setup``)."""
-        return self.policy.bank
-
-    @property
-    def fingerprint(self) -> dict[str, Any]:
-        """What made the reference losses (the policy's)."""
-        return self.policy.fingerprint
-
     # ---------------------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
@@ -303,7 +292,7 @@ class ReferenceScorer(pl.LightningModule):
         self._own = self.path if world == 1 else part_path(self.path, rank, world)
         self._mine = None if world == 1 else []
         for file in [self.path, *part_files(self.path)]:
-            payload = load_cache(file, self.fingerprint)  # refuses a cache made for another setup
+            payload = load_cache(file, self.policy.fingerprint)  # refuses a cache made for another setup
             if payload is None:
                 continue
             load_into(bank, payload)
@@ -358,16 +347,17 @@ class ReferenceScorer(pl.LightningModule):
         return bool((every and self._pending >= every) or (seconds and time.monotonic() - self._last_flush >= seconds))
 
     def _flush(self) -> int:
-        assert self.bank is not None
+        assert self.policy.bank is not None
         mine = None if self._mine is None else torch.cat([torch.zeros(0, dtype=torch.int64), *self._mine])
-        written = save_cache(self._own, self.bank, self.fingerprint, samples=mine)
+        written = save_cache(self._own, self.policy.bank, self.policy.fingerprint, samples=mine)
         self._pending = 0
         self._last_flush = time.monotonic()
         return written
 
     def on_predict_end(self) -> None:
         """Write this rank's last progress; rank 0 merges the parts into the cache file."""
-        assert self.bank is not None
+        bank = self.policy.bank
+        assert bank is not None
         trainer = self.trainer
         if self._pending or not self._own.exists():
             self._flush()
@@ -378,11 +368,11 @@ class ReferenceScorer(pl.LightningModule):
         if trainer.is_global_zero:
             parts = part_files(self.path)
             for file in parts:
-                payload = load_cache(file, self.fingerprint)
+                payload = load_cache(file, self.policy.fingerprint)
                 if payload is not None:
-                    load_into(self.bank, payload)
+                    load_into(bank, payload)
             if parts or not self.path.exists():
-                save_cache(self.path, self.bank, self.fingerprint)
+                save_cache(self.path, bank, self.policy.fingerprint)
             for file in [*parts, *_temporaries(self.path)]:
                 file.unlink(missing_ok=True)
         trainer.strategy.barrier("regate_score_merged")
@@ -390,7 +380,7 @@ class ReferenceScorer(pl.LightningModule):
             [self._counts["scored"], self._counts["reused"]], dtype=torch.float64, device=trainer.strategy.root_device
         )
         scored, reused = (int(v) for v in trainer.strategy.reduce(totals, reduce_op="sum").tolist())
-        payload = load_cache(self.path, self.fingerprint)
+        payload = load_cache(self.path, self.policy.fingerprint)
         self.policy.release()
         self.result = ScoreResult(
             path=self.path,

@@ -44,6 +44,7 @@ __all__ = [
     "TopKSelection",
     "as_fallback",
     "as_selection",
+    "fallback_name",
 ]
 
 
@@ -81,17 +82,6 @@ class Selection(ABC):
             bool ``[B, L]``: ``False`` at the elided candidates, ``True`` everywhere else (a selection must
             never elide a position that is not a candidate).
         """
-
-    def __call__(
-        self,
-        scores: Tensor,
-        candidates: Tensor,
-        keep_ratio: float,
-        min_keep: int,
-        generator: torch.Generator | None,
-    ) -> Tensor:
-        """Same as :meth:`select`."""
-        return self.select(scores, candidates, keep_ratio, min_keep, generator)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -252,10 +242,6 @@ class Fallback(ABC):
         Returns:
             float32 ``[N]``, flat layout.
         """
-
-    def __call__(self, bank: ScoreBank, sample_idx: Tensor, counts: Tensor, target_ids: Tensor) -> Tensor:
-        """Same as :meth:`difficulty`."""
-        return self.difficulty(bank, sample_idx, counts, target_ids)
 
 
 class StoreFallback(Fallback):
