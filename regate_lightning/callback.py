@@ -237,20 +237,28 @@ class ReGATECallback(Callback):
                 f"{type(outputs).__name__}"
             )
         self.policy.observe(plan, outputs[TOKEN_LOSS], gather=_gather(trainer))
+        step = self._count(trainer, plan, outputs)
+        if _logging_step(trainer):
+            self._log(pl_module, plan, step)
+
+    def _count(self, trainer: pl.Trainer, plan: StepPlan, outputs: dict[str, Any]) -> dict[str, int]:
+        """The step's counts summed over ranks (keys of :data:`~regate_lightning.keys.TOTALS`), added to ``totals``."""
+        keys = (ACTIVE, TOKENS, SUPERVISED, CANDIDATES, KEPT)
         counts = torch.tensor(
             [outputs[NUM_ACTIVE], outputs[NUM_TOKENS], outputs[NUM_TARGETS], int(plan.counts.sum()), plan.kept],
             dtype=torch.float64,
             device=trainer.strategy.root_device,
         )
-        active, tokens, supervised, candidates, kept = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
-        step_counts = (active, tokens, supervised, candidates, kept)
-        for key, value in zip((ACTIVE, TOKENS, SUPERVISED, CANDIDATES, KEPT), step_counts, strict=True):
-            self.totals[key] += int(value)
-        if not _logging_step(trainer):
-            return
+        step = dict(zip(keys, (int(v) for v in trainer.strategy.reduce(counts, reduce_op="sum").tolist()), strict=True))
+        for key, value in step.items():
+            self.totals[key] += value
+        return step
+
+    def _log(self, pl_module: pl.LightningModule, plan: StepPlan, step: dict[str, int]) -> None:
+        """Log the step's fractions and the run's cumulative counts (``regate/*``)."""
         size = int(plan.sample_idx.numel())
         metrics = {
-            ACTIVE_FRAC: active / max(tokens, 1),
+            ACTIVE_FRAC: step[ACTIVE] / max(step[TOKENS], 1),
             CUM_ACTIVE_TOKENS: float(self.totals[ACTIVE]),
             CUM_TOKENS: float(self.totals[TOKENS]),
             CUM_SUPERVISED_TOKENS: float(self.totals[SUPERVISED]),
@@ -259,7 +267,7 @@ class ReGATECallback(Callback):
             SPARSE_STEP: float(plan.sparse),
             TEACHER_CALLS: float(self.totals[TEACHER_SAMPLES]),
         }
-        pl_module.log(KEPT_FRAC, kept / max(candidates, 1), prog_bar=True, batch_size=size)
+        pl_module.log(KEPT_FRAC, step[KEPT] / max(step[CANDIDATES], 1), prog_bar=True, batch_size=size)
         pl_module.log_dict(metrics, batch_size=size)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
