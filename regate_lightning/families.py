@@ -363,6 +363,36 @@ def vision_parts(parts: ModelParts) -> tuple[list[nn.Module], list[nn.Module]]:
     return tower, projector
 
 
+PARTS = ("vision_tower", "projector", "language_model")
+"""The parts of a model that can be frozen or given their own learning rate (:func:`parameter_parts`)."""
+
+
+def parameter_parts(parts: ModelParts) -> dict[str, list[nn.Parameter]]:
+    """Every parameter of the model, by part: vision tower, projector, language model.
+
+    The tower and the projector are those of :func:`vision_parts`; the language model is everything else
+    (decoder, embeddings, LM head, and any adapter inside them). A causal LM is all language model.
+
+    Args:
+        parts: the model's parts (:func:`resolve`); the parameters are those of ``parts.model``'s modules,
+            so a peft wrapper's adapters are found inside the modules they wrap.
+
+    Returns:
+        ``{part: [parameters]}`` for each of :data:`PARTS`, in the model's parameter order; every parameter
+        is in exactly one part.
+    """
+    tower, projector = vision_parts(parts)
+    owner: dict[int, str] = {}
+    for part, modules in (("vision_tower", tower), ("projector", projector)):
+        for module in modules:
+            for param in module.parameters():
+                owner[id(param)] = part
+    out: dict[str, list[nn.Parameter]] = {part: [] for part in PARTS}
+    for param in parts.model.parameters():
+        out[owner.get(id(param), "language_model")].append(param)
+    return out
+
+
 def unused_vision_modules(parts: ModelParts) -> list[nn.Module]:
     """Vision-tower modules that never reach the loss in this family.
 

@@ -78,6 +78,16 @@ def acc_metric(stage: str, task: str | None = None) -> str:
     return f"{stage}/acc" if task is None else f"{stage}/acc_{task}"
 
 
+def media_gap_metric(stage: str, kind: str) -> str:
+    """The media-reliance gap of a stage (:mod:`regate_lightning.reliance`), e.g. ``"val/video_gap"``.
+
+    Example:
+        >>> media_gap_metric("val", "video")
+        'val/video_gap'
+    """
+    return f"{stage}/{kind}_gap"
+
+
 def task_accuracies(metrics: Mapping[str, float], stage: str) -> dict[str, float]:
     """The per-task accuracies among logged ``metrics``, by task: the inverse of :func:`acc_metric`.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,12 +18,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
+from torchmetrics import MeanMetric
 from transformers import AutoConfig, PreTrainedModel
 
 from regate_lightning._imports import import_object, is_dotted_path
 from regate_lightning.elision import ElidedOutput, forward_active
 from regate_lightning.evaluation import OPTION_SCORES, ChoiceAccuracy, choose_options
-from regate_lightning.families import resolve, unused_vision_modules, unwrap, vision_parts
+from regate_lightning.families import parameter_parts, resolve, unused_vision_modules, unwrap, vision_parts
 from regate_lightning.keys import (
     DATA_SKIPPED,
     INPUT_IDS,
@@ -33,8 +35,10 @@ from regate_lightning.keys import (
     VAL,
     acc_metric,
     loss_metric,
+    media_gap_metric,
     option_loss_metric,
 )
+from regate_lightning.reliance import MEDIA_KINDS, answer_rows, swap_media
 
 DECODER_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -129,6 +133,21 @@ class MLLMModule(pl.LightningModule):
         option_score: how a multiple-choice option is scored from its token log-likelihoods:
             ``"sum"`` (default, the option's log-likelihood) or ``"mean"`` (per token, length-neutral).
         task_names: names of the multiple-choice tasks, for the per-task accuracy metric names.
+        freeze_language_model: keep the language model's weights fixed (decoder, embeddings, LM head):
+            train the projector (and the tower) only, as in LLaVA's first stage.
+        vision_tower_lr: learning rate of the vision tower's parameters (LLaVA's ``mm_vision_tower_lr``);
+            None = the optimizer's.
+        projector_lr: learning rate of the projector's parameters (LLaVA's ``mm_projector_lr``); None =
+            the optimizer's.
+        language_model_lr: learning rate of the language model's parameters (adapters included); None =
+            the optimizer's.
+        lr_schedule: a transformers scheduler name (``"cosine"``, ``"linear"``, ``"constant_with_warmup"``,
+            ...; ``transformers.get_scheduler``) over the run's optimizer steps, with ``warmup_ratio`` of
+            them for warm-up; it scales every parameter group alike, so the per-part learning rates keep
+            their ratios. Not with ``lr_scheduler``.
+        warmup_ratio: fraction of the optimizer steps that warm the learning rate up (``lr_schedule``).
+        media_gap: at validation, also run the correct answers with another sample's media and log the
+            loss difference as ``val/video_gap`` / ``val/image_gap`` (see :mod:`regate_lightning.reliance`).
     """
 
     def __init__(
@@ -143,10 +162,28 @@ class MLLMModule(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         option_score: str = "sum",
         task_names: list[str] | None = None,
+        freeze_language_model: bool = False,
+        vision_tower_lr: float | None = None,
+        projector_lr: float | None = None,
+        language_model_lr: float | None = None,
+        lr_schedule: str | None = None,
+        warmup_ratio: float = 0.0,
+        media_gap: bool = True,
     ) -> None:
         super().__init__()
-        if option_score not in OPTION_SCORES:  # before the model is loaded: a typo must not cost a download
+        # Every check that needs no model runs before the model is loaded: a typo must not cost a download.
+        if option_score not in OPTION_SCORES:
             raise ValueError(f"`option_score` must be one of {OPTION_SCORES}, got {option_score!r}")
+        part_lrs = {"vision_tower": vision_tower_lr, "projector": projector_lr, "language_model": language_model_lr}
+        for part, lr in part_lrs.items():
+            if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0):
+                raise ValueError(f"`{part}_lr` must be a positive number or null, got {lr!r}")
+        _check_schedule(lr_schedule, warmup_ratio, lr_scheduler)
+        if freeze_language_model and lora is not None:
+            raise ValueError(
+                "`freeze_language_model` and `lora` contradict each other: LoRA already keeps the language model's "
+                "weights fixed and trains adapters in it; use one of them"
+            )
         ignored = ["optimizer", "lr_scheduler"] + (["model"] if isinstance(model, nn.Module) else [])
         self.save_hyperparameters(ignore=ignored)
         net = load_model(model, model_kwargs)
@@ -160,6 +197,12 @@ class MLLMModule(pl.LightningModule):
                 raise ValueError("`freeze_vision_tower` / `freeze_projector` need a multimodal model, got a causal LM")
             for module in (tower if freeze_vision_tower else []) + (projector if freeze_projector else []):
                 module.requires_grad_(False)
+        if freeze_language_model:
+            groups = parameter_parts(parts)
+            if not groups["vision_tower"] and not groups["projector"]:
+                raise ValueError("`freeze_language_model` needs a multimodal model: a causal LM would train nothing")
+            for param in groups["language_model"]:
+                param.requires_grad_(False)
         if gradient_checkpointing:
             enable = getattr(net, "activation_checkpointing_enable", None)  # transformers >= 5.x name
             if enable is not None:
@@ -173,6 +216,18 @@ class MLLMModule(pl.LightningModule):
         self.accuracy = ChoiceAccuracy(task_names)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
+        self.part_lrs = {part: float(lr) for part, lr in part_lrs.items() if lr is not None}
+        self.lr_schedule = lr_schedule
+        self.warmup_ratio = float(warmup_ratio)
+        self.media_gap = media_gap
+        self.gaps = nn.ModuleDict({kind: MeanMetric() for kind in MEDIA_KINDS})
+        trainable = {part: any(p.requires_grad for p in ps) for part, ps in parameter_parts(resolve(net)).items()}
+        for part in self.part_lrs:
+            if not trainable[part]:
+                raise ValueError(
+                    f"`{part}_lr` is set but the {part.replace('_', ' ')} has no trainable parameter (frozen, absent "
+                    "in this model, or outside LoRA's adapters); remove it or unfreeze the part"
+                )
 
     @staticmethod
     def _apply_lora(net: PreTrainedModel, lora: LoraOptions) -> nn.Module:
@@ -254,14 +309,26 @@ class MLLMModule(pl.LightningModule):
             return
         out = forward_active(self.model, batch)  # no keep mask: evaluation sees every token
         size = batch[INPUT_IDS].shape[0]
-        if QUESTION_IDX not in batch:
+        if QUESTION_IDX in batch:
+            preds, answers, tasks = choose_options(out.token_loss, batch, self.option_score)
+            self.log(option_loss_metric(stage), out.loss, sync_dist=True, batch_size=size)
+            self.accuracy.update(preds, answers, tasks)
+        else:
             self.log(loss_metric(stage), out.loss, prog_bar=True, sync_dist=True, batch_size=size)
-            return
-        preds, answers, tasks = choose_options(out.token_loss, batch, self.option_score)
-        self.log(option_loss_metric(stage), out.loss, sync_dist=True, batch_size=size)
-        self.accuracy.update(preds, answers, tasks)
+        if self.media_gap:
+            self._update_media_gap(batch, out.token_loss, answer_rows(batch))
+
+    def _update_media_gap(self, batch: dict[str, Any], token_loss: torch.Tensor, rows: torch.Tensor | None) -> None:
+        """Per answer token: loss with another sample's media minus loss with its own (the media gap)."""
+        for swap in swap_media(batch, resolve(self.model), rows):
+            own = token_loss[swap.rows]
+            swapped = forward_active(self.model, swap.swapped).token_loss
+            supervised = ~own.isnan()
+            self.gaps[swap.kind].update(swapped[supervised] - own[supervised])
 
     def _log_accuracy(self, stage: str) -> None:
+        if self.media_gap:
+            self._log_media_gap(stage)
         if self.accuracy.count == 0:
             return
         values = self.accuracy.compute()
@@ -270,13 +337,75 @@ class MLLMModule(pl.LightningModule):
             self.log(acc_metric(stage, task), value)
         self.accuracy.reset()
 
+    def _log_media_gap(self, stage: str) -> None:
+        """Log the media gap of each media kind the model takes, where any row measured it.
+
+        ``compute`` synchronises across processes, so it runs on every rank for every kind the family
+        takes (the same on all ranks), also where this rank measured nothing.
+        """
+        family = resolve(self.model).family
+        for kind in MEDIA_KINDS:
+            if (family.image_key if kind == "image" else family.video_key) is None:
+                continue
+            gap = self.gaps[kind]
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+                value = gap.compute()
+            gap.reset()
+            if torch.isfinite(value):
+                self.log(media_gap_metric(stage, kind), value)
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: one per part of the model that has trainable parameters.
+
+        Each group is ``{"name": part, "params": [...]}`` with ``"lr"`` when the part's learning rate is
+        set (``vision_tower_lr``, ``projector_lr``, ``language_model_lr``); the other groups take the
+        optimizer's own learning rate. Parts are those of :func:`~regate_lightning.families.parameter_parts`.
+        """
+        groups = []
+        for part, params in parameter_parts(resolve(self.model)).items():
+            trainable = [p for p in params if p.requires_grad]
+            if trainable:
+                group: dict[str, Any] = {"name": part, "params": trainable}
+                if part in self.part_lrs:
+                    group["lr"] = self.part_lrs[part]
+                groups.append(group)
+        return groups
+
     def configure_optimizers(self) -> Any:
-        """The optimizer over trainable parameters, with the scheduler stepped per optimizer step."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("no trainable parameter: check `lora`, `freeze_vision_tower` and `freeze_projector`")
-        optimizer = self.optimizer_factory(params)
-        if self.lr_scheduler_factory is None:
+        """The optimizer over the trainable parameters, by part, with the scheduler stepped per optimizer step."""
+        groups = self.parameter_groups()
+        if not groups:
+            raise ValueError(
+                "no trainable parameter: check `lora`, `freeze_vision_tower`, `freeze_projector` and "
+                "`freeze_language_model`"
+            )
+        optimizer = self.optimizer_factory(groups)
+        if self.lr_schedule is not None:
+            from transformers import get_scheduler
+
+            total = int(self.trainer.estimated_stepping_batches)
+            warmup = round(self.warmup_ratio * total)
+            scheduler = get_scheduler(self.lr_schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+        elif self.lr_scheduler_factory is not None:
+            scheduler = self.lr_scheduler_factory(optimizer)
+        else:
             return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _check_schedule(lr_schedule: str | None, warmup_ratio: float, lr_scheduler: Any) -> None:
+    """Refuse a schedule name transformers does not know, a bad warm-up and two schedulers at once."""
+    if not 0.0 <= warmup_ratio < 1.0:
+        raise ValueError(f"`warmup_ratio` must be in [0, 1), got {warmup_ratio}")
+    if lr_schedule is None:
+        if warmup_ratio:
+            raise ValueError("`warmup_ratio` needs `lr_schedule` (e.g. 'cosine')")
+        return
+    from transformers import SchedulerType
+
+    names = [t.value for t in SchedulerType]
+    if lr_schedule not in names:
+        raise ValueError(f"`lr_schedule` must be one of transformers' schedulers {names}, got {lr_schedule!r}")
+    if lr_scheduler is not None:
+        raise ValueError("give either `lr_schedule` (a transformers schedule by name) or `lr_scheduler`, not both")

@@ -185,3 +185,125 @@ def test_debug_recipe_runs_through_console_script(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = list(tmp_path.rglob("metrics.csv"))
     assert metrics and "train/loss" in metrics[0].read_text()
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-part optimisation: parameter groups, learning rates, freezing the language model, schedules.
+
+
+@pytest.mark.parametrize(
+    "factory", [tiny.tiny_llava, tiny.tiny_llava_next_video, tiny.tiny_video_llava, tiny.tiny_qwen2_vl, tiny.tiny_llama]
+)
+def test_parameter_parts_hold_exactly_each_parts_parameters(factory):
+    from regate_lightning.families import PARTS, parameter_parts
+
+    model = factory()
+    parts = resolve(model)
+    groups = parameter_parts(parts)
+    assert tuple(groups) == PARTS
+    ids = [id(p) for ps in groups.values() for p in ps]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))  # disjoint, and every parameter
+    tower, projector = vision_parts(parts)
+    for part, modules in (("vision_tower", tower), ("projector", projector)):
+        assert {id(p) for m in modules for p in m.parameters()} == {id(p) for p in groups[part]}
+    decoder = {id(p) for p in parts.decoder.parameters()} | {id(p) for p in parts.lm_head.parameters()}
+    assert decoder <= {id(p) for p in groups["language_model"]}
+
+
+def test_part_learning_rates_become_optimizer_groups():
+    module = MLLMModule(
+        tiny.tiny_qwen2_vl(),
+        vision_tower_lr=1e-4,
+        projector_lr=1e-2,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
+    )
+    optimizer = module.configure_optimizers()
+    by_name = {g["name"]: g for g in optimizer.param_groups}
+    assert {name: g["lr"] for name, g in by_name.items()} == {
+        "vision_tower": 1e-4,
+        "projector": 1e-2,
+        "language_model": 1e-3,
+    }
+    inner = module.hf_model.model
+    merger = {id(p) for p in inner.visual.merger.parameters()}
+    assert {id(p) for p in by_name["projector"]["params"]} == merger
+    assert {id(p) for p in by_name["vision_tower"]["params"]} == {
+        id(p) for p in inner.visual.parameters() if id(p) not in merger
+    }
+
+
+def test_lora_adapters_are_the_language_model_group():
+    module = MLLMModule(tiny.tiny_llava(), lora=LoraOptions(r=4, alpha=8), language_model_lr=5e-4, projector_lr=None)
+    groups = module.parameter_groups()
+    assert [g["name"] for g in groups] == ["language_model"]
+    assert groups[0]["lr"] == 5e-4
+    assert all("lora_" in n for n, p in module.named_parameters() if p.requires_grad)
+    assert len(groups[0]["params"]) == sum(p.requires_grad for p in module.parameters())
+
+
+def test_freeze_language_model_trains_tower_and_projector_only():
+    module = MLLMModule(tiny.tiny_llava_next_video(), freeze_language_model=True)
+    names = {g["name"] for g in module.parameter_groups()}
+    assert names == {"vision_tower", "projector"}
+    assert not any(p.requires_grad for p in module.hf_model.model.language_model.parameters())
+    assert not any(p.requires_grad for p in module.hf_model.lm_head.parameters())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"projector_lr": -1.0}, "`projector_lr` must be a positive number"),
+        ({"vision_tower_lr": 0}, "`vision_tower_lr` must be a positive number"),
+        ({"freeze_vision_tower": True, "vision_tower_lr": 1e-4}, "`vision_tower_lr` is set but the vision tower"),
+        ({"freeze_language_model": True, "lora": LoraOptions()}, "contradict each other"),
+        ({"lr_schedule": "nope"}, "`lr_schedule` must be one of transformers' schedulers"),
+        ({"warmup_ratio": 0.1}, "`warmup_ratio` needs `lr_schedule`"),
+        ({"lr_schedule": "cosine", "warmup_ratio": 1.5}, r"`warmup_ratio` must be in \[0, 1\)"),
+        ({"lr_schedule": "cosine", "lr_scheduler": lambda o: None}, "not both"),
+    ],
+)
+def test_bad_optimisation_arguments_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MLLMModule(tiny.tiny_llava(), **kwargs)
+
+
+def test_freeze_language_model_refuses_a_text_only_model():
+    with pytest.raises(ValueError, match="needs a multimodal model"):
+        MLLMModule(tiny.tiny_llama(), freeze_language_model=True)
+
+
+def test_lr_schedule_warms_up_then_decays_every_group_alike():
+    import lightning.pytorch as pl
+
+    from regate_lightning.testing import RandomDataModule
+
+    seen: list[dict[str, float]] = []
+
+    class Watch(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append({g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups})
+
+    module = MLLMModule(
+        tiny.tiny_llava_next_video(),
+        projector_lr=1e-2,
+        optimizer=lambda params: torch.optim.SGD(params, lr=1e-3),
+        lr_schedule="cosine",
+        warmup_ratio=0.25,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=8,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[Watch()],
+    )
+    trainer.fit(module, datamodule=RandomDataModule(num_samples=32, batch_size=4, num_frames=2))
+    projector = [s["projector"] for s in seen]
+    # transformers' warm-up: step / warmup_steps over 2 of the 8 steps, then the cosine decay.
+    assert projector[:3] == pytest.approx([0.0, 1e-2 / 2, 1e-2])
+    assert projector[2:] == sorted(projector[2:], reverse=True) and projector[-1] < 1e-3
+    for s in seen[1:]:
+        assert s["projector"] / s["language_model"] == pytest.approx(10.0)
