@@ -15,7 +15,13 @@ from regate_lightning.reliance import answer_rows, media_runs, swap_media
 from regate_lightning.testing import RandomDataModule, tiny
 from regate_lightning.testing.batches import random_batch
 
-FACTORIES = [tiny.tiny_llava, tiny.tiny_llava_next_video, tiny.tiny_video_llava, tiny.tiny_qwen2_vl, tiny.tiny_qwen2_5_vl]
+FACTORIES = [
+    tiny.tiny_llava,
+    tiny.tiny_llava_next_video,
+    tiny.tiny_video_llava,
+    tiny.tiny_qwen2_vl,
+    tiny.tiny_qwen2_5_vl,
+]
 
 
 def _media(batch: dict, parts) -> tuple[str, torch.Tensor]:
