@@ -24,6 +24,10 @@ MM_TOKEN_TYPE_IDS = "mm_token_type_ids"
 """int64 [B, L]; Qwen2-VL's media type of each position: :data:`TEXT_TYPE`, :data:`IMAGE_TYPE` or :data:`VIDEO_TYPE`."""
 TEXT_TYPE, IMAGE_TYPE, VIDEO_TYPE = 0, 1, 2
 
+IMAGE, VIDEO = "image", "video"
+MEDIA_KINDS = (IMAGE, VIDEO)
+"""The kinds of media a sample can hold."""
+
 # HF batch keys of the media tensors (which family reads which: regate_lightning.families).
 PIXEL_VALUES = "pixel_values"
 PIXEL_VALUES_IMAGES = "pixel_values_images"

@@ -27,8 +27,10 @@ from regate_lightning.evaluation import OPTION_SCORES, ChoiceAccuracy, choose_op
 from regate_lightning.families import parameter_parts, resolve, unused_vision_modules, unwrap, vision_parts
 from regate_lightning.keys import (
     DATA_SKIPPED,
+    IMAGE,
     INPUT_IDS,
     KEEP_MASK,
+    MEDIA_KINDS,
     QUESTION_IDX,
     TEST,
     TRAIN_LOSS,
@@ -38,7 +40,7 @@ from regate_lightning.keys import (
     media_gap_metric,
     option_loss_metric,
 )
-from regate_lightning.reliance import MEDIA_KINDS, answer_rows, swap_media
+from regate_lightning.reliance import answer_rows, swap_media
 
 DECODER_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -345,7 +347,7 @@ class MLLMModule(pl.LightningModule):
         """
         family = resolve(self.model).family
         for kind in MEDIA_KINDS:
-            if (family.image_key if kind == "image" else family.video_key) is None:
+            if (family.image_key if kind == IMAGE else family.video_key) is None:
                 continue
             gap = self.gaps[kind]
             with warnings.catch_warnings():

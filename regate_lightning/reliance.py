@@ -27,13 +27,9 @@ import torch
 from torch import Tensor
 
 from regate_lightning.families import GRID, ModelParts
-from regate_lightning.keys import ANSWER_IDX, INPUT_IDS, OPTION_IDX, SECOND_PER_GRID_TS
+from regate_lightning.keys import ANSWER_IDX, IMAGE, INPUT_IDS, MEDIA_KINDS, OPTION_IDX, SECOND_PER_GRID_TS, VIDEO
 
 __all__ = ["MediaSwap", "answer_rows", "media_runs", "swap_media"]
-
-IMAGE, VIDEO = "image", "video"
-MEDIA_KINDS = (IMAGE, VIDEO)
-
 
 def media_runs(input_ids: Tensor, token_id: int) -> Tensor:
     """Number of media items of one kind per row: the contiguous runs of its placeholder id.

@@ -34,12 +34,14 @@ from regate_lightning.keys import (
     KEEP_MASK,
     KEPT,
     LABELS,
+    MEDIA_KINDS,
     SAMPLE_IDX,
     SUPERVISED,
     TEACHER_SAMPLES,
     TOKENS,
     VAL,
     acc_metric,
+    media_gap_metric,
     task_accuracies,
 )
 from regate_lightning.targets import shift_targets
@@ -197,6 +199,9 @@ def run_summary(trainer: pl.Trainer, regate: ReGATECallback) -> dict[str, float]
         summary[acc_metric(VAL)] = metrics[acc_metric(VAL)]
     for task, value in task_accuracies(metrics, VAL).items():
         summary[acc_metric(VAL, task)] = value
+    for kind in MEDIA_KINDS:
+        if media_gap_metric(VAL, kind) in metrics:
+            summary[media_gap_metric(VAL, kind)] = metrics[media_gap_metric(VAL, kind)]
     return summary
 
 
@@ -212,6 +217,12 @@ def render_text(
     if acc_metric(VAL) in summary:
         per_task = ", ".join(f"{task} {v:.2f}" for task, v in task_accuracies(summary, VAL).items())
         lines.append(f"  validation accuracy: {summary[acc_metric(VAL)]:.3f}" + (f" ({per_task})" if per_task else ""))
+    for kind in MEDIA_KINDS:
+        if media_gap_metric(VAL, kind) in summary:
+            lines.append(
+                f"  {kind} gap: {summary[media_gap_metric(VAL, kind)]:.3f} nats per answer token (loss with another "
+                f"sample's {kind} minus with its own; 0 = the student ignores its {kind}s)"
+            )
     lines.append(
         f"  tokens through the decoder: {summary['tokens_processed']:.0f} of {summary['tokens_baseline']:.0f} "
         f"that the baseline processes in the same {summary['steps']:.0f} steps "

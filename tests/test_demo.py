@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import lightning.pytorch as pl
@@ -12,7 +13,7 @@ from regate_lightning import MLLMModule, ReGATECallback
 from regate_lightning.data.datamodule import SyntheticVideoQADataModule
 from regate_lightning.demo import demo_student
 from regate_lightning.keys import KEEP_MASK, SAMPLE_IDX
-from regate_lightning.report import ElisionReport
+from regate_lightning.report import ElisionReport, run_summary
 
 
 class KeepSpy(pl.Callback):
@@ -35,7 +36,7 @@ def demo_run(tmp_path_factory):
     pl.seed_everything(0)
     student = demo_student(**size, pretrain_steps=30)
     module = MLLMModule(student, optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3))
-    data = SyntheticVideoQADataModule(**size, num_frames=8, batch_size=4, val_batch_questions=4)
+    data = SyntheticVideoQADataModule(**size, num_frames=4, batch_size=4, val_batch_questions=4, media_cache_mb=16)
     spy = KeepSpy()
     report = ElisionReport(html_path=str(root / "report.html"), num_samples=3,
                            word_classifier="regate_lightning.data.synthetic.needs_video")
@@ -52,6 +53,9 @@ def test_demo_trains_evaluates_and_saves_tokens(demo_run, capsys):
     assert {"val/acc_colour", "val/acc_shape", "val/acc_direction", "val/acc_count"} <= set(trainer.callback_metrics)
     assert regate.totals["active"] < regate.totals["tokens"], "sparse steps processed fewer tokens"
     assert regate.totals["teacher_samples"] == 24
+    summary = run_summary(trainer, regate)
+    assert math.isfinite(summary["val/video_gap"])  # measured on the correct options, printed in the summary
+    assert trainer.datamodule.media_cache.misses == 24 + 8  # every clip decoded once over the two epochs
 
 
 def test_report_marks_agree_with_keep_masks(demo_run):

@@ -22,7 +22,7 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
 from regate_lightning.data.collate import Collator
-from regate_lightning.data.datasets import ConversationDataset, FrameSampling, MultipleChoiceDataset
+from regate_lightning.data.datasets import ConversationDataset, FrameSampling, MediaCache, MultipleChoiceDataset
 from regate_lightning.data.errors import SkipCounter
 from regate_lightning.data.render import ChatRenderer
 from regate_lightning.data.synthetic import ensure_synthetic, synthetic_tokenizer
@@ -45,6 +45,9 @@ class ConversationDataModule(pl.LightningDataModule):
         batch_size: training samples per batch.
         val_batch_questions: questions per validation batch (each contributes one row per option).
         num_workers: DataLoader worker processes (media decoding runs there).
+        media_cache_mb: keep up to this many MiB of decoded frames in memory per process (each worker has its
+            own; workers persist across epochs), so that a file is decoded once, not once per epoch; 0 = off.
+            Decoded uint8 frames take ``T * 3 * H * W`` bytes per clip (4 frames of 64x64: 48 KiB).
         max_length: longest sequence; never cut through visual tokens (see ``overlong``).
         overlong: ``"truncate"`` (the text after the last visual token), ``"skip"`` or ``"raise"``.
         on_error: bad records and media: ``"raise"`` (a clear error naming the record) or ``"skip"``
@@ -65,6 +68,7 @@ class ConversationDataModule(pl.LightningDataModule):
         batch_size: int = 4,
         val_batch_questions: int = 4,
         num_workers: int = 0,
+        media_cache_mb: int = 0,
         max_length: int | None = 2048,
         overlong: str = "truncate",
         on_error: str = "raise",
@@ -77,6 +81,8 @@ class ConversationDataModule(pl.LightningDataModule):
                 raise ValueError(f"`{name}` must be >= 1, got {value}")
         if num_workers < 0:
             raise ValueError(f"`num_workers` must be >= 0, got {num_workers}")
+        if media_cache_mb < 0:
+            raise ValueError(f"`media_cache_mb` must be >= 0 (0 = no cache), got {media_cache_mb}")
         self.train_file = train_file
         self.val_file = val_file
         self.media_root = media_root
@@ -86,6 +92,7 @@ class ConversationDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.val_batch_questions = val_batch_questions
         self.num_workers = num_workers
+        self.media_cache = MediaCache(media_cache_mb << 20) if media_cache_mb else None
         self.max_length = max_length
         self.overlong = overlong
         self.on_error = on_error
@@ -121,6 +128,7 @@ class ConversationDataModule(pl.LightningDataModule):
             "media_root": self.media_root,
             "on_error": self.on_error,
             "counter": self.counter,
+            "media_cache": self.media_cache,
         }
         self.train_set = ConversationDataset(self.train_file, renderer, **common)
         if self.val_file:

@@ -17,9 +17,11 @@ which the collator turns into int64 ``[B]`` batch entries.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch.utils.data import Dataset
 
 from regate_lightning.data.conversations import (
@@ -67,6 +69,45 @@ class FrameSampling:
             )
 
 
+@dataclass(frozen=True)
+class DecodedMedia:
+    """One image or video, decoded, sampled and resized, before normalisation.
+
+    Attributes:
+        kind: ``"image"`` or ``"video"``.
+        pixels: uint8 ``[3, H, W]`` (image) or ``[T, 3, H, W]`` (video).
+        fps: frames per second of the sampled frames (videos), else None.
+    """
+
+    kind: str
+    pixels: torch.Tensor
+    fps: float | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the pixels."""
+        return self.pixels.numel() * self.pixels.element_size()
+
+
+def decode_media(media: Media, spec: VisionSpec, frames: FrameSampling) -> DecodedMedia:
+    """Decode one image or video file, sample its frames and resize them to the model's size.
+
+    Raises:
+        MediaError: the file is missing or does not decode.
+    """
+    if media.kind == "image":
+        return DecodedMedia("image", load_image(media.path, spec.size, frames.fit))
+    video = sample_video(media.path, frames.num_frames, frames.sample, frames.fps, spec.size, frames.fit)
+    return DecodedMedia("video", video.frames, video.sampled_fps)
+
+
+def process_media(decoded: DecodedMedia, spec: VisionSpec) -> ProcessedMedia:
+    """Turn decoded pixels into the model family's tensors and placeholder count."""
+    if decoded.kind == "image":
+        return spec.process_image(decoded.pixels)
+    return spec.process_video(decoded.pixels, decoded.fps)
+
+
 def load_media(media: Media, spec: VisionSpec, frames: FrameSampling) -> ProcessedMedia:
     """Decode one image or video and turn it into the model's tensors.
 
@@ -81,23 +122,83 @@ def load_media(media: Media, spec: VisionSpec, frames: FrameSampling) -> Process
     Raises:
         MediaError: the file is missing or does not decode.
     """
-    if media.kind == "image":
-        return spec.process_image(load_image(media.path, spec.size, frames.fit))
-    video = sample_video(media.path, frames.num_frames, frames.sample, frames.fps, spec.size, frames.fit)
-    return spec.process_video(video.frames, video.sampled_fps)
+    return process_media(decode_media(media, spec, frames), spec)
+
+
+class MediaCache:
+    """Decoded media kept in memory, so that each file is decoded once per process, not once per epoch.
+
+    Entries are the decoded, sampled and resized uint8 pixels (:class:`DecodedMedia`; normalisation runs
+    on every read, it is cheap and would take 4x the memory as float32). An entry is keyed by the file's
+    path, size and modification time, so a file that changes is decoded again. When the entries exceed
+    ``max_bytes`` the least recently used are dropped. In DataLoader workers each worker holds its own
+    cache (use ``persistent_workers`` so that it outlives the epoch).
+
+    Args:
+        max_bytes: the most bytes of pixels to keep (``> 0``).
+
+    Example:
+        >>> cache = MediaCache(max_bytes=1 << 20)
+        >>> len(cache), cache.nbytes
+        (0, 0)
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"`max_bytes` must be > 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[tuple, DecodedMedia] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, media: Media, spec: VisionSpec, frames: FrameSampling) -> DecodedMedia:
+        """The decoded media, from the cache or decoded now (and kept)."""
+        stat = os.stat(media.path) if os.path.exists(media.path) else None
+        key = (str(media.path), media.kind, stat and stat.st_size, stat and stat.st_mtime_ns, spec.size, frames)
+        found = self._entries.get(key)
+        if found is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return found
+        decoded = decode_media(media, spec, frames)
+        self.misses += 1
+        if decoded.nbytes <= self.max_bytes:
+            self._entries[key] = decoded
+            self.nbytes += decoded.nbytes
+            while self.nbytes > self.max_bytes:
+                _, dropped = self._entries.popitem(last=False)
+                self.nbytes -= dropped.nbytes
+        return decoded
 
 
 class _MediaDataset(Dataset):
-    """Shared policy of both datasets: eager checks, lazy decoding, ``on_error``."""
+    """Shared policy of both datasets: eager checks, lazy decoding (optionally cached), ``on_error``."""
 
     def __init__(
-        self, renderer: ChatRenderer, frames: FrameSampling, on_error: OnError, counter: SkipCounter | None
+        self,
+        renderer: ChatRenderer,
+        frames: FrameSampling,
+        on_error: OnError,
+        counter: SkipCounter | None,
+        media_cache: MediaCache | None = None,
     ):
         check_on_error(on_error)
         self.renderer = renderer
         self.frames = frames
         self.on_error = on_error
         self.counter = counter if counter is not None else SkipCounter()
+        self.media_cache = media_cache
+
+    def _load(self, media: Media) -> ProcessedMedia:
+        """Decode (or take from the cache) and process one media item."""
+        spec = self.renderer.spec
+        if self.media_cache is None:
+            return load_media(media, spec, self.frames)
+        return process_media(self.media_cache.get(media, spec, self.frames), spec)
 
     def _supported(self, records: Sequence[Record | ChoiceRecord]) -> list:
         kept = []
@@ -133,6 +234,7 @@ class ConversationDataset(_MediaDataset):
         on_error: ``"raise"`` or ``"skip"`` (see :mod:`regate_lightning.data.conversations`).
         counter: where skips are counted; a new one by default (:attr:`counter`).
         check_media: whether the constructor checks that media files exist.
+        media_cache: keep decoded media in memory across epochs (:class:`MediaCache`); None decodes every time.
     """
 
     def __init__(
@@ -144,8 +246,9 @@ class ConversationDataset(_MediaDataset):
         on_error: OnError = "raise",
         counter: SkipCounter | None = None,
         check_media: bool = True,
+        media_cache: MediaCache | None = None,
     ) -> None:
-        super().__init__(renderer, frames or FrameSampling(), on_error, counter)
+        super().__init__(renderer, frames or FrameSampling(), on_error, counter, media_cache)
         if isinstance(records, (str, os.PathLike)):
             records = read_records(records, media_root, on_error, self.counter, check_media)
         self.records: list[Record] = self._supported(records)
@@ -157,7 +260,7 @@ class ConversationDataset(_MediaDataset):
         """Decode and render sample ``index``; ``None`` if it fails under ``on_error="skip"``."""
         record = self.records[index]
         try:
-            media = [load_media(m, self.renderer.spec, self.frames) for m in record.media]
+            media = [self._load(m) for m in record.media]
             return self.renderer.render(record.turns, media, sample_idx=index, record_id=record.id)
         except (MediaError, DataError) as err:
             self._fail(record, err)
@@ -178,6 +281,7 @@ class MultipleChoiceDataset(_MediaDataset):
         on_error: ``"raise"`` or ``"skip"``.
         counter: where skips are counted.
         check_media: whether the constructor checks that media files exist.
+        media_cache: keep decoded media in memory across epochs (:class:`MediaCache`); None decodes every time.
     """
 
     def __init__(
@@ -191,8 +295,9 @@ class MultipleChoiceDataset(_MediaDataset):
         on_error: OnError = "raise",
         counter: SkipCounter | None = None,
         check_media: bool = True,
+        media_cache: MediaCache | None = None,
     ) -> None:
-        super().__init__(renderer, frames or FrameSampling(), on_error, counter)
+        super().__init__(renderer, frames or FrameSampling(), on_error, counter, media_cache)
         if isinstance(records, (str, os.PathLike)):
             records = read_choice_records(records, media_root, on_error, self.counter, check_media)
         self.records: list[ChoiceRecord] = self._supported(records)
@@ -218,7 +323,7 @@ class MultipleChoiceDataset(_MediaDataset):
         """One sample per option of question ``index``; ``None`` if it fails under ``on_error="skip"``."""
         record = self.records[index]
         try:
-            media = [load_media(record.media, self.renderer.spec, self.frames)]
+            media = [self._load(record.media)]
             question = Turn("user", self.question_text(record))
             samples = []
             for j, option in enumerate(record.options):

@@ -149,8 +149,9 @@ def llava_next_video_config(
     text: dict[str, Any],
     video_token_id: int | None = None,
     image_token_id: int | None = None,
+    spatial_pool_stride: int = 2,
 ) -> LlavaNextVideoConfig:
-    """A LLaVA-NeXT-Video config: 2x2-pooled frames, video and image placeholders at the top of the vocabulary."""
+    """A LLaVA-NeXT-Video config: pooled frames (2x2 by default), placeholders at the top of the vocabulary."""
     vocab = text["vocab_size"]
     return LlavaNextVideoConfig(
         vision_config=vision,
@@ -159,7 +160,7 @@ def llava_next_video_config(
         image_token_index=vocab - 1 if image_token_id is None else image_token_id,
         vision_feature_layer=-1,
         image_grid_pinpoints=[[vision.image_size, vision.image_size]],
-        spatial_pool_stride=2,
+        spatial_pool_stride=spatial_pool_stride,
     )
 
 
