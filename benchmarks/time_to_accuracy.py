@@ -1,40 +1,41 @@
-"""Time to accuracy on the synthetic video QA set: baseline vs ReGATE, its ablations and random elision.
+"""Time to accuracy on the synthetic video QA set: baseline vs ReGATE, its ablations, random and adaptive elision.
 
-Every run trains the demo's student (:func:`regate_lightning.demo.demo_student`) on the synthetic
-moving-shapes set in process with a Lightning ``Trainer`` for the same number of optimizer steps and
-evaluates multiple-choice accuracy every ``--val-every`` steps (default: one epoch). A small callback
-records at every validation: the optimizer step, the cumulative tokens the decoder processed (the
-training step's ``num_active``: every non-padding token for the baseline, the kept ones under elision;
-``num_tokens``, the tokens before elision, is recorded too), the wall-clock seconds of training so far
-(everything from the start of fitting except validation) and ``val/acc``.
+Every run trains the demo's student (:func:`regate_lightning.demo.demo_student`: the text-pretrained
+language model in a LLaVA-NeXT-Video with a frozen CLIP tower, 64 video tokens per clip) on the synthetic
+moving-shapes set with a real Lightning ``Trainer`` and the real callbacks, for the same number of
+optimizer steps (default 1500: 6 epochs of 2000 clips at batch 8, AdamW 2e-3, cosine schedule with 100
+warm-up steps, as ``recipes/demo.yaml``), and evaluates multiple-choice accuracy on 1000 questions
+every ``--val-every`` steps (default 150: 10 points). A recorder callback notes at every validation: the
+optimizer step, the cumulative tokens the decoder processed (the training step's ``num_active``:
+every non-padding token for the baseline, the kept ones under elision), the tokens before elision, the
+training wall clock so far (validation excluded), ``val/acc`` overall and per task, and ``val/video_gap``
+(the answer loss with another clip minus with its own: > 0 means the student reads its video). In
+sparse steps it also counts which answer words the selection kept: words that need the video (colour,
+shape, direction, count: :func:`regate_lightning.data.synthetic.needs_video`) against the others.
 
-Variants (``--variants``):
+Variants (``--variants``), all with the paper's p = 0.5, beta = 0.9 and W/C/F = 100/128/16:
 
 - ``baseline``: no callback.
-- ``regate``: the paper's defaults (p 0.5, beta 0.9, lambda 0.5), W/C/F scaled to the run like
-  ``recipes/demo_regate.yaml`` (40/64/8 for 378 steps; ``--warmup/--cycle/--full`` change them).
-- ``ema_only``: the same with ``ref_weight`` 0; ``ref_only``: ``ref_weight`` 1.
-- ``random``: the same schedule and keep count, candidates chosen at random (``selection="random"``).
+- ``regate``: ReGATE, lambda = 0.5; ``ema_only``: lambda = 0; ``ref_only``: lambda = 1.
+- ``random``: the same schedule and keep count, candidates chosen at random.
+- ``adaptive``: the keep count set per sample by ``AdaptiveSelection`` (the fewest candidates whose fused
+  difficulty covers ``--coverage`` of the sample's total).
 
-Each (variant, seed) runs in its own process with one torch thread, ``--jobs`` at a time. The seed
-sets ``pl.seed_everything`` (data order) and ``demo_student(seed=...)`` (the vision tower and the
-projector); the text language model's pretraining is cached beside the data and shared by all runs.
+Each (variant, seed) is one run, ``--jobs`` at a time in worker processes with one torch thread each.
+The seed sets the data order and the random vision tower and projector; the synthetic set and the text
+language model's pretraining are shared by all runs.
 
-Summary per variant: peak accuracy (mean and standard deviation over seeds of each seed's peak),
-and the cumulative tokens and training seconds at which the variant's mean curve over seeds first
-reaches the *target*, the peak of the baseline's mean curve (so the baseline itself reaches it, at
-ratio 1), with the ratios to the baseline's. (The mean of the baseline seeds' peaks would be a
-target that the baseline's own mean curve need not reach, when the seeds peak at different steps.)
-Per seed pairing is reported too: variant seed s against baseline seed s's own peak, the tokens
-ratio to the baseline seed's tokens at that peak; the table gives how many seeds reach it and their
-median ratio. Reaching is read at the validation points, without interpolation.
-
-``--summarise FILE`` recomputes the summary, the table and the plots from a results JSON.
+Summary per variant (over seeds): peak and final accuracy (mean, sd), final accuracy per task, the
+cumulative tokens and training seconds at which the variant's mean curve first reaches the *target*,
+the peak of the baseline's mean curve (ratios to the baseline's own), the same per seed against that
+seed's baseline peak, on how many seeds the variant reaches its target before random elision does, the
+video gap and the kept-word shares. Reaching is read at the validation points, without interpolation.
 
 Usage::
 
     REGATE_LIGHTNING_CACHE=/tmp/tta_cache python benchmarks/time_to_accuracy.py --jobs 2
-    python benchmarks/time_to_accuracy.py --smoke --out /tmp/tta_smoke     # tiny, < 60 s
+    python benchmarks/time_to_accuracy.py --summarise docs/results/time_to_accuracy/time_to_accuracy.json
+    python benchmarks/time_to_accuracy.py --smoke --out /tmp/tta_smoke     # tiny, about a minute
 """
 
 from __future__ import annotations
@@ -47,27 +48,15 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-VARIANTS: dict[str, dict[str, Any] | None] = {
-    "baseline": None,
-    "regate": {"ref_weight": 0.5},
-    "ema_only": {"ref_weight": 0.0},
-    "ref_only": {"ref_weight": 1.0},
-    "random": {"ref_weight": 0.5, "selection": "random"},
-}
-LABELS = {
-    "baseline": "baseline (all tokens)",
-    "regate": "ReGATE (lambda 0.5)",
-    "ema_only": "ReGATE, EMA only (lambda 0)",
-    "ref_only": "ReGATE, reference only (lambda 1)",
-    "random": "random elision (p 0.5)",
-}
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "results" / "time_to_accuracy"
+TASKS = ("colour", "shape", "direction", "count")
 
 
 @dataclass
@@ -77,36 +66,76 @@ class RunConfig:
     Attributes:
         variant: a key of :data:`VARIANTS`.
         seed: model-init and data-order seed.
-        epochs: training epochs.
+        steps: optimizer steps.
         num_train: training clips.
         num_val: multiple-choice questions.
+        num_frames: frames per clip.
         batch_size: training batch.
-        lr: AdamW learning rate.
-        val_every: validate every this many optimizer steps (0: at every epoch end).
+        lr: AdamW learning rate (projector and language model; the tower is frozen).
+        warmup_ratio: share of the steps that warm the learning rate up before the cosine decay.
+        val_every: validate every this many optimizer steps.
         keep_ratio: p.
         ema_decay: beta.
         warmup: W.
         cycle: C.
         full: F.
-        limit_train_batches: cap on batches per epoch (None: all).
+        coverage: the adaptive selection's share of the fused difficulty.
         pretrain_steps: text-only pretraining steps of the student's language model (cached).
+        root: the synthetic set's folder (None: the cache).
     """
 
     variant: str
     seed: int
-    epochs: int = 6
-    num_train: int = 500
-    num_val: int = 200
+    steps: int = 1500
+    num_train: int = 2000
+    num_val: int = 1000
+    num_frames: int = 4
     batch_size: int = 8
-    lr: float = 0.002
-    val_every: int = 0
+    lr: float = 2e-3
+    warmup_ratio: float = 0.067
+    val_every: int = 150
     keep_ratio: float = 0.5
     ema_decay: float = 0.9
-    warmup: int = 40
-    cycle: int = 64
-    full: int = 8
-    limit_train_batches: int | None = None
-    pretrain_steps: int = 250
+    warmup: int = 100
+    cycle: int = 128
+    full: int = 16
+    coverage: float = 0.8
+    pretrain_steps: int = 200
+    root: str | None = None
+
+
+def _regate(config: RunConfig, **overrides: Any) -> list[Any]:
+    from regate_lightning import ReGATECallback
+
+    options: dict[str, Any] = {
+        "keep_ratio": config.keep_ratio,
+        "ema_decay": config.ema_decay,
+        "ref_weight": 0.5,
+        "warmup_steps": config.warmup,
+        "cycle_steps": config.cycle,
+        "full_steps": config.full,
+        "teacher": "student",
+        "seed": config.seed,
+    }
+    options.update(overrides)
+    return [ReGATECallback(**options)]
+
+
+def _adaptive(config: RunConfig) -> list[Any]:
+    from regate_lightning.selection import AdaptiveSelection
+
+    return _regate(config, selection=AdaptiveSelection(coverage=config.coverage))
+
+
+VARIANTS: dict[str, tuple[str, Callable[[RunConfig], list[Any]]]] = {
+    "baseline": ("baseline (all tokens)", lambda c: []),
+    "regate": ("ReGATE (lambda 0.5)", _regate),
+    "ema_only": ("ReGATE, EMA only (lambda 0)", lambda c: _regate(c, ref_weight=0.0)),
+    "ref_only": ("ReGATE, reference only (lambda 1)", lambda c: _regate(c, ref_weight=1.0)),
+    "random": ("random elision (same keep count)", lambda c: _regate(c, selection="random")),
+    "adaptive": ("ReGATE, adaptive keep count", _adaptive),
+}
+"""Variant name -> (label, callbacks for a run)."""
 
 
 @dataclass
@@ -116,43 +145,71 @@ class RunResult:
     Attributes:
         config: the run.
         points: one dict per validation: ``step``, ``tokens`` (cumulative active), ``tokens_all``
-            (cumulative before elision), ``train_s``, ``acc``.
+            (cumulative before elision), ``supervised`` (cumulative trained targets), ``train_s``, ``acc``,
+            ``acc_<task>``, ``video_gap``.
+        kept_words: in sparse steps, candidates whose target needs the video / does not, and how many of
+            each were kept: ``visual``, ``visual_kept``, ``text``, ``text_kept``.
         total_s: wall clock of the whole fit, validation included.
-        regate_totals: the callback's ``totals`` at the end (None for the baseline).
+        totals: the ReGATE callback's ``totals`` at the end (None without one).
     """
 
     config: RunConfig
     points: list[dict[str, float]] = field(default_factory=list)
+    kept_words: dict[str, int] = field(default_factory=dict)
     total_s: float = 0.0
-    regate_totals: dict[str, int] | None = None
+    totals: dict[str, int] | None = None
 
 
 def _recorder_class() -> type:
     import lightning.pytorch as pl
+    import torch
 
-    from regate_lightning.keys import NUM_ACTIVE, NUM_TOKENS, VAL, acc_metric
+    from regate_lightning.data.synthetic import needs_video
+    from regate_lightning.keys import KEEP_MASK, NUM_ACTIVE, NUM_TARGETS, NUM_TOKENS, VAL, acc_metric, media_gap_metric
 
     class Recorder(pl.Callback):
-        """Cumulative tokens, training seconds (validation excluded) and ``val/acc`` at each validation."""
+        """Cumulative tokens, training seconds (validation excluded), accuracy, video gap and kept words."""
 
-        def __init__(self) -> None:
+        def __init__(self, regate: Any | None) -> None:
+            self.regate = regate
             self.points: list[dict[str, float]] = []
-            self.tokens = 0
-            self.tokens_all = 0
-            self.start = 0.0
-            self.val_s = 0.0
-            self._val_start = 0.0
-            self._train_s = 0.0
+            self.tokens = self.tokens_all = self.supervised = 0
+            self.kept = {"visual": 0, "visual_kept": 0, "text": 0, "text_kept": 0}
+            self.visual_ids: torch.Tensor | None = None
+            self.start = self.val_s = self._val_start = self._train_s = 0.0
 
         def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            tokenizer = trainer.datamodule.tokenizer
+            words = [tokenizer.decode([i]).strip() for i in range(len(tokenizer))]
+            size = int(pl_module.model.get_output_embeddings().weight.shape[0])
+            self.visual_ids = torch.zeros(size, dtype=torch.bool)
+            for i, word in enumerate(words):
+                self.visual_ids[i] = word.isalpha() and needs_video(word)
             self.start = time.perf_counter()
 
         def on_train_batch_end(
             self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
         ) -> None:
-            if isinstance(outputs, dict) and NUM_ACTIVE in outputs:
-                self.tokens += int(outputs[NUM_ACTIVE])
-                self.tokens_all += int(outputs[NUM_TOKENS])
+            if not isinstance(outputs, dict) or NUM_ACTIVE not in outputs:
+                return
+            self.tokens += int(outputs[NUM_ACTIVE])
+            self.tokens_all += int(outputs[NUM_TOKENS])
+            self.supervised += int(outputs[NUM_TARGETS])
+            plan = None if self.regate is None else self.regate.last_plan
+            if plan is None or not plan.sparse or KEEP_MASK not in batch:
+                return
+            from regate_lightning.targets import shift_targets
+
+            assert self.visual_ids is not None
+            cand = plan.candidates.cpu()
+            targets = shift_targets(batch["labels"].cpu()).clamp(min=0)
+            visual = self.visual_ids[targets] & cand
+            text = cand & ~visual
+            keep = batch[KEEP_MASK].cpu()
+            self.kept["visual"] += int(visual.sum())
+            self.kept["visual_kept"] += int((visual & keep).sum())
+            self.kept["text"] += int(text.sum())
+            self.kept["text_kept"] += int((text & keep).sum())
 
         def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             self._val_start = time.perf_counter()
@@ -160,108 +217,103 @@ def _recorder_class() -> type:
 
         def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             self.val_s += time.perf_counter() - self._val_start
-            if trainer.sanity_checking:
+            metrics = trainer.callback_metrics
+            if trainer.sanity_checking or acc_metric(VAL) not in metrics:
                 return
-            acc = trainer.callback_metrics.get(acc_metric(VAL))
-            if acc is None:
-                return
-            self.points.append(
-                {
-                    "step": int(trainer.global_step),
-                    "tokens": self.tokens,
-                    "tokens_all": self.tokens_all,
-                    "train_s": round(self._train_s, 3),
-                    "acc": float(acc),
-                }
-            )
+            point = {
+                "step": int(trainer.global_step),
+                "tokens": self.tokens,
+                "tokens_all": self.tokens_all,
+                "supervised": self.supervised,
+                "train_s": round(self._train_s, 3),
+                "acc": float(metrics[acc_metric(VAL)]),
+                "video_gap": float(metrics.get(media_gap_metric(VAL, "video"), math.nan)),
+            }
+            for task in TASKS:
+                if acc_metric(VAL, task) in metrics:
+                    point[f"acc_{task}"] = float(metrics[acc_metric(VAL, task)])
+            self.points.append(point)
 
     return Recorder
 
 
-def run_one(config: RunConfig, root: str | None = None) -> RunResult:
+_CACHE: Any = None
+
+
+def _media_cache() -> Any:
+    """One decoded-media cache per worker process, shared by its runs (all read the same clips)."""
+    global _CACHE
+    if _CACHE is None:
+        from regate_lightning.data.datasets import MediaCache
+
+        _CACHE = MediaCache(2 << 30)
+    return _CACHE
+
+
+def run_one(config: RunConfig) -> RunResult:
     """Train one (variant, seed) in this process (one torch thread) and return its curve."""
     import torch
 
     torch.set_num_threads(1)
     import lightning.pytorch as pl
 
-    from regate_lightning import ReGATECallback
+    from regate_lightning import MLLMModule, ReGATECallback
     from regate_lightning.data.datamodule import SyntheticVideoQADataModule
     from regate_lightning.demo import demo_student
-    from regate_lightning.module import MLLMModule
 
     pl.seed_everything(config.seed, verbose=False)
-    model = demo_student(
-        root, num_train=config.num_train, num_val=config.num_val, pretrain_steps=config.pretrain_steps, seed=config.seed
+    size = {"num_train": config.num_train, "num_val": config.num_val}
+    student = demo_student(
+        config.root, **size, num_frames=config.num_frames, pretrain_steps=config.pretrain_steps, seed=config.seed
     )
     module = MLLMModule(
-        model,
+        student,
+        freeze_vision_tower=True,
         optimizer=lambda params: torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0),
-        option_score="sum",
+        lr_schedule="cosine",
+        warmup_ratio=config.warmup_ratio,
     )
     data = SyntheticVideoQADataModule(
-        root=root,
-        num_train=config.num_train,
-        num_val=config.num_val,
-        batch_size=config.batch_size,
-        val_batch_questions=16,
-        num_workers=0,
-        max_length=512,
+        root=config.root, **size, num_frames=config.num_frames, batch_size=config.batch_size, val_batch_questions=16
     )
-    recorder = _recorder_class()()
-    callbacks: list[pl.Callback] = [recorder]
-    regate: ReGATECallback | None = None
-    options = VARIANTS[config.variant]
-    if options is not None:
-        regate = ReGATECallback(
-            keep_ratio=config.keep_ratio,
-            ema_decay=config.ema_decay,
-            warmup_steps=config.warmup,
-            cycle_steps=config.cycle,
-            full_steps=config.full,
-            teacher="student",
-            seed=config.seed,
-            **options,
-        )
-        callbacks.insert(0, regate)
-    every: dict[str, Any] = (
-        {"val_check_interval": config.val_every, "check_val_every_n_epoch": None}
-        if config.val_every
-        else {"check_val_every_n_epoch": 1}
-    )
+    data.media_cache = _media_cache()
+    callbacks = VARIANTS[config.variant][1](config)
+    regate = next((c for c in callbacks if isinstance(c, ReGATECallback)), None)
+    recorder = _recorder_class()(regate)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
-        max_epochs=config.epochs,
+        max_steps=config.steps,
+        val_check_interval=config.val_every,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-        limit_train_batches=config.limit_train_batches,
-        **every,
+        callbacks=[*callbacks, recorder],
     )
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
-    result = RunResult(config, recorder.points, round(time.perf_counter() - start, 3))
+    result = RunResult(config, recorder.points, dict(recorder.kept), round(time.perf_counter() - start, 3))
     if regate is not None:
-        result.regate_totals = dict(regate.totals)
+        result.totals = dict(regate.totals)
     return result
 
 
-def _worker(config: RunConfig, root: str | None) -> dict[str, Any]:
+def _worker(config: RunConfig) -> dict[str, Any]:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import logging
     import warnings
 
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    result = run_one(config, root)
+    result = run_one(config)
+    last = result.points[-1] if result.points else {}
     print(
         f"[tta] {config.variant} seed {config.seed}: "
         + ", ".join(f"{p['step']}:{p['acc']:.3f}" for p in result.points)
-        + f" ({result.total_s:.0f} s)",
+        + f"; gap {last.get('video_gap', math.nan):.3f} ({result.total_s:.0f} s)",
         flush=True,
     )
     return asdict(result)
@@ -279,23 +331,16 @@ def _first_reach(points: list[dict[str, float]], target: float, key: str) -> flo
     return None
 
 
-def _mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
-    """Mean over seeds at each validation index (runs of one variant validate at the same steps)."""
-    n = min(len(r["points"]) for r in runs)
-    out = []
-    for i in range(n):
-        pts = [r["points"][i] for r in runs]
-        accs = [p["acc"] for p in pts]
-        out.append(
-            {
-                "step": pts[0]["step"],
-                "tokens": sum(p["tokens"] for p in pts) / len(pts),
-                "train_s": sum(p["train_s"] for p in pts) / len(pts),
-                "acc": sum(accs) / len(accs),
-                "acc_std": _std(accs),
-            }
-        )
-    return out
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def _std(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def _median(values: list[float]) -> float | None:
@@ -306,97 +351,189 @@ def _median(values: list[float]) -> float | None:
     return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
-def _std(values: list[float]) -> float:
-    if len(values) < 2:
-        return 0.0
-    mean = sum(values) / len(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+def _mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Mean over seeds at each validation index (runs of one variant validate at the same steps)."""
+    n = min(len(r["points"]) for r in runs)
+    out = []
+    for i in range(n):
+        pts = [r["points"][i] for r in runs]
+        accs = [p["acc"] for p in pts]
+        out.append(
+            {
+                "step": pts[0]["step"],
+                "tokens": _mean([p["tokens"] for p in pts]),
+                "train_s": _mean([p["train_s"] for p in pts]),
+                "acc": _mean(accs),
+                "acc_std": _std(accs),
+            }
+        )
+    return out
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per variant: peak accuracy, tokens and seconds to the baseline's peak, ratios to the baseline."""
+    """Per variant: accuracy, tokens and seconds to the baseline's peak, ratios, wins against random."""
     by_variant: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
-        by_variant.setdefault(r["config"]["variant"], []).append(r)
+        if r["points"]:
+            by_variant.setdefault(r["config"]["variant"], []).append(r)
     for group in by_variant.values():
         group.sort(key=lambda r: r["config"]["seed"])
-    base_runs = [r for r in by_variant.get("baseline", []) if r["points"]]
-    base_peaks: dict[int, tuple[float, float]] = {}  # seed -> (peak accuracy, tokens at its first reach)
-    for r in base_runs:
-        peak = max(p["acc"] for p in r["points"])
-        base_peaks[r["config"]["seed"]] = (peak, float(_first_reach(r["points"], peak, "tokens") or 0.0))
+    base_runs = by_variant.get("baseline", [])
+    seed_targets = {r["config"]["seed"]: max(p["acc"] for p in r["points"]) for r in base_runs}
+    base_tokens = {
+        r["config"]["seed"]: _first_reach(r["points"], seed_targets[r["config"]["seed"]], "tokens") for r in base_runs
+    }
     target = max(p["acc"] for p in _mean_curve(base_runs)) if base_runs else None
-    summary: dict[str, Any] = {"target_acc": target, "variants": {}}
-    base_reach: dict[str, float | None] = {}
-    for name in [v for v in VARIANTS if v in by_variant]:
-        group = [r for r in by_variant[name] if r["points"]]
-        if not group:
-            continue
+    base_finals = [r["points"][-1]["acc"] for r in base_runs]
+    summary: dict[str, Any] = {
+        "target_acc": target,
+        "baseline_final_mean": _mean(base_finals) if base_finals else None,
+        "baseline_final_sd": _std(base_finals) if base_finals else None,
+        "variants": {},
+    }
+    reach: dict[str, dict[int, float | None]] = {}
+    for name in [v for v in VARIANTS if v in by_variant] + [v for v in by_variant if v not in VARIANTS]:
+        group = by_variant[name]
         curve = _mean_curve(group)
         peaks = [max(p["acc"] for p in r["points"]) for r in group]
+        finals = [r["points"][-1]["acc"] for r in group]
+        kept = {
+            k: sum(r.get("kept_words", {}).get(k, 0) for r in group)
+            for k in ("visual", "visual_kept", "text", "text_kept")
+        }
         row: dict[str, Any] = {
             "seeds": [r["config"]["seed"] for r in group],
-            "peak_mean": sum(peaks) / len(peaks),
-            "peak_std": _std(peaks),
-            "peaks": peaks,
-            "final_mean": sum(r["points"][-1]["acc"] for r in group) / len(group),
-            "total_tokens": sum(r["points"][-1]["tokens"] for r in group) / len(group),
-            "total_train_s": sum(r["points"][-1]["train_s"] for r in group) / len(group),
+            "peak_mean": _mean(peaks),
+            "peak_sd": _std(peaks),
+            "final_mean": _mean(finals),
+            "final_sd": _std(finals),
+            "final_tasks": {t: _mean([r["points"][-1].get(f"acc_{t}", math.nan) for r in group]) for t in TASKS},
+            "video_gap": _mean([r["points"][-1].get("video_gap", math.nan) for r in group]),
+            "total_tokens": _mean([r["points"][-1]["tokens"] for r in group]),
+            "total_tokens_all": _mean([r["points"][-1]["tokens_all"] for r in group]),
+            "total_train_s": _mean([r["points"][-1]["train_s"] for r in group]),
+            "kept_visual_share": kept["visual_kept"] / kept["visual"] if kept["visual"] else None,
+            "kept_text_share": kept["text_kept"] / kept["text"] if kept["text"] else None,
             "curve": curve,
         }
         if target is not None:
             row["tokens_to_target"] = _first_reach(curve, target, "tokens")
             row["seconds_to_target"] = _first_reach(curve, target, "train_s")
             row["step_to_target"] = _first_reach(curve, target, "step")
-            paired = []
+            paired, reach[name] = [], {}
             for r in group:
-                if r["config"]["seed"] not in base_peaks:
+                seed = r["config"]["seed"]
+                if seed not in seed_targets:
                     continue
-                seed_target, base_tokens = base_peaks[r["config"]["seed"]]
-                tokens = _first_reach(r["points"], seed_target, "tokens")
+                tokens = _first_reach(r["points"], seed_targets[seed], "tokens")
+                reach[name][seed] = tokens
+                base = base_tokens[seed]
                 paired.append(
                     {
-                        "seed": r["config"]["seed"],
-                        "target": seed_target,
+                        "seed": seed,
+                        "target": seed_targets[seed],
                         "tokens": tokens,
-                        "train_s": _first_reach(r["points"], seed_target, "train_s"),
-                        "tokens_ratio": tokens / base_tokens if tokens is not None and base_tokens else None,
+                        "train_s": _first_reach(r["points"], seed_targets[seed], "train_s"),
+                        "tokens_ratio": tokens / base if tokens is not None and base else None,
                     }
                 )
             row["paired"] = paired
-            ratios = sorted(x["tokens_ratio"] for x in paired if x["tokens_ratio"] is not None)
+            ratios = [x["tokens_ratio"] for x in paired if x["tokens_ratio"] is not None]
             row["paired_reached"] = f"{len(ratios)}/{len(paired)}"
             row["paired_median_ratio"] = _median(ratios)
-            if name == "baseline":
-                base_reach = {"tokens": row["tokens_to_target"], "train_s": row["seconds_to_target"]}
         summary["variants"][name] = row
-    for row in summary["variants"].values():
-        for key, base_key in (("tokens_to_target", "tokens"), ("seconds_to_target", "train_s")):
-            value, base = row.get(key), base_reach.get(base_key)
-            row[key.replace("_to_target", "_ratio")] = value / base if value is not None and base else None
+    base_row = summary["variants"].get("baseline", {})
+    for name, row in summary["variants"].items():
+        for key in ("tokens", "seconds"):
+            value, base = row.get(f"{key}_to_target"), base_row.get(f"{key}_to_target")
+            row[f"{key}_ratio"] = value / base if value is not None and base else None
+        if "random" in reach and name in reach and name not in ("random", "baseline"):
+            seeds = [s for s in reach[name] if s in reach["random"]]
+            wins = [
+                s
+                for s in seeds
+                if reach[name][s] is not None and (reach["random"][s] is None or reach[name][s] < reach["random"][s])
+            ]
+            row["before_random"] = f"{len(wins)}/{len(seeds)}"
     return summary
 
 
+def _num(x: float | None, fmt: str) -> str:
+    return "not reached" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
 def format_table(summary: dict[str, Any]) -> str:
-    """The Markdown table of :func:`summarise`."""
-
-    def num(x: float | None, fmt: str) -> str:
-        return "not reached" if x is None else format(x, fmt)
-
+    """The Markdown tables of :func:`summarise`: time to accuracy, then final accuracy per task and kept words."""
     lines = [
-        "| variant | peak acc (mean ± sd) | final acc | tokens to target | ratio | train s to target | ratio | "
-        "per seed: reached, median ratio | total tokens |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | peak acc | final acc | tokens to target | ratio | train s to target | ratio | per seed: "
+        "reached, median ratio | before random | total tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in summary["variants"].items():
         lines.append(
-            f"| {LABELS.get(name, name)} | {row['peak_mean']:.3f} ± {row['peak_std']:.3f} | {row['final_mean']:.3f} "
-            f"| {num(row.get('tokens_to_target'), ',.0f')} | {num(row.get('tokens_ratio'), '.2f')} "
-            f"| {num(row.get('seconds_to_target'), '.0f')} | {num(row.get('seconds_ratio'), '.2f')} "
-            f"| {row.get('paired_reached', '-')}, {num(row.get('paired_median_ratio'), '.2f')} "
-            f"| {row['total_tokens']:,.0f} |"
+            f"| {VARIANTS[name][0] if name in VARIANTS else name} | {row['peak_mean']:.3f} ± {row['peak_sd']:.3f} "
+            f"| {row['final_mean']:.3f} ± {row['final_sd']:.3f} "
+            f"| {_num(row.get('tokens_to_target'), ',.0f')} | {_num(row.get('tokens_ratio'), '.2f')} "
+            f"| {_num(row.get('seconds_to_target'), '.0f')} | {_num(row.get('seconds_ratio'), '.2f')} "
+            f"| {row.get('paired_reached', '-')}, {_num(row.get('paired_median_ratio'), '.2f')} "
+            f"| {row.get('before_random', '-')} | {row['total_tokens']:,.0f} |"
+        )
+    lines += [
+        "",
+        "| variant | "
+        + " | ".join(f"final {t}" for t in TASKS)
+        + " | video gap | kept: video words | kept: other words |",
+        "|---|" + "---|" * (len(TASKS) + 3),
+    ]
+    for name, row in summary["variants"].items():
+        shares = [row.get("kept_visual_share"), row.get("kept_text_share")]
+        lines.append(
+            f"| {VARIANTS[name][0] if name in VARIANTS else name} | "
+            + " | ".join(_num(row["final_tasks"][t], ".3f") for t in TASKS)
+            + f" | {_num(row['video_gap'], '.3f')} | "
+            + " | ".join("-" if s is None else f"{100 * s:.1f} %" for s in shares)
+            + " |"
         )
     return "\n".join(lines)
+
+
+def verdict(summary: dict[str, Any]) -> list[str]:
+    """The issue's targets, each checked against the summary, in plain words."""
+    out = []
+    rows = summary["variants"]
+    base, regate = rows.get("baseline"), rows.get("regate")
+    if base is None:
+        return ["no baseline run: nothing to compare"]
+    out.append(
+        f"the student reads its video: baseline video gap {_num(base['video_gap'], '.3f')} nats per answer token, "
+        f"final accuracy {base['final_mean']:.3f} ± {base['final_sd']:.3f} (chance 0.25)"
+    )
+    if regate is None:
+        return out
+    ratio = regate.get("tokens_ratio")
+    out.append(
+        f"ReGATE reaches the baseline's peak ({summary['target_acc']:.3f}) with "
+        + ("never" if ratio is None else f"{100 * ratio:.0f} %")
+        + " of its tokens on the mean curve (target <= 60 %): "
+        + ("met" if ratio is not None and ratio <= 0.60 else "missed")
+    )
+    wins = regate.get("before_random", "-")
+    won = int(wins.split("/")[0]) if "/" in wins else 0
+    out.append(f"ReGATE before random elision on {wins} seeds (target >= 4 of 5): {'met' if won >= 4 else 'missed'}")
+    floor = summary["baseline_final_mean"] - summary["baseline_final_sd"]
+    out.append(
+        f"ReGATE's final accuracy {regate['final_mean']:.3f} vs the baseline's final minus one seed sd {floor:.3f}: "
+        + ("met" if regate["final_mean"] >= floor else "missed")
+    )
+    for name in ("adaptive",):
+        if name in rows:
+            r = rows[name]
+            out.append(
+                f"{VARIANTS[name][0]}: tokens ratio {_num(r.get('tokens_ratio'), '.2f')} (ReGATE "
+                f"{_num(ratio, '.2f')}), final {r['final_mean']:.3f}, total tokens {r['total_tokens']:,.0f} (ReGATE "
+                f"{regate['total_tokens']:,.0f})"
+            )
+    return out
 
 
 def plot(summary: dict[str, Any], out: Path) -> list[Path]:
@@ -414,29 +551,37 @@ def plot(summary: dict[str, Any], out: Path) -> list[Path]:
         ("tokens", "cumulative tokens processed by the decoder", "acc_vs_tokens.png"),
         ("train_s", "training wall clock, s (validation excluded)", "acc_vs_wallclock.png"),
     ):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        fig, ax = plt.subplots(figsize=(7.2, 4.6))
         for variant, row in summary["variants"].items():
             xs = [p[key] for p in row["curve"]]
             ys = [p["acc"] for p in row["curve"]]
             sd = [p["acc_std"] for p in row["curve"]]
-            style = {"lw": 2.4, "color": "black"} if variant == "baseline" else {"lw": 1.8}
-            (line,) = ax.plot(xs, ys, marker="o", ms=3, label=LABELS.get(variant, variant), **style)
+            style = {"lw": 2.4, "color": "black"} if variant == "baseline" else {"lw": 1.6}
+            label = VARIANTS[variant][0] if variant in VARIANTS else variant
+            (line,) = ax.plot(xs, ys, marker="o", ms=3, label=label, **style)
             low = [y - s for y, s in zip(ys, sd, strict=True)]
             high = [y + s for y, s in zip(ys, sd, strict=True)]
             ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.12)
         if target is not None:
             ax.axhline(target, color="grey", ls="--", lw=1, label=f"baseline peak {target:.3f}")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("multiple-choice accuracy")
-        ax.set_title("Time to accuracy, synthetic video QA (CPU)")
+        ax.set_ylabel("multiple-choice accuracy (1000 questions)")
+        ax.set_title("Time to accuracy, synthetic video QA (CPU), mean ± sd over seeds")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / name
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _report(summary: dict[str, Any]) -> str:
+    return "\n".join(
+        [format_table(summary), "", f"target (peak of the baseline's mean curve): {summary['target_acc']}", ""]
+        + [f"- {line}" for line in verdict(summary)]
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -447,15 +592,17 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--lr", type=float, default=0.002)
-    parser.add_argument("--val-every", type=int, default=0, help="validate every N steps (0: every epoch)")
-    parser.add_argument("--num-train", type=int, default=500)
-    parser.add_argument("--num-val", type=int, default=200)
-    parser.add_argument("--warmup", type=int, default=40)
-    parser.add_argument("--cycle", type=int, default=64)
-    parser.add_argument("--full", type=int, default=8)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--val-every", type=int, default=150)
+    parser.add_argument("--num-train", type=int, default=2000)
+    parser.add_argument("--num-val", type=int, default=1000)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--keep-ratio", type=float, default=0.5)
+    parser.add_argument("--coverage", type=float, default=0.8)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--cycle", type=int, default=128)
+    parser.add_argument("--full", type=int, default=16)
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each one torch thread)")
     parser.add_argument("--root", default=None, help="synthetic set folder (default: the cache)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -467,15 +614,14 @@ def main(argv: list[str] | None = None) -> int:
         report["summary"] = summarise(report["runs"])
         args.summarise.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
         plot(report["summary"], args.summarise.parent)
-        print(format_table(report["summary"]))
-        print(f"target (peak of the baseline's mean curve): {report['summary']['target_acc']}")
+        print(_report(report["summary"]))
         return 0
-    limit, pretrain = None, 250
+    pretrain = 200
     if args.smoke:
-        args.variants, args.seeds, args.epochs = ["baseline", "regate"], [0], 2
-        args.num_train, args.num_val, args.val_every = 40, 16, 0
+        args.variants, args.seeds, args.steps, args.val_every = ["baseline", "regate"], [0], 10, 5
+        args.num_train, args.num_val = 40, 16
         args.warmup, args.cycle, args.full = 2, 4, 1
-        limit, pretrain = 5, 20
+        pretrain = 20
     import torch
 
     torch.set_num_threads(1)
@@ -487,26 +633,29 @@ def main(argv: list[str] | None = None) -> int:
         RunConfig(
             variant=v,
             seed=s,
-            epochs=args.epochs,
+            steps=args.steps,
             num_train=args.num_train,
             num_val=args.num_val,
             lr=args.lr,
             val_every=args.val_every,
+            keep_ratio=args.keep_ratio,
             warmup=args.warmup,
             cycle=args.cycle,
             full=args.full,
-            limit_train_batches=limit,
+            coverage=args.coverage,
             pretrain_steps=pretrain,
+            root=args.root,
         )
         for s in args.seeds
         for v in args.variants
     ]
     start = time.perf_counter()
+    load_start = _load_average()
     if args.jobs <= 1:
-        runs = [_worker(c, args.root) for c in configs]
+        runs = [_worker(c) for c in configs]
     else:
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-            runs = list(pool.map(_worker, configs, [args.root] * len(configs)))
+            runs = list(pool.map(_worker, configs))
     summary = summarise(runs)
     args.out.mkdir(parents=True, exist_ok=True)
     import lightning
@@ -517,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; 1 torch thread per "
         f"run, {args.jobs} runs at a time",
+        "load_average": {"start": load_start, "end": _load_average()},
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -530,10 +680,16 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1) + "\n", encoding="utf-8"
     )
     pngs = plot(summary, args.out)
-    print(format_table(summary))
-    print(f"target (peak of the baseline's mean curve): {summary['target_acc']}")
+    print(_report(summary))
     print(f"wrote {args.out / 'time_to_accuracy.json'}" + "".join(f", {p}" for p in pngs))
     return 0
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 if __name__ == "__main__":

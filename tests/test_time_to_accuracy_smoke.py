@@ -8,6 +8,7 @@ kept so the process pool is exercised), with a text LM pretrained for 20 steps i
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -46,7 +47,9 @@ def test_time_to_accuracy_smoke(tmp_path):
     base, regate = runs["baseline"], runs["regate"]
     assert all(p["tokens"] == p["tokens_all"] for p in base["points"])  # the baseline processes every token
     assert regate["points"][-1]["tokens"] < regate["points"][-1]["tokens_all"]  # elision happened
-    assert regate["points"][-1]["tokens"] == regate["regate_totals"]["active"]  # our count = the callback's
+    assert regate["points"][-1]["tokens"] == regate["totals"]["active"]  # our count = the callback's
+    assert regate["kept_words"]["visual"] > 0 and regate["kept_words"]["text"] > 0
+    assert all(math.isfinite(p["video_gap"]) for p in regate["points"])
     summary = report["summary"]
     assert summary["target_acc"] == pytest.approx(max(p["acc"] for p in base["points"]))
     assert summary["variants"]["baseline"]["tokens_ratio"] == 1.0
@@ -86,4 +89,5 @@ def test_summary_reaches_and_ratios():
     assert regate["paired"][0] == {"seed": 0, "target": 0.6, "tokens": 100, "train_s": 2.0, "tokens_ratio": 1 / 3}
     assert regate["paired"][1]["tokens_ratio"] == 0.25 and regate["paired_reached"] == "2/2"  # .4 at 50 vs 200
     assert regate["paired_median_ratio"] == pytest.approx((1 / 3 + 0.25) / 2) and rand["paired_reached"] == "0/1"
+    assert regate["before_random"] == "1/1"  # seed 0: random never reaches; seed 1 has no random run
     assert "not reached" in format_table(summary)
