@@ -528,6 +528,10 @@ def test_models_without_processor_configs_keep_the_builtin_path(tmp_path):
     loaded = MLLMModule(model=str(tmp_path / "bare")).hf_model
     assert checkpoint_of(loaded) == str(tmp_path / "bare")
     assert VisionSpec.from_model(loaded) == spec
+    tokenizer().save_pretrained(tmp_path / "bare")  # the tokenizer still comes from the folder
+    with pytest.warns(UserWarning, match="has no processor configs.*the built-in preprocessing applies"):
+        _, batch = first_batch(str(tmp_path / "bare"), image_records(tmp_path, write_images(tmp_path)[:1]))
+    assert batch["image_grid_thw"].tolist() == [[1, 8, 8]]  # 64 x 64, the built-in size
     with pytest.raises(ValueError, match="`tokenizer` is required: the student was built in memory"):
         first_batch(MLLMModule(model=tiny.tiny_qwen2_vl()), tmp_path / "none.jsonl")
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from regate_lightning.data.collate import Collator
@@ -155,9 +156,16 @@ class ConversationDataModule(pl.LightningDataModule):
                 f"{type(self).__name__} reads the student's layout: attach it to a Trainer with a module"
             )
         self.tokenizer = self.load_tokenizer()
-        spec = VisionSpec.from_model(self.trainer.lightning_module.model, size=self.frame_size)
+        student = self.trainer.lightning_module.model
+        spec = VisionSpec.from_model(student, size=self.frame_size)
         if spec.processor is not None:
             self.frames = FrameSampling(**frames_for_video(spec.processor.video_settings, self.fps, self.num_frames))
+        elif checkpoint_of(student) is not None:
+            rank_zero_warn(
+                f"the student checkpoint {checkpoint_of(student)} has no processor configs that can be read "
+                "(preprocessor_config.json, video_preprocessor_config.json, processor_config.json): the built-in "
+                "preprocessing applies (one frame size, CLIP mean/std); see docs/data.md"
+            )
         renderer = ChatRenderer(
             self.tokenizer, spec, chat_template=self.load_chat_template(), system_prompt=self.system_prompt
         )
