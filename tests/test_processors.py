@@ -210,15 +210,23 @@ def test_qwen_images_equal_qwen2vl_image_processor(qwen_folder, images, tmp_path
     run_model(module, batch)
 
 
-def test_llava_images_equal_clip_image_processor(tmp_path, images):
-    from transformers import CLIPImageProcessorPil
+@pytest.mark.parametrize(
+    ("family", "processor_class"), [("llava", "CLIPImageProcessor"), ("video_llava", "VideoLlavaImageProcessor")]
+)
+def test_llava_images_equal_clip_image_processor(family, processor_class, tmp_path, images):
+    """LLaVA's and Video-LLaVA's images: shortest-edge resize and centre crop as their PIL image processors."""
+    import transformers
 
-    folder = save_llava(tmp_path / "llava")
-    module, batch = first_batch(str(folder), image_records(tmp_path, images))
-    hf = CLIPImageProcessorPil(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=MEAN, image_std=STD
-    )(images=[Image.open(p) for p in images], return_tensors="pt")
-    assert max_abs_diff(batch[PIXEL_VALUES], hf["pixel_values"], "image llava vs CLIPImageProcessorPil") == 0
+    factory = tiny.tiny_llava if family == "llava" else tiny.tiny_video_llava
+    settings = {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}
+    config = {"image_processor_type": processor_class, **settings, "image_mean": MEAN, "image_std": STD}
+    module, batch = first_batch(str(save_llava(tmp_path / family, factory, config)), image_records(tmp_path, images))
+    pil_class = getattr(transformers, f"{processor_class}Pil", None) or getattr(transformers, processor_class)
+    hf = pil_class(**settings, image_mean=MEAN, image_std=STD)(
+        images=[Image.open(p) for p in images], return_tensors="pt"
+    )
+    key = FAMILIES[family].image_key
+    assert max_abs_diff(batch[key], hf[key], f"image {family} vs {pil_class.__name__}") == 0
     image_id = module.hf_model.config.image_token_id
     assert (batch[INPUT_IDS] == image_id).sum(1).tolist() == [16] * len(images)  # (32 / 8) ** 2, CLS dropped
     run_model(module, batch)
@@ -415,7 +423,7 @@ def test_qwen_video_follows_the_checkpoint_rules(qwen_folder, tmp_path):
 
 
 @needs_torchvision
-@pytest.mark.parametrize("case", ["qwen2_vl", "qwen2_vl_capped", "llava_next_video"])
+@pytest.mark.parametrize("case", ["qwen2_vl", "qwen2_vl_capped", "llava_next_video", "video_llava"])
 def test_builtin_video_path_equals_transformers_video_processor(case, qwen_folder, tmp_path):
     """Where torchvision imports: the built-in video path gives transformers' video processor's numbers."""
     family = case.removesuffix("_capped")
@@ -425,11 +433,11 @@ def test_builtin_video_path_equals_transformers_video_processor(case, qwen_folde
         capped = {"min_pixels": 1024, "max_pixels": 4096, "cap_pixels_per_frame": True, "max_video_tokens": 8}
         folder = save_qwen(tmp_path / "capped", video=capped)
     else:
-        folder = save_llava(tmp_path / "next", tiny.tiny_llava_next_video)
+        folder = save_llava(tmp_path / case, getattr(tiny, f"tiny_{case}"))
         (folder / "video_preprocessor_config.json").write_text(
             json.dumps(
                 {
-                    "video_processor_type": "LlavaNextVideoVideoProcessor",
+                    "video_processor_type": FAMILIES[family].video_processor,
                     "size": {"shortest_edge": 40},
                     "crop_size": {"height": 32, "width": 32},
                     "image_mean": MEAN,
