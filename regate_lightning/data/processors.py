@@ -10,8 +10,8 @@ transformers does and applies them to the frames this package decodes (PyAV, Pil
   (``AutoImageProcessor.from_pretrained(checkpoint, backend="pil")``: ``Qwen2VLImageProcessorPil``,
   ``CLIPImageProcessorPil``, ``LlavaNextImageProcessorPil``, ...). It needs no torchvision, and it gives the
   same numbers on every machine (the torchvision backend resizes differently).
-- **Videos** go through transformers' own video processor of the checkpoint
-  (``AutoVideoProcessor``, e.g. ``Qwen2VLVideoProcessor``) where torchvision can be imported (GPU
+- **Videos** go through transformers' own video processor of the checkpoint (the family's class,
+  e.g. ``Qwen2VLVideoProcessor.from_pretrained(checkpoint)``) where torchvision can be imported (GPU
   machines), and otherwise through this module's built-in copy of its rules (:class:`VideoSettings`,
   :meth:`CheckpointProcessor.video`): the same resize rule and sizes (Qwen's ``smart_resize`` between
   ``min_pixels`` and ``max_pixels``, optionally capped per frame; LLaVA's shortest-edge resize and centre
