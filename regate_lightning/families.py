@@ -12,7 +12,8 @@ family :data:`CAUSAL_LM` (a student without media, or a teacher).
 family               pixel keys                            placeholder tokens
 ===================  ====================================  =============================================
 llava                ``pixel_values``                      image: ``(S / P) ** 2 + CLS - [default]``
-llava_next_video     ``pixel_values_videos``               frame: ``((S / P) // stride) ** 2``; no images
+llava_next_video     ``pixel_values_videos``,              frame: ``((S / P) // stride) ** 2``; image: anyres
+                     ``pixel_values``, ``image_sizes``     (by its size; checkpoint processor only)
 video_llava          ``pixel_values_images``,              image: as llava; frame: ``(S / P) ** 2 + CLS``
                      ``pixel_values_videos``
 qwen2_vl             ``pixel_values(_videos)``,            ``t * h * w / merge ** 2`` per media (its grid),
@@ -21,7 +22,9 @@ qwen2_vl             ``pixel_values(_videos)``,            ``t * h * w / merge *
 
 ``S`` is the tower's ``image_size``, ``P`` its ``patch_size``, ``CLS`` 1 for a tower with a class token
 (CLIP) and 0 without (SigLIP); ``[default]`` is 1 under ``vision_feature_select_strategy="default"``,
-which drops the first feature (HF's LLaVA does ``[:, 1:]``), and 0 under ``"full"``.
+which drops the first feature (HF's LLaVA does ``[:, 1:]``), and 0 under ``"full"``. An anyres image
+(LLaVA-NeXT) is tiled by the config's ``image_grid_pinpoints``; its count is
+:func:`regate_lightning.data.vision.anyres_image_tokens` of its original size.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from torch import nn
 
 from regate_lightning.keys import (
     IMAGE_GRID_THW,
+    IMAGE_SIZES,
     PIXEL_VALUES,
     PIXEL_VALUES_IMAGES,
     PIXEL_VALUES_VIDEOS,
@@ -78,8 +82,14 @@ class Family:
         image_key: batch key of image pixels, None if the family takes no images.
         video_key: batch key of video pixels, None if the family takes no videos.
         grid_keys: batch keys of the image and video grids (``(t, h, w)`` per media), for :data:`GRID`.
-        image_refusal: why images are refused where the HF class takes them but this package does not, else
-            ``""``.
+        image_refusal: why images are refused on the built-in path (a model without processor configs)
+            where the HF class takes them, else ``""``.
+        anyres_images: whether images are tiled by ``image_grid_pinpoints`` (LLaVA-NeXT "anyres"): pixels
+            ``[tiles, 3, S, S]`` per image plus ``image_sizes``, and a placeholder count that depends on
+            the image's size; only through the checkpoint's own image processor.
+        image_sizes_key: batch key of the anyres images' original sizes, None without anyres images.
+        video_processor: the transformers video processor class of the family (its defaults are in
+            :data:`regate_lightning.data.processors.VIDEO_PROCESSOR_DEFAULTS`), ``""`` without videos.
         mrope: whether position ids are Qwen2-VL's 3-D M-RoPE ids.
         vision_markers: whether each media's placeholders are wrapped in vision start / end tokens.
         token_types: whether the model needs ``mm_token_type_ids`` (0 text, 1 image, 2 video).
@@ -99,6 +109,9 @@ class Family:
     video_key: str | None = None
     grid_keys: tuple[str, str] | None = None
     image_refusal: str = ""
+    anyres_images: bool = False
+    image_sizes_key: str | None = None
+    video_processor: str = ""
     mrope: bool = False
     vision_markers: bool = False
     token_types: bool = False
@@ -152,8 +165,9 @@ class Family:
 
 
 _LLAVA_IMAGE_REFUSAL = (
-    "LLaVA-NeXT-Video encodes images with anyres tiling, which this package does not implement; "
-    "give it videos (an image can be a one-frame video), or use another family for images"
+    "LLaVA-NeXT-Video encodes images with anyres tiling, which runs through the checkpoint's own image "
+    "processor only: load the student from a checkpoint whose folder has its preprocessor_config.json "
+    "(with image_grid_pinpoints), or give the image as a one-frame video"
 )
 
 FAMILIES: dict[str, Family] = {
@@ -176,8 +190,12 @@ FAMILIES: dict[str, Family] = {
             towers=("vision_tower",),
             projectors=("multi_modal_projector", "vision_resampler"),
             placeholders=POOLED,
+            image_key=PIXEL_VALUES,
             video_key=PIXEL_VALUES_VIDEOS,
             image_refusal=_LLAVA_IMAGE_REFUSAL,
+            anyres_images=True,
+            image_sizes_key=IMAGE_SIZES,
+            video_processor="LlavaNextVideoVideoProcessor",
             unused_tower_heads=True,
         ),
         Family(
@@ -190,6 +208,7 @@ FAMILIES: dict[str, Family] = {
             video_cls=True,
             image_key=PIXEL_VALUES_IMAGES,
             video_key=PIXEL_VALUES_VIDEOS,
+            video_processor="VideoLlavaVideoProcessor",
             unused_tower_heads=True,
         ),
         Family(
@@ -202,6 +221,7 @@ FAMILIES: dict[str, Family] = {
             image_key=PIXEL_VALUES,
             video_key=PIXEL_VALUES_VIDEOS,
             grid_keys=(IMAGE_GRID_THW, VIDEO_GRID_THW),
+            video_processor="Qwen2VLVideoProcessor",
             mrope=True,
             vision_markers=True,
             token_types=True,

@@ -34,6 +34,8 @@ PIXEL_VALUES_IMAGES = "pixel_values_images"
 PIXEL_VALUES_VIDEOS = "pixel_values_videos"
 IMAGE_GRID_THW = "image_grid_thw"
 VIDEO_GRID_THW = "video_grid_thw"
+IMAGE_SIZES = "image_sizes"
+"""int64 [N, 2]; the original (H, W) of each LLaVA-NeXT anyres image (its tiles depend on it)."""
 SECOND_PER_GRID_TS = "second_per_grid_ts"
 
 # Multiple-choice evaluation batches (one row per option; int64 [B]).

@@ -4,6 +4,7 @@ The pipeline, one file per step::
 
     conversations.py  annotation file -> Record / ChoiceRecord    (eager checks, on_error policy)
     video.py          path or bytes -> uint8 frames [T, 3, H, W]    (PyAV, Pillow, torch resizing)
+    processors.py     the student checkpoint's own processor configs, applied to frames (CheckpointProcessor)
     vision.py         frames -> the model family's tensors and placeholder-token counts (VisionSpec)
     render.py         turns + media -> input_ids, labels (assistant turns only)   (ChatRenderer)
     datasets.py       ConversationDataset / MultipleChoiceDataset: lazy decoding in __getitem__
@@ -14,8 +15,8 @@ The pipeline, one file per step::
 
 Typical use::
 
-    spec = VisionSpec.from_model(model)
-    renderer = ChatRenderer(tokenizer, spec)
+    spec = VisionSpec.from_model(model)   # the checkpoint's processor when `model` was loaded from one
+    renderer = ChatRenderer(tokenizer, spec, chat_template=chat_template_of(checkpoint))
     dataset = ConversationDataset("train.json", renderer, FrameSampling(num_frames=8), on_error="skip")
     loader = DataLoader(dataset, batch_size=4, collate_fn=Collator(tokenizer, max_length=2048))
 """
@@ -69,9 +70,15 @@ _EXPORTS: dict[str, str] = {
     "normalize": "regate_lightning.data.video",
     "resize_frames": "regate_lightning.data.video",
     "sample_video": "regate_lightning.data.video",
+    "CheckpointProcessor": "regate_lightning.data.processors",
+    "VideoSettings": "regate_lightning.data.processors",
+    "chat_template_of": "regate_lightning.data.processors",
+    "checkpoint_of": "regate_lightning.data.processors",
+    "qwen_patchify": "regate_lightning.data.processors",
+    "torchvision_usable": "regate_lightning.data.processors",
     "ProcessedMedia": "regate_lightning.data.vision",
     "VisionSpec": "regate_lightning.data.vision",
-    "qwen_patchify": "regate_lightning.data.vision",
+    "anyres_image_tokens": "regate_lightning.data.vision",
 }
 
 __all__ = [
@@ -88,6 +95,7 @@ __all__ = [
     "TASK",
     "VIDEO_MARKER",
     "ChatRenderer",
+    "CheckpointProcessor",
     "ChoiceRecord",
     "Collator",
     "ConversationDataset",
@@ -103,7 +111,11 @@ __all__ = [
     "SkipCounter",
     "SyntheticPaths",
     "Turn",
+    "VideoSettings",
     "VisionSpec",
+    "anyres_image_tokens",
+    "chat_template_of",
+    "checkpoint_of",
     "classify_words",
     "decode_video",
     "encode_video",
@@ -118,6 +130,7 @@ __all__ = [
     "resize_frames",
     "sample_video",
     "synthetic_tokenizer",
+    "torchvision_usable",
     "train_tokenizer",
     "visual_words",
 ]

@@ -7,6 +7,14 @@ into the student's own keys plus ``labels`` and ``sample_idx``. The student's vi
 (:class:`~regate_lightning.data.vision.VisionSpec`) is read from the attached module's model in
 ``setup``, so a recipe never repeats image sizes or placeholder counts.
 
+**From the student's checkpoint.** When the student was loaded from an HF id or a folder (its
+``name_or_path``), ``setup`` takes from there, unless overridden: the tokenizer (``tokenizer:`` overrides
+it), the chat template (the checkpoint's processor template ``chat_template.json`` /
+``chat_template.jinja``, else the tokenizer's own; with ``tokenizer:`` both are looked up there), the
+image and video preprocessing (:mod:`regate_lightning.data.processors`; ``frame_size:`` overrides the
+resize rule) and the frame sampling defaults (its video processor's ``num_frames``, or ``fps`` with
+``min_frames`` / ``max_frames``; ``num_frames:`` / ``fps:`` override them).
+
 ``SyntheticVideoQADataModule`` generates the embedded default set on first use (see
 :mod:`regate_lightning.data.synthetic`) and then behaves the same.
 """
@@ -19,11 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from regate_lightning.data.collate import Collator
 from regate_lightning.data.datasets import ConversationDataset, FrameSampling, MediaCache, MultipleChoiceDataset
 from regate_lightning.data.errors import SkipCounter
+from regate_lightning.data.processors import chat_template_of, checkpoint_of, frames_for_video
 from regate_lightning.data.render import ChatRenderer
 from regate_lightning.data.synthetic import ensure_synthetic, synthetic_tokenizer
 from regate_lightning.data.vision import VisionSpec
@@ -38,10 +48,13 @@ class ConversationDataModule(pl.LightningDataModule):
         train_file: conversations (JSON list or JSONL; LLaVA or HF ``messages`` format).
         val_file: multiple-choice questions for validation (see ``read_choice_records``), or None.
         media_root: folder of relative media paths; default each file's folder.
-        tokenizer: HF id or path of the student's tokenizer (with its chat template).
-        num_frames: frames per video (uniform sampling, or the cap with ``fps``).
-        fps: sample videos at this rate instead of uniformly.
-        frame_size: ``[H, W]`` for Qwen2-VL (multiple of patch x merge); LLaVA families use the tower's.
+        tokenizer: HF id or path of the tokenizer (and chat template) to use instead of the student
+            checkpoint's; required when the student was not loaded from an HF id or folder.
+        num_frames: frames per video (uniform sampling, or the cap with ``fps``); default the student
+            checkpoint's, else 8.
+        fps: sample videos at this rate instead of uniformly; default the student checkpoint's, if any.
+        frame_size: ``[H, W]`` every image and frame is resized to, instead of the checkpoint's resize
+            rule: a multiple of patch x merge for Qwen2-VL; the tower's size for LLaVA families.
         batch_size: training samples per batch.
         val_batch_questions: questions per validation batch (each contributes one row per option).
         num_workers: DataLoader worker processes (media decoding runs there).
@@ -62,7 +75,7 @@ class ConversationDataModule(pl.LightningDataModule):
         val_file: str | None = None,
         media_root: str | None = None,
         tokenizer: str | None = None,
-        num_frames: int = 8,
+        num_frames: int | None = None,
         fps: float | None = None,
         frame_size: list[int] | None = None,
         batch_size: int = 4,
@@ -83,11 +96,17 @@ class ConversationDataModule(pl.LightningDataModule):
             raise ValueError(f"`num_workers` must be >= 0, got {num_workers}")
         if media_cache_mb < 0:
             raise ValueError(f"`media_cache_mb` must be >= 0 (0 = no cache), got {media_cache_mb}")
+        if num_frames is not None and num_frames < 1:
+            raise ValueError(f"`num_frames` must be >= 1, got {num_frames}")
+        if fps is not None and fps <= 0:
+            raise ValueError(f"`fps` must be > 0, got {fps}")
         self.train_file = train_file
         self.val_file = val_file
         self.media_root = media_root
         self.tokenizer_name = tokenizer
-        self.frames = FrameSampling(num_frames=num_frames, sample="fps" if fps else "uniform", fps=fps)
+        self.num_frames = num_frames
+        self.fps = fps
+        self.frames = FrameSampling(**frames_for_video(None, fps, num_frames))
         self.frame_size = tuple(frame_size) if frame_size else None
         self.batch_size = batch_size
         self.val_batch_questions = val_batch_questions
@@ -104,13 +123,36 @@ class ConversationDataModule(pl.LightningDataModule):
         self.val_set: MultipleChoiceDataset | None = None
         self.task_names: list[str] = []
 
+    def tokenizer_source(self) -> str | None:
+        """Where the tokenizer and chat template come from: ``tokenizer``, else the student's checkpoint."""
+        if self.tokenizer_name is not None:
+            return self.tokenizer_name
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return checkpoint_of(module.model) if module is not None else None
+
     def load_tokenizer(self) -> Any:
-        """The student's tokenizer (``tokenizer`` argument)."""
-        if self.tokenizer_name is None:
-            raise ValueError("`tokenizer` is required: the HF id or path of the student's tokenizer")
+        """The tokenizer of :meth:`tokenizer_source`."""
+        source = self.tokenizer_source()
+        if source is None:
+            raise ValueError(
+                "`tokenizer` is required: the student was built in memory (not loaded from an HF id or folder), "
+                "so give the HF id or path of its tokenizer"
+            )
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.tokenizer_name)
+        try:
+            return AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as err:
+            where = "`tokenizer`" if self.tokenizer_name is not None else "the student checkpoint"
+            raise ValueError(
+                f"cannot load a tokenizer from {where} {source} ({type(err).__name__}: {err}); "
+                "set `tokenizer` to the HF id or path of the student's tokenizer"
+            ) from err
+
+    def load_chat_template(self) -> str | None:
+        """The processor chat template of :meth:`tokenizer_source`; None lets the tokenizer's own apply."""
+        source = self.tokenizer_source()
+        return chat_template_of(source) if source is not None else None
 
     def setup(self, stage: str) -> None:
         """Build the data sets for the attached module's student (reads its vision layout)."""
@@ -121,8 +163,19 @@ class ConversationDataModule(pl.LightningDataModule):
                 f"{type(self).__name__} reads the student's layout: attach it to a Trainer with a module"
             )
         self.tokenizer = self.load_tokenizer()
-        spec = VisionSpec.from_model(self.trainer.lightning_module.model, size=self.frame_size)
-        renderer = ChatRenderer(self.tokenizer, spec, system_prompt=self.system_prompt)
+        student = self.trainer.lightning_module.model
+        spec = VisionSpec.from_model(student, size=self.frame_size)
+        if spec.processor is not None:
+            self.frames = FrameSampling(**frames_for_video(spec.processor.video_settings, self.fps, self.num_frames))
+        elif checkpoint_of(student) is not None:
+            rank_zero_warn(
+                f"the student checkpoint {checkpoint_of(student)} has no processor configs that can be read "
+                "(preprocessor_config.json, video_preprocessor_config.json, processor_config.json): the built-in "
+                "preprocessing applies (one frame size, CLIP mean/std); see docs/data.md"
+            )
+        renderer = ChatRenderer(
+            self.tokenizer, spec, chat_template=self.load_chat_template(), system_prompt=self.system_prompt
+        )
         common = {
             "frames": self.frames,
             "media_root": self.media_root,
@@ -207,6 +260,10 @@ class SyntheticVideoQADataModule(ConversationDataModule):
         """Generate the clips, the annotation files and the tokenizer (once; later calls find them)."""
         self.paths = ensure_synthetic(self.root, num_train=self.num_train, num_val=self.num_val, seed=self.seed)
         synthetic_tokenizer(self.paths)
+
+    def load_chat_template(self) -> str | None:
+        """None: the synthetic set's tokenizer carries its template."""
+        return None
 
     def load_tokenizer(self) -> Any:
         """The synthetic set's own tokenizer."""

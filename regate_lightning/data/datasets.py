@@ -50,17 +50,21 @@ class FrameSampling:
         num_frames: frames per video (``"uniform"``) or their cap (``"fps"``).
         sample: ``"uniform"`` or ``"fps"``.
         fps: the rate for ``"fps"``.
-        fit: ``"stretch"`` or ``"crop"`` resizing.
+        fit: ``"stretch"`` or ``"crop"`` resizing (to an explicit size).
+        min_frames: the floor of ``"fps"`` sampling (a checkpoint's ``min_frames``), at most ``num_frames``.
     """
 
     num_frames: int = 8
     sample: Sampling = "uniform"
     fps: float | None = None
     fit: Fit = "stretch"
+    min_frames: int = 1
 
     def __post_init__(self) -> None:
         if self.num_frames < 1:
             raise ValueError(f"`num_frames` must be >= 1, got {self.num_frames}")
+        if not 1 <= self.min_frames <= self.num_frames:
+            raise ValueError(f"`min_frames` must be in [1, num_frames={self.num_frames}], got {self.min_frames}")
         if self.sample not in ("uniform", "fps"):
             raise ValueError(f"`sample` must be 'uniform' or 'fps', got {self.sample!r}")
         if (self.sample == "fps") != (self.fps is not None):
@@ -97,7 +101,9 @@ def decode_media(media: Media, spec: VisionSpec, frames: FrameSampling) -> Decod
     """
     if media.kind == "image":
         return DecodedMedia("image", load_image(media.path, spec.size, frames.fit))
-    video = sample_video(media.path, frames.num_frames, frames.sample, frames.fps, spec.size, frames.fit)
+    video = sample_video(
+        media.path, frames.num_frames, frames.sample, frames.fps, spec.size, frames.fit, frames.min_frames
+    )
     return DecodedMedia("video", video.frames, video.sampled_fps)
 
 

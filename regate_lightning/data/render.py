@@ -22,6 +22,17 @@ exact run of placeholder ids the model expects (:meth:`VisionSpec.placeholder_id
 from the model's config, so the tokenizer needs no placeholder tokens of its own; the text around a
 marker is tokenized on its own. A text token that equals a placeholder id (a tokenizer/model mismatch)
 raises.
+
+**Templates that write media themselves** (a checkpoint's chat template, e.g. Qwen2-VL's
+``<|vision_start|><|image_pad|><|vision_end|>`` or LLaVA's ``<image>``): when the tokenizer has tokens
+for the model's placeholder ids and the template renders a ``{"type": "image"}`` / ``{"type": "video"}``
+content item as exactly that token, the turns are given to the template as HF content lists (text items
+and media items at the markers' places; one newline right after a marker is dropped, since the template
+writes its own separator), and each media token the template writes is expanded to the media's count
+of placeholder ids, the k-th image token to the k-th image and the k-th video token to the k-th video
+(what transformers' processors do after ``apply_chat_template``). The template's own text around the
+media (Qwen's vision start / end) stays as it wrote it. :attr:`ChatRenderer.template_media` tells which
+mode is in use.
 """
 
 from __future__ import annotations
@@ -93,6 +104,10 @@ class ChatRenderer:
         spec: the student's :class:`VisionSpec`.
         chat_template: a Jinja template to use instead of the tokenizer's.
         system_prompt: a system turn prepended to conversations that have none.
+
+    Attributes:
+        template_media: media kind -> the placeholder token the chat template writes for it, when the
+            template writes media itself (see the module docstring); None when markers are expanded.
     """
 
     def __init__(
@@ -108,9 +123,56 @@ class ChatRenderer:
             chat_template or getattr(tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
         )
         self.system_prompt = system_prompt
-        self._forbidden = set(spec.media_token_ids)
+        self.template_media = self._template_media()
+        if self.template_media is None:
+            self._forbidden = set(spec.media_token_ids)
+            self._split = _MARKER_RE
+            self._kinds = dict(_KIND)
+        else:  # the template writes Qwen's vision start / end as text; only the placeholders are ours
+            self._forbidden = {i for i in (spec.image_token_id, spec.video_token_id) if i is not None}
+            self._split = re.compile("(" + "|".join(re.escape(t) for t in self.template_media.values()) + ")")
+            self._kinds = {token: kind for kind, token in self.template_media.items()}
 
-    def _text(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    def _template_media(self) -> dict[str, str] | None:
+        """The placeholder token the chat template writes per media kind, or None (see the module docstring)."""
+        from jinja2 import TemplateError
+
+        added = getattr(self.tokenizer, "get_added_vocab", None)
+        by_id = {i: t for t, i in added().items()} if callable(added) else {}
+        tokens: dict[str, str] = {}
+        for kind, token_id in (("image", self.spec.image_token_id), ("video", self.spec.video_token_id)):
+            if token_id is None:
+                continue
+            token = by_id.get(token_id)
+            if token is None:
+                return None
+            probe = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": "probe"}]}]
+            try:
+                rendered = self._text(probe, generation_prompt=True)
+            except (TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError):
+                return None  # a template that takes string contents only
+            if rendered.count(token) != 1 or rendered.count("probe") != 1:
+                return None
+            tokens[kind] = token
+        return tokens or None
+
+    def _content(self, text: str) -> str | list[dict[str, str]]:
+        """A turn's content: the text with markers, or an HF content list for a template that writes media."""
+        if self.template_media is None:
+            return text
+        items: list[dict[str, str]] = []
+        pieces = _MARKER_RE.split(text)
+        for j, piece in enumerate(pieces):
+            if j % 2:
+                items.append({"type": _KIND[piece]})
+                continue
+            if j and piece.startswith("\n"):
+                piece = piece[1:]
+            if piece:
+                items.append({"type": "text", "text": piece})
+        return items
+
+    def _text(self, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
         out = self.tokenizer.apply_chat_template(
             messages,
             chat_template=self.chat_template,
@@ -124,9 +186,10 @@ class ChatRenderer:
     def _spans(
         self, turns: Sequence[Turn], end_of_turn: bool, record_id: str
     ) -> tuple[str, list[tuple[int, int]]]:
-        messages = [{"role": t.role, "content": t.text} for t in turns]
-        if self.system_prompt is not None and (not messages or messages[0]["role"] != "system"):
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        turns = list(turns)
+        if self.system_prompt is not None and (not turns or turns[0].role != "system"):
+            turns.insert(0, Turn("system", self.system_prompt))
+        messages = [{"role": t.role, "content": self._content(t.text)} for t in turns]
         text = self._text(messages, generation_prompt=messages[-1]["role"] != "assistant")
         spans = []
         for i, message in enumerate(messages):
@@ -144,12 +207,13 @@ class ChatRenderer:
                 )
             start, stop = len(prefix), len(upto)
             if not end_of_turn:
-                at = upto.find(message["content"], start)
+                answer = turns[i].text
+                at = upto.find(answer, start)
                 if at < 0:
                     raise ValueError(
                         f"record {record_id}: the chat template altered the answer text of turn {i}"
                     )
-                start, stop = at, at + len(message["content"])
+                start, stop = at, at + len(answer)
             spans.append((start, stop))
         return text, spans
 
@@ -200,18 +264,19 @@ class ChatRenderer:
             ValueError: the tokenizer produces an id that is a placeholder id or beyond the vocabulary.
         """
         text, spans = self._spans(turns, end_of_turn, record_id)
-        pieces = _MARKER_RE.split(text)
-        markers = pieces[1::2]
-        if [_KIND[m] for m in markers] != [m.kind for m in media]:
+        pieces = self._split.split(text)
+        kinds = [self._kinds[m] for m in pieces[1::2]]
+        given = [m.kind for m in media]
+        if (sorted(kinds) != sorted(given)) if self.template_media else (kinds != given):
             raise DataError(
-                f"record {record_id}: the rendered text has media placeholders {markers} but the media are "
-                f"{[m.kind for m in media]}; one placeholder per media, in order",
+                f"record {record_id}: the rendered text has media placeholders {pieces[1::2]} but the media are "
+                f"{given}; one placeholder per media, in order",
                 "placeholder_mismatch",
             )
+        queues = {kind: [m for m in media if m.kind == kind] for kind in set(given)}
         ids: list[int] = []
         sup: list[bool] = []
         types: list[int] = []
-        visual_end = 0
         offset = 0
         for j, piece in enumerate(pieces):
             if j % 2 == 0:
@@ -227,8 +292,8 @@ class ChatRenderer:
                 sup += piece_sup
                 types += [TEXT_TYPE] * len(piece_ids)
             else:
-                item = media[j // 2]
-                block = self.spec.placeholder_ids(item.kind, item.num_tokens)
+                item = queues[self._kinds[piece]].pop(0)
+                block = self.spec.placeholder_ids(item.kind, item.num_tokens, markers=self.template_media is None)
                 kind_type = IMAGE_TYPE if item.kind == "image" else VIDEO_TYPE
                 ids += block
                 sup += [False] * len(block)
@@ -236,8 +301,9 @@ class ChatRenderer:
                     kind_type if t in (self.spec.image_token_id, self.spec.video_token_id) else TEXT_TYPE
                     for t in block
                 ]
-                visual_end = len(ids)
             offset += len(piece)
+        visual = set(self.spec.media_token_ids)
+        visual_end = next((len(ids) - k for k, t in enumerate(reversed(ids)) if t in visual), 0)
         if not any(sup):
             raise DataError(f"record {record_id}: no token is supervised (empty answers?)", "no_assistant")
         input_ids = torch.tensor(ids, dtype=torch.int64)

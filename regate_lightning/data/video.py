@@ -1,8 +1,11 @@
 """Video and image decoding with PyAV and Pillow, frame sampling, resizing and normalisation (torch).
 
-torchvision cannot be installed beside this project's torch, so HF's video processors are unusable;
-this module replaces them. Frames are ``uint8 [T, 3, H, W]`` (RGB) until :func:`normalize` turns them
-into ``float32``.
+Decoding and frame sampling are this package's own on every machine (transformers' video decoding
+needs torchvision or torchcodec). Frames are ``uint8 [T, 3, H, W]`` (RGB). A student loaded from a
+checkpoint with processor configs gets them at their decoded size and resized, normalised and patched
+by the checkpoint's own processor (:mod:`regate_lightning.data.processors`); otherwise, and for an
+explicit ``frame_size``, :func:`resize_frames` resizes them and :func:`normalize` turns them into
+``float32`` (the built-in path).
 
 Frame sampling (:func:`frame_indices`):
 
@@ -13,8 +16,9 @@ Frame sampling (:func:`frame_indices`):
 - ``"fps"``: one frame every ``1 / fps`` seconds from the first frame (the frame on screen at each
   time ``k / fps`` that falls inside the clip, at least one), i.e. about ``duration * fps`` frames.
   ``N`` is a cap: when the clip would give more than ``N``, ``N`` frames are sampled uniformly
-  instead (as HF's Qwen2-VL video processor does). Families that stack videos as
-  ``[B, T, 3, H, W]`` need one ``T`` per batch: use ``"uniform"`` for them.
+  instead (as HF's Qwen2-VL video processor does); likewise, below a floor ``min_frames`` (a
+  checkpoint's, e.g. Qwen2-VL's 4), ``min_frames`` frames are sampled uniformly. Families that stack
+  videos as ``[B, T, 3, H, W]`` need one ``T`` per batch: use ``"uniform"`` for them.
 """
 
 from __future__ import annotations
@@ -96,7 +100,9 @@ def frame_indices(num_available: int, num_frames: int) -> list[int]:
     ]
 
 
-def fps_indices(times: list[float], duration: float, fps: float, max_frames: int) -> list[int]:
+def fps_indices(
+    times: list[float], duration: float, fps: float, max_frames: int, min_frames: int = 1
+) -> list[int]:
     """Indices of the frames on screen at times ``0, 1/fps, 2/fps, ...`` (see the module docstring).
 
     Args:
@@ -104,13 +110,20 @@ def fps_indices(times: list[float], duration: float, fps: float, max_frames: int
         duration: clip length in seconds.
         fps: sampling rate, ``> 0``.
         max_frames: cap; above it, ``max_frames`` uniform indices are returned instead.
+        min_frames: floor; below it, ``min_frames`` uniform indices are returned instead.
 
     Returns:
-        Between 1 and ``max_frames`` non-decreasing indices into ``times``.
+        Between ``min_frames`` and ``max_frames`` non-decreasing indices into ``times``.
+
+    Example:
+        >>> fps_indices([0.0, 0.5, 1.0, 1.5], 2.0, 1.0, max_frames=8), fps_indices([0.0, 0.5], 1.0, 1.0, 8, 4)
+        ([0, 2], [0, 0, 1, 1])
     """
     count = max(1, math.ceil(duration * fps - 1e-6))
     if count > max_frames:
         return frame_indices(len(times), max_frames)
+    if count < min_frames:
+        return frame_indices(len(times), min_frames)
     out = []
     j = 0
     for k in range(count):
@@ -142,6 +155,7 @@ def sample_video(
     fps: float | None = None,
     size: tuple[int, int] | None = None,
     fit: Fit = "stretch",
+    min_frames: int = 1,
 ) -> DecodedVideo:
     """Decode a clip and sample frames from it (see the module docstring for the rules).
 
@@ -155,6 +169,7 @@ def sample_video(
         fps: sampling rate for ``"fps"``; must be ``None`` for ``"uniform"``.
         size: ``(H, W)`` to resize to, or ``None`` to keep the decoded size.
         fit: how to resize, see :func:`resize_frames`.
+        min_frames: the floor of ``"fps"`` sampling.
 
     Returns:
         The sampled frames (uint8 ``[T, 3, H, W]``) with their times.
@@ -197,7 +212,7 @@ def sample_video(
                 indices = frame_indices(len(times), num_frames)
             else:
                 assert fps is not None
-                indices = fps_indices(times, duration, fps, num_frames)
+                indices = fps_indices(times, duration, fps, num_frames, min_frames)
             wanted = set(indices)
             converted: dict[int, np.ndarray] = {}
             last: av.VideoFrame | None = None

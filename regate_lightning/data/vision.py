@@ -1,9 +1,21 @@
-"""What each model family expects of its pixels and placeholder tokens, derived from the model's config.
+"""What each model family expects of its pixels and placeholder tokens: the checkpoint's or the built-in rules.
 
-:class:`VisionSpec` is read from an HF config (:meth:`VisionSpec.from_model`) and turns decoded
-``uint8`` frames into the model's own tensors and the number of placeholder tokens they need. Which
-keys and which placeholder rule a family has is written once, in :mod:`regate_lightning.families`
-(its table lists them); this module applies them to pixels.
+:class:`VisionSpec` is read from an HF model or config (:meth:`VisionSpec.from_model`) and turns decoded
+``uint8`` frames into the model's own tensors and the number of placeholder tokens they need. Which keys
+and which placeholder rule a family has is written once, in :mod:`regate_lightning.families` (its table
+lists them); this module applies them to pixels, by one of two paths:
+
+- **The checkpoint's processor** (:class:`~regate_lightning.data.processors.CheckpointProcessor`), when
+  the model was loaded from an HF id or folder with processor configs (``preprocessor_config.json``,
+  ``video_preprocessor_config.json``, ``processor_config.json``): its mean/std, resize rule and sizes
+  (Qwen's ``smart_resize`` per image or video, LLaVA's shortest-edge resize and centre crop, LLaVA-NeXT's
+  anyres tiling), through transformers' own image processor (PIL backend) and video processor (where
+  torchvision is importable; else the built-in copy of its rules). Placeholder counts follow from the
+  processed media (Qwen: its grid; anyres: :func:`anyres_image_tokens` of the image's size).
+- **The built-in path**, for models built in memory (the tiny random models, the synthetic demo's
+  student): every image and frame is resized to one :attr:`VisionSpec.size` and normalised with CLIP's
+  mean/std for CLIP and Qwen towers, ``0.5`` for SigLIP. Qwen2-VL frames default to
+  ``4 * patch * merge`` pixels a side.
 
 Qwen2.5-VL also gets ``second_per_grid_ts`` [1] (``temporal_patch_size / sampled fps``) per video, as
 its processor does. Qwen2-VL patches are flattened exactly like HF's ``Qwen2VLImageProcessor`` /
@@ -11,7 +23,9 @@ its processor does. Qwen2-VL patches are flattened exactly like HF's ``Qwen2VLIm
 temporal, P, P)``. An image is one frame repeated ``temporal_patch_size`` times; a video whose frame
 count is not a multiple of ``temporal_patch_size`` repeats its last frame.
 
-Normalisation defaults to CLIP's mean/std for CLIP and Qwen towers and ``0.5`` for SigLIP.
+An explicit ``size`` (a data module's ``frame_size``) overrides the resize rule on both paths: every
+image and frame is resized to it (:func:`~regate_lightning.data.video.resize_frames`), then normalised
+and patched by the path's rules; a size the model cannot take is refused, naming ``frame_size``.
 """
 
 from __future__ import annotations
@@ -21,9 +35,27 @@ from typing import Any
 
 import torch
 
+from regate_lightning.data.processors import CheckpointProcessor, Pixels, checkpoint_of, qwen_patchify
 from regate_lightning.data.video import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, normalize
-from regate_lightning.families import FAMILIES, GRID, NO_CLS_TOWERS, Family, config_of, family_of, patch_grid
-from regate_lightning.keys import IMAGE_GRID_THW, PIXEL_VALUES, PIXEL_VALUES_VIDEOS, SECOND_PER_GRID_TS, VIDEO_GRID_THW
+from regate_lightning.families import (
+    FAMILIES,
+    GRID,
+    NO_CLS_TOWERS,
+    PATCHES,
+    Family,
+    config_of,
+    family_of,
+    patch_grid,
+    tower_has_cls,
+)
+from regate_lightning.keys import (
+    IMAGE_GRID_THW,
+    IMAGE_SIZES,
+    PIXEL_VALUES,
+    PIXEL_VALUES_VIDEOS,
+    SECOND_PER_GRID_TS,
+    VIDEO_GRID_THW,
+)
 
 
 @dataclass(frozen=True)
@@ -41,41 +73,85 @@ class ProcessedMedia:
     num_tokens: int
 
 
+
 def _triple(values: tuple[float, ...] | list[float]) -> tuple[float, float, float]:
     if len(values) != 3:
         raise ValueError(f"`mean` and `std` need 3 values (RGB), got {values}")
     return (float(values[0]), float(values[1]), float(values[2]))
 
 
+def _height_width(size: Any) -> tuple[int, int] | None:
+    """``(height, width)`` of a transformers size (dict or ``SizeDict``) that names both, else None."""
+    get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+    height, width = get("height"), get("width")
+    return (int(height), int(width)) if height and width else None
+
+
+def anyres_image_tokens(
+    image_size: tuple[int, int], grid_pinpoints: list[list[int]], tower_size: int, patch_size: int
+) -> int:
+    """Placeholder tokens of one LLaVA-NeXT anyres image, by the model's own rule.
+
+    The base tile gives ``(S / P) ** 2`` tokens; the tiles of the best resolution among
+    ``grid_pinpoints`` form a ``rows x cols`` grid of ``S / P`` features a side, from which the padding
+    is removed (transformers' ``unpad_image``) and one newline token is added per row. The shapes come
+    from transformers' own ``get_anyres_image_grid_shape`` and ``unpad_image`` (on an empty meta tensor).
+
+    Args:
+        image_size: the original ``(H, W)`` of the image.
+        grid_pinpoints: the model config's ``image_grid_pinpoints`` (``[H, W]`` resolutions).
+        tower_size: the vision tower's ``image_size`` ``S``.
+        patch_size: the vision tower's ``patch_size`` ``P``.
+
+    Returns:
+        The number of image tokens the model produces for that image.
+    """
+    from transformers.models.llava_next_video.modeling_llava_next_video import (
+        get_anyres_image_grid_shape,
+        unpad_image,
+    )
+
+    side = tower_size // patch_size
+    rows, cols = get_anyres_image_grid_shape(list(image_size), grid_pinpoints, tower_size)
+    features = torch.empty(0, rows * side, cols * side, device="meta")
+    height, width = unpad_image(features, list(image_size)).shape[1:]
+    return side * side + height * (width + 1)
+
+
 @dataclass(frozen=True)
 class VisionSpec:
     """Pixel and placeholder-token layout of one model family (see the module docstring).
 
-    Build it with :meth:`from_model`; the fields are plain values so it pickles to DataLoader workers.
+    Build it with :meth:`from_model`; the fields are plain values (and the checkpoint's processor) so it
+    pickles to DataLoader workers.
 
     Attributes:
         family: ``"llava"``, ``"llava_next_video"``, ``"video_llava"`` or ``"qwen2_vl"``.
-        size: ``(H, W)`` every image and frame is resized to.
-        mean: normalisation mean (RGB).
-        std: normalisation standard deviation (RGB).
+        size: ``(H, W)`` every image and frame is resized to; None on the checkpoint path without an
+            explicit size (each media then follows the checkpoint's resize rule).
+        mean: normalisation mean (RGB): the built-in one, or the checkpoint's (for information).
+        std: normalisation standard deviation (RGB), likewise.
         vocab_size: the language model's vocabulary size (text ids must be below it).
         image_token_id: placeholder id of images, ``None`` if the family takes no images.
         video_token_id: placeholder id of videos, ``None`` if the family takes no videos.
         vision_start_token_id: Qwen2-VL's token before each media, else ``None``.
         vision_end_token_id: Qwen2-VL's token after each media, else ``None``.
-        tokens_per_image: LLaVA families: tokens per image.
+        tokens_per_image: LLaVA / Video-LLaVA: tokens per image.
         tokens_per_frame: LLaVA families: tokens per video frame.
-        patch_size: Qwen2-VL spatial patch size.
+        patch_size: Qwen2-VL spatial patch size; LLaVA-NeXT: the tower's patch size.
         temporal_patch_size: Qwen2-VL temporal patch size.
         merge_size: Qwen2-VL spatial merge size.
         seconds_per_grid: whether to emit ``second_per_grid_ts`` (Qwen2.5-VL).
-        image_refusal: why images are refused (``llava_next_video``), else ``""``.
+        image_refusal: why images are refused, else ``""``.
         image_key: HF batch key of image pixels, ``None`` if the family takes no images.
         video_key: HF batch key of video pixels, ``None`` if the family takes no videos.
+        tower_size: LLaVA families: the vision tower's ``image_size``.
+        image_grid_pinpoints: LLaVA-NeXT: the model config's anyres resolutions.
+        processor: the checkpoint's processor, or None on the built-in path.
     """
 
     family: str
-    size: tuple[int, int]
+    size: tuple[int, int] | None
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     vocab_size: int
@@ -92,6 +168,9 @@ class VisionSpec:
     image_refusal: str = ""
     image_key: str | None = None
     video_key: str | None = None
+    tower_size: int = 0
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    processor: CheckpointProcessor | None = None
 
     @classmethod
     def from_model(
@@ -100,50 +179,84 @@ class VisionSpec:
         size: tuple[int, int] | None = None,
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
+        processor: bool | str = True,
+        video_backend: str = "auto",
     ) -> VisionSpec:
-        """Read the layout from an HF multimodal model or its config.
+        """Read the layout from an HF multimodal model or its config, and the checkpoint's processor.
 
         Args:
             model_or_config: a supported ``*ForConditionalGeneration`` (possibly peft-wrapped) or its
                 config.
-            size: ``(H, W)``. LLaVA families must use the tower's ``image_size`` (the default). Qwen2-VL
-                takes any multiple of ``patch_size * merge_size``; default ``4 * patch * merge`` per side
-                (16 tokens per image).
-            mean: override the normalisation mean.
-            std: override the normalisation standard deviation.
+            size: ``(H, W)`` (a data module's ``frame_size``). LLaVA families take only the tower's
+                ``image_size``; Qwen2-VL any multiple of ``patch_size * merge_size``. Default: the
+                checkpoint's resize rule, or on the built-in path the tower's size (LLaVA) and
+                ``4 * patch * merge`` per side (Qwen2-VL, 16 tokens per image).
+            mean: override the built-in normalisation mean (built-in path only).
+            std: override the built-in normalisation standard deviation (built-in path only).
+            processor: True: the checkpoint the model was loaded from (its ``name_or_path``), if it has
+                processor configs; a string: that HF id or folder's processor configs; False: the
+                built-in path.
+            video_backend: which video path the checkpoint's processor uses: ``"auto"``,
+                ``"transformers"`` or ``"builtin"`` (see :meth:`CheckpointProcessor.load`).
 
         Returns:
             The spec.
 
         Raises:
-            ValueError: unsupported model type, tower, strategy or size; the message names the fix.
+            ValueError: unsupported model type, tower, strategy or size, or processor configs that do not
+                fit the model; the message names the fix.
         """
         config = config_of(model_or_config)
         family = family_of(config)
-        vision = config.vision_config
+        source = processor if isinstance(processor, str) else checkpoint_of(model_or_config) if processor else None
+        checkpoint = CheckpointProcessor.load(source, family, video_backend) if source else None
+        if checkpoint is not None and (mean is not None or std is not None):
+            raise ValueError(
+                f"`mean` / `std` set the built-in normalisation; the checkpoint {source} has its own processor "
+                "configs: pass processor=False to use the built-in path"
+            )
         vocab = int(config.get_text_config().vocab_size)
         if family.placeholders == GRID:
-            return cls._grid(family, config, vocab, size, mean, std)
+            return cls._grid(family, config, vocab, size, mean, std, checkpoint)
+        vision = config.vision_config
         siglip = getattr(vision, "model_type", "") in NO_CLS_TOWERS
         side = int(vision.image_size)
         patch_grid(vision)  # refuses a tower whose image size is no whole number of patches
         if size is not None and tuple(size) != (side, side):
-            raise ValueError(f"`size` must be the tower's image size ({side}, {side}) for {family.name}, got {size}")
+            raise ValueError(
+                f"`frame_size` {list(size)} cannot be used with {family.name}: its vision tower takes "
+                f"{side} x {side} images only; set frame_size: [{side}, {side}] or leave it unset"
+            )
         images = family.image_key is not None
         videos = family.video_key is not None
+        refusal = family.image_refusal
+        pinpoints: tuple[tuple[int, int], ...] = ()
+        if checkpoint is not None:
+            _check_llava_processor(checkpoint, config, family, side)
+            refusal = "" if checkpoint.image_processor is not None or not images else _no_image_config(source)
+            if family.anyres_images:
+                pinpoints = tuple((int(h), int(w)) for h, w in config.image_grid_pinpoints)
+            mean, std = _checkpoint_mean_std(checkpoint)
+            size = tuple(size) if size is not None else None  # type: ignore[assignment]
+        else:
+            size = (side, side)
         return cls(
             family=family.name,
-            size=(side, side),
+            size=size,
             mean=_triple(mean or (SIGLIP_MEAN if siglip else CLIP_MEAN)),
             std=_triple(std or (SIGLIP_STD if siglip else CLIP_STD)),
             vocab_size=vocab,
             image_token_id=int(config.image_token_id) if images else None,
             video_token_id=int(config.video_token_id) if videos else None,
-            tokens_per_image=family.image_tokens(config) if images else 0,
+            tokens_per_image=family.image_tokens(config) if images and family.placeholders == PATCHES else 0,
             tokens_per_frame=family.frame_tokens(config) if videos else 0,
-            image_refusal=family.image_refusal,
+            patch_size=int(vision.patch_size),
+            image_refusal=refusal,
             image_key=family.image_key,
             video_key=family.video_key,
+            tower_size=side,
+            image_grid_pinpoints=pinpoints,
+            processor=checkpoint,
         )
 
     @classmethod
@@ -155,18 +268,26 @@ class VisionSpec:
         size: tuple[int, int] | None,
         mean: tuple[float, float, float] | None,
         std: tuple[float, float, float] | None,
+        checkpoint: CheckpointProcessor | None,
     ) -> VisionSpec:
         vision = config.vision_config
-        patch, merge = int(vision.patch_size), int(vision.spatial_merge_size)
+        patch, merge, temporal = int(vision.patch_size), int(vision.spatial_merge_size), int(vision.temporal_patch_size)
         factor = patch * merge
-        size = (int(size[0]), int(size[1])) if size is not None else (4 * factor, 4 * factor)
-        if size[0] % factor or size[1] % factor or min(size) < factor:
+        if size is not None and (size[0] % factor or size[1] % factor or min(size) < factor):
             raise ValueError(
-                f"`size` must be positive multiples of patch_size * merge_size = {factor}, got {size}"
+                f"`frame_size` {list(size)} cannot be used with {family.name}: height and width must be positive "
+                f"multiples of patch_size * merge_size = {factor} (e.g. [{4 * factor}, {4 * factor}])"
             )
+        refusal = ""
+        if checkpoint is not None:
+            _check_grid_processor(checkpoint, patch, merge, temporal)
+            mean, std = _checkpoint_mean_std(checkpoint)
+            refusal = "" if checkpoint.image_processor is not None else _no_image_config(checkpoint.source)
+        elif size is None:
+            size = (4 * factor, 4 * factor)
         return cls(
             family=family.name,
-            size=(int(size[0]), int(size[1])),
+            size=(int(size[0]), int(size[1])) if size is not None else None,
             mean=_triple(mean or CLIP_MEAN),
             std=_triple(std or CLIP_STD),
             vocab_size=vocab,
@@ -175,11 +296,13 @@ class VisionSpec:
             vision_start_token_id=int(config.vision_start_token_id),
             vision_end_token_id=int(config.vision_end_token_id),
             patch_size=patch,
-            temporal_patch_size=int(vision.temporal_patch_size),
+            temporal_patch_size=temporal,
             merge_size=merge,
             seconds_per_grid=config.model_type in family.seconds_per_grid,
+            image_refusal=refusal,
             image_key=family.image_key,
             video_key=family.video_key,
+            processor=checkpoint,
         )
 
     @property
@@ -208,12 +331,18 @@ class VisionSpec:
             )
         return ""
 
-    def placeholder_ids(self, kind: str, num_tokens: int) -> list[int]:
-        """The token ids that stand for one media of ``kind`` in ``input_ids``."""
+    def placeholder_ids(self, kind: str, num_tokens: int, markers: bool = True) -> list[int]:
+        """The token ids that stand for one media of ``kind`` in ``input_ids``.
+
+        Args:
+            kind: ``"image"`` or ``"video"``.
+            num_tokens: the media's placeholder count.
+            markers: wrap them in Qwen's vision start / end ids (False where the chat template writes those).
+        """
         token = self.image_token_id if kind == "image" else self.video_token_id
         assert token is not None
         ids = [token] * num_tokens
-        if FAMILIES[self.family].vision_markers:
+        if markers and FAMILIES[self.family].vision_markers:
             assert self.vision_start_token_id is not None and self.vision_end_token_id is not None
             ids = [self.vision_start_token_id, *ids, self.vision_end_token_id]
         return ids
@@ -222,7 +351,7 @@ class VisionSpec:
         """Turn one decoded image into the model's tensors.
 
         Args:
-            image: uint8 ``[3, H, W]`` already at :attr:`size`.
+            image: uint8 ``[3, H, W]``: already at :attr:`size` when it is set, else as decoded.
 
         Returns:
             The tensors and the token count.
@@ -230,6 +359,8 @@ class VisionSpec:
         reason = self.accepts("image")
         if reason:
             raise ValueError(reason)
+        if self.processor is not None:
+            return self._from_checkpoint("image", self.processor.image(image, resize=self.size is None))
         self._check_size(image)
         pixels = normalize(image, self.mean, self.std)
         if self.is_qwen:
@@ -245,7 +376,7 @@ class VisionSpec:
         """Turn one decoded video into the model's tensors.
 
         Args:
-            frames: uint8 ``[T, 3, H, W]`` already at :attr:`size`.
+            frames: uint8 ``[T, 3, H, W]``: already at :attr:`size` when it is set, else as decoded.
             sampled_fps: frames per second of ``frames`` (Qwen2.5-VL's temporal position spacing);
                 ``None`` gives HF's default of one second per temporal patch.
 
@@ -255,64 +386,118 @@ class VisionSpec:
         reason = self.accepts("video")
         if reason:
             raise ValueError(reason)
-        self._check_size(frames)
-        pixels = normalize(frames, self.mean, self.std)
+        if self.processor is not None:
+            media = self._from_checkpoint("video", self.processor.video(frames, resize=self.size is None))
+        else:
+            self._check_size(frames)
+            pixels = normalize(frames, self.mean, self.std)
+            if self.is_qwen:
+                patches, grid = qwen_patchify(pixels, self.patch_size, self.temporal_patch_size, self.merge_size)
+                media = ProcessedMedia(
+                    "video",
+                    {PIXEL_VALUES_VIDEOS: patches, VIDEO_GRID_THW: grid.unsqueeze(0)},
+                    int(grid.prod()) // self.merge_size**2,
+                )
+            else:
+                assert self.video_key is not None
+                return ProcessedMedia(
+                    "video", {self.video_key: pixels.unsqueeze(0)}, frames.shape[0] * self.tokens_per_frame
+                )
+        if self.seconds_per_grid:
+            seconds = self.temporal_patch_size / sampled_fps if sampled_fps else 1.0
+            media.tensors[SECOND_PER_GRID_TS] = torch.tensor([seconds], dtype=torch.float32)
+        return media
+
+    def _from_checkpoint(self, kind: str, pixels: Pixels) -> ProcessedMedia:
+        """The family's keys and placeholder count of media processed by the checkpoint's processor."""
+        image = kind == "image"
         if self.is_qwen:
-            patches, grid = qwen_patchify(pixels, self.patch_size, self.temporal_patch_size, self.merge_size)
-            tensors = {PIXEL_VALUES_VIDEOS: patches, VIDEO_GRID_THW: grid.unsqueeze(0)}
-            if self.seconds_per_grid:
-                seconds = self.temporal_patch_size / sampled_fps if sampled_fps else 1.0
-                tensors[SECOND_PER_GRID_TS] = torch.tensor([seconds], dtype=torch.float32)
-            return ProcessedMedia("video", tensors, int(grid.prod()) // self.merge_size**2)
-        assert self.video_key is not None
-        return ProcessedMedia(
-            "video", {self.video_key: pixels.unsqueeze(0)}, frames.shape[0] * self.tokens_per_frame
-        )
+            assert pixels.grid is not None
+            keys = (PIXEL_VALUES, IMAGE_GRID_THW) if image else (PIXEL_VALUES_VIDEOS, VIDEO_GRID_THW)
+            tokens = int(pixels.grid.prod()) // self.merge_size**2
+            return ProcessedMedia(kind, {keys[0]: pixels.values, keys[1]: pixels.grid}, tokens)
+        key = self.image_key if image else self.video_key
+        assert key is not None
+        side = self.tower_size
+        if pixels.image_size is not None:  # LLaVA-NeXT anyres: [tiles, 3, S, S] and the original size
+            height, width = (int(v) for v in pixels.image_size[0])
+            tokens = anyres_image_tokens(
+                (height, width), [list(p) for p in self.image_grid_pinpoints], side, self.patch_size
+            )
+            return ProcessedMedia(kind, {key: pixels.values, IMAGE_SIZES: pixels.image_size}, tokens)
+        if tuple(pixels.values.shape[-2:]) != (side, side):
+            assert self.processor is not None
+            raise ValueError(
+                f"{self.processor.source}: the checkpoint's processor made {kind} pixels of "
+                f"{tuple(pixels.values.shape[-2:])}, but the vision tower takes {side} x {side}"
+            )
+        tokens = self.tokens_per_image if image else pixels.values.shape[1] * self.tokens_per_frame
+        return ProcessedMedia(kind, {key: pixels.values}, tokens)
 
     def _check_size(self, pixels: torch.Tensor) -> None:
-        if tuple(pixels.shape[-2:]) != tuple(self.size):
+        if self.size is not None and tuple(pixels.shape[-2:]) != tuple(self.size):
             raise ValueError(f"media must be resized to {self.size} first, got {tuple(pixels.shape[-2:])}")
 
 
-def qwen_patchify(
-    frames: torch.Tensor, patch_size: int, temporal_patch_size: int, merge_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flatten frames into Qwen2-VL patches, in the order of HF's Qwen2-VL image/video processors.
-
-    Args:
-        frames: float32 ``[T, C, H, W]`` (normalised); ``H`` and ``W`` multiples of
-            ``patch_size * merge_size``. ``T`` is padded to a multiple of ``temporal_patch_size`` by
-            repeating the last frame (an image, ``T = 1``, becomes ``temporal_patch_size`` copies).
-        patch_size: spatial patch size ``P``.
-        temporal_patch_size: temporal patch size ``tp``.
-        merge_size: spatial merge size ``m``.
-
-    Returns:
-        float32 ``[t * h * w, C * tp * P * P]`` and the grid, int64 ``[3]`` = ``(t, h, w)``.
-
-    Example:
-        >>> p, g = qwen_patchify(torch.zeros(1, 3, 32, 32), 8, 2, 2)
-        >>> tuple(p.shape), g.tolist()
-        ((16, 384), [1, 4, 4])
-    """
-    num, channels, height, width = frames.shape
-    if pad := -num % temporal_patch_size:
-        frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
-        num += pad
-    t, h, w = num // temporal_patch_size, height // patch_size, width // patch_size
-    if h % merge_size or w % merge_size or height % patch_size or width % patch_size:
-        raise ValueError(f"frame size {(height, width)} must be a multiple of patch_size * merge_size")
-    x = frames.reshape(
-        t,
-        temporal_patch_size,
-        channels,
-        h // merge_size,
-        merge_size,
-        patch_size,
-        w // merge_size,
-        merge_size,
-        patch_size,
+def _no_image_config(source: str | None) -> str:
+    return (
+        f"the student checkpoint {source} has video processor settings but no image processor config "
+        "(preprocessor_config.json), so it cannot take images; add the config or give images as one-frame videos"
     )
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    patches = x.reshape(t * h * w, channels * temporal_patch_size * patch_size * patch_size)
-    return patches, torch.tensor([t, h, w], dtype=torch.int64)
+
+
+def _checkpoint_mean_std(
+    checkpoint: CheckpointProcessor,
+) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    source = checkpoint.image_processor or checkpoint.video_settings
+    return _triple(list(source.image_mean)), _triple(list(source.image_std))
+
+
+def _check_grid_processor(checkpoint: CheckpointProcessor, patch: int, merge: int, temporal: int) -> None:
+    """Refuse Qwen processor settings that do not match the model's vision config."""
+    model = {"patch_size": patch, "merge_size": merge, "temporal_patch_size": temporal}
+    for where, settings in (("image", checkpoint.image_processor), ("video", checkpoint.video_settings)):
+        if settings is None:
+            continue
+        found = {k: int(getattr(settings, k)) for k in model}
+        if found != model:
+            raise ValueError(
+                f"{checkpoint.source}: the {where} processor's {found} do not match the model's vision config "
+                f"{model}; fix the checkpoint's processor config"
+            )
+
+
+def _check_llava_processor(checkpoint: CheckpointProcessor, config: Any, family: Family, side: int) -> None:
+    """Refuse LLaVA-family processor settings that do not give the tower's square input."""
+    source = checkpoint.source
+    image = checkpoint.image_processor
+    if image is not None:
+        crop = _height_width(getattr(image, "crop_size", None) or {})
+        resized = _height_width(getattr(image, "size", None) or {})
+        out = crop if getattr(image, "do_center_crop", False) and crop else resized
+        if out != (side, side):
+            raise ValueError(
+                f"{source}: the image processor makes {out or 'aspect-dependent'} images but the vision tower "
+                f"takes {side} x {side}; fix crop_size / size in its preprocessor_config.json"
+            )
+        if family.anyres_images:
+            found = [list(map(int, p)) for p in getattr(image, "image_grid_pinpoints", None) or []]
+            if found != [list(map(int, p)) for p in config.image_grid_pinpoints]:
+                raise ValueError(
+                    f"{source}: the image processor's image_grid_pinpoints {found} differ from the model "
+                    f"config's {config.image_grid_pinpoints}; they must be equal (the model tiles by its own)"
+                )
+            if tower_has_cls(config.vision_config) != (config.vision_feature_select_strategy == "default"):
+                raise ValueError(
+                    f"{family.name} anyres images need {side // config.vision_config.patch_size} ** 2 features "
+                    "per tile: vision_feature_select_strategy='default' with a CLS tower, 'full' without"
+                )
+    video = checkpoint.video_settings
+    if video is not None:
+        crop = _height_width(video.crop_size or {})
+        out = crop if video.do_center_crop and crop else _height_width(video.size)
+        if out != (side, side):
+            raise ValueError(
+                f"{source}: the video processor makes {out or 'aspect-dependent'} frames but the vision tower "
+                f"takes {side} x {side}; fix crop_size / size in its video processor config"
+            )
