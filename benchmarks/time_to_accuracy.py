@@ -99,7 +99,7 @@ class RunConfig:
     warmup: int = 100
     cycle: int = 128
     full: int = 16
-    coverage: float = 0.8
+    coverage: float = 0.95
     pretrain_steps: int = 200
     root: str | None = None
 
@@ -599,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-val", type=int, default=1000)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--keep-ratio", type=float, default=0.5)
-    parser.add_argument("--coverage", type=float, default=0.8)
+    parser.add_argument("--coverage", type=float, default=0.95)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--cycle", type=int, default=128)
     parser.add_argument("--full", type=int, default=16)

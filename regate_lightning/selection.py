@@ -135,10 +135,13 @@ class AdaptiveSelection(Selection):
 
     Args:
         coverage: share of each sample's total fused score (scores clamped at 0) that the kept candidates
-            cover, in ``(0, 1]``.
+            cover, in ``(0, 1]``. The default 0.95 was chosen on the demo's task (one seed, 1500 steps): 0.8
+            and 0.9 dropped answer words that need the video (9 % and 1 % of them) and lost final accuracy
+            (0.854, 0.890), 0.95 kept them (99.9 %) and matched the fixed ratio's accuracy (0.914 vs 0.917)
+            with 6 % fewer decoder tokens; see ``docs/results.md``.
     """
 
-    def __init__(self, coverage: float = 0.8) -> None:
+    def __init__(self, coverage: float = 0.95) -> None:
         check_fraction("coverage", coverage, allow_zero=False)
         self.coverage = float(coverage)
 
