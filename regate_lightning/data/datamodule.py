@@ -246,9 +246,9 @@ class SyntheticVideoQADataModule(ConversationDataModule):
     """
 
     def __init__(
-        self, root: str | None = None, num_train: int = 500, num_val: int = 200, seed: int = 0, **kwargs: Any
+        self, root: str | None = None, num_train: int = 2000, num_val: int = 1000, seed: int = 0, **kwargs: Any
     ) -> None:
-        kwargs.setdefault("num_frames", 8)
+        kwargs.setdefault("num_frames", 4)
         super().__init__(train_file="", **kwargs)
         self.root = root
         self.num_train = num_train

@@ -145,7 +145,7 @@ def init_projector_from_features(model: nn.Module, pixel_values_videos: torch.Te
 def demo_student(
     root: str | None = None,
     num_train: int = 2000,
-    num_val: int = 400,
+    num_val: int = 1000,
     hidden_size: int = 96,
     num_layers: int = 3,
     image_size: int = 64,
