@@ -88,6 +88,12 @@ class Family:
         seconds_per_grid: the model types that also take ``second_per_grid_ts`` per video (Qwen2.5-VL).
         unused_tower_heads: whether the tower's final norm and pooling head never reach the loss (the
             family reads the tower's hidden states, so under DDP those parameters get no gradient).
+        encoders: per media kind, in the order the model encodes them, ``(kind, tower, output)``: the module
+            (path on the inner model) that takes the kind's pixels (one time step per row, or per
+            ``rows_per_step`` rows), and the module whose output holds its features, one row per step (LLaVA
+            families' projector) or per token (Qwen2-VL's ``visual``, its ``pooler_output``). Each step is
+            encoded independently of the others (per-frame towers; Qwen2-VL attends within a temporal patch),
+            which lets the engine skip the steps whose every token is elided.
     """
 
     name: str
@@ -106,6 +112,7 @@ class Family:
     token_types: bool = False
     seconds_per_grid: tuple[str, ...] = ()
     unused_tower_heads: bool = False
+    encoders: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def multimodal(self) -> bool:
@@ -152,6 +159,53 @@ class Family:
         pooled = grid // int(config.spatial_pool_stride)
         return pooled * pooled
 
+    def media_steps(self, config: Any, batch: Mapping[str, Any], kind: str) -> list[MediaSteps]:
+        """How the batch's media of ``kind`` divide into time steps, without reading their pixel values.
+
+        Args:
+            config: the HF model config.
+            batch: the model's inputs.
+            kind: ``"image"`` or ``"video"``.
+
+        Returns:
+            One :class:`MediaSteps` per media, in placeholder order (empty if the batch has none).
+
+        Raises:
+            ValueError: the family takes no media of ``kind``.
+        """
+        key = self.media_key(kind)
+        pixels = batch.get(key)
+        if pixels is None:
+            return []
+        if self.placeholders == GRID:
+            merge = int(config.vision_config.spatial_merge_size)
+            return [MediaSteps(t, h * w // (merge * merge), h * w) for t, h, w in self.grids(batch, kind).tolist()]
+        if kind == "image":
+            return [MediaSteps(1, self.image_tokens(config), 1)] * int(pixels.shape[0])
+        return [MediaSteps(int(pixels.shape[1]), self.frame_tokens(config), 1)] * int(pixels.shape[0])
+
+    def media_key(self, kind: str) -> str:
+        """The batch key of the pixels of ``kind``.
+
+        Raises:
+            ValueError: an unknown kind, or one the family does not take.
+        """
+        if kind not in MEDIA_KINDS:
+            raise ValueError(f"`kind` must be one of {MEDIA_KINDS}, got {kind!r}")
+        key = self.image_key if kind == "image" else self.video_key
+        if key is None:
+            raise ValueError(f"{self.name} takes no {kind}s")
+        return key
+
+    def grids(self, batch: Mapping[str, Any], kind: str) -> Any:
+        """The batch's ``(t, h, w)`` grids of the media of ``kind`` (grid families; int64 ``[N, 3]``)."""
+        assert self.grid_keys is not None
+        name = self.grid_keys[0 if kind == "image" else 1]
+        grids = batch.get(name)
+        if grids is None:
+            raise ValueError(f"the batch has `{self.media_key(kind)}` but no `{name}`")
+        return grids
+
     def media_regions(self, config: Any, batch: Mapping[str, Any], kind: str) -> list[MediaRegions]:
         """The pixel region behind every placeholder token of the batch's media of ``kind``, media by media.
 
@@ -178,20 +232,12 @@ class Family:
         Raises:
             ValueError: the family takes no media of ``kind``, or a pixel tensor of the wrong shape.
         """
-        if kind not in MEDIA_KINDS:
-            raise ValueError(f"`kind` must be one of {MEDIA_KINDS}, got {kind!r}")
-        key = self.image_key if kind == "image" else self.video_key
-        if key is None:
-            raise ValueError(f"{self.name} takes no {kind}s")
+        key = self.media_key(kind)
         pixels = batch.get(key)
         if pixels is None:
             return []
         if self.placeholders == GRID:
-            assert self.grid_keys is not None
-            grids = batch.get(self.grid_keys[0 if kind == "image" else 1])
-            if grids is None:
-                raise ValueError(f"the batch has `{key}` but no `{self.grid_keys[kind == 'video']}`")
-            return _grid_regions(kind, pixels, grids, int(config.vision_config.spatial_merge_size))
+            return _grid_regions(kind, pixels, self.grids(batch, kind), int(config.vision_config.spatial_merge_size))
         vision = config.vision_config
         grid, patch = patch_grid(vision), int(vision.patch_size)
         frames = pixels.unsqueeze(1) if kind == "image" else pixels
@@ -211,6 +257,22 @@ class Family:
 
 MEDIA_KINDS = ("image", "video")
 """The kinds of media a family may take."""
+
+
+@dataclass(frozen=True)
+class MediaSteps:
+    """How one image or video divides into time steps (:meth:`Family.media_steps`).
+
+    Attributes:
+        steps: time steps ``T`` (frames; Qwen2-VL's temporal patches; 1 for an image).
+        tokens_per_step: placeholder tokens per step.
+        rows_per_step: rows of the vision tower's input per step (1 for a LLaVA family's frame, ``h * w``
+            patches for Qwen2-VL).
+    """
+
+    steps: int
+    tokens_per_step: int
+    rows_per_step: int
 
 
 @dataclass(frozen=True)
@@ -292,6 +354,7 @@ FAMILIES: dict[str, Family] = {
             placeholders=PATCHES,
             image_key=PIXEL_VALUES,
             unused_tower_heads=True,
+            encoders=(("image", "vision_tower", "multi_modal_projector"),),
         ),
         Family(
             LLAVA_NEXT_VIDEO,
@@ -303,6 +366,7 @@ FAMILIES: dict[str, Family] = {
             video_key=PIXEL_VALUES_VIDEOS,
             image_refusal=_LLAVA_IMAGE_REFUSAL,
             unused_tower_heads=True,
+            encoders=(("video", "vision_tower", "multi_modal_projector"),),
         ),
         Family(
             VIDEO_LLAVA,
@@ -315,6 +379,10 @@ FAMILIES: dict[str, Family] = {
             image_key=PIXEL_VALUES_IMAGES,
             video_key=PIXEL_VALUES_VIDEOS,
             unused_tower_heads=True,
+            encoders=(
+                ("image", "image_tower", "multi_modal_projector"),
+                ("video", "video_tower", "multi_modal_projector"),
+            ),
         ),
         Family(
             QWEN2_VL,
@@ -330,6 +398,7 @@ FAMILIES: dict[str, Family] = {
             vision_markers=True,
             token_types=True,
             seconds_per_grid=("qwen2_5_vl",),
+            encoders=(("image", "visual", "visual"), ("video", "visual", "visual")),
         ),
     )
 }
@@ -458,7 +527,8 @@ def resolve(model: nn.Module) -> ModelParts:
     raise TypeError(_supported_message(name))
 
 
-def _find(root: nn.Module, path: str) -> nn.Module | None:
+def find_module(root: nn.Module, path: str) -> nn.Module | None:
+    """The submodule of ``root`` at a dotted attribute ``path`` (``"visual.merger"``), or None."""
     module: Any = root
     for name in path.split("."):
         module = getattr(module, name, None)
@@ -476,10 +546,10 @@ def vision_parts(parts: ModelParts) -> tuple[list[nn.Module], list[nn.Module]]:
         ``(tower, projector)``, empty lists for a causal LM.
     """
     family, inner = parts.family, parts.inner
-    projector = [m for m in (_find(inner, p) for p in family.projectors) if m is not None]
+    projector = [m for m in (find_module(inner, p) for p in family.projectors) if m is not None]
     tower: list[nn.Module] = []
     for path in family.towers:
-        module = _find(inner, path)
+        module = find_module(inner, path)
         if module is None:
             continue
         inside = {p[len(path) + 1 :] for p in family.projectors if p.startswith(path + ".")}
