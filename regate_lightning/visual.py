@@ -25,6 +25,8 @@ name          class                      keeps per sample
 ============  =========================  ======================================================
 ``temporal``  :class:`TemporalSelection`  the ``k`` tokens whose pixels changed most since the same
                                           region of the previous frame (:func:`temporal_change`)
+``temporal_   :class:`TemporalSelection`  whole frames, the most changed first (``whole_frames=True``);
+frames``                                  the vision tower skips the elided frames
 ``uniform``   :class:`UniformSelection`   whole frames, evenly spread over time (every other frame at
                                           0.5, every fourth at 0.25, ...)
 ``random``    :class:`RandomSelection`    ``k`` tokens uniformly at random (a control)
@@ -40,9 +42,9 @@ Pure torch: nothing here imports Lightning or transformers.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any
 
 import torch
@@ -297,13 +299,29 @@ class TemporalSelection(ScoredSelection):
 
     The score is :func:`temporal_change`. Within a sample, ties (a static region, the first frame) go to
     the earlier position.
+
+    Args:
+        whole_frames: score every token of a time step with the step's mean change, so that whole steps
+            (frames, Qwen2-VL's temporal patches) are kept or elided together, the most changed first
+            (the last kept step may be kept in part). The vision tower then skips the elided steps
+            (:mod:`regate_lightning.elision`): fewer tokens *and* less vision work. By name:
+            ``"temporal_frames"``.
     """
 
     needs_time = True
 
+    def __init__(self, whole_frames: bool = False) -> None:
+        if not isinstance(whole_frames, bool):
+            raise TypeError(f"`whole_frames` must be a bool, got {type(whole_frames).__name__}")
+        self.whole_frames = whole_frames
+
     def score(self, media: MediaRegions) -> Tensor:
-        """See :func:`temporal_change`."""
-        return temporal_change(media)
+        """See :func:`temporal_change`; with ``whole_frames`` the step's mean for each of its tokens."""
+        change = temporal_change(media)
+        if not self.whole_frames:
+            return change
+        per_step = change.view(media.steps, media.tokens_per_step)
+        return per_step.mean(dim=1, keepdim=True).expand_as(per_step).flatten()
 
 
 class UniformSelection(ScoredSelection):
@@ -330,8 +348,9 @@ class RandomSelection(VisualSelection):
         return random_keep(tokens.candidates, keep_ratio, min_keep, generator)
 
 
-VISUAL_SELECTIONS: dict[str, type[VisualSelection]] = {
+VISUAL_SELECTIONS: dict[str, Callable[[], VisualSelection]] = {
     "temporal": TemporalSelection,
+    "temporal_frames": partial(TemporalSelection, whole_frames=True),
     "uniform": UniformSelection,
     "random": RandomSelection,
 }
@@ -346,8 +365,8 @@ def as_visual_selection(selection: str | VisualSelection) -> VisualSelection:
         TypeError: anything else.
 
     Example:
-        >>> as_visual_selection("temporal")
-        TemporalSelection()
+        >>> as_visual_selection("temporal_frames")
+        TemporalSelection(whole_frames=True)
     """
     if isinstance(selection, VisualSelection):
         return selection
@@ -406,8 +425,8 @@ class VisualElisionPolicy:
     Args:
         keep_ratio: fraction of each sample's visual candidates kept in a sparse step, in (0, 1]; ``1.0``
             turns elision off.
-        selection: ``"temporal"``, ``"uniform"``, ``"random"``, a :class:`VisualSelection` or a dotted path
-            to one.
+        selection: ``"temporal"``, ``"temporal_frames"``, ``"uniform"``, ``"random"``, a
+            :class:`VisualSelection` or a dotted path to one.
         warmup_steps: first optimizer steps that keep every token.
         cycle_steps: cycle length in optimizer steps after the warm-up.
         full_steps: full steps at the start of every cycle (``0 <= full_steps <= cycle_steps``).

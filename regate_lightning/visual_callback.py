@@ -52,8 +52,9 @@ class VisualTokenElision(Callback):
         keep_ratio: fraction of each sample's visual tokens kept in a sparse step, in (0, 1]; ``1.0``
             turns it off. A sample with ``n`` visual tokens keeps ``max(min_keep, ceil(keep_ratio * n))``.
         selection: ``"temporal"`` (the tokens whose pixels changed most since the previous frame; the first
-            frame before all), ``"uniform"`` (whole frames, evenly spread), ``"random"`` (a control), or a
-            :class:`~regate_lightning.visual.VisualSelection` (in YAML, a ``class_path``).
+            frame before all), ``"temporal_frames"`` (whole frames, the most changed first; the vision tower
+            skips the elided ones), ``"uniform"`` (whole frames, evenly spread), ``"random"`` (a control), or
+            a :class:`~regate_lightning.visual.VisualSelection` (in YAML, a ``class_path``).
         warmup_steps: first optimizer steps that keep every token.
         cycle_steps: cycle length in optimizer steps after the warm-up.
         full_steps: full steps at the start of every cycle.

@@ -336,3 +336,75 @@ def test_both_policies_in_either_order_give_the_same_mask(video_model):
     alone_regate = regate.plan(batch, step=1).keep_mask
     assert torch.equal(masks[0], masks[1]), name
     assert torch.equal(masks[0], alone_visual & alone_regate)
+
+
+def test_media_steps_count_every_familys_placeholders(video_model):
+    _, model = video_model
+    batch = random_batch(model, batch_size=2, num_frames=4)
+    steps = family_of(model).media_steps(model.config, batch, "video")
+    regions = family_of(model).media_regions(model.config, batch, "video")
+    assert [(s.steps, s.tokens_per_step) for s in steps] == [(r.steps, r.tokens_per_step) for r in regions]
+    placeholders = int((batch[INPUT_IDS] == model.config.video_token_id).sum())
+    assert sum(s.steps * s.tokens_per_step for s in steps) == placeholders
+
+
+def test_fully_elided_frames_are_not_encoded_and_train_the_same(video_model):
+    """Uniform selection elides whole frames: the tower skips them, with the same losses and gradients."""
+    name, model = video_model
+    batch = random_batch(model, batch_size=2, num_frames=4, ragged=True, seed=4)
+    keep = policy_for(model, selection="uniform", keep_ratio=0.5).plan(batch, step=1).keep_mask
+    _, tower, _ = family_of(model).encoders[-1]
+    rows: list[int] = []
+    encoder = getattr(resolve(model).inner, tower)
+    handle = encoder.register_forward_hook(lambda m, a, o: rows.append(o.last_hidden_state.shape[0]))
+    try:
+        model.zero_grad()
+        out = forward_active(model, batch, keep)
+        out.loss.backward()
+    finally:
+        handle.remove()
+    skipped = {k: v.grad.clone() for k, v in model.named_parameters() if v.grad is not None}
+    model.zero_grad()
+    masked = token_losses_4d(model, batch, keep)
+    masked[~masked.isnan()].mean().backward()
+    full = {k: v.grad.clone() for k, v in model.named_parameters() if v.grad is not None}
+    steps_per_video = 2 if name.startswith("qwen") else 4  # Qwen2-VL: 4 frames are 2 temporal patches
+    assert out.skipped_steps == 2 * steps_per_video // 2
+    rows_per_step = batch["pixel_values_videos"].shape[0] // (2 * steps_per_video) if name.startswith("qwen") else 1
+    assert rows == [rows_per_step * steps_per_video], "the tower encoded only the kept half of the steps"
+    assert max_abs_diff(out.token_loss.detach(), masked.detach()) < TOL
+    assert skipped.keys() == full.keys()
+    worst = max(float((skipped[k] - full[k]).abs().max()) for k in full)
+    print(f"max|grad diff| {name}/skipped frames: {worst:.2e}")
+    assert worst < TOL
+    model.zero_grad()
+
+
+@pytest.mark.parametrize("name", ["llava_clip", "llava_next_video"])
+def test_an_elided_image_or_every_frame_elided_still_equals_the_model(name):
+    model = tiny.tiny_llava() if name == "llava_clip" else tiny.tiny_llava_next_video()
+    batch = random_batch(model, batch_size=2, num_frames=2, seed=6)
+    token = model.config.image_token_id if name == "llava_clip" else model.config.video_token_id
+    keep = batch[INPUT_IDS] != token  # every visual token elided: the tower still encodes one step
+    if name == "llava_clip":
+        keep[1] = True  # the first image elided, the second kept
+    with torch.no_grad():
+        out = forward_active(model, batch, keep)
+        masked = token_losses_4d(model, batch, keep)
+    assert out.skipped_steps == (1 if name == "llava_clip" else 3)
+    assert max_abs_diff(out.token_loss, masked) < TOL
+
+
+def test_temporal_frames_keeps_the_most_changed_frames_whole():
+    model = tiny.tiny_llava_next_video()
+    batch = random_batch(model, batch_size=1, num_frames=4)
+    video = torch.zeros(1, 4, 3, 32, 32)
+    video[0, 2] = 1.0  # frame 2 differs from frame 1 everywhere; frame 3 repeats frame 2
+    batch["pixel_values_videos"] = video
+    policy = policy_for(model, selection="temporal_frames", keep_ratio=0.5)
+    assert isinstance(policy.selection, TemporalSelection) and policy.selection.whole_frames
+    plan = policy.plan(batch, step=1)
+    kept = plan.keep_mask[0, plan.candidates[0]].view(4, 4)
+    assert kept[0].all() and kept[2].all() and not kept[1].any() and not kept[3].any()
+    with torch.no_grad():
+        assert forward_active(model, batch, plan.keep_mask).skipped_steps == 2
