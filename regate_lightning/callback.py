@@ -231,11 +231,7 @@ class ReGATECallback(Callback):
         plan, self._plan = self._plan, None
         if plan is None:
             return
-        if not isinstance(outputs, dict) or TOKEN_LOSS not in outputs:
-            raise KeyError(
-                f"the training step must return a dict with `{TOKEN_LOSS}` [B, L] (MLLMModule does); got "
-                f"{type(outputs).__name__}"
-            )
+        outputs = step_outputs(outputs, (TOKEN_LOSS, NUM_ACTIVE, NUM_TOKENS, NUM_TARGETS))
         self.policy.observe(plan, outputs[TOKEN_LOSS], gather=_gather(trainer))
         step = self._count(trainer, plan, outputs)
         if logging_step(trainer):
@@ -324,6 +320,19 @@ def _gather(trainer: pl.Trainer) -> Gather:
         return all_gather_ragged(trainer.strategy, tensors)
 
     return gather
+
+
+def step_outputs(outputs: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The training step's output, checked to be a dict holding ``keys`` (``MLLMModule.training_step``'s is).
+
+    Raises:
+        KeyError: naming the keys a callback needs and what the step returned.
+    """
+    if not isinstance(outputs, dict) or any(k not in outputs for k in keys):
+        got = type(outputs).__name__ if not isinstance(outputs, dict) else f"a dict with {sorted(outputs)}"
+        wanted = ", ".join(f"`{k}`" for k in keys)
+        raise KeyError(f"the training step must return a dict with {wanted} (MLLMModule does); got {got}")
+    return outputs
 
 
 def logging_step(trainer: pl.Trainer) -> bool:

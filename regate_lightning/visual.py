@@ -399,7 +399,7 @@ class VisualPlan:
             kinds), whether or not a prior keep mask elides them.
         keep_mask: bool ``[B, L]`` for the batch: the prior mask with this step's elisions removed; the prior
             mask itself in a full step; None when the batch had none and the step is full.
-        visual: int64 scalar tensor, visual candidates of the batch (on the batch's device: no host sync).
+        visual: int64 scalar tensor on the batch's device, visual candidates of the batch (read after the step).
         kept: int64 scalar tensor, those kept (a position a prior mask elided counts as not kept).
     """
 
@@ -488,7 +488,8 @@ class VisualElisionPolicy:
         family = parts.family
         if not family.multimodal:
             raise ValueError(f"visual-token elision needs a multimodal student, got a {type(parts.model).__name__}")
-        takes = [k for k in self.kinds if (family.image_key if k == "image" else family.video_key) is not None]
+        wanted = ("image", "video") if self.images else ("video",)
+        takes = [k for k in wanted if (family.image_key if k == "image" else family.video_key) is not None]
         if not takes:
             raise ValueError(
                 f"{family.name} takes no videos, so visual-token elision with images=False has nothing to elide; "

@@ -22,7 +22,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from regate_lightning.callback import logging_step
+from regate_lightning.callback import logging_step, step_outputs
 from regate_lightning.keys import (
     ACTIVE,
     NUM_ACTIVE,
@@ -127,11 +127,7 @@ class VisualTokenElision(Callback):
         plan, self._plan = self._plan, None
         if plan is None:
             return
-        if not isinstance(outputs, dict) or NUM_ACTIVE not in outputs or NUM_TOKENS not in outputs:
-            raise KeyError(
-                f"the training step must return a dict with `{NUM_ACTIVE}` and `{NUM_TOKENS}` (MLLMModule does); "
-                f"got {type(outputs).__name__}"
-            )
+        outputs = step_outputs(outputs, (NUM_ACTIVE, NUM_TOKENS))
         counts = (outputs[NUM_ACTIVE], outputs[NUM_TOKENS], plan.visual, plan.kept)
         step = dict(zip(VISUAL_TOTALS, sum_over_ranks(trainer.strategy, counts), strict=True))
         for key, value in step.items():

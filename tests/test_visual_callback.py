@@ -7,6 +7,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from test_callback import module as regate_module
+from test_callback import trainer, weights
 
 from regate_lightning import MLLMModule, ReGATECallback, VisualTokenElision
 from regate_lightning.keys import KEEP_MASK, VISUAL_CUM_KEPT_VISUAL_TOKENS, VISUAL_KEPT_FRAC
@@ -15,28 +17,8 @@ from regate_lightning.testing import tiny
 from regate_lightning.testing.datamodule import RandomDataModule
 
 
-def trainer(max_steps: int, callbacks: list, **kwargs) -> pl.Trainer:
-    options = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_steps": max_steps,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "limit_val_batches": 0,
-        "deterministic": True,
-    }
-    options.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **options)
-
-
 def module(factory=tiny.tiny_llava_next_video) -> MLLMModule:
-    return MLLMModule(factory(), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
-
-
-def weights(m: MLLMModule) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+    return regate_module(factory)
 
 
 class MaskRecorder(Callback):
