@@ -54,6 +54,7 @@ from benchmarks.common import (  # noqa: E402
     count_parameters,
     environment,
     fixed_shape,
+    load_average,
     write_json,
 )
 from benchmarks.throughput import (  # noqa: E402
@@ -134,6 +135,11 @@ class Config:
         """Suffix of the output files: empty for the default parts, ``-<names>`` for a selection."""
         names = [p.name for p in self.parts]
         return "" if set(names) == {p.name for p in self.defaults().parts} else "-" + "-".join(names)
+
+    @property
+    def prefix(self) -> str:
+        """Prefix of the output files: ``cpu`` for the small CPU stand-in, ``gpu`` otherwise (the smoke run too)."""
+        return "cpu" if self.device == "cpu" and self.spec != SMOKE_SPEC else "gpu"
 
     def defaults(self) -> Config:
         """The configuration of the same kind (GPU, CPU stand-in or smoke) with its default parts."""
@@ -248,9 +254,10 @@ def run(config: Config, out_dir: Path) -> dict[str, Any]:
         "errors": [],
     }
     result["settings"]["repeats"] = config.repeats
-    json_path = out_dir / f"gpu_throughput{config.tag}.json"
+    json_path = out_dir / f"{config.prefix}_throughput{config.tag}.json"
 
     def save() -> None:
+        result["environment"]["load_average_end"] = load_average()
         result["targets"] = evaluate_targets(result["shapes"]) if result["shapes"] else []
         result["wall_s"] = time.perf_counter() - started
         write_json(json_path, result)
@@ -368,14 +375,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print(format_report(result), flush=True)
         try:
-            png = plot(result, out_dir / f"gpu_step_time_vs_keep_ratio{config.tag}.png")
+            png = plot(result, out_dir / f"{config.prefix}_step_time_vs_keep_ratio{config.tag}.png")
             if png:
                 _log(f"wrote {png}")
         except Exception as error:  # a plot is optional
             _log(f"plot failed: {error!r}")
     for error in result["errors"]:
         _log(f"note: {error['part']}: {error['error']}")
-    _log(f"wrote {out_dir / f'gpu_throughput{config.tag}.json'} ({result.get('wall_s', 0):.0f} s)")
+    _log(f"wrote {out_dir / f'{config.prefix}_throughput{config.tag}.json'} ({result.get('wall_s', 0):.0f} s)")
     return 0 if result["shapes"] else 1
 
 
