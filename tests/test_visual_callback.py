@@ -3,14 +3,18 @@ orders beside ReGATECallback, validation untouched, resume, logging."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback
 from test_callback import module as regate_module
 from test_callback import trainer, weights
 
 from regate_lightning import MLLMModule, ReGATECallback, VisualTokenElision
+from regate_lightning.cli import build_cli
 from regate_lightning.keys import KEEP_MASK, VISUAL_CUM_KEPT_VISUAL_TOKENS, VISUAL_KEPT_FRAC
 from regate_lightning.schedule import Schedule, expected_kept_fraction
 from regate_lightning.testing import tiny
@@ -130,3 +134,27 @@ def trainer_metrics(folder) -> dict[str, float]:
     for row in csv.DictReader(path.open()):
         last.update({k: float(v) for k, v in row.items() if v not in ("", None)})
     return last
+
+
+@pytest.mark.parametrize(
+    ("selection", "expected"),
+    [
+        ("temporal", "TemporalSelection(whole_frames=False)"),
+        ("uniform", "UniformSelection()"),
+        ("random", "RandomSelection()"),
+        (
+            {"class_path": "regate_lightning.visual.TemporalSelection", "init_args": {"whole_frames": True}},
+            "TemporalSelection(whole_frames=True)",
+        ),
+    ],
+)
+def test_visual_selection_from_yaml(tmp_path, selection, expected):
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "debug_regate.yaml").read_text())
+    config["trainer"].update(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    visual = {"class_path": "regate_lightning.VisualTokenElision", "init_args": {"selection": selection}}
+    config["trainer"]["callbacks"].insert(0, visual)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = build_cli(["--config", str(path)], run=False)
+    [callback] = [c for c in cli.trainer.callbacks if isinstance(c, VisualTokenElision)]
+    assert repr(callback.policy.selection) == expected
