@@ -437,7 +437,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "processor": platform.processor() or platform.machine(),
-        "load_average": _load_average(),
+        "load_average": load_average(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -447,7 +447,8 @@ def environment(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def _load_average() -> list[float] | None:
+def load_average() -> list[float] | None:
+    """The machine's 1, 5 and 15 minute load averages now (None where the OS does not tell)."""
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# The prepared GPU check: ReGATE throughput at ~2B scale on one GPU, then the strategy checks
-# (benchmarks/gpu_strategies.py) when that script exists. Meant to finish in under 5 minutes.
+# The prepared GPU check, in one call: elision throughput at ~2B scale on one GPU (ReGATE, visual-token
+# elision and both, at 39 % and 24 % answer shares, each step profiled and compared with the profile's
+# cost model, peak memory per variant), then the strategy checks (benchmarks/gpu_strategies.py: FSDP,
+# and DeepSpeed ZeRO-2/3 when deepspeed imports). Meant to finish in about 8 minutes (GPU_TOTAL_S).
 #
 #   bash benchmarks/gpu.sh                 # results in $OUT (default ./gpu_results)
 #   bash benchmarks/gpu.sh --batch-size 1  # extra arguments go to benchmarks/gpu_throughput.py
 #
 # Needs python3 with torch (CUDA), transformers >= 5.0, lightning, peft; no network, and the package
-# need not be installed (PYTHONPATH is set to the repository). Every part runs even if an earlier one
-# failed; each prints its own errors.
+# need not be installed (PYTHONPATH is set to the repository). Wheels carried in .whl/ (transformers,
+# deepspeed and its dependencies: docs/scale.md says how to make them) are installed first, into
+# .whl/site, which goes first on PYTHONPATH; nothing is installed into the machine's own Python. Every
+# part runs even if an earlier one failed; each prints its own errors.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -17,8 +21,15 @@ export TOKENIZERS_PARALLELISM=false
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-TOTAL_S="${GPU_TOTAL_S:-290}"
+TOTAL_S="${GPU_TOTAL_S:-480}"
 start=$(date +%s)
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  echo "== installing the carried wheels (.whl/*.whl) into .whl/site =="
+  "$PY" -m pip install --quiet --no-index --no-deps --target .whl/site .whl/*.whl 2>&1 | tail -3 \
+    || echo "wheel install failed: continuing with the machine's packages"
+  export PYTHONPATH="$PWD/.whl/site:$PYTHONPATH"
+fi
 
 echo "== benchmarks/gpu.sh, $(date -u '+%Y-%m-%d %H:%M UTC'), results in $OUT =="
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader 2>/dev/null \
@@ -31,9 +42,13 @@ print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {tra
 EOF
 
 echo
-echo "== 1. throughput (benchmarks/gpu_throughput.py) =="
-for part in ${GPU_PARTS:-a1024-p0.5 a1024-more a512}; do  # one process per part: no allocator state carried over
-timeout --kill-after=10 "${THROUGHPUT_TIMEOUT_S:-100}" "$PY" benchmarks/gpu_throughput.py --out "$OUT" --only "$part" "$@" \
+echo "== 1. throughput and profile (benchmarks/gpu_throughput.py) =="
+# One process per part: no allocator state carried over. Headline first; the last part is the first to go.
+for part in ${GPU_PARTS:-a1024 a512 a1024-frames a1024-frames-noskip a1024-more}; do
+left=$(( TOTAL_S - 90 - ($(date +%s) - start) ))  # keep 90 s for the strategy checks
+if [ "$left" -lt 30 ]; then echo "throughput $part: skipped (time budget)"; continue; fi
+limit=$(( left < ${THROUGHPUT_TIMEOUT_S:-110} ? left : ${THROUGHPUT_TIMEOUT_S:-110} ))
+timeout --kill-after=10 "$limit" "$PY" benchmarks/gpu_throughput.py --out "$OUT" --only "$part" "$@" \
   2>&1 | tee -a "$OUT/gpu_throughput.log"
 status=${PIPESTATUS[0]}
 [ "$status" -eq 124 ] && echo "throughput $part: stopped by the time limit (partial results in $OUT)"

@@ -1,22 +1,31 @@
-"""ReGATE throughput at a realistic size on one GPU: the prepared check that ``benchmarks/gpu.sh`` runs.
+"""Elision throughput at a realistic size on one GPU: the prepared check that ``benchmarks/gpu.sh`` runs.
 
 A random-initialised model shaped like Qwen2-VL-2B (text: hidden 1536, 28 layers, 12/2 heads, MLP 8960,
 vocabulary 151936; vision tower: 16 blocks of width 1280, half the real depth), bf16 weights, SDPA
 attention, built directly on the GPU. Each row: ``[bos] <video 1536 tokens: 16 frames of 336x448>
-[prompt 64] [answer]``, batch 2. Baseline and ReGATE steps alternate in one process (see
-``benchmarks/throughput.py``; the same code runs here).
+[prompt 64] [answer]``, batch 2. Baseline and elision steps alternate in one process (see
+``benchmarks/throughput.py``; the same code runs here), and each part profiles the baseline's and each
+variant's step (``benchmarks/step_profile.py``: vision tower, decoder, LM head, optimizer, policies,
+gather) and compares the measured ratio with the profile's cost model. Variants: ReGATE at ``p``
+(``p=``), visual-token elision at keep ratio ``v`` (``v=``), and both.
 
 Parts, each guarded (an error is printed and the next part runs):
 
-1. answer 1024, keep ratio 0.5 (the headline);
-2. answer 1024, keep ratios 0.25, 0.75 and 1.0 (1.0 = the callback around the full computation);
-3. answer 512, keep ratios 0.25, 0.5 and 0.75.
+1. ``a1024``: answer 1024 (39 %): p=0.5, v=0.5, p=0.5+v=0.5 (temporal selection): the headline;
+2. ``a512``: answer 512 (24 %): the same variants;
+3. ``a1024-frames``: answer 1024, v=0.5 and p=0.5+v=0.5 with ``temporal_frames`` (whole frames elided:
+   the vision tower skips them);
+4. ``a1024-frames-noskip``: part 3 with the engine's frame skipping off (what it saves);
+5. ``a1024-more``: answer 1024, p=0.25, p=1 (the callback around the full computation), v=0.25 and
+   p=0.25+v=0.25.
 
-Parts 2 and 3 run only if the time budget (``--budget-s``) allows. On a CUDA out-of-memory error a
-part is retried once at half the batch size. Results go to ``$OUT/gpu_throughput.json`` (``$OUT``
-defaults to ``./gpu_results``), rewritten after every part, and one table is printed at the end.
+Parts after the first run only if the time budget (``--budget-s``) allows. On a CUDA out-of-memory error
+a part is retried once at half the batch size. Results go to ``$OUT/gpu_throughput.json`` (``$OUT``
+defaults to ``./gpu_results``), rewritten after every part, and the tables are printed at the end.
 
-``--smoke`` runs the same code on the CPU with a tiny model (a few seconds), for the test suite.
+``--smoke`` runs the same code on the CPU with a tiny model (a few seconds), for the test suite;
+``--cpu`` runs the same parts on the CPU at a small size (a Qwen2-VL with a 4-layer, 512-wide decoder
+and a 3-block, 256-wide tower; a quarter of the sequence; batch 1), the CPU stand-in of the GPU table.
 """
 
 from __future__ import annotations
@@ -45,9 +54,22 @@ from benchmarks.common import (  # noqa: E402
     count_parameters,
     environment,
     fixed_shape,
+    load_average,
     write_json,
 )
-from benchmarks.throughput import SMOKE_SPEC, Bench, evaluate_targets, format_report, plot  # noqa: E402
+from benchmarks.throughput import (  # noqa: E402
+    CPU_SPEC,
+    SMOKE_SPEC,
+    Bench,
+    Variant,
+    evaluate_targets,
+    format_report,
+    plot,
+    set_step_skip,
+)
+from regate_lightning.visual import as_visual_selection  # noqa: E402
+
+P, V, PV = Variant(regate=0.5), Variant(visual=0.5), Variant(regate=0.5, visual=0.5)
 
 
 @dataclass
@@ -57,19 +79,42 @@ class Part:
     Attributes:
         name: label in the table and the JSON.
         answer_len: answer tokens per row.
-        keep_ratios: ReGATE keep ratios, each alternated with the baseline.
+        variants: the elision variants, each alternated with the baseline.
+        selection: the visual policy's selection.
+        step_skip: whether the engine skips media steps whose every token is elided (its default).
+        profile_repeats: profiled steps of the baseline and of each variant.
         optional: skipped when the time budget would be exceeded.
     """
 
     name: str
     answer_len: int
-    keep_ratios: list[float]
+    variants: tuple[Variant, ...]
+    selection: str = "temporal"
+    step_skip: bool = True
+    profile_repeats: int = 3
     optional: bool = True
+
+
+def parts_for(answer_long: int, answer_short: int, profile_repeats: int) -> tuple[Part, ...]:
+    """The five parts (see the module docstring) at two answer lengths."""
+    frames = (Variant(visual=0.5), PV)
+    return (
+        Part(f"a{answer_long}", answer_long, (P, V, PV), profile_repeats=profile_repeats, optional=False),
+        Part(f"a{answer_short}", answer_short, (P, V, PV), profile_repeats=profile_repeats),
+        Part(f"a{answer_long}-frames", answer_long, frames, "temporal_frames", profile_repeats=profile_repeats),
+        Part(f"a{answer_long}-frames-noskip", answer_long, frames, "temporal_frames", False, profile_repeats),
+        Part(
+            f"a{answer_long}-more",
+            answer_long,
+            (Variant(0.25), Variant(1.0), Variant(visual=0.25), Variant(0.25, 0.25)),
+            profile_repeats=max(profile_repeats - 1, 1),
+        ),
+    )
 
 
 @dataclass
 class Config:
-    """Sizes and settings of the GPU run (``smoke()`` gives the CPU stand-in)."""
+    """Sizes and settings of the GPU run (``smoke()`` and ``cpu()`` give the CPU stand-ins)."""
 
     spec: ModelSpec
     device: str = "cuda"
@@ -83,18 +128,24 @@ class Config:
     warmup: int = 2
     lr: float = 1e-5
     budget_s: float = 150.0
-    parts: tuple[Part, ...] = (
-        Part("a1024-p0.5", 1024, [0.5], optional=False),
-        Part("a1024-more", 1024, [0.25, 0.75, 1.0]),
-        Part("a512", 512, [0.25, 0.5, 0.75]),
-    )
+    parts: tuple[Part, ...] = parts_for(1024, 512, 3)
 
     @property
     def tag(self) -> str:
         """Suffix of the output files: empty for the default parts, ``-<names>`` for a selection."""
-        default = {p.name for p in (Config.smoke() if self.device == "cpu" else Config(spec=self.spec)).parts}
         names = [p.name for p in self.parts]
-        return "" if set(names) == default else "-" + "-".join(names)
+        return "" if set(names) == {p.name for p in self.defaults().parts} else "-" + "-".join(names)
+
+    @property
+    def prefix(self) -> str:
+        """Prefix of the output files: ``cpu`` for the small CPU stand-in, ``gpu`` otherwise (the smoke run too)."""
+        return "cpu" if self.device == "cpu" and self.spec != SMOKE_SPEC else "gpu"
+
+    def defaults(self) -> Config:
+        """The configuration of the same kind (GPU, CPU stand-in or smoke) with its default parts."""
+        if self.device != "cpu":
+            return Config(spec=self.spec)
+        return Config.smoke() if self.spec == SMOKE_SPEC else Config.cpu()
 
     @staticmethod
     def smoke() -> Config:
@@ -110,12 +161,30 @@ class Config:
             repeats=2,
             warmup=0,
             budget_s=60.0,
-            parts=(
-                Part("a48-p0.5", 48, [0.5], optional=False),
-                Part("a48-more", 48, [0.25, 1.0]),
-                Part("a24", 24, [0.5]),
-            ),
+            parts=parts_for(48, 24, 1),
         )
+
+    @staticmethod
+    def cpu() -> Config:
+        """The same parts on the CPU at a small size: a quarter of the sequence, batch 1."""
+        return Config(
+            spec=CPU_VISUAL_SPEC,
+            device="cpu",
+            dtype="float32",
+            batch_size=1,
+            visual_tokens=384,
+            frame_grid=(8, 8),  # 64x64 pixels at patch 8: 16 tokens per 2 frames, 48 frames
+            prompt_len=16,
+            repeats=5,
+            warmup=1,
+            budget_s=1800.0,
+            parts=parts_for(256, 128, 3),
+        )
+
+
+CPU_VISUAL_SPEC = replace(CPU_SPEC, vision_depth=3, vision_width=256, vision_heads=4)
+"""The CPU stand-in's model: ``CPU_SPEC``'s decoder (hidden 512, 4 layers, vocabulary 4096) with a tower of
+3 blocks of width 256, so that the tower's share of a step is about the 2B model's (a third)."""
 
 
 def _log(message: str) -> None:
@@ -135,16 +204,21 @@ def run_part(bench: Bench, config: Config, part: Part, index: int) -> dict[str, 
         shape = fixed_shape(bench.model, batch_size, config.visual_tokens, config.prompt_len, part.answer_len)
         _log(
             f"  part {part.name}: B={shape.batch_size} L={shape.length} (video {shape.visual_tokens}, prompt "
-            f"{shape.prompt_len}, answer {shape.answer_len} = {shape.answer_share:.0%}), keep {part.keep_ratios}"
+            f"{shape.prompt_len}, answer {shape.answer_len} = {shape.answer_share:.0%}), "
+            f"{', '.join(v.short for v in part.variants)}, visual selection {part.selection}"
+            + ("" if part.step_skip else ", frame skipping off")
         )
+        bench.visual.selection = as_visual_selection(part.selection)
+        set_step_skip(part.step_skip)
         try:
             result = bench.run_shape(
                 shape,
-                part.keep_ratios,
+                part.variants,
                 config.repeats,
                 config.warmup,
                 seed=index + 1,
                 frame_grid=config.frame_grid,
+                profile_repeats=part.profile_repeats,
             )
         except torch.cuda.OutOfMemoryError:
             bench.optimizer.zero_grad(set_to_none=True)
@@ -155,12 +229,15 @@ def run_part(bench: Bench, config: Config, part: Part, index: int) -> dict[str, 
             _log(f"    CUDA out of memory: retrying at batch size {batch_size}")
             continue
         result["label"] = part.name
+        result["visual_selection"] = part.selection
+        result["step_skip"] = part.step_skip
         return result
 
 
 def estimate_s(config: Config, part: Part, step_s: float) -> float:
-    """Seconds a part should take, from a baseline step time (ReGATE steps count as baseline steps)."""
-    steps = (config.warmup + config.repeats) * 2 * len(part.keep_ratios) + 1 + len(part.keep_ratios)
+    """Seconds a part should take, from a baseline step time (elision steps count as baseline steps)."""
+    n = len(part.variants)
+    steps = (config.warmup + config.repeats) * 2 * n + 1 + n + part.profile_repeats * (n + 1) * 1.5 + n + 1
     return steps * step_s
 
 
@@ -177,9 +254,10 @@ def run(config: Config, out_dir: Path) -> dict[str, Any]:
         "errors": [],
     }
     result["settings"]["repeats"] = config.repeats
-    json_path = out_dir / f"gpu_throughput{config.tag}.json"
+    json_path = out_dir / f"{config.prefix}_throughput{config.tag}.json"
 
     def save() -> None:
+        result["environment"]["load_average_end"] = load_average()
         result["targets"] = evaluate_targets(result["shapes"]) if result["shapes"] else []
         result["wall_s"] = time.perf_counter() - started
         write_json(json_path, result)
@@ -239,12 +317,18 @@ def run(config: Config, out_dir: Path) -> dict[str, Any]:
 def parser() -> argparse.ArgumentParser:
     """Command-line options (sizes other than these are fixed: edit ``Config`` to change them)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", default=None, help="comma-separated part names to run (one process per part avoids "
-                    "carrying allocator state between parts); results go to gpu_throughput-<names>.json")
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated part names to run (one process per part avoids "
+        "carrying allocator state between parts); results go to gpu_throughput-<names>.json",
+    )
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, same code path (seconds)")
+    ap.add_argument("--cpu", action="store_true", help="the same parts on the CPU at a small size (minutes)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads with --smoke / --cpu (default 1)")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default $OUT, else ./gpu_results)")
     ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=None, help="timed pairs per keep ratio")
+    ap.add_argument("--repeats", type=int, default=None, help="timed pairs per variant")
     ap.add_argument("--budget-s", type=float, default=None, help="skip optional parts past this many seconds")
     ap.add_argument("--num-layers", type=int, default=None, help="decoder layers (default 28)")
     ap.add_argument("--vision-depth", type=int, default=None, help="vision blocks (default 16)")
@@ -254,8 +338,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """The run's configuration: the GPU defaults, or the smoke stand-in, with overrides."""
-    config = Config.smoke() if args.smoke else Config(spec=QWEN2_VL_2B_LIKE)
+    """The run's configuration: the GPU defaults, or a CPU stand-in (smoke, small), with overrides."""
+    if args.smoke and args.cpu:
+        raise SystemExit("--smoke and --cpu are two different CPU runs: give one")
+    config = Config.smoke() if args.smoke else Config.cpu() if args.cpu else Config(spec=QWEN2_VL_2B_LIKE)
     spec_overrides = {k: getattr(args, k) for k in ("num_layers", "vision_depth") if getattr(args, k) is not None}
     overrides = {
         k: getattr(args, k) for k in ("batch_size", "repeats", "budget_s", "attn", "dtype") if getattr(args, k)
@@ -273,14 +359,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the GPU throughput check; 0 when at least the headline part produced figures."""
     args = parser().parse_args(argv)
     config = config_from_args(args)
-    if args.smoke:
-        torch.set_num_threads(1)
+    if config.device == "cpu":
+        torch.set_num_threads(args.threads)
     elif not torch.cuda.is_available():
-        print("no CUDA device: run with --smoke for the CPU stand-in", file=sys.stderr)
+        print("no CUDA device: run with --cpu (or --smoke) for the CPU stand-in", file=sys.stderr)
         return 2
     out_dir = args.out or Path(os.environ.get("OUT") or "gpu_results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    _log(f"== ReGATE GPU throughput ({'smoke, CPU' if args.smoke else config.device}) -> {out_dir} ==")
+    where = "smoke, CPU" if args.smoke else "small, CPU" if args.cpu else config.device
+    _log(f"== Elision GPU throughput ({where}) -> {out_dir} ==")
     result = run(config, out_dir)
     if result["shapes"]:
         for key in ("dtype", "attn"):
@@ -288,14 +375,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print(format_report(result), flush=True)
         try:
-            png = plot(result, out_dir / f"gpu_step_time_vs_keep_ratio{config.tag}.png")
+            png = plot(result, out_dir / f"{config.prefix}_step_time_vs_keep_ratio{config.tag}.png")
             if png:
                 _log(f"wrote {png}")
         except Exception as error:  # a plot is optional
             _log(f"plot failed: {error!r}")
     for error in result["errors"]:
         _log(f"note: {error['part']}: {error['error']}")
-    _log(f"wrote {out_dir / f'gpu_throughput{config.tag}.json'} ({result.get('wall_s', 0):.0f} s)")
+    _log(f"wrote {out_dir / f'{config.prefix}_throughput{config.tag}.json'} ({result.get('wall_s', 0):.0f} s)")
     return 0 if result["shapes"] else 1
 
 

@@ -27,6 +27,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import statistics
 import sys
@@ -96,13 +97,44 @@ on the 2-core development machines."""
 # One step.
 
 
+@dataclass(frozen=True)
+class Variant:
+    """An elision variant of the step: ReGATE at ``regate`` (its ``p``), visual-token elision at ``visual``
+    (its keep ratio), or both (visual first, as in ``recipes/demo_visual.yaml``).
+
+    Example:
+        >>> Variant(0.5).label, Variant(0.5, 0.25).short, Variant(visual=0.5).label
+        ('regate p=0.5', 'p=0.5+v=0.25', 'visual v=0.5')
+    """
+
+    regate: float | None = None
+    visual: float | None = None
+
+    @property
+    def label(self) -> str:
+        """The table's name of the variant."""
+        parts = [f"regate p={self.regate:g}"] if self.regate is not None else []
+        return " + ".join(parts + ([f"visual v={self.visual:g}"] if self.visual is not None else []))
+
+    @property
+    def short(self) -> str:
+        """A compact name (the targets' ``where``)."""
+        parts = [f"p={self.regate:g}"] if self.regate is not None else []
+        return "+".join(parts + ([f"v={self.visual:g}"] if self.visual is not None else []))
+
+
+def as_variant(variant: Variant | float) -> Variant:
+    """A :class:`Variant` from itself or from a ReGATE keep ratio."""
+    return variant if isinstance(variant, Variant) else Variant(regate=float(variant))
+
+
 @dataclass
 class StepRecord:
     """What one timed step measured.
 
     Attributes:
-        seconds: wall time of the whole step (the policy's calls included for ReGATE).
-        hook_seconds: time inside the policy's ``plan`` and ``observe`` (0 for the baseline).
+        seconds: wall time of the whole step (the policies' calls included).
+        hook_seconds: time inside the policies' ``plan`` and ``observe`` (0 for the baseline).
         hook_end_seconds: the part of ``hook_seconds`` spent in ``observe`` (the EMA update).
         num_active: positions the decoder processed.
         num_tokens: non-padding positions of the batch.
@@ -110,6 +142,9 @@ class StepRecord:
         peak_bytes: ``torch.cuda.max_memory_allocated`` during the step (None on CPU).
         cpu_seconds: CPU time of this process during the step (``time.process_time``). On a CPU run
             with one thread it is the compute time without the time other processes took the core.
+        decoder_length: the sequence length the decoder ran on (after the gather).
+        skipped_steps: media steps the vision tower did not encode (every token of them elided).
+        profile: seconds per segment (:data:`benchmarks.step_profile.SEGMENTS`) of a profiled step, else None.
     """
 
     seconds: float
@@ -120,20 +155,34 @@ class StepRecord:
     num_targets: int
     peak_bytes: int | None
     cpu_seconds: float
+    decoder_length: int = 0
+    profile: dict[str, float] | None = None
+    skipped_steps: int = 0
 
 
 class Bench:
-    """A student, its optimizer and a ReGATE policy (teacher ``"student"``, every step sparse).
+    """A student, its optimizer, a ReGATE policy (teacher ``"student"``) and a visual-token elision policy,
+    every step sparse for both.
 
     Args:
         model: the HF student (already on ``device`` in its dtype).
         device: the model's device.
         lr: AdamW learning rate.
         log: where progress lines go.
+        visual_selection: the visual policy's selection (``"temporal"``, ``"uniform"``, ``"random"``).
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, lr: float = 1e-5, log: Callable = print) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        lr: float = 1e-5,
+        log: Callable = print,
+        visual_selection: str = "temporal",
+    ) -> None:
+        from benchmarks.step_profile import StepProfiler
         from regate_lightning.policy import ReGATEPolicy
+        from regate_lightning.visual import VisualElisionPolicy
 
         self.device = device
         self.model = model
@@ -141,112 +190,148 @@ class Bench:
         self.policy = ReGATEPolicy(keep_ratio=0.5, warmup_steps=0, cycle_steps=1, full_steps=0)
         self.policy.setup(model)
         self.policy.start(device, student_dtype=self.dtype)
+        self.visual = VisualElisionPolicy(
+            keep_ratio=0.5, selection=visual_selection, warmup_steps=0, cycle_steps=1, full_steps=0
+        )
+        self.visual.setup(model)
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
         self.meter = ActivationMeter(model)
+        self.profiler = StepProfiler(model, device)
         self.log = log
 
-    def _train(self, batch: dict[str, Any]) -> Any:
-        from regate_lightning.elision import forward_active
-        from regate_lightning.keys import KEEP_MASK
-
-        out = forward_active(self.model, batch, batch.get(KEEP_MASK))
-        out.loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return out
-
-    def _plan(self, batch: dict[str, Any], keep_ratio: float) -> Any:
-        """The policy's plan at ``keep_ratio``, its keep mask written into ``batch``."""
-        self.policy.keep_ratio = keep_ratio  # one policy (one store) for every ratio of the sweep
+    def _plan(self, batch: dict[str, Any], variant: Variant) -> Any:
+        """The policies' plans for ``variant``, their keep masks written into ``batch``; ReGATE's plan or None."""
+        if variant.visual is not None:
+            self.visual.keep_ratio = variant.visual
+            self.visual.plan(batch, step=0).apply(batch)
+        if variant.regate is None:
+            return None
+        self.policy.keep_ratio = variant.regate  # one policy (one store) for every ratio of the sweep
         plan = self.policy.plan(batch, step=0)
         plan.apply(batch)
         return plan
 
-    def step(self, batch: dict[str, Any], keep_ratio: float | None) -> StepRecord:
-        """One training step: the baseline when ``keep_ratio`` is None, else ReGATE at ``keep_ratio``.
+    def step(self, batch: dict[str, Any], variant: Variant | float | None, profile: bool = False) -> StepRecord:
+        """One training step: the baseline when ``variant`` is None, else the variant's elision.
 
         Args:
             batch: the batch on the device (not modified; a shallow copy receives the keep mask).
-            keep_ratio: ReGATE's ``p``, or None for the baseline.
+            variant: a :class:`Variant`, a ReGATE ``p``, or None for the baseline.
+            profile: time the step's segments (:class:`~benchmarks.step_profile.StepProfiler`; on CUDA each
+                boundary synchronises, so a profiled step is not a timed one).
         """
+        from regate_lightning.elision import forward_active
+        from regate_lightning.keys import KEEP_MASK
 
+        variant = None if variant is None else as_variant(variant)
         batch = dict(batch)
+        clock = self.profiler
+        mark = clock.mark if profile else (lambda name: None)
         reset_peak(self.device)
         cpu_start = time.process_time()
-        if keep_ratio is None:
+        with clock.step() if profile else contextlib.nullcontext():
             start = now(self.device)
-            out = self._train(batch)
-            end = now(self.device)
-            hooks = hooks_end = 0.0
-        else:
-            start = now(self.device)
-            plan = self._plan(batch, keep_ratio)
-            hooks_start = now(self.device) - start
-            out = self._train(batch)
-            before_end = now(self.device)
-            self.policy.observe(plan, out.token_loss)
-            end = now(self.device)
-            hooks_end = end - before_end
-            hooks = hooks_start + hooks_end
+            mark("start")
+            plan = None if variant is None else self._plan(batch, variant)
+            planned = now(self.device) if variant is not None else start
+            mark("planned")
+            out = forward_active(self.model, batch, batch.get(KEEP_MASK))
+            mark("forward_end")
+            mark("backward_start")
+            out.loss.backward()
+            mark("backward_end")
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            trained = now(self.device)
+            mark("optimized")
+            if plan is not None:
+                self.policy.observe(plan, out.token_loss)
+            end = now(self.device) if plan is not None else trained
+            mark("end")
         cpu = time.process_time() - cpu_start
         peak = peak_allocated(self.device)
-        return StepRecord(end - start, hooks, hooks_end, out.num_active, out.num_tokens, out.num_targets, peak, cpu)
+        hooks_end = end - trained
+        return StepRecord(
+            end - start,
+            planned - start + hooks_end,
+            hooks_end,
+            out.num_active,
+            out.num_tokens,
+            out.num_targets,
+            peak,
+            cpu,
+            out.decoder_length,
+            clock.segments() if profile else None,
+            out.skipped_steps,
+        )
 
     def run_shape(
         self,
         shape: Shape,
-        keep_ratios: Sequence[float],
+        variants: Sequence[Variant | float],
         repeats: int,
         warmup: int = 0,
         seed: int = 0,
         frame_grid: tuple[int, int] | None = None,
+        profile_repeats: int = 0,
     ) -> dict[str, Any]:
-        """Alternate baseline and ReGATE steps on one batch shape.
+        """Alternate baseline and elision steps on one batch shape.
 
-        Each round runs, for every keep ratio, one baseline step and one ReGATE step (order flipped
-        every other pair). First, always, one untimed baseline step and one untimed ReGATE step prime
-        the allocator and compute and cache the reference losses of the batch's samples; then
-        ``warmup`` untimed rounds. After the timed rounds, one untimed forward pass per variant
-        measures activation memory.
+        Each round runs, for every variant, one baseline step and one variant step (order flipped every
+        other pair). First, always, one untimed baseline step and one untimed step of each variant prime
+        the allocator and compute and cache the reference losses of the batch's samples; then ``warmup``
+        untimed rounds. After the timed rounds, ``profile_repeats`` profiled steps of the baseline and of
+        each variant (their median segments go with the figures, with the cost model's prediction), and
+        one untimed forward pass per variant measures activation memory.
 
         Returns:
-            The shape, the baseline's and each keep ratio's figures (see :func:`summarise`).
+            The shape, the baseline's and each variant's figures (see :func:`summarise`).
         """
+        variants = [as_variant(v) for v in variants]
         batch = to_device(make_batch(self.model, shape, seed=seed, frame_grid=frame_grid), self.device, self.dtype)
         base: list[StepRecord] = []
-        regate: dict[float, list[StepRecord]] = {p: [] for p in keep_ratios}
-        pairs: dict[float, list[float]] = {p: [] for p in keep_ratios}
-        cpu_pairs: dict[float, list[float]] = {p: [] for p in keep_ratios}
+        records: dict[Variant, list[StepRecord]] = {v: [] for v in variants}
+        pairs: dict[Variant, list[float]] = {v: [] for v in variants}
+        cpu_pairs: dict[Variant, list[float]] = {v: [] for v in variants}
         started = time.perf_counter()
         self.step(batch, None)
-        self.step(batch, keep_ratios[0])  # the teacher scores the samples here; cached afterwards
+        for v in variants:
+            self.step(batch, v)  # the teacher scores the samples in the first ReGATE step; cached afterwards
         for round_ in range(warmup + repeats):
-            for i, p in enumerate(keep_ratios):
+            for i, v in enumerate(variants):
                 if (round_ + i) % 2 == 0:
-                    b, r = self.step(batch, None), self.step(batch, p)
+                    b, r = self.step(batch, None), self.step(batch, v)
                 else:
-                    r, b = self.step(batch, p), self.step(batch, None)
+                    r, b = self.step(batch, v), self.step(batch, None)
                 if round_ >= warmup:
                     base.append(b)
-                    regate[p].append(r)
-                    pairs[p].append(r.seconds / b.seconds)
-                    cpu_pairs[p].append(r.cpu_seconds / max(b.cpu_seconds, 1e-9))
+                    records[v].append(r)
+                    pairs[v].append(r.seconds / b.seconds)
+                    cpu_pairs[v].append(r.cpu_seconds / max(b.cpu_seconds, 1e-9))
             if round_ == warmup - 1:
                 self.log(f"    warm-up done in {time.perf_counter() - started:.1f} s")
-        memory = {None: self._activation_bytes(batch, None)}
-        for p in keep_ratios:
-            memory[p] = self._activation_bytes(batch, p)
-        steps = len(base) + sum(map(len, regate.values()))
+        profiles: dict[Variant | None, list[StepRecord]] = {}
+        for _ in range(profile_repeats):
+            for v in [None, *variants]:
+                profiles.setdefault(v, []).append(self.step(batch, v, profile=True))
+        memory: dict[Variant | None, int] = {None: self._activation_bytes(batch, None)}
+        for v in variants:
+            memory[v] = self._activation_bytes(batch, v)
+        steps = len(base) + sum(map(len, records.values()))
         self.log(f"    {steps} timed steps in {time.perf_counter() - started:.1f} s")
-        return summarise(shape, base, regate, pairs, memory, cpu_pairs)
+        result = summarise(shape, base, records, pairs, memory, cpu_pairs, profiles)
+        result["media_steps"] = media_step_count(self.model, batch)
+        if profiles:
+            add_cost_model(self.model, result, shape.batch_size)
+        return result
 
-    def _activation_bytes(self, batch: dict[str, Any], keep_ratio: float | None) -> int:
+    def _activation_bytes(self, batch: dict[str, Any], variant: Variant | None) -> int:
         """Bytes saved for backward by one forward pass (no backward: the graph is dropped)."""
         from regate_lightning.elision import forward_active
         from regate_lightning.keys import KEEP_MASK
 
         batch = dict(batch)
-        plan = None if keep_ratio is None else self._plan(batch, keep_ratio)
+        plan = None if variant is None else self._plan(batch, variant)
         with self.meter.measure():
             out = forward_active(self.model, batch, batch.get(KEEP_MASK))
         if plan is not None:
@@ -267,6 +352,8 @@ def _stats(records: Sequence[StepRecord]) -> dict[str, Any]:
         "active_tokens": active,
         "tokens": tokens,
         "targets": sum(r.num_targets for r in records) / len(records),
+        "decoder_length": median([r.decoder_length for r in records]),
+        "skipped_steps": median([r.skipped_steps for r in records]),
         "active_fraction": active / tokens,
         "processed_tokens_per_s": active / seconds,
         "original_tokens_per_s": tokens / seconds,
@@ -277,65 +364,145 @@ def _stats(records: Sequence[StepRecord]) -> dict[str, Any]:
 def summarise(
     shape: Shape,
     base: Sequence[StepRecord],
-    regate: dict[float, list[StepRecord]],
-    pairs: dict[float, list[float]],
-    memory: dict[float | None, int],
-    cpu_pairs: dict[float, list[float]] | None = None,
+    variants: dict[Variant, list[StepRecord]],
+    pairs: dict[Variant, list[float]],
+    memory: dict[Variant | None, int],
+    cpu_pairs: dict[Variant, list[float]] | None = None,
+    profiles: dict[Variant | None, list[StepRecord]] | None = None,
 ) -> dict[str, Any]:
-    """Figures of one shape: the baseline's and, per keep ratio, ReGATE's with its ratios and overhead.
+    """Figures of one shape: the baseline's and, per variant, its ratios and the policies' overhead.
 
     ``ratio`` is the median of the wall-clock ratios of alternated pairs; ``cpu_ratio`` the same with the
     process's CPU time (meaningful on a CPU run, where other processes on a shared machine add wall time).
+    Each entry of ``"regate"`` (the name predates visual-token elision) is one variant: ``keep_ratio`` is
+    its ReGATE ``p`` (None without ReGATE), ``visual_keep`` its visual keep ratio (None without).
+    With ``profiles``, the baseline and each variant carry ``profile`` (median segment seconds),
+    ``decoder_length`` and ``profiled_steps``.
     """
+    from benchmarks.step_profile import median_segments
+
+    def profiled(stats: dict[str, Any], key: Variant | None) -> None:
+        records = (profiles or {}).get(key)
+        if records:
+            stats["profile"] = median_segments([r.profile for r in records if r.profile is not None])
+            stats["profiled_steps"] = len(records)
+
     baseline = _stats(base)
     baseline["activation_bytes"] = memory[None]
+    profiled(baseline, None)
     out: dict[str, Any] = {
         "shape": {**asdict(shape), "length": shape.length, "answer_share": shape.answer_share},
         "baseline": baseline,
         "regate": [],
     }
-    for p, records in regate.items():
+    for v, records in variants.items():
         stats = _stats(records)
         hooks = median([r.hook_seconds for r in records])
         stats.update(
-            keep_ratio=p,
-            ratio=median(pairs[p]),
-            pair_ratios=pairs[p],
+            variant=v.label,
+            variant_short=v.short,
+            keep_ratio=v.regate,
+            visual_keep=v.visual,
+            ratio=median(pairs[v]),
+            pair_ratios=pairs[v],
             ratio_of_medians=stats["median_s"] / baseline["median_s"],
             ideal_ratio=stats["active_tokens"] / baseline["tokens"],
             callback_s=hooks,
             callback_end_s=median([r.hook_end_seconds for r in records]),
             callback_fraction=hooks / baseline["median_s"],
-            activation_bytes=memory[p],
-            cpu_ratio=median(cpu_pairs[p]) if cpu_pairs else None,
+            activation_bytes=memory[v],
+            cpu_ratio=median(cpu_pairs[v]) if cpu_pairs else None,
         )
         stats["ratio_vs_ideal"] = stats["ratio"] / stats["ideal_ratio"] - 1.0
         cpu_ratio = stats["cpu_ratio"]
         stats["cpu_ratio_vs_ideal"] = None if cpu_ratio is None else cpu_ratio / stats["ideal_ratio"] - 1.0
+        profiled(stats, v)
         out["regate"].append(stats)
     return out
+
+
+_ENGINE: dict[str, Any] = {}
+
+
+def set_step_skip(enabled: bool) -> None:
+    """Turn the engine's skipping of fully elided media steps on (its default) or off, to measure what it saves.
+
+    ``forward_active`` looks ``plan_step_skips`` up in its module at every call; off replaces it by a plan
+    that skips nothing (the engine as it was before it skipped steps).
+    """
+    from regate_lightning import elision
+
+    engine = _ENGINE.setdefault("plan_step_skips", elision.plan_step_skips)
+    elision.plan_step_skips = engine if enabled else (lambda parts, batch, active: [])
+
+
+def media_step_count(model: torch.nn.Module, batch: dict[str, Any]) -> int:
+    """Time steps (frames, Qwen2-VL temporal patches, images) of all the batch's media."""
+    from regate_lightning.families import MEDIA_KINDS, resolve
+
+    family, config = resolve(model).family, model.config
+    kinds = [k for k in MEDIA_KINDS if (family.image_key if k == "image" else family.video_key) is not None]
+    return sum(m.steps for kind in kinds for m in family.media_steps(config, batch, kind))
+
+
+def add_cost_model(model: torch.nn.Module, result: dict[str, Any], batch_size: int) -> None:
+    """Add the baseline-profile cost model's prediction to every profiled variant of one shape.
+
+    Each variant gets ``cost_model`` (:func:`benchmarks.step_profile.cost_model`) and ``model_gap``
+    (measured ratio / predicted ratio - 1); the baseline gets its four terms as ``cost_terms``.
+    """
+    from benchmarks.step_profile import cost_model, grouped
+
+    base = result["baseline"]
+    if "profile" not in base:
+        return
+    base["cost_terms"] = grouped(base["profile"])
+    for r in result["regate"]:
+        if "profile" in r:
+            r["cost_model"] = cost_model(model, base, r, batch_size, result.get("media_steps", 0))
+            r["model_gap"] = r["ratio"] / r["cost_model"]["predicted_ratio"] - 1.0
 
 
 # --------------------------------------------------------------------------------------------------
 # Targets and report.
 
 
+MODEL_TOLERANCE = 0.05
+"""Target: the measured step-time ratio within 5 % of the profile's cost model."""
+SPEEDUP_TARGET = 1.4
+"""Target (issue 13, the Qwen2-VL-2B-shaped GPU step at a 39 % answer share): ReGATE p = 0.5 with visual keep
+0.5 at least 1.4x faster than the baseline per step."""
+SPEEDUP_VARIANT = "p=0.5+v=0.5"
+
+
+def variant_short(r: dict[str, Any]) -> str:
+    """A variant's compact name (results written before visual-token elision have only ``keep_ratio``)."""
+    return r.get("variant_short") or f"p={r['keep_ratio']:g}"
+
+
+def variant_label(r: dict[str, Any]) -> str:
+    """A variant's name in tables."""
+    return r.get("variant") or f"regate p={r['keep_ratio']:g}"
+
+
 def evaluate_targets(shapes: Sequence[dict[str, Any]], cpu_time: bool = False) -> list[dict[str, Any]]:
-    """Check the three targets on every shape.
+    """Check the targets on every shape.
 
     1. ``ratio``: measured (wall-clock) step-time ratio within 10 % of the ideal, where the answer share
        is at least 25 % (within one percentage point: a swept share is rounded to whole frames).
        With ``cpu_time`` the CPU-time ratio is shown beside it.
-    2. ``overhead``: the policy's calls take < 3 % of a baseline step.
+    2. ``overhead``: the policies' calls take < 3 % of a baseline step.
     3. ``memory``: activation memory falls with the active fraction (never rises when fewer tokens
        are active, and the smallest keep ratio saves memory against the baseline).
+    4. ``cost model`` (profiled variants): the measured ratio within 5 % of the cost model's.
+    5. ``speed-up`` (a ``p=0.5+v=0.5`` variant): at least 1.4x faster than the baseline.
     """
     results = []
     for result in shapes:
         share = result["shape"]["answer_share"]
         where = f"answer {share:.0%}"
         for r in result["regate"]:
-            p = r["keep_ratio"]
+            here = f"{where}, {variant_short(r)}"
             if share >= RATIO_MIN_SHARE - SHARE_SLACK:
                 measured = f"{r['ratio']:.3f} vs {r['ideal_ratio']:.3f} ({r['ratio_vs_ideal']:+.1%})"
                 if cpu_time and r.get("cpu_ratio") is not None:
@@ -343,7 +510,7 @@ def evaluate_targets(shapes: Sequence[dict[str, Any]], cpu_time: bool = False) -
                 results.append(
                     {
                         "target": "ratio within 10% of ideal",
-                        "where": f"{where}, p={p:g}",
+                        "where": here,
                         "measured": measured,
                         "passed": abs(r["ratio_vs_ideal"]) <= RATIO_TOLERANCE,
                     }
@@ -351,11 +518,30 @@ def evaluate_targets(shapes: Sequence[dict[str, Any]], cpu_time: bool = False) -
             results.append(
                 {
                     "target": "callback overhead < 3%",
-                    "where": f"{where}, p={p:g}",
+                    "where": here,
                     "measured": f"{r['callback_fraction']:.2%} ({r['callback_s'] * 1e3:.1f} ms)",
                     "passed": r["callback_fraction"] < OVERHEAD_LIMIT,
                 }
             )
+            if "cost_model" in r:
+                predicted = r["cost_model"]["predicted_ratio"]
+                results.append(
+                    {
+                        "target": "ratio within 5% of cost model",
+                        "where": here,
+                        "measured": f"{r['ratio']:.3f} vs {predicted:.3f} ({r['model_gap']:+.1%})",
+                        "passed": abs(r["model_gap"]) <= MODEL_TOLERANCE,
+                    }
+                )
+            if variant_short(r) == SPEEDUP_VARIANT:
+                results.append(
+                    {
+                        "target": f"speed-up >= {SPEEDUP_TARGET}x",
+                        "where": here,
+                        "measured": f"{1 / r['ratio']:.2f}x (ratio {r['ratio']:.3f})",
+                        "passed": 1 / r["ratio"] >= SPEEDUP_TARGET,
+                    }
+                )
         points = sorted(
             [(r["active_fraction"], r["activation_bytes"]) for r in result["regate"]]
             + [(1.0, result["baseline"]["activation_bytes"])]
@@ -398,14 +584,17 @@ def table_rows(shapes: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
         for r in result["regate"]:
+            model = r.get("cost_model") or {}
             rows.append(
                 {
                     **common,
-                    "variant": f"regate p={r['keep_ratio']:g}",
+                    "variant": variant_label(r),
                     "ms": r["median_s"] * 1e3,
                     "ratio": r["ratio"],
                     "ideal": r["ideal_ratio"],
                     "gap": r["ratio_vs_ideal"] * 100,
+                    "model": model.get("predicted_ratio"),
+                    "model_gap": None if "model_gap" not in r else r["model_gap"] * 100,
                     "cpu_ratio": r.get("cpu_ratio"),
                     "tps": r["processed_tokens_per_s"],
                     "otps": r["original_tokens_per_s"],
@@ -418,6 +607,32 @@ def table_rows(shapes: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def profile_rows(shapes: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per profiled (shape, variant): segment milliseconds and the cost model, for :func:`format_report`."""
+    from benchmarks.step_profile import SEGMENTS, grouped
+
+    rows = []
+    for result in shapes:
+        base = result["baseline"]
+        if "profile" not in base:
+            continue
+        common = {"label": result.get("label"), "share": result["shape"]["answer_share"]}
+        for name, r in [("baseline", base), *((variant_label(v), v) for v in result["regate"])]:
+            if "profile" not in r:
+                continue
+            seg = r["profile"]
+            row = {**common, "variant": name, "L": r.get("decoder_length")}
+            row.update({k: seg[k] * 1e3 for k in SEGMENTS})
+            row.update({f"g_{k}": v * 1e3 for k, v in grouped(seg).items()})
+            row["total"] = seg["total"] * 1e3
+            row["unprofiled"] = r["median_s"] * 1e3
+            model = r.get("cost_model")
+            if model is not None:
+                row["predicted"] = model["predicted_s"] * 1e3
+            rows.append(row)
+    return rows
+
+
 COLUMNS = [
     ("share", "answer share", lambda v: f"{v:.0%}"),
     ("length", "B x L", fmt_str),
@@ -426,6 +641,8 @@ COLUMNS = [
     ("ratio", "ratio (measured)", fmt_float(3)),
     ("ideal", "ratio (ideal)", fmt_float(3)),
     ("gap", "measured/ideal-1 %", fmt_float(1)),
+    ("model", "ratio (cost model)", fmt_float(3)),
+    ("model_gap", "measured/model-1 %", fmt_float(1)),
     ("cpu_ratio", "ratio (CPU time)", fmt_float(3)),
     ("tps", "processed tok/s", fmt_float(0)),
     ("otps", "original tok/s", fmt_float(0)),
@@ -433,6 +650,30 @@ COLUMNS = [
     ("peak", "peak alloc GiB", fmt_float(2)),
     ("cb_ms", "callback ms", fmt_float(2)),
     ("cb_pct", "callback % of step", fmt_float(2)),
+]
+PROFILE_COLUMNS = [
+    ("share", "answer share", lambda v: f"{v:.0%}"),
+    ("variant", "variant", fmt_str),
+    ("L", "decoder L", fmt_float(0)),
+    ("plan", "plan", fmt_float(1)),
+    ("vision_fwd", "vision fwd", fmt_float(1)),
+    ("other_fwd", "other fwd", fmt_float(1)),
+    ("gather_fwd", "gather fwd", fmt_float(1)),
+    ("decoder_fwd", "decoder fwd", fmt_float(1)),
+    ("head_fwd", "head fwd", fmt_float(1)),
+    ("head_bwd", "head bwd", fmt_float(1)),
+    ("decoder_bwd", "decoder bwd", fmt_float(1)),
+    ("other_bwd", "other bwd", fmt_float(1)),
+    ("vision_bwd", "vision bwd", fmt_float(1)),
+    ("optimizer", "optimizer", fmt_float(1)),
+    ("observe", "observe", fmt_float(1)),
+    ("total", "profiled total", fmt_float(1)),
+    ("unprofiled", "unprofiled median", fmt_float(1)),
+    ("g_fixed", "fixed", fmt_float(1)),
+    ("g_policy", "policy", fmt_float(1)),
+    ("g_decoder", "decoder", fmt_float(1)),
+    ("g_head", "head", fmt_float(1)),
+    ("predicted", "cost model", fmt_float(1)),
 ]
 TARGET_COLUMNS = [
     ("target", "target", fmt_str),
@@ -449,28 +690,44 @@ def format_report(result: dict[str, Any]) -> str:
     """
     shapes = result["shapes"]
     on_cpu = str((result.get("settings") or {}).get("device", "cpu")).startswith("cpu")
-    columns = [c for c in COLUMNS if on_cpu or c[0] != "cpu_ratio"]
+    rows = table_rows(shapes)
+    profiled = profile_rows(shapes)
+    columns = [c for c in COLUMNS if (on_cpu or c[0] != "cpu_ratio") and (profiled or not c[0].startswith("model"))]
+    profile_columns = PROFILE_COLUMNS
     if any("label" in s for s in shapes):
         columns = [("label", "run", fmt_str), *columns]
+        profile_columns = [("label", "run", fmt_str), *profile_columns]
     env = result.get("environment") or {}
     model = result.get("model") or {}
     settings = result.get("settings") or {}
     params = model.get("parameters") or {"total": float("nan"), "language_model": float("nan")}
     where = f" ({env['gpu']})" if "gpu" in env else f" ({env.get('cpu_threads', '?')} CPU threads)"
     head = [
-        "== ReGATE throughput: baseline vs ReGATE, alternated in one process ==",
+        "== Elision throughput: baseline vs ReGATE / visual-token elision, alternated in one process ==",
         f"device {env.get('device', '?')}{where}, torch {env.get('torch', '?')}, transformers "
         f"{env.get('transformers', '?')}, lightning {env.get('lightning', '?')}, {env.get('date', '?')}, "
         f"load average {env.get('load_average')} at start, {env.get('load_average_end', '-')} at end",
         f"model {model.get('family', '?')}: {params['total'] / 1e6:.1f} M parameters "
         f"({params['language_model'] / 1e6:.1f} M language model), dtype {settings.get('dtype', '?')}, "
-        f"attention {settings.get('attn', '?')}; {settings.get('repeats', '?')} timed pairs per keep ratio",
-        "ratio = ReGATE step / baseline step, wall clock (median of alternated pairs); ideal = active tokens / "
+        f"attention {settings.get('attn', '?')}; {settings.get('repeats', '?')} timed pairs per variant; visual "
+        f"selection {settings.get('visual_selection', 'temporal')}",
+        "ratio = variant step / baseline step, wall clock (median of alternated pairs); ideal = active tokens / "
         "total tokens" + ("; CPU time = the same with this process's CPU time" if on_cpu else ""),
         "activation MiB = bytes saved for backward (saved_tensors_hooks, parameters excluded); "
         "peak alloc = torch.cuda.max_memory_allocated (CUDA only)",
         "",
-        format_table(table_rows(shapes), columns),
+        format_table(rows, columns),
+    ]
+    if profiled:
+        head += [
+            "",
+            "Profile (ms per segment, median of the profiled steps; on CUDA every boundary synchronises) and the cost "
+            "model: fixed = vision + other + optimizer (elision does not touch them), policy = plan + observe, "
+            "decoder = gather + layers (scaled by FLOPs at the decoded length), head = LM head + loss (scaled by "
+            "targets); 'cost model' = the baseline's fixed + the variant's policy + the scaled decoder and head",
+            format_table(profiled, profile_columns),
+        ]
+    head += [
         "",
         "Targets",
         format_table(result["targets"], TARGET_COLUMNS),
@@ -503,7 +760,11 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
         return None
     by_share: dict[float, list[dict[str, Any]]] = {}
     for shape in result["shapes"]:  # shapes of the same answer share (GPU parts) share one line
-        by_share.setdefault(round(shape["shape"]["answer_share"], 4), []).extend(shape["regate"])
+        regate_only = [r for r in shape["regate"] if r.get("keep_ratio") is not None and r.get("visual_keep") is None]
+        if regate_only:
+            by_share.setdefault(round(shape["shape"]["answer_share"], 4), []).extend(regate_only)
+    if not by_share:
+        return None
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     for i, (share, regate) in enumerate(sorted(by_share.items())):
         colour = f"C{i}"
@@ -544,6 +805,32 @@ def _floats(text: str) -> list[float]:
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _pairs(text: str) -> list[tuple[float, float]]:
+    """``"0.5:0.5,0.25:0.5"`` -> ``[(0.5, 0.5), (0.25, 0.5)]`` (ReGATE p : visual keep ratio)."""
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if item:
+            p, _, v = item.partition(":")
+            if not v:
+                raise argparse.ArgumentTypeError(f"expected P:V pairs (ReGATE p : visual keep), got {item!r}")
+            out.append((float(p), float(v)))
+    return out
+
+
+def variants_of(settings: dict[str, Any]) -> list[Variant]:
+    """The variants a run measures: ReGATE alone, visual-token elision alone, then both.
+
+    Example:
+        >>> [v.short for v in variants_of({"keep_ratios": [0.5], "visual_keeps": [0.25], "both": [(0.5, 0.5)]})]
+        ['p=0.5', 'v=0.25', 'p=0.5+v=0.5']
+    """
+    return (
+        [Variant(regate=p) for p in settings["keep_ratios"]]
+        + [Variant(visual=v) for v in settings.get("visual_keeps", [])]
+        + [Variant(regate=p, visual=v) for p, v in settings.get("both", [])]
+    )
 
 
 def _grid(text: str | None) -> tuple[int, int] | None:
@@ -592,8 +879,21 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--answer-lens", type=_ints, default=[512], help="answer lengths with --visual-tokens")
     s.add_argument("--frame-grid", default=None, help="qwen2_vl frame size in patches, e.g. 24,32")
     r = ap.add_argument_group("measurement")
-    r.add_argument("--keep-ratios", type=_floats, default=[0.25, 0.5, 0.75, 1.0])
-    r.add_argument("--repeats", type=int, default=5, help="timed pairs per keep ratio and shape")
+    r.add_argument("--keep-ratios", type=_floats, default=[0.25, 0.5, 0.75, 1.0], help="ReGATE p, alone")
+    r.add_argument("--visual-keeps", type=_floats, default=[], help="visual-token elision keep ratios, alone")
+    r.add_argument("--both", type=_pairs, default=[], help="ReGATE p and visual keep together, e.g. 0.5:0.5,0.25:0.5")
+    r.add_argument(
+        "--visual-selection", default="temporal", choices=["temporal", "temporal_frames", "uniform", "random"]
+    )
+    r.add_argument(
+        "--no-step-skip",
+        action="store_true",
+        help="encode every media step even when all its tokens are elided (the engine before it skipped them)",
+    )
+    r.add_argument(
+        "--profile-repeats", type=int, default=0, help="profiled steps per variant (segment times and the cost model)"
+    )
+    r.add_argument("--repeats", type=int, default=5, help="timed pairs per variant and shape")
     r.add_argument(
         "--warmup", type=int, default=0, help="untimed rounds after one untimed pair that fills the reference cache"
     )
@@ -621,6 +921,11 @@ def settings_from_args(args: argparse.Namespace) -> tuple[ModelSpec, dict[str, A
         "answer_lens": args.answer_lens,
         "frame_grid": _grid(args.frame_grid),
         "keep_ratios": args.keep_ratios,
+        "visual_keeps": args.visual_keeps,
+        "both": args.both,
+        "visual_selection": args.visual_selection,
+        "step_skip": not args.no_step_skip,
+        "profile_repeats": args.profile_repeats,
         "repeats": args.repeats,
         "warmup": args.warmup,
         "lr": args.lr,
@@ -629,6 +934,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[ModelSpec, dict[str, A
     if args.smoke:
         settings.update(seq_len=min(args.seq_len, 160), prompt_len=min(args.prompt_len, 8), answer_shares=[0.25, 0.5])
         settings.update(keep_ratios=[0.5, 1.0], repeats=min(args.repeats, 2), warmup=min(args.warmup, 1))
+        settings.update(visual_keeps=args.visual_keeps[:1], both=args.both[:1])
+        settings.update(profile_repeats=min(args.profile_repeats, 1))
         settings.update(answer_lens=[min(a, 48) for a in args.answer_lens], batch_size=min(args.batch_size, 2))
     return spec, settings
 
@@ -658,10 +965,12 @@ def run(spec: ModelSpec, settings: dict[str, Any], log: Callable = print) -> dic
     dtype = getattr(torch, settings["dtype"])
     started = time.perf_counter()
     env = environment(device)
+    set_step_skip(settings.get("step_skip", True))
     model = build_model(spec, device=device, dtype=dtype, attn=settings["attn"], seed=settings["seed"])
     params = count_parameters(model)
     log(f"built {spec.family} ({params['total'] / 1e6:.1f} M parameters) in {time.perf_counter() - started:.1f} s")
-    bench = Bench(model, device, lr=settings["lr"], log=log)
+    selection = settings.get("visual_selection", "temporal")
+    bench = Bench(model, device, lr=settings["lr"], log=log, visual_selection=selection)
     shapes = []
     for i, shape in enumerate(shapes_for(model, settings)):
         log(
@@ -671,11 +980,12 @@ def run(spec: ModelSpec, settings: dict[str, Any], log: Callable = print) -> dic
         shapes.append(
             bench.run_shape(
                 shape,
-                settings["keep_ratios"],
+                variants_of(settings),
                 settings["repeats"],
                 settings["warmup"],
                 seed=settings["seed"] + i + 1,
                 frame_grid=settings["frame_grid"],
+                profile_repeats=settings.get("profile_repeats", 0),
             )
         )
     env["load_average_end"] = environment(device)["load_average"]

@@ -1,10 +1,10 @@
 """regate-lightning: ReGATE token elision for fine-tuning multimodal LLMs with PyTorch Lightning.
 
-The public API: the Lightning drivers (:class:`ReGATECallback`, :class:`MLLMModule`, :class:`ElisionReport`)
-and, beside them, the method's pure-torch core they drive (:class:`ReGATEPolicy` and its parts, the
-selections, the functional core). Names are imported on first use, so that importing a core module
-(``regate_lightning.policy``, ``regate_lightning.scoring``, ...) never imports Lightning; see
-``docs/architecture.md``.
+The public API: the Lightning drivers (:class:`ReGATECallback`, :class:`VisualTokenElision`,
+:class:`MLLMModule`, :class:`ElisionReport`) and, beside them, the pure-torch core they drive
+(:class:`ReGATEPolicy` and :class:`VisualElisionPolicy` and their parts, the selections, the functional
+core). Names are imported on first use, so that importing a core module (``regate_lightning.policy``,
+``regate_lightning.visual``, ...) never imports Lightning; see ``docs/architecture.md``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     # Lightning drivers.
     "ReGATECallback": "regate_lightning.callback",
+    "VisualTokenElision": "regate_lightning.visual_callback",
     "LoraOptions": "regate_lightning.module",
     "MLLMModule": "regate_lightning.module",
     "ElisionReport": "regate_lightning.report",
@@ -28,6 +29,12 @@ _EXPORTS: dict[str, str] = {
     "AdaptiveSelection": "regate_lightning.selection",
     "Fallback": "regate_lightning.selection",
     "StoreFallback": "regate_lightning.selection",
+    # Visual-token elision and its extension points.
+    "VisualElisionPolicy": "regate_lightning.visual",
+    "VisualSelection": "regate_lightning.visual",
+    "TemporalSelection": "regate_lightning.visual",
+    "UniformSelection": "regate_lightning.visual",
+    "temporal_change": "regate_lightning.visual",
     # Its parts.
     "Schedule": "regate_lightning.schedule",
     "is_full_step": "regate_lightning.schedule",

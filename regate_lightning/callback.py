@@ -53,7 +53,7 @@ from regate_lightning.keys import (
 from regate_lightning.policy import Gather, ReGATEPolicy, StepPlan
 from regate_lightning.selection import Fallback, Selection
 from regate_lightning.strategies import check_strategy, check_unsharded
-from regate_lightning.sync import all_gather_ragged
+from regate_lightning.sync import all_gather_ragged, sum_over_ranks
 from regate_lightning.teacher import STUDENT, Teacher
 
 STATE_VERSION = 1
@@ -231,25 +231,17 @@ class ReGATECallback(Callback):
         plan, self._plan = self._plan, None
         if plan is None:
             return
-        if not isinstance(outputs, dict) or TOKEN_LOSS not in outputs:
-            raise KeyError(
-                f"the training step must return a dict with `{TOKEN_LOSS}` [B, L] (MLLMModule does); got "
-                f"{type(outputs).__name__}"
-            )
+        outputs = step_outputs(outputs, (TOKEN_LOSS, NUM_ACTIVE, NUM_TOKENS, NUM_TARGETS))
         self.policy.observe(plan, outputs[TOKEN_LOSS], gather=_gather(trainer))
         step = self._count(trainer, plan, outputs)
-        if _logging_step(trainer):
+        if logging_step(trainer):
             self._log(pl_module, plan, step)
 
     def _count(self, trainer: pl.Trainer, plan: StepPlan, outputs: dict[str, Any]) -> dict[str, int]:
         """The step's counts summed over ranks (keys of :data:`~regate_lightning.keys.TOTALS`), added to ``totals``."""
         keys = (ACTIVE, TOKENS, SUPERVISED, CANDIDATES, KEPT)
-        counts = torch.tensor(
-            [outputs[NUM_ACTIVE], outputs[NUM_TOKENS], outputs[NUM_TARGETS], int(plan.counts.sum()), plan.kept],
-            dtype=torch.float64,
-            device=trainer.strategy.root_device,
-        )
-        step = dict(zip(keys, (int(v) for v in trainer.strategy.reduce(counts, reduce_op="sum").tolist()), strict=True))
+        counts = (outputs[NUM_ACTIVE], outputs[NUM_TOKENS], outputs[NUM_TARGETS], int(plan.counts.sum()), plan.kept)
+        step = dict(zip(keys, sum_over_ranks(trainer.strategy, counts), strict=True))
         for key, value in step.items():
             self.totals[key] += value
         return step
@@ -330,9 +322,22 @@ def _gather(trainer: pl.Trainer) -> Gather:
     return gather
 
 
-def _logging_step(trainer: pl.Trainer) -> bool:
+def step_outputs(outputs: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The training step's output, checked to be a dict holding ``keys`` (``MLLMModule.training_step``'s is).
+
+    Raises:
+        KeyError: naming the keys a callback needs and what the step returned.
+    """
+    if not isinstance(outputs, dict) or any(k not in outputs for k in keys):
+        got = type(outputs).__name__ if not isinstance(outputs, dict) else f"a dict with {sorted(outputs)}"
+        wanted = ", ".join(f"`{k}`" for k in keys)
+        raise KeyError(f"the training step must return a dict with {wanted} (MLLMModule does); got {got}")
+    return outputs
+
+
+def logging_step(trainer: pl.Trainer) -> bool:
     """Whether the trainer writes logs at this step: ``self.log`` costs about 1 ms a call, so the
-    callback logs only on the steps Lightning records (every ``log_every_n_steps`` optimizer steps)."""
+    callbacks log only on the steps Lightning records (every ``log_every_n_steps`` optimizer steps)."""
     return (trainer.global_step + 1) % max(trainer.log_every_n_steps, 1) == 0 or trainer.global_step == 0
 
 

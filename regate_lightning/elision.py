@@ -12,6 +12,15 @@ so a shortened sequence never shifts labels across positions that were not neigh
 
 Which positions to keep is the caller's policy; the engine runs whatever the mask keeps, visual
 and prompt positions included.
+
+**Media steps whose every token is elided are not encoded.** A family's vision encoder encodes each
+time step of a media (a frame; a temporal patch of Qwen2-VL) independently of the others
+(:attr:`~regate_lightning.families.Family.encoders`), so the features of the steps that keep a token do
+not depend on the others. When a keep mask elides every placeholder of a step, a forward pre-hook on the
+tower passes it only the other steps' pixels (and, for Qwen2-VL, their grid), and a forward hook on the
+module that outputs the features puts zeros in the skipped steps' rows, so that the model merges the
+features into its placeholders as usual; those zeros sit at elided positions, which the decoder never
+sees. The vision tower's forward and backward then cost what the kept steps cost.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regate_lightning.families import ModelParts, resolve
+from regate_lightning.families import MEDIA_KINDS, ModelParts, find_module, resolve
 from regate_lightning.keys import (
     ATTENTION_MASK,
     IGNORE_INDEX,
@@ -54,6 +63,8 @@ class ElidedOutput:
         num_tokens: non-padding positions of the batch.
         num_targets: supervised targets whose loss was computed.
         decoder_length: sequence length the decoder actually ran on (``L'`` after gathering).
+        skipped_steps: media steps (frames, temporal patches, images) the vision encoder did not encode,
+            because the keep mask elides every one of their tokens.
     """
 
     loss: torch.Tensor
@@ -62,6 +73,7 @@ class ElidedOutput:
     num_tokens: int
     num_targets: int
     decoder_length: int
+    skipped_steps: int = 0
 
     def step_output(self) -> dict[str, Any]:
         """The dict a training step returns and ``ReGATECallback.on_train_batch_end`` reads."""
@@ -160,6 +172,139 @@ def _gathering(parts: ModelParts, index: torch.Tensor, valid: torch.Tensor) -> I
         handle.remove()
 
 
+@dataclass
+class _StepSkip:
+    """Which tower-input rows and which output rows of one media kind are kept (the steps with a kept token)."""
+
+    kind: str
+    rows: torch.Tensor  # bool [tower input rows]
+    outputs: torch.Tensor  # bool [feature rows of the output module]
+    grid: torch.Tensor | None  # Qwen2-VL: the grids of the kept steps (media without one dropped)
+    skipped: int  # steps not encoded
+
+
+def plan_step_skips(parts: ModelParts, batch: Mapping[str, Any], active: torch.Tensor) -> list[_StepSkip]:
+    """The media steps (frames, temporal patches, images) whose every placeholder position is inactive.
+
+    Placeholders of a kind are filled with the kind's features in row-major order of the batch (HF's
+    ``masked_scatter``), media by media and step by step, so the placeholder positions, split by the
+    family's :meth:`~regate_lightning.families.Family.media_steps`, are each step's tokens.
+
+    Args:
+        parts: the model's parts.
+        batch: the model's inputs.
+        active: bool ``[B, L]``, the positions the decoder runs on.
+
+    Returns:
+        One entry per kind with at least one step to skip; a kind keeps at least its first step (a tower
+        called on no pixel at all is not supported by every family).
+    """
+    family, config = parts.family, parts.model.config
+    encoded = {kind for kind, _, _ in family.encoders}
+    out = []
+    for kind in MEDIA_KINDS:
+        token = getattr(config, f"{kind}_token_id", None)
+        if kind not in encoded or token is None:
+            continue
+        media = family.media_steps(config, batch, kind)
+        if not media:
+            continue
+        flags = active[batch[INPUT_IDS] == int(token)]
+        sizes = [m.steps * m.tokens_per_step for m in media]
+        if flags.numel() != sum(sizes):
+            return []  # the model itself will refuse the batch, naming the counts
+        keep = [f.view(m.steps, m.tokens_per_step).any(1) for f, m in zip(flags.split(sizes), media, strict=True)]
+        steps = torch.cat(keep)
+        if bool(steps.all()):
+            continue
+        if not bool(steps.any()):
+            keep[0][0] = True
+            steps = torch.cat(keep)
+        rows = torch.cat([k.repeat_interleave(m.rows_per_step) for k, m in zip(keep, media, strict=True)])
+        per_row_output = family.encoders[0][1] != family.encoders[0][2]  # a projector: one output row per step
+        outputs = (
+            steps
+            if per_row_output
+            else torch.cat([k.repeat_interleave(m.tokens_per_step) for k, m in zip(keep, media, strict=True)])
+        )
+        grid = None
+        if family.grid_keys is not None:
+            kept = torch.stack([k.sum() for k in keep])
+            grid = family.grids(batch, kind).clone()
+            grid[:, 0] = kept.to(grid.device)
+            grid = grid[kept > 0]
+        out.append(_StepSkip(kind, rows, outputs, grid, int((~steps).sum())))
+    return out
+
+
+class _SkipHooks:
+    """Tower pre-hooks that drop the skipped steps' pixels, output hooks that put zero rows back for them."""
+
+    def __init__(self, parts: ModelParts, batch: Mapping[str, Any], skips: list[_StepSkip]) -> None:
+        self.skips = {s.kind: s for s in skips}
+        # The kinds the model will encode, in its order: each call of a tower belongs to the next one.
+        family = parts.family
+        self.calls = [kind for kind, _, _ in family.encoders if batch.get(family.media_key(kind)) is not None]
+        self.pending: _StepSkip | None = None
+
+    def before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        if not self.calls:
+            raise RuntimeError("the vision tower was called more often than the batch has media kinds")
+        skip = self.skips.get(self.calls.pop(0))
+        if skip is None:
+            return args, kwargs
+        pixels = args[0] if args else kwargs["pixel_values"]
+        if pixels.shape[0] != skip.rows.numel():
+            raise RuntimeError(
+                f"the vision tower got {pixels.shape[0]} rows of {skip.kind} pixels where the family's layout has "
+                f"{skip.rows.numel()}; this transformers version encodes media differently"
+            )
+        pixels = pixels[skip.rows.to(pixels.device)]
+        args, kwargs = ((pixels, *args[1:]), dict(kwargs)) if args else (args, {**kwargs, "pixel_values": pixels})
+        if skip.grid is not None:
+            kwargs["grid_thw"] = skip.grid.to(pixels.device)
+        self.pending = skip
+        return args, kwargs
+
+    def after(self, module: nn.Module, args: Any, output: Any) -> Any:
+        skip, self.pending = self.pending, None
+        if skip is None:
+            return output
+        features = output if isinstance(output, torch.Tensor) else output.pooler_output
+        keep = skip.outputs.to(features.device)
+        if features.shape[0] != int(keep.sum()):
+            raise RuntimeError(f"the {skip.kind} encoder returned {features.shape[0]} rows, expected {int(keep.sum())}")
+        full = features.new_zeros(keep.numel(), *features.shape[1:]).index_copy(0, keep.nonzero().flatten(), features)
+        if isinstance(output, torch.Tensor):
+            return full
+        output.pooler_output = full
+        return output
+
+
+@contextmanager
+def _skipping(parts: ModelParts, batch: Mapping[str, Any], skips: list[_StepSkip]) -> Iterator[None]:
+    if not skips:
+        yield
+        return
+    hooks = _SkipHooks(parts, batch, skips)
+    handles = []
+    towers = {tower for _, tower, _ in parts.family.encoders}
+    outputs = {output for _, _, output in parts.family.encoders}
+    for path in towers:
+        module = find_module(parts.inner, path)
+        if module is not None:
+            handles.append(module.register_forward_pre_hook(hooks.before, with_kwargs=True))
+    for path in outputs:
+        module = find_module(parts.inner, path)
+        if module is not None:
+            handles.append(module.register_forward_hook(hooks.after))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 _NON_MODEL_KEYS = frozenset({LABELS, KEEP_MASK})
 
 
@@ -229,6 +374,7 @@ def forward_active(model: nn.Module, batch: Mapping[str, Any], keep_mask: torch.
     inputs = model_inputs(parts, batch)
     inputs["use_cache"] = False
     num_tokens = int(attended.sum())
+    skips: list[_StepSkip] = []
     if torch.equal(active, attended):
         hidden = parts.inner(**inputs).last_hidden_state
         position = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
@@ -236,7 +382,8 @@ def forward_active(model: nn.Module, batch: Mapping[str, Any], keep_mask: torch.
         decoder_length = input_ids.shape[1]
     else:
         index, valid = active_index(active)
-        with _gathering(parts, index, valid) as hook:
+        skips = plan_step_skips(parts, batch, active)
+        with _gathering(parts, index, valid) as hook, _skipping(parts, batch, skips):
             hidden = parts.inner(**inputs).last_hidden_state
         if hook.decoder_length != index.shape[1] or hidden.shape[1] != index.shape[1]:
             raise RuntimeError(
@@ -259,4 +406,5 @@ def forward_active(model: nn.Module, batch: Mapping[str, Any], keep_mask: torch.
         num_tokens=num_tokens,
         num_targets=int(supervised.sum()),
         decoder_length=decoder_length,
+        skipped_steps=sum(s.skipped for s in skips),
     )

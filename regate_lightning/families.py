@@ -29,9 +29,11 @@ which drops the first feature (HF's LLaVA does ``[:, 1:]``), and 0 under ``"full
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from regate_lightning.keys import (
@@ -96,6 +98,12 @@ class Family:
         seconds_per_grid: the model types that also take ``second_per_grid_ts`` per video (Qwen2.5-VL).
         unused_tower_heads: whether the tower's final norm and pooling head never reach the loss (the
             family reads the tower's hidden states, so under DDP those parameters get no gradient).
+        encoders: per media kind, in the order the model encodes them, ``(kind, tower, output)``: the module
+            (path on the inner model) that takes the kind's pixels (one time step per row, or per
+            ``rows_per_step`` rows), and the module whose output holds its features, one row per step (LLaVA
+            families' projector) or per token (Qwen2-VL's ``visual``, its ``pooler_output``). Each step is
+            encoded independently of the others (per-frame towers; Qwen2-VL attends within a temporal patch),
+            which lets the engine skip the steps whose every token is elided.
     """
 
     name: str
@@ -117,6 +125,7 @@ class Family:
     token_types: bool = False
     seconds_per_grid: tuple[str, ...] = ()
     unused_tower_heads: bool = False
+    encoders: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def multimodal(self) -> bool:
@@ -163,6 +172,183 @@ class Family:
         pooled = grid // int(config.spatial_pool_stride)
         return pooled * pooled
 
+    def media_steps(self, config: Any, batch: Mapping[str, Any], kind: str) -> list[MediaSteps]:
+        """How the batch's media of ``kind`` divide into time steps, without reading their pixel values.
+
+        Args:
+            config: the HF model config.
+            batch: the model's inputs.
+            kind: ``"image"`` or ``"video"``.
+
+        Returns:
+            One :class:`MediaSteps` per media, in placeholder order (empty if the batch has none).
+
+        Raises:
+            ValueError: the family takes no media of ``kind``.
+        """
+        key = self.media_key(kind)
+        pixels = batch.get(key)
+        if pixels is None:
+            return []
+        if self.placeholders == GRID:
+            merge = int(config.vision_config.spatial_merge_size)
+            return [MediaSteps(t, h * w // (merge * merge), h * w) for t, h, w in self.grids(batch, kind).tolist()]
+        if kind == "image":
+            return [MediaSteps(1, self.image_tokens(config), 1)] * int(pixels.shape[0])
+        return [MediaSteps(int(pixels.shape[1]), self.frame_tokens(config), 1)] * int(pixels.shape[0])
+
+    def media_key(self, kind: str) -> str:
+        """The batch key of the pixels of ``kind``.
+
+        Raises:
+            ValueError: an unknown kind, or one the family does not take.
+        """
+        if kind not in MEDIA_KINDS:
+            raise ValueError(f"`kind` must be one of {MEDIA_KINDS}, got {kind!r}")
+        key = self.image_key if kind == "image" else self.video_key
+        if key is None:
+            raise ValueError(f"{self.name} takes no {kind}s")
+        return key
+
+    def grids(self, batch: Mapping[str, Any], kind: str) -> Any:
+        """The batch's ``(t, h, w)`` grids of the media of ``kind`` (grid families; int64 ``[N, 3]``)."""
+        assert self.grid_keys is not None
+        name = self.grid_keys[0 if kind == "image" else 1]
+        grids = batch.get(name)
+        if grids is None:
+            raise ValueError(f"the batch has `{self.media_key(kind)}` but no `{name}`")
+        return grids
+
+    def media_regions(self, config: Any, batch: Mapping[str, Any], kind: str) -> list[MediaRegions]:
+        """The pixel region behind every placeholder token of the batch's media of ``kind``, media by media.
+
+        The media come in the order in which the model fills their features into the placeholder positions
+        (the batch's dim 0, which is the row-major order of the placeholders). The token -> region rule:
+
+        * :data:`PATCHES`: a token is one tower patch (``P x P`` pixels); a CLS token (Video-LLaVA's frames,
+          a CLIP image under ``"full"``) stands for the whole frame; under ``"default"`` the first feature is
+          dropped, as HF's LLaVA does;
+        * :data:`POOLED`: a token is ``stride x stride`` patches (``stride * P`` pixels a side), as
+          ``LlavaNextVideoPooler`` pools them (a remainder of patches that does not fill a pool is dropped);
+        * :data:`GRID`: a token is one ``merge x merge`` block of patches of one temporal patch, in the
+          order of ``qwen_patchify`` (grid order ``(t, h / m, w / m, m, m)``: the ``m * m`` patches of a token
+          are consecutive rows of the pixel tensor).
+
+        Args:
+            config: the HF model config.
+            batch: the model's inputs (pixel tensors and, for grid families, the grids).
+            kind: ``"image"`` or ``"video"``.
+
+        Returns:
+            One :class:`MediaRegions` per media of ``kind`` (empty if the batch has none).
+
+        Raises:
+            ValueError: the family takes no media of ``kind``, or a pixel tensor of the wrong shape.
+        """
+        key = self.media_key(kind)
+        pixels = batch.get(key)
+        if pixels is None:
+            return []
+        if self.placeholders == GRID:
+            return _grid_regions(kind, pixels, self.grids(batch, kind), int(config.vision_config.spatial_merge_size))
+        vision = config.vision_config
+        grid, patch = patch_grid(vision), int(vision.patch_size)
+        frames = pixels.unsqueeze(1) if kind == "image" else pixels
+        if frames.dim() != 5:
+            want = "[N, C, H, W]" if kind == "image" else "[N, F, C, H, W]"
+            raise ValueError(f"`{key}` must be {want}, got shape {tuple(pixels.shape)}")
+        if self.placeholders == POOLED:
+            stride = int(config.spatial_pool_stride)
+            return _frame_regions(kind, frames, patch * stride, grid // stride, lead=False, drop_first=False)
+        cls = tower_has_cls(vision)
+        if kind == "video":
+            return _frame_regions(kind, frames, patch, grid, lead=cls and self.video_cls, drop_first=False)
+        default = getattr(config, "vision_feature_select_strategy", "default") == "default"
+        # Features are [CLS] + patches; "default" drops the first: the CLS token, or a CLS-less tower's first patch.
+        return _frame_regions(kind, frames, patch, grid, lead=cls and not default, drop_first=default and not cls)
+
+
+MEDIA_KINDS = ("image", "video")
+"""The kinds of media a family may take."""
+
+
+@dataclass(frozen=True)
+class MediaSteps:
+    """How one image or video divides into time steps (:meth:`Family.media_steps`).
+
+    Attributes:
+        steps: time steps ``T`` (frames; Qwen2-VL's temporal patches; 1 for an image).
+        tokens_per_step: placeholder tokens per step.
+        rows_per_step: rows of the vision tower's input per step (1 for a LLaVA family's frame, ``h * w``
+            patches for Qwen2-VL).
+    """
+
+    steps: int
+    tokens_per_step: int
+    rows_per_step: int
+
+
+@dataclass(frozen=True)
+class MediaRegions:
+    """The pixels behind the placeholder tokens of one image or video (:meth:`Family.media_regions`).
+
+    A media's tokens come time step by time step (a frame; a temporal patch of Qwen2-VL; one step for an
+    image); inside a step, an optional whole-frame token (a CLS token) first, then the spatial tokens in
+    the model's order.
+
+    Attributes:
+        kind: ``"image"`` or ``"video"``.
+        regions: float ``[T, N, D]``: per time step, the ``D`` pixel values (normalised, as the model sees
+            them) of each of its ``N`` spatial tokens.
+        lead: whether every time step starts with one token that stands for the whole frame (CLS).
+    """
+
+    kind: str
+    regions: torch.Tensor
+    lead: bool = False
+
+    @property
+    def steps(self) -> int:
+        """Time steps ``T``."""
+        return int(self.regions.shape[0])
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Placeholder tokens per time step: ``N``, plus one with a whole-frame token."""
+        return int(self.regions.shape[1]) + int(self.lead)
+
+    @property
+    def num_tokens(self) -> int:
+        """Placeholder tokens of the media."""
+        return self.steps * self.tokens_per_step
+
+
+def _frame_regions(
+    kind: str, frames: torch.Tensor, cell: int, cells: int, *, lead: bool, drop_first: bool
+) -> list[MediaRegions]:
+    """Square cells of ``cell`` pixels, ``cells`` a side, row by row, of frames ``[N, F, C, H, W]``."""
+    num, steps, channels = frames.shape[:3]
+    x = frames[..., : cells * cell, : cells * cell]
+    x = x.reshape(num, steps, channels, cells, cell, cells, cell).permute(0, 1, 3, 5, 2, 4, 6)
+    x = x.reshape(num, steps, cells * cells, channels * cell * cell)
+    if drop_first:
+        x = x[:, :, 1:]
+    return [MediaRegions(kind, x[i], lead) for i in range(num)]
+
+
+def _grid_regions(kind: str, pixels: torch.Tensor, grids: torch.Tensor, merge: int) -> list[MediaRegions]:
+    """Qwen2-VL patch rows ``[sum t*h*w, D]`` cut per media of grid ``(t, h, w)`` into ``merge x merge`` blocks."""
+    sizes = [(int(t), int(h), int(w)) for t, h, w in grids.tolist()]
+    total = sum(t * h * w for t, h, w in sizes)
+    if pixels.dim() != 2 or pixels.shape[0] != total:
+        raise ValueError(f"{kind} patches have shape {tuple(pixels.shape)}, but the grids {sizes} need {total} rows")
+    out, start = [], 0
+    for t, h, w in sizes:
+        rows = pixels[start : start + t * h * w]
+        out.append(MediaRegions(kind, rows.reshape(t, h * w // (merge * merge), merge * merge * pixels.shape[1])))
+        start += t * h * w
+    return out
+
 
 _LLAVA_IMAGE_REFUSAL = (
     "LLaVA-NeXT-Video encodes images with anyres tiling, which runs through the checkpoint's own image "
@@ -182,6 +368,7 @@ FAMILIES: dict[str, Family] = {
             placeholders=PATCHES,
             image_key=PIXEL_VALUES,
             unused_tower_heads=True,
+            encoders=(("image", "vision_tower", "multi_modal_projector"),),
         ),
         Family(
             LLAVA_NEXT_VIDEO,
@@ -197,6 +384,7 @@ FAMILIES: dict[str, Family] = {
             image_sizes_key=IMAGE_SIZES,
             video_processor="LlavaNextVideoVideoProcessor",
             unused_tower_heads=True,
+            encoders=(("video", "vision_tower", "multi_modal_projector"),),
         ),
         Family(
             VIDEO_LLAVA,
@@ -210,6 +398,10 @@ FAMILIES: dict[str, Family] = {
             video_key=PIXEL_VALUES_VIDEOS,
             video_processor="VideoLlavaVideoProcessor",
             unused_tower_heads=True,
+            encoders=(
+                ("image", "image_tower", "multi_modal_projector"),
+                ("video", "video_tower", "multi_modal_projector"),
+            ),
         ),
         Family(
             QWEN2_VL,
@@ -226,6 +418,7 @@ FAMILIES: dict[str, Family] = {
             vision_markers=True,
             token_types=True,
             seconds_per_grid=("qwen2_5_vl",),
+            encoders=(("image", "visual", "visual"), ("video", "visual", "visual")),
         ),
     )
 }
@@ -354,7 +547,8 @@ def resolve(model: nn.Module) -> ModelParts:
     raise TypeError(_supported_message(name))
 
 
-def _find(root: nn.Module, path: str) -> nn.Module | None:
+def find_module(root: nn.Module, path: str) -> nn.Module | None:
+    """The submodule of ``root`` at a dotted attribute ``path`` (``"visual.merger"``), or None."""
     module: Any = root
     for name in path.split("."):
         module = getattr(module, name, None)
@@ -372,10 +566,10 @@ def vision_parts(parts: ModelParts) -> tuple[list[nn.Module], list[nn.Module]]:
         ``(tower, projector)``, empty lists for a causal LM.
     """
     family, inner = parts.family, parts.inner
-    projector = [m for m in (_find(inner, p) for p in family.projectors) if m is not None]
+    projector = [m for m in (find_module(inner, p) for p in family.projectors) if m is not None]
     tower: list[nn.Module] = []
     for path in family.towers:
-        module = _find(inner, path)
+        module = find_module(inner, path)
         if module is None:
             continue
         inside = {p[len(path) + 1 :] for p in family.projectors if p.startswith(path + ".")}

@@ -133,3 +133,22 @@ CANDIDATES = "candidates"
 KEPT = "kept"
 """Candidates kept (computed by the student)."""
 TOTALS = (ACTIVE, TOKENS, SUPERVISED, TEACHER_SAMPLES, CANDIDATES, KEPT)
+
+VISUAL_PREFIX = "visual/"
+"""Prefix of everything ``VisualTokenElision`` logs."""
+VISUAL_KEPT_FRAC = VISUAL_PREFIX + "kept_frac"
+"""Kept visual candidates / visual candidates in the step (all ranks); shown in the progress bar."""
+VISUAL_ACTIVE_FRAC = VISUAL_PREFIX + "active_frac"
+"""Positions the decoder processed / non-padding positions (every policy's elisions counted)."""
+VISUAL_CUM_ACTIVE_TOKENS = VISUAL_PREFIX + "cum_active_tokens"
+VISUAL_CUM_TOKENS = VISUAL_PREFIX + "cum_tokens"
+VISUAL_CUM_VISUAL_TOKENS = VISUAL_PREFIX + "cum_visual_tokens"
+VISUAL_CUM_KEPT_VISUAL_TOKENS = VISUAL_PREFIX + "cum_kept_visual_tokens"
+VISUAL_SPARSE_STEP = VISUAL_PREFIX + "sparse_step"
+
+# Keys of ``VisualTokenElision.totals`` (besides ACTIVE and TOKENS): summed over ranks, saved in its state.
+VISUAL = "visual"
+"""Visual candidates seen."""
+VISUAL_KEPT = "visual_kept"
+"""Visual candidates kept (processed by the decoder)."""
+VISUAL_TOTALS = (ACTIVE, TOKENS, VISUAL, VISUAL_KEPT)

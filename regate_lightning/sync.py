@@ -8,6 +8,8 @@ with ``strategy.all_gather`` (torch.distributed underneath) and trimmed again.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from lightning.pytorch.strategies import Strategy
 
@@ -35,3 +37,17 @@ def all_gather_ragged(strategy: Strategy, tensors: list[torch.Tensor]) -> list[t
         gathered = strategy.all_gather(padded).reshape(strategy.world_size, width)
         out.append(torch.cat([gathered[r, : int(all_lengths[r, i])] for r in range(strategy.world_size)]))
     return out
+
+
+def sum_over_ranks(strategy: Strategy, values: Sequence[int | torch.Tensor]) -> list[int]:
+    """Whole counts summed over ranks in one all-reduce (the values themselves on one process).
+
+    Args:
+        strategy: the trainer's strategy.
+        values: this rank's counts (ints or 0-d integer tensors on any device).
+
+    Returns:
+        The sums, in the order of ``values``, the same on every rank.
+    """
+    counts = torch.stack([torch.as_tensor(v).to(torch.float64).cpu() for v in values]).to(strategy.root_device)
+    return [int(v) for v in strategy.reduce(counts, reduce_op="sum").tolist()]

@@ -26,43 +26,97 @@ def run_script(*args: str) -> str:
     return proc.stdout
 
 
-def check_shape_figures(shape: dict) -> None:
+def check_shape_figures(shape: dict, profiled: bool = False) -> None:
+    from benchmarks.step_profile import SEGMENTS
+
     base = shape["baseline"]
     assert base["median_s"] > 0 and base["active_fraction"] == 1.0
     for r in shape["regate"]:
         assert r["median_s"] > 0 and r["ratio"] > 0 and r["callback_s"] > 0
         assert r["ideal_ratio"] == pytest.approx(r["active_tokens"] / base["tokens"])
-        if r["keep_ratio"] == 1.0:
+        if r["keep_ratio"] == 1.0 and r["visual_keep"] is None:
             assert r["ideal_ratio"] == 1.0 and r["activation_bytes"] == base["activation_bytes"]
         else:
             assert 0 < r["ideal_ratio"] < 1 and 0 < r["activation_bytes"] < base["activation_bytes"]
+        assert r["decoder_length"] <= base["decoder_length"] == shape["shape"]["length"]
+    if profiled:
+        for r in [base, *shape["regate"]]:
+            assert set(r["profile"]) == {*SEGMENTS, "total"} and r["profile"]["total"] > 0
+            assert r["profile"]["vision_fwd"] > 0 and r["profile"]["decoder_fwd"] > 0 and r["profile"]["optimizer"] > 0
+            assert r["profile"]["total"] == pytest.approx(sum(r["profile"][k] for k in SEGMENTS), rel=0.2)
+        for r in shape["regate"]:
+            model = r["cost_model"]
+            assert model["predicted_ratio"] > 0 and r["model_gap"] == pytest.approx(
+                r["ratio"] / model["predicted_ratio"] - 1
+            )
 
 
 def test_throughput_smoke(tmp_path):
-    out = run_script("benchmarks/throughput.py", "--smoke", "--out", str(tmp_path))
-    for text in ("ReGATE throughput", "baseline |", "regate p=0.5 |", "ratio (ideal)", "Targets", "target checks"):
+    out = run_script(
+        "benchmarks/throughput.py",
+        "--smoke",
+        "--visual-keeps",
+        "0.5",
+        "--both",
+        "0.5:0.5",
+        "--visual-selection",
+        "uniform",
+        "--profile-repeats",
+        "1",
+        "--out",
+        str(tmp_path),
+    )
+    for text in ("Elision throughput", "baseline |", "regate p=0.5 |", "visual v=0.5 |", "ratio (ideal)", "Profile"):
         assert text in out, text
+    assert "Targets" in out and "target checks" in out
     result = json.loads((tmp_path / "throughput.json").read_text())
     assert [round(s["shape"]["answer_share"], 1) for s in result["shapes"]] == [0.2, 0.5]
     for shape in result["shapes"]:
-        assert [r["keep_ratio"] for r in shape["regate"]] == [0.5, 1.0]
-        check_shape_figures(shape)
+        assert [r["variant_short"] for r in shape["regate"]] == ["p=0.5", "p=1", "v=0.5", "p=0.5+v=0.5"]
+        check_shape_figures(shape, profiled=True)
+        uniform = shape["regate"][2]  # every other frame elided whole: the tower skips them
+        assert uniform["skipped_steps"] > 0 and shape["media_steps"] > uniform["skipped_steps"]
     assert {t["target"] for t in result["targets"]} == {
         "ratio within 10% of ideal",
         "callback overhead < 3%",
+        "ratio within 5% of cost model",
+        "speed-up >= 1.4x",
         "activation memory falls with active fraction",
     }
 
 
 def test_gpu_script_cpu_smoke(tmp_path):
     out = run_script("benchmarks/gpu_throughput.py", "--smoke", "--out", str(tmp_path))
-    assert "ReGATE GPU throughput" in out and "a48-p0.5 |" in out and "a24 |" in out
+    assert "Elision GPU throughput" in out and "a48 |" in out and "a24 |" in out and "Profile" in out
     result = json.loads((tmp_path / "gpu_throughput.json").read_text())
     assert result["errors"] == []
-    assert [s["label"] for s in result["shapes"]] == ["a48-p0.5", "a48-more", "a24"]
+    labels = ["a48", "a24", "a48-frames", "a48-frames-noskip", "a48-more"]
+    assert [s["label"] for s in result["shapes"]] == labels
     for shape in result["shapes"]:
-        check_shape_figures(shape)
+        check_shape_figures(shape, profiled=True)
+    by_label = {s["label"]: s for s in result["shapes"]}
+    skipped = [r["skipped_steps"] for r in by_label["a48-frames"]["regate"]]
+    assert all(n > 0 for n in skipped), "whole frames elided: the tower skipped them"
+    assert [r["skipped_steps"] for r in by_label["a48-frames-noskip"]["regate"]] == [0, 0]
     assert result["environment"]["torch"] and result["environment"]["transformers"]
+
+
+def test_gpu_script_arguments():
+    from benchmarks.gpu_throughput import config_from_args, parser
+
+    gpu = config_from_args(parser().parse_args([]))
+    assert gpu.device == "cuda" and gpu.visual_tokens == 1536 and gpu.batch_size == 2 and gpu.tag == ""
+    assert [p.name for p in gpu.parts] == ["a1024", "a512", "a1024-frames", "a1024-frames-noskip", "a1024-more"]
+    headline = gpu.parts[0]
+    assert [v.short for v in headline.variants] == ["p=0.5", "v=0.5", "p=0.5+v=0.5"] and not headline.optional
+    assert gpu.parts[3].selection == "temporal_frames" and not gpu.parts[3].step_skip
+    cpu = config_from_args(parser().parse_args(["--cpu", "--only", "a256,a128"]))
+    assert cpu.device == "cpu" and cpu.visual_tokens == 384 and cpu.tag == "-a256-a128"
+    assert all(not p.optional for p in cpu.parts)
+    with pytest.raises(SystemExit, match="no part named"):
+        config_from_args(parser().parse_args(["--only", "a999"]))
+    with pytest.raises(SystemExit, match="two different CPU runs"):
+        config_from_args(parser().parse_args(["--cpu", "--smoke"]))
 
 
 def test_common_doctests():

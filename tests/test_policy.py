@@ -32,7 +32,7 @@ SPARSE = {"keep_ratio": 0.5, "warmup_steps": 0, "cycle_steps": 2, "full_steps": 
 
 def test_the_core_imports_without_lightning_or_transformers():
     code = (
-        "import sys, regate_lightning.policy, regate_lightning.selection\n"
+        "import sys, regate_lightning.policy, regate_lightning.selection, regate_lightning.visual\n"
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', 'transformers'})\n"
         "assert not heavy, heavy\n"
     )

@@ -21,11 +21,13 @@ def test_recipe_parses(recipe, capsys):
     assert printed["model"]["model"] and printed["data"]["class_path"]
 
 
-@pytest.mark.parametrize("name", ["debug", "demo"])
-def test_regate_recipe_differs_only_in_callbacks(name):
+@pytest.mark.parametrize(
+    ("name", "other"), [("debug", "debug_regate"), ("demo", "demo_regate"), ("demo_regate", "demo_visual")]
+)
+def test_regate_recipe_differs_only_in_callbacks(name, other):
     folder = RECIPES[0].parent
     base = yaml.safe_load((folder / f"{name}.yaml").read_text())
-    regate = yaml.safe_load((folder / f"{name}_regate.yaml").read_text())
+    regate = yaml.safe_load((folder / f"{other}.yaml").read_text())
     for config in (base, regate):
         config["trainer"].pop("callbacks", None)
         config["trainer"].pop("logger", None)  # each writes its own run folder
