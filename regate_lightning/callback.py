@@ -42,6 +42,8 @@ from regate_lightning.keys import (
     NUM_ACTIVE,
     NUM_TARGETS,
     NUM_TOKENS,
+    REPLACED,
+    REPLACED_SAMPLES,
     SPARSE_STEP,
     SUPERVISED,
     TEACHER_CALLS,
@@ -56,7 +58,7 @@ from regate_lightning.strategies import check_strategy, check_unsharded
 from regate_lightning.sync import all_gather_ragged
 from regate_lightning.teacher import STUDENT, Teacher
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 STORE_DEVICES = ("cpu", "model")
 
 
@@ -138,6 +140,7 @@ class ReGATECallback(Callback):
         self.store_device = store_device
         self.totals = dict.fromkeys(TOTALS, 0)
         self._restored: dict[str, Any] | None = None
+        self._warned_replaced = False
         self._plan: StepPlan | None = None
         self.last_plan: StepPlan | None = None
 
@@ -222,7 +225,21 @@ class ReGATECallback(Callback):
         plan.apply(batch)
         # Counted over all ranks, like the other totals, so it is the same on every rank and in checkpoints.
         self.totals[TEACHER_SAMPLES] += plan.scored
+        if plan.replaced:
+            self._report_replaced(plan.replaced)
         self._plan = self.last_plan = plan
+
+    def _report_replaced(self, replaced: int) -> None:
+        """Count restored entries that belonged to other content; say so in the log the first time."""
+        if not self._warned_replaced:
+            self._warned_replaced = True
+            rank_zero_warn(
+                f"ReGATE: {replaced} sample(s) of this step had stored values (from the checkpoint or `ref_cache`) "
+                "made from other content (the record changed, or another record now has its id): they were "
+                f"dropped, the teacher scores those samples again and their EMA restarts. Counted in "
+                f"`{REPLACED_SAMPLES}`."
+            )
+        self.totals[REPLACED] += replaced
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -266,6 +283,7 @@ class ReGATECallback(Callback):
             MEAN_EMA: _nanmean(plan.difficulty),
             SPARSE_STEP: float(plan.sparse),
             TEACHER_CALLS: float(self.totals[TEACHER_SAMPLES]),
+            REPLACED_SAMPLES: float(self.totals[REPLACED]),
         }
         pl_module.log(KEPT_FRAC, step[KEPT] / max(step[CANDIDATES], 1), prog_bar=True, batch_size=size)
         pl_module.log_dict(metrics, batch_size=size)
@@ -287,10 +305,11 @@ class ReGATECallback(Callback):
     # Checkpointing.
 
     def state_dict(self) -> dict[str, Any]:
-        """Version, arguments that must match, the score store and the counters."""
+        """Version, arguments that must match, the settings that may change, the score store and the counters."""
         return {
             "version": STATE_VERSION,
             "arguments": self.policy.arguments(),
+            "settings": self.policy.settings(),
             "bank": None if self.bank is None else _to_cpu(self.bank.state_dict()),
             "totals": dict(self.totals),
             "fingerprint": dict(self.fingerprint),
@@ -306,6 +325,12 @@ class ReGATECallback(Callback):
         if mismatch:
             details = ", ".join(f"`{k}` saved {a!r}, now {b!r}" for k, (a, b) in mismatch.items())
             raise ValueError(f"cannot resume ReGATE state: {details}. Resume with the same values or start afresh")
+        saved_settings = state_dict.get("settings") or {}
+        now = self.policy.settings()
+        changed = {k: (saved_settings[k], v) for k, v in now.items() if saved_settings.get(k, v) != v}
+        if changed:
+            details = ", ".join(f"`{k}` {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            rank_zero_info(f"ReGATE: resuming with changed settings ({details}); from here on the new values apply")
         if self.bank is None:
             self._restored = state_dict
         else:
