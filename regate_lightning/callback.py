@@ -212,14 +212,6 @@ class ReGATECallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         """Plan the step (score the batch) and, in a sparse step, write ``batch["keep_mask"]``."""
-        if batch is None:  # every sample of the batch skipped by the data's on_error="skip" policy
-            if trainer.world_size > 1:
-                raise RuntimeError(
-                    "a whole batch was skipped by the data's on_error='skip' policy on one process; under several "
-                    "processes every rank must run every step (DDP synchronises gradients), so fix or remove the bad "
-                    "records, or use a larger batch size"
-                )
-            return
         context = trainer.precision_plugin.forward_context
         plan = self.policy.plan(batch, trainer.global_step, gather=_gather(trainer), context=context)
         plan.apply(batch)

@@ -86,6 +86,10 @@ class Family:
         seconds_per_grid: the model types that also take ``second_per_grid_ts`` per video (Qwen2.5-VL).
         unused_tower_heads: whether the tower's final norm and pooling head never reach the loss (the
             family reads the tower's hidden states, so under DDP those parameters get no gradient).
+        frames_alone: whether the model encodes every frame of a ``[N, T, 3, H, W]`` video tensor on its
+            own (tower, resampler and projector per frame, features in frame order), so clips of different
+            lengths can be passed as one ``[1, sum(T), 3, H, W]`` tensor with the same features in the same
+            order (checked against per-sample runs in ``tests/test_data_collate.py``).
     """
 
     name: str
@@ -104,6 +108,7 @@ class Family:
     token_types: bool = False
     seconds_per_grid: tuple[str, ...] = ()
     unused_tower_heads: bool = False
+    frames_alone: bool = False
 
     @property
     def multimodal(self) -> bool:
@@ -179,6 +184,7 @@ FAMILIES: dict[str, Family] = {
             video_key=PIXEL_VALUES_VIDEOS,
             image_refusal=_LLAVA_IMAGE_REFUSAL,
             unused_tower_heads=True,
+            frames_alone=True,
         ),
         Family(
             VIDEO_LLAVA,
@@ -191,6 +197,7 @@ FAMILIES: dict[str, Family] = {
             image_key=PIXEL_VALUES_IMAGES,
             video_key=PIXEL_VALUES_VIDEOS,
             unused_tower_heads=True,
+            frames_alone=True,
         ),
         Family(
             QWEN2_VL,

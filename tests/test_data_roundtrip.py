@@ -12,11 +12,13 @@ from regate_lightning.data import (
     ConversationDataset,
     DataError,
     FrameSampling,
+    SkipCounter,
     Turn,
     VisionSpec,
     load_image,
     qwen_patchify,
 )
+from regate_lightning.data.datasets import sample_key
 from regate_lightning.data.render import FALLBACK_CHAT_TEMPLATE
 from regate_lightning.keys import IGNORE_INDEX, SAMPLE_IDX
 from regate_lightning.testing import tiny
@@ -88,13 +90,13 @@ def test_both_formats_train_the_tiny_students(media, factory, kind, tokens):
     names = ["a.mp4", "b.mp4"] if kind == "video" else ["c.png", "d.jpg"]
     llava_file, msgs_file = _files(media, kind, names)
     collate = Collator(tokenizer())
-    for path in (llava_file, msgs_file):
+    for prefix, path in (("l", llava_file), ("m", msgs_file)):
         dataset = ConversationDataset(path, renderer, FRAMES)
         batch = collate([dataset[0], dataset[1]])
         token = spec.image_token_id if kind == "image" else spec.video_token_id
         assert (batch["input_ids"] == token).sum(1).tolist() == [tokens, tokens]
         assert _expected_tokens(spec, kind, FRAMES.num_frames) == tokens
-        assert batch[SAMPLE_IDX].tolist() == [0, 1]
+        assert batch[SAMPLE_IDX].tolist() == [sample_key(f"id {prefix}0"), sample_key(f"id {prefix}1")]
         _train_step(model, batch)
 
 
@@ -250,8 +252,11 @@ def test_unsupported_media_kinds_are_refused_with_the_fix(media):
         ConversationDataset(llava_image, next_video, FRAMES)
     assert info.value.reason == "unsupported_media" and "l0" in str(info.value)
     image_only = ChatRenderer(tokenizer(), VisionSpec.from_model(tiny.tiny_llava()))
-    dataset = ConversationDataset(llava_video, image_only, FRAMES, on_error="skip")
-    assert len(dataset) == 0 and dataset.counter.counts()["unsupported_media"] == 1
+    counter = SkipCounter()
+    refused = r"video_llava\.json: none of its 1 records can be used \(unsupported_media 1\)"
+    with pytest.raises(DataError, match=refused):
+        ConversationDataset(llava_video, image_only, FRAMES, on_error="skip", counter=counter)
+    assert counter.counts()["unsupported_media"] == 1
 
 
 def test_tokenizer_model_mismatch_is_caught():

@@ -9,8 +9,8 @@ The pipeline, one file per step::
     datasets.py       ConversationDataset / MultipleChoiceDataset: lazy decoding in __getitem__
     collate.py        samples -> batch of the HF model's own keys + labels + sample_idx (max_length)
     synthetic.py      the demo set of moving shapes, and its tokenizer
-    datamodule.py     ConversationDataModule (user files), SyntheticVideoQADataModule (the demo set)
-    errors.py         DataError, MediaError, SkipCounter
+    datamodule.py     ConversationDataModule (user files, DataFile), SyntheticVideoQADataModule (the demo set)
+    errors.py         DataError, MediaError, SkipCounter (per epoch and per record)
 
 Typical use::
 
@@ -28,6 +28,11 @@ from regate_lightning._imports import lazy_exports
 # Pillow only where decoding is needed).
 _EXPORTS: dict[str, str] = {
     "Collator": "regate_lightning.data.collate",
+    "ConversationDataModule": "regate_lightning.data.datamodule",
+    "DataFile": "regate_lightning.data.datamodule",
+    "SkipReport": "regate_lightning.data.datamodule",
+    "SyntheticVideoQADataModule": "regate_lightning.data.datamodule",
+    "load_tokenizer": "regate_lightning.data.datamodule",
     "fit_length": "regate_lightning.data.collate",
     "IMAGE_MARKER": "regate_lightning.data.conversations",
     "VIDEO_MARKER": "regate_lightning.data.conversations",
@@ -45,10 +50,12 @@ _EXPORTS: dict[str, str] = {
     "FrameSampling": "regate_lightning.data.datasets",
     "MultipleChoiceDataset": "regate_lightning.data.datasets",
     "load_media": "regate_lightning.data.datasets",
+    "sample_key": "regate_lightning.data.datasets",
     "SKIP_REASONS": "regate_lightning.data.errors",
     "DataError": "regate_lightning.data.errors",
     "MediaError": "regate_lightning.data.errors",
     "SkipCounter": "regate_lightning.data.errors",
+    "describe_counts": "regate_lightning.data.errors",
     "FALLBACK_CHAT_TEMPLATE": "regate_lightning.data.render",
     "ChatRenderer": "regate_lightning.data.render",
     "Sample": "regate_lightning.data.render",
@@ -62,7 +69,9 @@ _EXPORTS: dict[str, str] = {
     "CLIP_STD": "regate_lightning.data.video",
     "SIGLIP_MEAN": "regate_lightning.data.video",
     "SIGLIP_STD": "regate_lightning.data.video",
+    "FOLDER_FPS": "regate_lightning.data.video",
     "DecodedVideo": "regate_lightning.data.video",
+    "frame_files": "regate_lightning.data.video",
     "decode_video": "regate_lightning.data.video",
     "encode_video": "regate_lightning.data.video",
     "load_image": "regate_lightning.data.video",
@@ -71,56 +80,11 @@ _EXPORTS: dict[str, str] = {
     "sample_video": "regate_lightning.data.video",
     "ProcessedMedia": "regate_lightning.data.vision",
     "VisionSpec": "regate_lightning.data.vision",
+    "join_media": "regate_lightning.data.vision",
     "qwen_patchify": "regate_lightning.data.vision",
 }
 
-__all__ = [
-    "ANSWER_IDX",
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "FALLBACK_CHAT_TEMPLATE",
-    "IMAGE_MARKER",
-    "OPTION_IDX",
-    "QUESTION_IDX",
-    "SIGLIP_MEAN",
-    "SIGLIP_STD",
-    "SKIP_REASONS",
-    "TASK",
-    "VIDEO_MARKER",
-    "ChatRenderer",
-    "ChoiceRecord",
-    "Collator",
-    "ConversationDataset",
-    "DataError",
-    "DecodedVideo",
-    "FrameSampling",
-    "Media",
-    "MediaError",
-    "MultipleChoiceDataset",
-    "ProcessedMedia",
-    "Record",
-    "Sample",
-    "SkipCounter",
-    "SyntheticPaths",
-    "Turn",
-    "VisionSpec",
-    "classify_words",
-    "decode_video",
-    "encode_video",
-    "ensure_synthetic",
-    "fit_length",
-    "load_image",
-    "load_media",
-    "normalize",
-    "qwen_patchify",
-    "read_choice_records",
-    "read_records",
-    "resize_frames",
-    "sample_video",
-    "synthetic_tokenizer",
-    "train_tokenizer",
-    "visual_words",
-]
+__all__ = sorted(_EXPORTS)
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
