@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,7 +107,9 @@ def load_cache(path: str | os.PathLike, fingerprint: dict[str, Any]) -> dict[str
         return None
     fix = "delete it (or point `ref_cache` at another file) and the reference losses are computed again"
     try:
-        payload = torch.load(target, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's "file an issue" about a pickle protocol is not for our user
+            warnings.simplefilter("ignore", UserWarning)
+            payload = torch.load(target, map_location="cpu", weights_only=True)
     except Exception as err:  # a foreign or damaged file; torch's own advice (weights_only=False) is wrong here
         raise ValueError(
             f"reference cache {target} is not a readable reference cache ({_load_failure(err)}); {fix}"
@@ -129,10 +132,11 @@ def load_cache(path: str | os.PathLike, fingerprint: dict[str, Any]) -> dict[str
 
 def _load_failure(err: BaseException) -> str:
     """What went wrong reading a file, in one line, without torch's advice to load it unsafely."""
-    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    if "weights_only" in str(err) or "Weights only load failed" in first:
+    if "weights_only" in str(err) or "Weights only load failed" in str(err):
         return "it holds objects other than tensors and plain containers"
-    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+    if isinstance(err, EOFError) or "central directory" in str(err):
+        return "it ends early: truncated, e.g. by a full disk or an interrupted copy"
+    return f"damaged, or another kind of file: {type(err).__name__}"
 
 
 def load_into(bank: ScoreBank, payload: dict[str, Any]) -> int:

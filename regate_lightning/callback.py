@@ -98,6 +98,7 @@ class ReGATECallback(Callback):
         policy: the :class:`~regate_lightning.policy.ReGATEPolicy` that makes every decision.
         totals: counters over the run (keys :data:`~regate_lightning.keys.TOTALS`), summed over ranks.
         last_plan: the policy's plan of the latest training batch (for reports).
+        cache_samples: samples whose reference losses were read from ``ref_cache`` when fitting started.
     """
 
     def __init__(
@@ -141,6 +142,7 @@ class ReGATECallback(Callback):
         self.totals = dict.fromkeys(TOTALS, 0)
         self._restored: dict[str, Any] | None = None
         self._warned_replaced = False
+        self.cache_samples = 0
         self._plan: StepPlan | None = None
         self.last_plan: StepPlan | None = None
 
@@ -183,8 +185,8 @@ class ReGATECallback(Callback):
             assert self.policy.bank is not None
             payload = load_cache(self.ref_cache, self.policy.fingerprint)
             if payload is not None:
-                loaded = load_into(self.policy.bank, payload)
-                rank_zero_info(f"ReGATE: read reference losses of {loaded} samples from {self.ref_cache}")
+                self.cache_samples = load_into(self.policy.bank, payload)
+                rank_zero_info(f"ReGATE: read reference losses of {self.cache_samples} samples from {self.ref_cache}")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Place the teacher on the student's device and the store on ``store_device``.

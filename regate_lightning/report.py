@@ -195,6 +195,7 @@ def run_summary(trainer: pl.Trainer, regate: ReGATECallback) -> dict[str, float]
         "candidates_kept": float(totals[KEPT]),
         "supervised_trained": float(totals[SUPERVISED]),
         "teacher_samples": float(totals[TEACHER_SAMPLES]),
+        "cache_samples": float(regate.cache_samples),
     }
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     if acc_metric(VAL) in metrics:
@@ -226,6 +227,7 @@ def render_text(
             f"  answer-token candidates kept: {summary['candidates_kept']:.0f} of {summary['candidates']:.0f} "
             f"({100 * summary['candidates_kept'] / summary['candidates']:.1f} %); teacher scored "
             f"{summary['teacher_samples']:.0f} samples once each"
+            + (f", {summary['cache_samples']:.0f} read from ref_cache" if summary.get("cache_samples") else "")
         )
     if contrast:
         lines.append("  reference loss (text-only teacher), mean per token:")
