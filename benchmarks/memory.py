@@ -266,8 +266,8 @@ def table(report: Report) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> Report:
-    """Parse the arguments, run, print the table."""
+def parser() -> argparse.ArgumentParser:
+    """The command line of this script."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=1_000_000, help="training samples (N)")
     parser.add_argument("--candidates", type=int, default=100, help="candidate answer tokens per sample")
@@ -279,13 +279,19 @@ def main(argv: Sequence[str] | None = None) -> Report:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--smoke", action="store_true", help=f"a tiny size that runs in seconds: {SMOKE}")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> Report:
+    """Parse the arguments, run, print the table."""
+    cli = parser()
+    args = cli.parse_args(argv)
     if args.smoke:
         for key, value in SMOKE.items():
             setattr(args, key, value)
     for name in ("samples", "candidates", "vocab", "batch", "repeats", "chunk"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
+            cli.error(f"--{name} must be >= 1")
     args.batch = min(args.batch, args.samples)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
