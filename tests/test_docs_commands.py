@@ -23,6 +23,7 @@ How a command is checked:
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -35,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tomllib
 import yaml
+from script_loader import load_script
 
 from regate_lightning.cli import main
 
@@ -148,18 +149,6 @@ class PrintConfig:
             assert regate[0]["init_args"].get("ref_cache") or config["score"]["ref_cache"], f"{command!r}: no ref_cache"
 
 
-def _script(path: str) -> Any:
-    spec = importlib.util.spec_from_file_location(f"docs_{Path(path).stem}", ROOT / path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop(spec.name, None)
-    return module
-
-
 @dataclass(frozen=True)
 class Args:
     """A benchmark's arguments, parsed by the script's own ``parser()``; ``covered_by`` runs its code."""
@@ -170,7 +159,7 @@ class Args:
     def check(self, command: str, cwd: Path, capsys) -> None:
         words = [w for w in shlex.split(command) if not _ENV.fullmatch(w)]
         assert words[0] == "python" and words[1].startswith("benchmarks/"), command
-        _script(words[1]).parser().parse_args(words[2:])
+        load_script(words[1]).parser().parse_args(words[2:])
         _covered(self.covered_by)
 
 
@@ -197,7 +186,7 @@ class Script:
         if self.runs is not None:
             assert self.runs in CHECKS and self.runs.removeprefix("regate-lightning ") in script.read_text(), self.runs
         if self.passes_to is not None:  # its extra arguments go to this script's parser
-            _script(self.passes_to).parser().parse_args(words[2:])
+            load_script(self.passes_to).parser().parse_args(words[2:])
         if self.covered_by is not None:
             _covered(self.covered_by)
 
@@ -211,7 +200,7 @@ class Install:
 
     def check(self, command: str, cwd: Path, capsys) -> None:
         assert ("<" in command) == self.template, command
-        project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+        extras = importlib.metadata.metadata("regate-lightning").get_all("Provides-Extra") or []
         ci = (ROOT / "scripts" / "setup.sh").read_text() + (ROOT / "scripts" / "test.sh").read_text()
         for part in command.split("&&"):
             words = shlex.split(part)
@@ -225,9 +214,9 @@ class Install:
                 assert (ROOT / words[words.index("-c") + 1]).is_file()
             if "-e" in words:
                 target = words[words.index("-e") + 1]
-                extras = re.fullmatch(r"\.(?:\[(\w+)\])?", target)
-                assert extras, f"{part!r}: install this repository with -e ."
-                assert extras.group(1) in (None, *project["optional-dependencies"])
+                this = re.fullmatch(r"\.(?:\[(\w+)\])?", target)
+                assert this, f"{part!r}: install this repository with -e ."
+                assert this.group(1) in (None, *extras), f"{part!r}: no extra {this.group(1)!r}"
                 assert '-c "$root/constraints.txt" -e "$root[' in ci
             for pin in (w for w in words if "==" in w):
                 assert pin in ci, f"{pin} is not what CI installs"
