@@ -61,6 +61,8 @@ DATA_SKIPPED_EPOCH = "data/skipped_epoch"
 """Training samples skipped in the epoch that just ended."""
 VAL, TEST = "val", "test"
 """The evaluation stages, as metric prefixes."""
+TRAIN = "train"
+"""The training stage (the data module's skip reports are per stage)."""
 
 
 def loss_metric(stage: str) -> str:

@@ -30,6 +30,7 @@ from regate_lightning.keys import (
     KEEP_MASK,
     QUESTION_IDX,
     TEST,
+    TRAIN,
     TRAIN_LOSS,
     VAL,
     acc_metric,
@@ -253,7 +254,7 @@ class MLLMModule(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         """Report the inputs the data skipped (``on_error="skip"``) by reason; log this epoch's and the total."""
-        report = self._report_skips("train")
+        report = self._report_skips(TRAIN)
         if report is not None:
             self.log(DATA_SKIPPED_EPOCH, float(sum(report.period.values())))
             self.log(DATA_SKIPPED, float(sum(report.total.values())))

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from data_fixtures import llava_record, write_records, write_video
+from data_fixtures import iterate_with_an_empty_batch, llava_record, write_records, write_video
 
 from regate_lightning import MLLMModule
 from regate_lightning.data import ConversationDataModule, DataError, DataFile
@@ -117,3 +117,20 @@ def test_skips_are_counted_per_epoch_and_once_per_record_and_steps_stay_contiguo
     steps = [int(row["step"]) for row in rows if "train/loss" in row]
     assert steps == list(range(trainer.global_step)) and trainer.global_step >= 3
     assert len({json.dumps(row, sort_keys=True) for row in rows}) == len(rows), "no duplicate rows"
+
+
+@pytest.mark.slow
+def test_an_empty_batch_under_several_processes_stops_with_a_clear_error(tmp_path):
+    """One process leaves an empty batch out; several cannot (DDP runs every step on every rank): they stop."""
+    from regate_lightning.data import NonEmptyDataLoader
+
+    loader = NonEmptyDataLoader(list(range(4)), batch_size=2, collate_fn=lambda xs: None if 2 in xs else xs)
+    assert list(loader) == [[0, 1]] and len(loader) == 2
+    context = torch.multiprocessing.get_context("spawn")
+    errors = context.SimpleQueue()
+    torch.multiprocessing.start_processes(
+        iterate_with_an_empty_batch, args=(2, f"file://{tmp_path / 'rendezvous'}", errors), nprocs=2,
+        start_method="spawn",
+    )
+    messages = [errors.get() for _ in range(2)]
+    assert all("every rank must run every step" in m for m in messages)

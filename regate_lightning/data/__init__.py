@@ -17,7 +17,7 @@ Typical use::
     spec = VisionSpec.from_model(model)
     renderer = ChatRenderer(tokenizer, spec)
     dataset = ConversationDataset("train.json", renderer, FrameSampling(num_frames=8), on_error="skip")
-    loader = DataLoader(dataset, batch_size=4, collate_fn=Collator(tokenizer, max_length=2048))
+    loader = NonEmptyDataLoader(dataset, batch_size=4, collate_fn=Collator(tokenizer, max_length=2048))
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from regate_lightning._imports import lazy_exports
 # Pillow only where decoding is needed).
 _EXPORTS: dict[str, str] = {
     "Collator": "regate_lightning.data.collate",
+    "NonEmptyDataLoader": "regate_lightning.data.collate",
     "ConversationDataModule": "regate_lightning.data.datamodule",
     "DataFile": "regate_lightning.data.datamodule",
     "SkipReport": "regate_lightning.data.datamodule",

@@ -38,12 +38,9 @@ from regate_lightning.data.render import ChatRenderer
 from regate_lightning.data.synthetic import ensure_synthetic, synthetic_tokenizer
 from regate_lightning.data.video import FOLDER_FPS
 from regate_lightning.data.vision import VisionSpec
-from regate_lightning.keys import VAL
+from regate_lightning.keys import TRAIN, VAL
 
 log = logging.getLogger("regate_lightning.data")
-
-TRAIN = "train"
-"""The training stage, as :meth:`ConversationDataModule.report_skips` names it."""
 
 
 @dataclass(frozen=True)

@@ -128,7 +128,11 @@ class SkipCounter:
         self._warned: set[str] = set()
 
     def track(self, num_records: int) -> None:
-        """Size the table of skipped records for a dataset of ``num_records`` (call before workers start)."""
+        """Size the table of skipped records for a dataset of ``num_records`` (call before workers start).
+
+        Records are told apart by their index, so :meth:`records` counts one dataset's records: give each
+        dataset its own counter (``ConversationDataModule`` keeps one for training and one for validation).
+        """
         if num_records > self._marks.numel():
             marks = torch.zeros(num_records, dtype=torch.int8)
             marks[: self._marks.numel()] = self._marks
