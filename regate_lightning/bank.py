@@ -302,11 +302,10 @@ class ScoreBank(nn.Module):
             if bool(clash.any()):
                 b = int(clash.nonzero()[0, 0])
                 r = int(srows[b])
-                raise ValueError(
-                    f"sample {int(uidx[seen][b])} had {int(self.length[r])} candidates (content digest "
-                    f"{int(self.digest[r])}) when first seen and has {int(ucounts[seen][b])} (digest "
-                    f"{int(udigs[seen][b])}) now; the data must render each sample identically (same template, "
-                    "same truncation) across epochs, and sample keys must be unique"
+                raise _changed(
+                    int(uidx[seen][b]),
+                    f"{int(self.length[r])} candidates (content digest {int(self.digest[r])})",
+                    f"{int(ucounts[seen][b])} (digest {int(udigs[seen][b])})",
                 )
             replace = (seen.nonzero().flatten())[~matches]
         new = (~seen).nonzero().flatten()
@@ -403,11 +402,7 @@ class ScoreBank(nn.Module):
         mismatch = self.length[rows] != counts
         if bool(mismatch.any()):
             b = int(mismatch.nonzero()[0, 0])
-            raise ValueError(
-                f"sample {int(idx[b])} was registered with {int(self.length[rows[b]])} candidates and has "
-                f"{int(counts[b])} now; the data must render each sample identically (same template, "
-                "same truncation) across epochs"
-            )
+            raise _changed(int(idx[b]), f"{int(self.length[rows[b]])} candidates", f"{int(counts[b])}")
         return self._slots_of_rows(rows, counts)
 
     def _slots_of_rows(self, rows: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
@@ -719,6 +714,14 @@ class ScoreBank(nn.Module):
                 bad = low if low < 0 else high
                 raise ValueError(f"`target_ids_flat` must be in [0, {self.vocab_size}), got {bad}")
         return ids
+
+
+def _changed(key: int, before: str, now: str) -> ValueError:
+    """The error for a sample that comes back with other content than it was registered with."""
+    return ValueError(
+        f"sample {key} had {before} when first seen and has {now} now; the data must render each sample "
+        "identically (same template, same truncation) across epochs, and sample keys must be unique"
+    )
 
 
 def _mean_of_finite(keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:

@@ -96,7 +96,7 @@ def test_register_count_mismatch() -> None:
     # Atomic: the unseen sample 4 of the failed call was not registered.
     assert bank.num_samples == 2
     assert not bank.is_registered(_i(4)).item()
-    with pytest.raises(ValueError, match=r"sample 17 was registered with 12 candidates and has 11 now"):
+    with pytest.raises(ValueError, match=r"sample 17 had 12 candidates when first seen and has 11 now"):
         bank.get_ema(_i(17), _i(11))
 
 
