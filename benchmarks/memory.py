@@ -11,13 +11,16 @@ answer tokens each (every sample registered and given reference losses, as after
   ``fit`` does at start);
 * the per-step lookup time of a training batch of ``--batch`` samples: ``register`` + ``has_ref`` +
   ``difficulty`` + ``get_ref`` + ``update``, what ``ReGATECallback`` calls per step, median over
-  ``--repeats`` random batches of already-registered samples (the steady state).
+  ``--repeats`` random batches of already-registered samples (the steady state), and the time to
+  register a batch of unseen samples into the full store (a first-epoch step: the key index grows).
 
-Formulas (N_cand candidates in all, N_samples = max sample index + 1, V = vocabulary size):
-bank used bytes = ``8 N_cand + 16 N_samples + 4 V`` (float32 EMA and reference per candidate,
-int64 offset and length per sample, float32 EMA per vocabulary id); cache file = ``4 N_cand + 16
-N_samples`` plus a few hundred bytes of container (float32 reference per candidate, int64 sample id
-and count per sample); bank state_dict file = used bytes plus the container.
+Samples are keyed as ``ConversationDataset`` keys them: random 63-bit keys, each with a content digest.
+
+Formulas (N_cand candidates in all, N_samples samples, V = vocabulary size): bank used bytes =
+``8 N_cand + 32 N_samples + 4 V`` (float32 EMA and reference per candidate, int64 key, offset, length
+and digest per sample, float32 EMA per vocabulary id); cache file = ``4 N_cand + 24 N_samples`` plus a
+few hundred bytes of container (float32 reference per candidate, int64 key, count and digest per
+sample); bank state_dict file = used bytes plus the container.
 
 Examples:
     python benchmarks/memory.py --smoke
@@ -77,13 +80,21 @@ class Report:
 
 
 def bank_formula(num_candidates: int, num_samples: int, vocab: int) -> int:
-    """Used bytes of a ScoreBank: ``8 N_cand + 16 N_samples + 4 V``."""
-    return 8 * num_candidates + 16 * num_samples + 4 * vocab
+    """Used bytes of a ScoreBank: ``8 N_cand + 32 N_samples + 4 V``."""
+    return 8 * num_candidates + 32 * num_samples + 4 * vocab
 
 
 def cache_formula(num_candidates: int, num_samples: int) -> int:
-    """Payload bytes of a reference cache file: ``4 N_cand + 16 N_samples`` (container excluded)."""
-    return 4 * num_candidates + 16 * num_samples
+    """Payload bytes of a reference cache file: ``4 N_cand + 24 N_samples`` (container excluded)."""
+    return 4 * num_candidates + 24 * num_samples
+
+
+def random_keys(count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` distinct random keys in ``[0, 2**63)``, as ``sample_key`` hashes give them."""
+    keys = torch.randint(0, 2**63 - 1, (count,), generator=generator).unique()
+    while keys.numel() < count:  # a collision among 63-bit keys: draw the missing ones again
+        keys = torch.cat([keys, torch.randint(0, 2**63 - 1, (count - keys.numel(),), generator=generator)]).unique()
+    return keys[torch.randperm(count, generator=generator)]
 
 
 def peak_rss() -> int:
@@ -91,31 +102,35 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def build(samples: int, candidates: int, vocab: int, chunk: int, generator: torch.Generator) -> ScoreBank:
-    """A bank with every sample registered and given random reference losses, in chunks of samples."""
+def build(keys: torch.Tensor, candidates: int, vocab: int, chunk: int, generator: torch.Generator) -> ScoreBank:
+    """A bank with every sample registered (with a digest) and given random reference losses, in chunks."""
     bank = ScoreBank(vocab_size=vocab)
-    for start in range(0, samples, chunk):
-        idx = torch.arange(start, min(start + chunk, samples))
+    for idx in keys.split(chunk):
         counts = torch.full_like(idx, candidates)
-        bank.register(idx, counts)
+        bank.register(idx, counts, digests(idx))
         bank.set_ref(idx, torch.rand(idx.numel() * candidates, generator=generator) * 8, counts)
     return bank
 
 
+def digests(keys: torch.Tensor) -> torch.Tensor:
+    """A stand-in content digest per sample (any non-zero int64 derived from the key)."""
+    return keys % 1_000_003 + 1
+
+
 def time_step(
-    bank: ScoreBank, samples: int, candidates: int, batch: int, repeats: int, generator: torch.Generator
+    bank: ScoreBank, keys: torch.Tensor, candidates: int, batch: int, repeats: int, generator: torch.Generator
 ) -> tuple[list[float], dict[str, list[float]]]:
     """Per-step lookup times (seconds) of ``repeats`` random batches, in total and per call."""
     names = ("register", "has_ref", "difficulty", "get_ref", "update")
     parts: dict[str, list[float]] = {n: [] for n in names}
     totals: list[float] = []
     for repeat in range(repeats + 3):  # three warm-up steps, not recorded
-        idx = torch.randperm(samples, generator=generator)[:batch]
+        idx = keys[torch.randperm(keys.numel(), generator=generator)[:batch]]
         counts = torch.full_like(idx, candidates)
         ids = torch.randint(bank.vocab_size, (idx.numel() * candidates,), generator=generator)
         loss = torch.rand(idx.numel() * candidates, generator=generator) * 8
         calls: Sequence[tuple[str, Callable[[], object]]] = (
-            ("register", partial(bank.register, idx, counts)),
+            ("register", partial(bank.register, idx, counts, digests(idx))),
             ("has_ref", partial(bank.has_ref, idx)),
             ("difficulty", partial(bank.difficulty, idx, counts, ids, "vocab")),
             ("get_ref", partial(bank.get_ref, idx, counts)),
@@ -134,6 +149,20 @@ def time_step(
     return totals, parts
 
 
+def time_new(bank: ScoreBank, candidates: int, batch: int, repeats: int, generator: torch.Generator) -> list[float]:
+    """Times (seconds) to register ``repeats`` batches of unseen samples into the bank (first-epoch steps)."""
+    times = []
+    for repeat in range(repeats + 3):
+        idx = random_keys(batch, generator)
+        idx = idx[~bank.is_registered(idx)]
+        counts = torch.full_like(idx, candidates)
+        start = time.perf_counter()
+        bank.register(idx, counts, digests(idx))
+        if repeat >= 3:
+            times.append(time.perf_counter() - start)
+    return times
+
+
 def run(
     samples: int,
     candidates: int,
@@ -147,8 +176,9 @@ def run(
     """Build, save, reload and time; see the module docstring."""
     generator = torch.Generator().manual_seed(seed)
     num_candidates = samples * candidates
+    keys = random_keys(samples, generator)
     start = time.perf_counter()
-    bank = build(samples, candidates, vocab, chunk, generator)
+    bank = build(keys, candidates, vocab, chunk, generator)
     build_s = time.perf_counter() - start
     rss = {"build": peak_rss()}
     assert bank.num_candidates == num_candidates and bank.num_samples == samples
@@ -176,15 +206,17 @@ def run(
     del payload, fresh
     gc.collect()
 
-    totals, parts = time_step(bank, samples, candidates, batch, repeats, generator)
+    totals, parts = time_step(bank, keys, candidates, batch, repeats, generator)
     ninety = sorted(totals)[min(len(totals) - 1, int(0.9 * len(totals)))]
+    used = bank.nbytes(used_only=True), bank.nbytes()  # before the unseen samples below join
+    parts["register (unseen samples)"] = time_new(bank, candidates, batch, repeats, generator)
     return Report(
         samples=samples,
         candidates=candidates,
         vocab=vocab,
         batch=batch,
-        bank_used=bank.nbytes(used_only=True),
-        bank_allocated=bank.nbytes(),
+        bank_used=used[0],
+        bank_allocated=used[1],
         bank_used_formula=bank_formula(num_candidates, samples, vocab),
         cache_file=cache_path.stat().st_size,
         cache_file_formula=cache_formula(num_candidates, samples),
@@ -211,9 +243,9 @@ def table(report: Report) -> str:
     """The report as a Markdown table."""
     r = report
     rows = [
-        ("bank in memory, used (`nbytes(used_only=True)`)", r.bank_used, r.bank_used_formula, "8 N_cand + 16 N + 4 V"),
-        ("bank in memory, allocated (`nbytes()`)", r.bank_allocated, None, "< 2x used (doubling)"),
-        ("reference cache file (`save_cache`)", r.cache_file, r.cache_file_formula, "4 N_cand + 16 N + container"),
+        ("bank in memory, used (`nbytes(used_only=True)`)", r.bank_used, r.bank_used_formula, "8 N_cand + 32 N + 4 V"),
+        ("bank in memory, allocated (`nbytes()`)", r.bank_allocated, None, "< 2x used (doubling) + key index"),
+        ("reference cache file (`save_cache`)", r.cache_file, r.cache_file_formula, "4 N_cand + 24 N + container"),
         ("bank `state_dict` file (`torch.save`)", r.state_file, r.state_file_formula, "bank used + container"),
     ]
     lines = ["| quantity | measured | formula | formula bytes |", "|---|---:|---|---:|"]
@@ -234,8 +266,8 @@ def table(report: Report) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> Report:
-    """Parse the arguments, run, print the table."""
+def parser() -> argparse.ArgumentParser:
+    """The command line of this script."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=1_000_000, help="training samples (N)")
     parser.add_argument("--candidates", type=int, default=100, help="candidate answer tokens per sample")
@@ -247,13 +279,19 @@ def main(argv: Sequence[str] | None = None) -> Report:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--smoke", action="store_true", help=f"a tiny size that runs in seconds: {SMOKE}")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> Report:
+    """Parse the arguments, run, print the table."""
+    cli = parser()
+    args = cli.parse_args(argv)
     if args.smoke:
         for key, value in SMOKE.items():
             setattr(args, key, value)
     for name in ("samples", "candidates", "vocab", "batch", "repeats", "chunk"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
+            cli.error(f"--{name} must be >= 1")
     args.batch = min(args.batch, args.samples)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

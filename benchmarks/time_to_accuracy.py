@@ -588,8 +588,8 @@ def _report(summary: dict[str, Any]) -> str:
 # Main.
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark (see the module docstring)."""
+def parser() -> argparse.ArgumentParser:
+    """The command line of this script."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
@@ -608,7 +608,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--smoke", action="store_true", help="tiny: 40 clips, 16 questions, 1 seed, 2 variants")
     parser.add_argument("--summarise", type=Path, default=None, help="re-summarise a results JSON; no training")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (see the module docstring)."""
+    args = parser().parse_args(argv)
     if args.summarise is not None:
         report = json.loads(args.summarise.read_text(encoding="utf-8"))
         report["summary"] = summarise(report["runs"])

@@ -10,40 +10,127 @@ from torch import Tensor, nn
 
 from regate_lightning.scoring import check_fraction, check_int, ema_update
 
-__all__ = ["BANK_FORMAT_VERSION", "FALLBACKS", "ScoreBank"]
+__all__ = ["BANK_FORMAT_VERSION", "FALLBACKS", "NO_DIGEST", "KeyIndex", "ScoreBank"]
 
-BANK_FORMAT_VERSION: int = 1
-"""Version of :meth:`ScoreBank.state_dict`'s layout; bumped on any incompatible change."""
+BANK_FORMAT_VERSION: int = 2
+"""Version of :meth:`ScoreBank.state_dict`'s layout; bumped on any incompatible change.
+
+Version 2 keys samples by arbitrary non-negative int64 keys and stores a content digest per sample;
+version 1 keyed them by their position in the data, which is not stable, and is refused."""
 
 FALLBACKS: tuple[str, ...] = ("vocab", "ref")
 """Allowed ``fallback`` modes of :meth:`ScoreBank.difficulty`."""
 
+NO_DIGEST: int = 0
+"""The digest of a sample whose content is unknown: it matches any digest."""
+
 _NAN = math.nan
+
+
+class KeyIndex(nn.Module):
+    """Maps non-negative int64 keys to dense row numbers (pure torch, on any device).
+
+    Two sorted tables: a large *main* table and a small table of *recent* keys. A lookup is a
+    ``searchsorted`` in each; new keys go into the recent table (sorted, at most :attr:`recent_limit`
+    entries), which is merged into the main table when it overflows. So adding a batch of keys costs
+    ``O(recent_limit)``, and the ``O(n log n)`` merge happens once per ``recent_limit`` new keys, not per
+    call. The tables are non-persistent buffers (they move with ``.to()``); the owner rebuilds them
+    from its own state with :meth:`rebuild`.
+
+    Args:
+        recent_limit: size of the recent table that triggers a merge.
+
+    Example:
+        >>> index = KeyIndex()
+        >>> index.add(torch.tensor([2**62, 7]), torch.tensor([0, 1]))
+        >>> index.find(torch.tensor([7, 8, 2**62])).tolist()
+        [1, -1, 0]
+    """
+
+    main_keys: Tensor
+    main_rows: Tensor
+    recent_keys: Tensor
+    recent_rows: Tensor
+
+    def __init__(self, recent_limit: int = 16384) -> None:
+        super().__init__()
+        check_int("recent_limit", recent_limit, minimum=1)
+        self.recent_limit = recent_limit
+        for name in ("main_keys", "main_rows", "recent_keys", "recent_rows"):
+            self.register_buffer(name, torch.zeros(0, dtype=torch.int64), persistent=False)
+
+    def __len__(self) -> int:
+        return self.main_keys.numel() + self.recent_keys.numel()
+
+    def find(self, keys: Tensor) -> Tensor:
+        """Rows of ``keys`` (int64 ``[B]``, on the index's device): int64 ``[B]``, ``-1`` where absent."""
+        rows = _search(self.main_keys, self.main_rows, keys)
+        if self.recent_keys.numel():
+            rows = torch.where(rows >= 0, rows, _search(self.recent_keys, self.recent_rows, keys))
+        return rows
+
+    def add(self, keys: Tensor, rows: Tensor) -> None:
+        """Add keys that are distinct and absent (the caller checks), with their rows (int64 ``[K]`` each)."""
+        if keys.numel() == 0:
+            return
+        recent_keys, order = torch.sort(torch.cat([self.recent_keys, keys]))
+        recent_rows = torch.cat([self.recent_rows, rows])[order]
+        if recent_keys.numel() <= self.recent_limit:
+            self.recent_keys, self.recent_rows = recent_keys, recent_rows
+            return
+        main_keys, order = torch.sort(torch.cat([self.main_keys, recent_keys]))
+        self.main_keys, self.main_rows = main_keys, torch.cat([self.main_rows, recent_rows])[order]
+        self.recent_keys, self.recent_rows = recent_keys[:0], recent_rows[:0]
+
+    def rebuild(self, keys_by_row: Tensor) -> None:
+        """Index ``keys_by_row`` (int64 ``[S]``, distinct): key ``keys_by_row[r]`` gets row ``r``."""
+        self.main_keys, order = torch.sort(keys_by_row)
+        self.main_rows = order
+        self.recent_keys, self.recent_rows = self.main_keys[:0], self.main_rows[:0]
+
+
+def _search(table_keys: Tensor, table_rows: Tensor, keys: Tensor) -> Tensor:
+    if table_keys.numel() == 0:
+        return torch.full_like(keys, -1)
+    pos = torch.searchsorted(table_keys, keys).clamp_(max=table_keys.numel() - 1)
+    return torch.where(table_keys[pos] == keys, table_rows[pos], -1)
 
 
 class ScoreBank(nn.Module):
     """Ragged store of ``m`` (student-loss EMA) and ``ref`` (reference loss) per (sample, candidate).
 
-    Samples are identified by dense non-negative integers (their index in the training set). Each
-    registered sample owns a contiguous run of ``length[s]`` slots starting at ``offset[s]`` in the flat
-    value buffers, one slot per candidate, in candidate position order. All per-candidate arguments
-    and results use the flat layout of :func:`~regate_lightning.scoring.gather_candidates` (row by
-    row, position order) with ``counts[b]`` values for row ``b``.
+    **Samples** are identified by *keys*: any non-negative int64 that stays the same for the same
+    sample across epochs and runs (``ConversationDataset`` uses a 63-bit hash of the record's id, else
+    of its file and line; dense indices work too). A :class:`KeyIndex` maps keys to dense *rows* in
+    registration order. Each row owns a contiguous run of ``length[r]`` slots starting at
+    ``offset[r]`` in the flat value buffers, one slot per candidate, in candidate position order. All
+    per-candidate arguments and results use the flat layout of
+    :func:`~regate_lightning.scoring.gather_candidates` (row by row, position order) with
+    ``counts[b]`` values for batch row ``b``.
+
+    **Digests.** Each sample may carry a content digest (int64, :data:`NO_DIGEST` = unknown), e.g.
+    :func:`~regate_lightning.targets.sample_digest` of its tokens and candidates. Values that came from
+    elsewhere (a checkpoint: :meth:`load_state_dict`; a reference cache: ``register(..., restore=True)``)
+    are *pending* until the sample is next registered from live data: if its candidate count and digest
+    match, they are used; if not, they belong to other content (the record changed, or the cache was
+    made from other data) and are reset to "not computed" and counted in :attr:`num_replaced`, so the
+    reference loss is recomputed and the EMA starts afresh. For a sample that was registered from live
+    data in this run, a different count or digest is an error (the data renders it differently from
+    one epoch to the next).
 
     Buffers (persistent, so ``.to(device)`` and ``state_dict`` work as for any module):
 
     * ``ema`` float32 ``[capacity]``: student-loss EMA, NaN = never measured;
     * ``ref`` float32 ``[capacity]``: reference loss, NaN = not computed;
-    * ``offset`` int64 ``[index_capacity]``: first slot of each sample, -1 = unseen sample;
-    * ``length`` int64 ``[index_capacity]``: candidates of each sample (0 for unseen);
+    * ``keys``, ``offset``, ``length``, ``digest`` int64 ``[row_capacity]``: per row, the sample's key,
+      first slot, candidate count and content digest;
     * ``vocab_ema`` float32 ``[vocab_size]``: student-loss EMA per target token id, NaN = unseen.
 
-    Memory. Both capacities grow by amortised doubling. Allocated bytes are
-    ``8 * capacity + 16 * index_capacity + 4 * vocab_size`` with ``num_candidates <= capacity <
-    2 * num_candidates`` once grown past ``initial_capacity`` and ``index_capacity < 2 * (max sample
-    index + 1)``. Used bytes, which is also what :meth:`state_dict` saves (it trims both buffers to the
-    used part), are ``8 * num_candidates + 16 * (max sample index + 1) + 4 * vocab_size``. So the store
-    scales with the candidates seen, never with samples x max sequence length.
+    Memory. Both capacities grow by amortised doubling. Used bytes, which is also what
+    :meth:`state_dict` saves (it trims the buffers to the used part), are ``8 * num_candidates + 32 *
+    num_samples + 4 * vocab_size``; the key index adds ``16 * num_samples`` in memory (it is rebuilt
+    on load, not saved), and the pending flags one byte per sample. So the store scales with the
+    candidates seen, never with samples x max sequence length, nor with the size of the keys.
 
     Duplicates: a sample that occurs more than once in one call (e.g. a padded ``DistributedSampler``,
     or an all-gathered batch) gets one update, with the mean of the finite values given for each slot.
@@ -53,7 +140,7 @@ class ScoreBank(nn.Module):
     under ``torch.use_deterministic_algorithms(True)`` (Lightning: ``Trainer(deterministic=True)``);
     checked on an H200, where it also matched the CPU result.
 
-    Slots are allocated in registration order (sorted by sample index within one call), so two banks
+    Rows and slots are allocated in registration order (sorted by key within one call), so two banks
     that register the same sequence of batches have identical buffers: under DDP, register the
     all-gathered batch on every rank to keep the ranks' stores identical.
 
@@ -78,9 +165,14 @@ class ScoreBank(nn.Module):
 
     ema: Tensor
     ref: Tensor
+    keys: Tensor
     offset: Tensor
     length: Tensor
+    digest: Tensor
     vocab_ema: Tensor
+    pending: Tensor
+
+    _ROW_BUFFERS = ("keys", "offset", "length", "digest")
 
     def __init__(self, vocab_size: int, initial_capacity: int = 1024) -> None:
         super().__init__()
@@ -88,13 +180,16 @@ class ScoreBank(nn.Module):
         check_int("initial_capacity", initial_capacity, minimum=0)
         self.vocab_size = vocab_size
         self._size = 0  # used slots of ema/ref
-        self._num_indexed = 0  # max registered sample index + 1
-        self._num_samples = 0  # registered samples
+        self._rows = 0  # registered samples (used rows)
+        self.num_replaced = 0
+        """Pending samples whose count or digest did not match their live data, reset since construction."""
+        self.index = KeyIndex()
         self.register_buffer("ema", torch.full((initial_capacity,), _NAN))
         self.register_buffer("ref", torch.full((initial_capacity,), _NAN))
-        self.register_buffer("offset", torch.zeros(0, dtype=torch.int64))
-        self.register_buffer("length", torch.zeros(0, dtype=torch.int64))
+        for name in self._ROW_BUFFERS:
+            self.register_buffer(name, torch.zeros(0, dtype=torch.int64))
         self.register_buffer("vocab_ema", torch.full((vocab_size,), _NAN))
+        self.register_buffer("pending", torch.zeros(0, dtype=torch.bool), persistent=False)
 
     # ----------------------------------------------------------------------------------------------
     # Sizes.
@@ -102,11 +197,11 @@ class ScoreBank(nn.Module):
     @property
     def num_samples(self) -> int:
         """Number of registered samples."""
-        return self._num_samples
+        return self._rows
 
     @property
     def num_candidates(self) -> int:
-        """Number of used candidate slots (sum of the registered samples' candidates)."""
+        """Number of used candidate slots (the registered samples' candidates, and those of replaced ones)."""
         return self._size
 
     @property
@@ -118,19 +213,16 @@ class ScoreBank(nn.Module):
         """Bytes of the store's buffers.
 
         Args:
-            used_only: ``False``: the allocated bytes (``8 * capacity + 16 * index_capacity + 4 *
-                vocab_size``). ``True``: the bytes in use, which is what :meth:`state_dict` saves
-                (``8 * num_candidates + 16 * (max sample index + 1) + 4 * vocab_size``).
+            used_only: ``False``: the allocated bytes of every buffer, the key index and the pending
+                flags included. ``True``: the bytes in use that :meth:`state_dict` saves
+                (``8 * num_candidates + 32 * num_samples + 4 * vocab_size``).
 
         Returns:
             A byte count.
         """
         if used_only:
-            return 8 * self._size + 16 * self._num_indexed + 4 * self.vocab_size
-        return sum(
-            b.numel() * b.element_size()
-            for b in (self.ema, self.ref, self.offset, self.length, self.vocab_ema)
-        )
+            return 8 * self._size + 32 * self._rows + 4 * self.vocab_size
+        return sum(b.numel() * b.element_size() for b in self.buffers())
 
     @property
     def device(self) -> torch.device:
@@ -140,62 +232,155 @@ class ScoreBank(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # Registration and slot lookup.
 
-    def register(self, sample_idx: Tensor, num_candidates: Tensor) -> None:
-        """Allocate slots for unseen samples; check seen samples still have the same candidates.
+    def register(self, sample_idx: Tensor, num_candidates: Tensor, digests: Tensor | None = None) -> None:
+        """Allocate slots for unseen samples of live data; check seen samples against their count and digest.
 
-        The call is atomic: on an error nothing is changed.
+        A pending sample (restored, see the class docstring) whose count or digest differs is reset and
+        counted in :attr:`num_replaced`; a matching one is confirmed. The call is atomic: on an error
+        nothing is changed.
 
         Args:
-            sample_idx: integer ``[B]``, non-negative sample indices (repeats allowed).
+            sample_idx: integer ``[B]``, non-negative sample keys (repeats allowed).
             num_candidates: integer ``[B]``, non-negative candidate counts (``candidates.sum(1)``).
+            digests: integer ``[B]``, content digests (:data:`NO_DIGEST` = unknown), or None (all unknown).
 
         Raises:
-            ValueError: if a seen sample's count differs from the one it was registered with, if one
-                sample occurs in the call with two different counts, or on bad shapes or values.
+            ValueError: a sample registered from live data in this run comes with another count or
+                digest; one sample occurs in the call with two different counts or digests; bad shapes
+                or values.
         """
+        self._register(sample_idx, num_candidates, digests, restore=False)
+
+    def register_stored(self, sample_idx: Tensor, num_candidates: Tensor, digests: Tensor | None = None) -> Tensor:
+        """Register samples read from a stored source (a reference cache), not from live data.
+
+        Unseen samples become pending rows (confirmed or reset when live data registers them); a seen
+        sample whose count or digest differs is left as it is and reported as not accepted.
+
+        Args:
+            sample_idx: integer ``[B]``, non-negative sample keys.
+            num_candidates: integer ``[B]``, their candidate counts.
+            digests: integer ``[B]``, their content digests, or None (unknown).
+
+        Returns:
+            bool ``[B]`` on the buffers' device: whether the store's entry describes the given sample (so
+            that its stored values may be written into it).
+        """
+        return self._register(sample_idx, num_candidates, digests, restore=True)
+
+    def _register(self, sample_idx: Tensor, num_candidates: Tensor, digests: Tensor | None, restore: bool) -> Tensor:
         idx = self._check_sample_idx(sample_idx)
         counts = self._check_counts(num_candidates, idx)
+        digs = self._check_digests(digests, idx)
         if idx.numel() == 0:
-            return
+            return torch.ones(0, dtype=torch.bool, device=self.device)
         uidx, inverse = torch.unique(idx, return_inverse=True)
         ucounts = torch.zeros_like(uidx).scatter_(0, inverse, counts)
-        clash = counts != ucounts[inverse]
-        if bool(clash.any()):
-            b = int(clash.nonzero()[0, 0])
-            s = int(idx[b])
-            raise ValueError(
-                f"sample {s} occurs more than once in one batch with {int(ucounts[inverse[b]])} and "
-                f"{int(counts[b])} candidates; the data must render each sample identically (same "
-                "template, same truncation)"
-            )
-        seen = self.is_registered(uidx)
-        self._raise_on_count_mismatch(uidx[seen], ucounts[seen])
+        udigs = torch.zeros_like(uidx).scatter_(0, inverse, digs)
+        for name, values, unique in (("candidates", counts, ucounts), ("content digests", digs, udigs)):
+            clash = values != unique[inverse]
+            if bool(clash.any()):
+                b = int(clash.nonzero()[0, 0])
+                raise ValueError(
+                    f"sample {int(idx[b])} occurs more than once in one batch with different {name} "
+                    f"({int(unique[inverse[b]])} and {int(values[b])}); the data must render each sample "
+                    "identically (same template, same truncation), and sample keys must be unique"
+                )
+        rows = self.index.find(uidx)
+        seen = rows >= 0
+        srows = rows[seen]
+        stored = self.digest[srows]
+        matches = (self.length[srows] == ucounts[seen]) & (
+            (stored == NO_DIGEST) | (udigs[seen] == NO_DIGEST) | (stored == udigs[seen])
+        )
+        accepted = torch.ones_like(seen)
+        replace = torch.zeros(0, dtype=torch.int64, device=self.device)
+        if restore:
+            accepted[seen] = matches
+        else:
+            clash = ~matches & ~self.pending[srows]
+            if bool(clash.any()):
+                b = int(clash.nonzero()[0, 0])
+                r = int(srows[b])
+                raise _changed(
+                    int(uidx[seen][b]),
+                    f"{int(self.length[r])} candidates (content digest {int(self.digest[r])})",
+                    f"{int(ucounts[seen][b])} (digest {int(udigs[seen][b])})",
+                )
+            replace = (seen.nonzero().flatten())[~matches]
+        new = (~seen).nonzero().flatten()
+        # Validated: from here on the store changes.
+        if replace.numel():
+            self._replace(rows[replace], ucounts[replace], udigs[replace])
+        if not restore and srows.numel():
+            self.pending[srows] = False
+            known = udigs[seen] != NO_DIGEST
+            self.digest[srows[known]] = udigs[seen][known]
+        if new.numel():
+            self._append(uidx[new], ucounts[new], udigs[new], pending=restore)
+        return accepted[inverse]
 
-        new_idx, new_counts = uidx[~seen], ucounts[~seen]
-        if new_idx.numel() == 0:
-            return
-        self._grow_index(int(new_idx.max()) + 1)
-        total = int(new_counts.sum())
+    def _append(self, keys: Tensor, counts: Tensor, digests: Tensor, pending: bool) -> None:
+        """New rows for distinct unseen ``keys`` (sorted), with fresh slots."""
+        first = self._rows
+        self._grow_rows(first + keys.numel())
+        rows = torch.arange(first, first + keys.numel(), device=self.device)
+        self.keys[rows] = keys
+        self.digest[rows] = digests
+        self.pending[rows] = pending
+        self._allocate(rows, counts)
+        self._rows += keys.numel()
+        self.index.add(keys, rows)
+
+    def _replace(self, rows: Tensor, counts: Tensor, digests: Tensor) -> None:
+        """Forget the values of pending ``rows`` whose content changed; new slots where the count changed."""
+        same = self.length[rows] == counts
+        if bool(same.any()):
+            slots, _ = self._slots_of_rows(rows[same], counts[same])
+            self.ema[slots] = _NAN
+            self.ref[slots] = _NAN
+        if bool((~same).any()):  # the old slots stay unused
+            self._allocate(rows[~same], counts[~same])
+        self.digest[rows] = digests
+        self.num_replaced += rows.numel()
+
+    def _allocate(self, rows: Tensor, counts: Tensor) -> None:
+        total = int(counts.sum())
         self._grow_values(self._size + total)
-        self.offset[new_idx] = self._size + torch.cumsum(new_counts, 0) - new_counts
-        self.length[new_idx] = new_counts
+        self.offset[rows] = self._size + torch.cumsum(counts, 0) - counts
+        self.length[rows] = counts
         self._size += total
-        self._num_samples += new_idx.numel()
 
     def is_registered(self, sample_idx: Tensor) -> Tensor:
         """Whether each sample has been registered.
 
         Args:
-            sample_idx: integer ``[B]``, non-negative.
+            sample_idx: integer ``[B]``, non-negative keys.
 
         Returns:
             bool ``[B]`` on the buffers' device.
         """
-        idx = self._check_sample_idx(sample_idx)
-        known = idx < self._num_indexed
-        out = torch.zeros_like(known)
-        out[known] = self.offset[idx[known]] >= 0
-        return out
+        return self.index.find(self._check_sample_idx(sample_idx)) >= 0
+
+    def sample_keys(self) -> Tensor:
+        """The keys of every registered sample, in registration order: int64 ``[num_samples]``."""
+        return self.keys[: self._rows]
+
+    def candidate_counts(self, sample_idx: Tensor) -> Tensor:
+        """The registered candidate count of each (registered) sample: int64 ``[B]``."""
+        return self.length[self._rows_of(self._check_sample_idx(sample_idx))]
+
+    def digests(self, sample_idx: Tensor) -> Tensor:
+        """The stored content digest of each (registered) sample: int64 ``[B]`` (:data:`NO_DIGEST` = unknown)."""
+        return self.digest[self._rows_of(self._check_sample_idx(sample_idx))]
+
+    def _rows_of(self, idx: Tensor) -> Tensor:
+        rows = self.index.find(idx)
+        missing = rows < 0
+        if bool(missing.any()):
+            keys = idx[missing].unique().tolist()
+            raise ValueError(f"samples {keys[:10]} are not registered; call `register()` first")
+        return rows
 
     def _slots(self, sample_idx: Tensor, counts: Tensor) -> Tensor:
         """Flat slot index of every candidate of registered samples: int64 ``[counts.sum()]``."""
@@ -205,7 +390,7 @@ class ScoreBank(nn.Module):
         """Slots and owning rows of every candidate of registered samples, in flat layout.
 
         Args:
-            sample_idx: integer ``[B]`` of registered samples.
+            sample_idx: integer ``[B]`` keys of registered samples.
             counts: integer ``[B]``, their candidate counts (checked against the registered ones).
 
         Returns:
@@ -213,28 +398,18 @@ class ScoreBank(nn.Module):
         """
         idx = self._check_sample_idx(sample_idx)
         counts = self._check_counts(counts, idx)
-        registered = self.is_registered(idx)
-        if not bool(registered.all()):
-            missing = idx[~registered].unique().tolist()
-            raise ValueError(f"samples {missing[:10]} are not registered; call `register()` first")
-        self._raise_on_count_mismatch(idx, counts)
-        total = int(counts.sum())
-        row = torch.repeat_interleave(
-            torch.arange(idx.numel(), device=self.device), counts, output_size=total
-        )
-        within = torch.arange(total, device=self.device) - (torch.cumsum(counts, 0) - counts)[row]
-        return self.offset[idx][row] + within, row
-
-    def _raise_on_count_mismatch(self, idx: Tensor, counts: Tensor) -> None:
-        """Raise if registered samples ``idx`` [B] were registered with other counts than ``counts``."""
-        mismatch = self.length[idx] != counts
+        rows = self._rows_of(idx)
+        mismatch = self.length[rows] != counts
         if bool(mismatch.any()):
             b = int(mismatch.nonzero()[0, 0])
-            raise ValueError(
-                f"sample {int(idx[b])} had {int(self.length[idx[b]])} candidates when first seen and has "
-                f"{int(counts[b])} now; the data must render each sample identically (same template, "
-                "same truncation) across epochs"
-            )
+            raise _changed(int(idx[b]), f"{int(self.length[rows[b]])} candidates", f"{int(counts[b])}")
+        return self._slots_of_rows(rows, counts)
+
+    def _slots_of_rows(self, rows: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+        total = int(counts.sum())
+        row = torch.repeat_interleave(torch.arange(rows.numel(), device=self.device), counts, output_size=total)
+        within = torch.arange(total, device=self.device) - (torch.cumsum(counts, 0) - counts)[row]
+        return self.offset[rows][row] + within, row
 
     # ----------------------------------------------------------------------------------------------
     # Reference loss.
@@ -243,20 +418,20 @@ class ScoreBank(nn.Module):
         """Whether every candidate of each sample has a reference loss.
 
         Args:
-            sample_idx: integer ``[B]``, non-negative.
+            sample_idx: integer ``[B]``, non-negative keys.
 
         Returns:
             bool ``[B]``; ``False`` for unregistered samples, ``True`` for registered samples without
             candidates.
         """
-        registered = self.is_registered(sample_idx)
+        rows = self.index.find(self._check_sample_idx(sample_idx))
+        registered = rows >= 0
         out = torch.zeros_like(registered)
         if not bool(registered.any()):
             return out
-        idx = self._check_sample_idx(sample_idx)[registered]
-        lengths = self.length[idx]
-        slots, row = self._layout(idx, lengths)
-        num_missing = torch.zeros(idx.numel(), dtype=torch.int64, device=self.device)
+        rows = rows[registered]
+        slots, row = self._slots_of_rows(rows, self.length[rows])
+        num_missing = torch.zeros(rows.numel(), dtype=torch.int64, device=self.device)
         num_missing.index_add_(0, row, torch.isnan(self.ref[slots]).to(torch.int64))
         out[registered] = num_missing == 0
         return out
@@ -383,15 +558,15 @@ class ScoreBank(nn.Module):
             new[: self._size] = old[: self._size]
             setattr(self, name, new)
 
-    def _grow_index(self, needed: int) -> None:
-        if needed > self.offset.numel():
-            new_size = max(needed, 2 * self.offset.numel())
-            offset = torch.full((new_size,), -1, dtype=torch.int64, device=self.device)
-            length = torch.zeros(new_size, dtype=torch.int64, device=self.device)
-            offset[: self._num_indexed] = self.offset[: self._num_indexed]
-            length[: self._num_indexed] = self.length[: self._num_indexed]
-            self.offset, self.length = offset, length
-        self._num_indexed = max(self._num_indexed, needed)
+    def _grow_rows(self, needed: int) -> None:
+        if needed <= self.keys.numel():
+            return
+        new_size = max(needed, 2 * self.keys.numel())
+        for name in (*self._ROW_BUFFERS, "pending"):
+            old = getattr(self, name)
+            new = torch.zeros(new_size, dtype=old.dtype, device=old.device)
+            new[: self._rows] = old[: self._rows]
+            setattr(self, name, new)
 
     # ----------------------------------------------------------------------------------------------
     # Checkpointing: trimmed to the used part, versioned, loadable into a bank of any capacity.
@@ -410,7 +585,12 @@ class ScoreBank(nn.Module):
         if state["format_version"] != BANK_FORMAT_VERSION:
             raise ValueError(
                 f"ScoreBank state has format version {state['format_version']}, this code reads version "
-                f"{BANK_FORMAT_VERSION}"
+                f"{BANK_FORMAT_VERSION}" + (
+                    " (version 1 keyed samples by their position among the records that were read, which "
+                    "shifts when that set changes; its values cannot be matched to samples: start the store afresh)"
+                    if state["format_version"] == 1
+                    else ""
+                )
             )
         if state.get("vocab_size") != self.vocab_size:
             raise ValueError(
@@ -421,13 +601,10 @@ class ScoreBank(nn.Module):
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         # Clones, not views: torch.save writes a view's whole storage, capacity included.
-        for name, used in (
-            ("ema", self._size),
-            ("ref", self._size),
-            ("offset", self._num_indexed),
-            ("length", self._num_indexed),
-        ):
-            destination[prefix + name] = getattr(self, name)[:used].detach().clone()
+        for name in ("ema", "ref"):
+            destination[prefix + name] = getattr(self, name)[: self._size].detach().clone()
+        for name in self._ROW_BUFFERS:
+            destination[prefix + name] = getattr(self, name)[: self._rows].detach().clone()
 
     def _load_from_state_dict(
         self,
@@ -442,40 +619,45 @@ class ScoreBank(nn.Module):
         extra_key = prefix + "_extra_state"
         if extra_key in state_dict:
             self._check_extra_state(state_dict[extra_key])
-        names = ("ema", "ref", "offset", "length")
+        names = ("ema", "ref", *self._ROW_BUFFERS)
         present = [prefix + n in state_dict for n in names]
         if any(present) and not all(present):
             raise ValueError(f"ScoreBank state must hold all of {names} or none, got {present}")
         if all(present):
-            ema, ref, offset, length = (state_dict[prefix + n] for n in names)
-            self._check_loaded(ema, ref, offset, length)
+            loaded = {n: state_dict[prefix + n] for n in names}
+            self._check_loaded(loaded)
             # Resize to the incoming sizes so that the base class copies values into matching shapes.
             device = self.device
-            self.ema = torch.empty(ema.shape, dtype=torch.float32, device=device)
-            self.ref = torch.empty(ref.shape, dtype=torch.float32, device=device)
-            self.offset = torch.empty(offset.shape, dtype=torch.int64, device=device)
-            self.length = torch.empty(length.shape, dtype=torch.int64, device=device)
-            self._size = ema.numel()
-            self._num_indexed = offset.numel()
-            self._num_samples = int((offset >= 0).sum())
+            for name, value in loaded.items():
+                dtype = torch.float32 if name in ("ema", "ref") else torch.int64
+                setattr(self, name, torch.empty(value.shape, dtype=dtype, device=device))
+            self._size = loaded["ema"].numel()
+            self._rows = loaded["keys"].numel()
+            # Values from a checkpoint are pending until live data confirms each sample (see the class docstring).
+            self.pending = torch.ones(self._rows, dtype=torch.bool, device=device)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if all(present):
+            self.index.rebuild(self.keys[: self._rows])
 
     @staticmethod
-    def _check_loaded(ema: Tensor, ref: Tensor, offset: Tensor, length: Tensor) -> None:
+    def _check_loaded(loaded: dict[str, Tensor]) -> None:
+        ema, ref, keys = loaded["ema"], loaded["ref"], loaded["keys"]
         if ema.dim() != 1 or ref.shape != ema.shape:
             raise ValueError(
                 f"ScoreBank state: `ema` and `ref` must be 1-D of equal size, got {tuple(ema.shape)} and "
                 f"{tuple(ref.shape)}"
             )
-        if offset.dim() != 1 or length.shape != offset.shape:
+        if keys.dim() != 1 or any(loaded[n].shape != keys.shape for n in ScoreBank._ROW_BUFFERS):
             raise ValueError(
-                f"ScoreBank state: `offset` and `length` must be 1-D of equal size, got "
-                f"{tuple(offset.shape)} and {tuple(length.shape)}"
+                "ScoreBank state: `keys`, `offset`, `length` and `digest` must be 1-D of equal size, got "
+                + ", ".join(str(tuple(loaded[n].shape)) for n in ScoreBank._ROW_BUFFERS)
             )
-        seen = offset >= 0
-        if bool((length < 0).any()) or bool((offset[seen] + length[seen] > ema.numel()).any()):
+        offset, length = loaded["offset"], loaded["length"]
+        if bool((keys < 0).any()) or keys.unique().numel() != keys.numel():
+            raise ValueError("ScoreBank state is corrupt: sample keys must be distinct and non-negative")
+        if bool((length < 0).any()) or bool((offset < 0).any()) or bool((offset + length > ema.numel()).any()):
             raise ValueError("ScoreBank state is corrupt: a sample's slots lie outside `ema`")
 
     # ----------------------------------------------------------------------------------------------
@@ -490,6 +672,15 @@ class ScoreBank(nn.Module):
         if idx.numel() and int(idx.min()) < 0:
             raise ValueError(f"`sample_idx` must be >= 0, got {int(idx.min())}")
         return idx
+
+    def _check_digests(self, digests: Tensor | None, idx: Tensor) -> Tensor:
+        if digests is None:
+            return torch.full_like(idx, NO_DIGEST)
+        if not isinstance(digests, Tensor) or digests.shape != idx.shape:
+            raise ValueError(f"`digests` must be a tensor of shape {tuple(idx.shape)}, got {_describe(digests)}")
+        if not _is_integer(digests):
+            raise TypeError(f"`digests` must be an integer tensor, got {digests.dtype}")
+        return digests.to(device=self.device, dtype=torch.int64)
 
     def _check_counts(self, counts: Tensor, idx: Tensor) -> Tensor:
         if not isinstance(counts, Tensor) or counts.shape != idx.shape:
@@ -523,6 +714,14 @@ class ScoreBank(nn.Module):
                 bad = low if low < 0 else high
                 raise ValueError(f"`target_ids_flat` must be in [0, {self.vocab_size}), got {bad}")
         return ids
+
+
+def _changed(key: int, before: str, now: str) -> ValueError:
+    """The error for a sample that comes back with other content than it was registered with."""
+    return ValueError(
+        f"sample {key} had {before} when first seen and has {now} now; the data must render each sample "
+        "identically (same template, same truncation) across epochs, and sample keys must be unique"
+    )
 
 
 def _mean_of_finite(keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:

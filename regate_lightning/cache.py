@@ -1,17 +1,21 @@
 """The reference-loss cache file: reference losses per sample, written once, read by later runs.
 
-A cache holds, for every scored sample, its candidate count and the teacher's loss at each
-candidate (flat layout, see :mod:`regate_lightning.scoring`), and a *fingerprint* of what made
-them: the teacher, its vocabulary, the data. Loading a cache whose fingerprint differs from the
-current run's is refused, since its losses would describe another teacher or other samples.
-Writes are atomic (a temporary file in the same folder, then ``os.replace``), so a run killed while
-writing leaves the previous cache whole.
+A cache holds, for every scored sample, its key, candidate count and content digest (see
+:class:`~regate_lightning.bank.ScoreBank`) and the teacher's loss at each candidate (flat layout, see
+:mod:`regate_lightning.scoring`), and a *fingerprint* of what made them: the teacher, its vocabulary,
+the tokenizer and how the data are rendered. Loading a cache whose fingerprint differs from the
+current run's is refused, since its losses would describe another teacher or another rendering. Within
+a matching cache every sample is checked again when training meets it: an entry whose candidate count
+or digest differs from the sample's (the record changed, or another record now has its key) is
+recomputed and counted, never used. Writes are atomic (a temporary file in the same folder, then
+``os.replace``), so a run killed while writing leaves the previous cache whole.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,28 +26,26 @@ from regate_lightning.bank import ScoreBank
 if TYPE_CHECKING:
     from regate_lightning.teacher import Teacher
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CHUNK_SAMPLES = 1 << 16
 """Samples per bank call when a cache is written or read: bounds the temporaries of huge caches."""
 
 
-def cached_samples(bank: ScoreBank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The samples of ``bank`` whose reference losses are complete.
+def cached_samples(bank: ScoreBank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The samples of ``bank`` whose reference losses are complete, by ascending key.
 
     Returns:
-        ``(sample_idx [S], counts [S], flat_ref [N])`` on the CPU.
+        ``(sample_idx [S], counts [S], digests [S], flat_ref [N])`` on the CPU.
     """
-    registered = (bank.offset >= 0).nonzero().flatten()
-    if registered.numel() == 0:
-        empty = torch.zeros(0, dtype=torch.int64)
-        return empty, empty, torch.zeros(0)
-    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    for rows in registered.split(CHUNK_SAMPLES):  # chunks bound the temporaries (slot indices) at scale
-        done = rows[bank.has_ref(rows)]
-        counts = bank.length[done]
-        parts.append((done.cpu(), counts.cpu(), bank.get_ref(done, counts).cpu()))
-    idx, counts, ref = zip(*parts, strict=True)
-    return torch.cat(idx), torch.cat(counts), torch.cat(ref)
+    registered = torch.sort(bank.sample_keys()).values
+    empty = torch.zeros(0, dtype=torch.int64)
+    parts: list[tuple[torch.Tensor, ...]] = [(empty, empty, empty, torch.zeros(0))]
+    for keys in registered.split(CHUNK_SAMPLES):  # chunks bound the temporaries (slot indices) at scale
+        done = keys[bank.has_ref(keys)]
+        counts = bank.candidate_counts(done)
+        parts.append((done.cpu(), counts.cpu(), bank.digests(done).cpu(), bank.get_ref(done, counts).cpu()))
+    idx, counts, digests, ref = zip(*parts, strict=True)
+    return torch.cat(idx), torch.cat(counts), torch.cat(digests), torch.cat(ref)
 
 
 def save_cache(
@@ -60,16 +62,17 @@ def save_cache(
     Returns:
         The number of samples written.
     """
-    sample_idx, counts, ref = cached_samples(bank)
+    sample_idx, counts, digests, ref = cached_samples(bank)
     if samples is not None:
         keep = torch.isin(sample_idx, samples.to(device="cpu", dtype=torch.int64))
         ref = ref[torch.repeat_interleave(keep, counts)]
-        sample_idx, counts = sample_idx[keep], counts[keep]
+        sample_idx, counts, digests = sample_idx[keep], counts[keep], digests[keep]
     payload = {
         "version": CACHE_VERSION,
         "fingerprint": fingerprint,
         "sample_idx": sample_idx,
         "counts": counts,
+        "digests": digests,
         "ref": ref,
     }
     write_atomic(path, payload)
@@ -96,18 +99,26 @@ def load_cache(path: str | os.PathLike, fingerprint: dict[str, Any]) -> dict[str
     """Read a cache written for the same fingerprint; None if the file does not exist.
 
     Raises:
-        ValueError: the file is not a cache of this version, or was made for another teacher,
-            tokenizer or data set (the message names the differing fields and the fix).
+        ValueError: the file is not a readable cache of this version, or was made for another teacher,
+            tokenizer or rendering of the data (the message names the differing fields and the fix).
     """
     target = Path(path)
     if not target.exists():
         return None
+    fix = "delete it (or point `ref_cache` at another file) and the reference losses are computed again"
     try:
-        payload = torch.load(target, map_location="cpu", weights_only=True)
-    except Exception as err:  # a foreign or damaged file: say which and how to fix
-        raise ValueError(f"reference cache {target} cannot be read ({err}); delete it to recompute") from err
-    if not isinstance(payload, dict) or payload.get("version") != CACHE_VERSION:
-        raise ValueError(f"{target} is not a reference cache of version {CACHE_VERSION}; delete it to recompute")
+        with warnings.catch_warnings():  # torch's "file an issue" about a pickle protocol is not for our user
+            warnings.simplefilter("ignore", UserWarning)
+            payload = torch.load(target, map_location="cpu", weights_only=True)
+    except Exception as err:  # a foreign or damaged file; torch's own advice (weights_only=False) is wrong here
+        raise ValueError(
+            f"reference cache {target} is not a readable reference cache ({_load_failure(err)}); {fix}"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("version") != CACHE_VERSION or "fingerprint" not in payload:
+        found = payload.get("version") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(
+            f"{target} is not a reference cache of version {CACHE_VERSION} (found {found!r}); {fix}"
+        )
     stored = payload["fingerprint"]
     differ = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
     if differ:
@@ -119,21 +130,38 @@ def load_cache(path: str | os.PathLike, fingerprint: dict[str, Any]) -> dict[str
     return payload
 
 
+def _load_failure(err: BaseException) -> str:
+    """What went wrong reading a file, in one line, without torch's advice to load it unsafely."""
+    if "weights_only" in str(err) or "Weights only load failed" in str(err):
+        return "it holds objects other than tensors and plain containers"
+    if isinstance(err, EOFError) or "central directory" in str(err):
+        return "it ends early: truncated, e.g. by a full disk or an interrupted copy"
+    return f"damaged, or another kind of file: {type(err).__name__}"
+
+
 def load_into(bank: ScoreBank, payload: dict[str, Any]) -> int:
-    """Register the cached samples in ``bank`` and store their reference losses.
+    """Register the cached samples in ``bank`` as pending entries and store their reference losses.
+
+    A cached sample that the bank already holds with another candidate count or digest is left out (the
+    bank's entry stays). Every loaded entry is checked against its sample when training registers it
+    (see :class:`~regate_lightning.bank.ScoreBank`).
 
     Returns:
         The number of samples loaded.
     """
     sample_idx, counts, ref = payload["sample_idx"], payload["counts"], payload["ref"]
+    digests = payload["digests"]
     ends = torch.cumsum(counts, 0)
+    loaded = 0
     for start in range(0, sample_idx.numel(), CHUNK_SAMPLES):  # chunks bound the temporaries at scale
         stop = min(start + CHUNK_SAMPLES, sample_idx.numel())
         first = int(ends[start - 1]) if start else 0
         idx, cnt = sample_idx[start:stop], counts[start:stop]
-        bank.register(idx, cnt)
-        bank.set_ref(idx, ref[first : int(ends[stop - 1])], cnt)
-    return int(sample_idx.numel())
+        accepted = bank.register_stored(idx, cnt, digests[start:stop]).cpu()
+        values = ref[first : int(ends[stop - 1])][torch.repeat_interleave(accepted, cnt)]
+        bank.set_ref(idx[accepted], values, cnt[accepted])
+        loaded += int(accepted.sum())
+    return loaded
 
 
 def data_fingerprint(datamodule: Any) -> str | None:

@@ -42,6 +42,8 @@ from regate_lightning.keys import (
     NUM_ACTIVE,
     NUM_TARGETS,
     NUM_TOKENS,
+    REPLACED,
+    REPLACED_SAMPLES,
     SPARSE_STEP,
     SUPERVISED,
     TEACHER_CALLS,
@@ -56,7 +58,7 @@ from regate_lightning.strategies import check_strategy, check_unsharded
 from regate_lightning.sync import all_gather_ragged, sum_over_ranks
 from regate_lightning.teacher import STUDENT, Teacher
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 STORE_DEVICES = ("cpu", "model")
 
 
@@ -96,6 +98,7 @@ class ReGATECallback(Callback):
         policy: the :class:`~regate_lightning.policy.ReGATEPolicy` that makes every decision.
         totals: counters over the run (keys :data:`~regate_lightning.keys.TOTALS`), summed over ranks.
         last_plan: the policy's plan of the latest training batch (for reports).
+        cache_samples: samples whose reference losses were read from ``ref_cache`` when fitting started.
     """
 
     def __init__(
@@ -138,6 +141,8 @@ class ReGATECallback(Callback):
         self.store_device = store_device
         self.totals = dict.fromkeys(TOTALS, 0)
         self._restored: dict[str, Any] | None = None
+        self._warned_replaced = False
+        self.cache_samples = 0
         self._plan: StepPlan | None = None
         self.last_plan: StepPlan | None = None
 
@@ -180,8 +185,8 @@ class ReGATECallback(Callback):
             assert self.policy.bank is not None
             payload = load_cache(self.ref_cache, self.policy.fingerprint)
             if payload is not None:
-                loaded = load_into(self.policy.bank, payload)
-                rank_zero_info(f"ReGATE: read reference losses of {loaded} samples from {self.ref_cache}")
+                self.cache_samples = load_into(self.policy.bank, payload)
+                rank_zero_info(f"ReGATE: read reference losses of {self.cache_samples} samples from {self.ref_cache}")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Place the teacher on the student's device and the store on ``store_device``.
@@ -209,20 +214,26 @@ class ReGATECallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         """Plan the step (score the batch) and, in a sparse step, write ``batch["keep_mask"]``."""
-        if batch is None:  # every sample of the batch skipped by the data's on_error="skip" policy
-            if trainer.world_size > 1:
-                raise RuntimeError(
-                    "a whole batch was skipped by the data's on_error='skip' policy on one process; under several "
-                    "processes every rank must run every step (DDP synchronises gradients), so fix or remove the bad "
-                    "records, or use a larger batch size"
-                )
-            return
         context = trainer.precision_plugin.forward_context
         plan = self.policy.plan(batch, trainer.global_step, gather=_gather(trainer), context=context)
         plan.apply(batch)
         # Counted over all ranks, like the other totals, so it is the same on every rank and in checkpoints.
         self.totals[TEACHER_SAMPLES] += plan.scored
+        if plan.replaced:
+            self._report_replaced(plan.replaced)
         self._plan = self.last_plan = plan
+
+    def _report_replaced(self, replaced: int) -> None:
+        """Count restored entries that belonged to other content; say so in the log the first time."""
+        if not self._warned_replaced:
+            self._warned_replaced = True
+            rank_zero_warn(
+                f"ReGATE: {replaced} sample(s) of this step had stored values (from the checkpoint or `ref_cache`) "
+                "made from other content (the record changed, or another record now has its id): they were "
+                f"dropped, the teacher scores those samples again and their EMA restarts. Counted in "
+                f"`{REPLACED_SAMPLES}`."
+            )
+        self.totals[REPLACED] += replaced
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -258,6 +269,7 @@ class ReGATECallback(Callback):
             MEAN_EMA: _nanmean(plan.difficulty),
             SPARSE_STEP: float(plan.sparse),
             TEACHER_CALLS: float(self.totals[TEACHER_SAMPLES]),
+            REPLACED_SAMPLES: float(self.totals[REPLACED]),
         }
         pl_module.log(KEPT_FRAC, step[KEPT] / max(step[CANDIDATES], 1), prog_bar=True, batch_size=size)
         pl_module.log_dict(metrics, batch_size=size)
@@ -279,10 +291,11 @@ class ReGATECallback(Callback):
     # Checkpointing.
 
     def state_dict(self) -> dict[str, Any]:
-        """Version, arguments that must match, the score store and the counters."""
+        """Version, arguments that must match, the settings that may change, the score store and the counters."""
         return {
             "version": STATE_VERSION,
             "arguments": self.policy.arguments(),
+            "settings": self.policy.settings(),
             "bank": None if self.bank is None else _to_cpu(self.bank.state_dict()),
             "totals": dict(self.totals),
             "fingerprint": dict(self.fingerprint),
@@ -298,6 +311,12 @@ class ReGATECallback(Callback):
         if mismatch:
             details = ", ".join(f"`{k}` saved {a!r}, now {b!r}" for k, (a, b) in mismatch.items())
             raise ValueError(f"cannot resume ReGATE state: {details}. Resume with the same values or start afresh")
+        saved_settings = state_dict.get("settings") or {}
+        now = self.policy.settings()
+        changed = {k: (saved_settings[k], v) for k, v in now.items() if saved_settings.get(k, v) != v}
+        if changed:
+            details = ", ".join(f"`{k}` {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            rank_zero_info(f"ReGATE: resuming with changed settings ({details}); from here on the new values apply")
         if self.bank is None:
             self._restored = state_dict
         else:

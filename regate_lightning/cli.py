@@ -1,7 +1,9 @@
 """The ``regate-lightning`` command: LightningCLI over ``MLLMModule`` and any LightningDataModule.
 
 ``regate-lightning fit --config recipes/debug.yaml`` trains; ``validate`` and ``test`` evaluate;
-``--print_config`` shows the resolved recipe. ReGATE is on when ``trainer.callbacks`` holds a
+``--print_config`` shows the resolved recipe. A value that a class refuses (``keep_ratio: 0``, a
+``full_steps`` above ``cycle_steps``, ...) ends the command with one line naming the class and the
+argument, not with the parser's trace. ReGATE is on when ``trainer.callbacks`` holds a
 ``ReGATECallback``; from the command line, ``--trainer.callbacks+=regate_lightning.ReGATECallback``
 adds it to any recipe without editing YAML.
 
@@ -14,8 +16,9 @@ never runs the teacher (see ``docs/scoring.md``).
 from __future__ import annotations
 
 import sys
+import traceback
 import warnings
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from lightning.pytorch import Callback, Trainer
@@ -25,6 +28,36 @@ from regate_lightning.module import MLLMModule
 
 SCORE = "score"
 """The subcommand that scores the training set offline."""
+SCORE_HELP = "Run the ReGATE teacher over the training set once, offline, into the callback's ref_cache."
+DESCRIPTION = (
+    "regate-lightning: fine-tune multimodal LLMs with ReGATE (reference-guided adaptive token elision) on "
+    "PyTorch Lightning. `fit`, `validate`, `test` and `predict` are LightningCLI's; `score` runs the ReGATE "
+    "teacher offline. Each takes a recipe: --config recipes/<name>.yaml."
+)
+
+
+def refused_value(error: BaseException) -> tuple[str, BaseException] | None:
+    """The class that refused its arguments while the CLI built it, and its own error, if that is what happened.
+
+    jsonargparse reports a constructor's ``ValueError`` inside a trace of every type it tried (e.g. "Not a
+    valid subclass of Callback"); the constructor's error is in the exception's context chain, raised under
+    jsonargparse's instantiator. Returns ``(dotted class name, the constructor's error)`` or None.
+    """
+    seen: set[int] = set()
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    for exc in reversed(chain):  # the innermost first: the constructor's own words
+        if not isinstance(exc, (ValueError, TypeError)):
+            continue
+        for frame, _ in traceback.walk_tb(exc.__traceback__):
+            if frame.f_code.co_name == "default_class_instantiator" and "class_type" in frame.f_locals:
+                cls = frame.f_locals["class_type"]
+                return f"{cls.__module__}.{cls.__qualname__}", exc
+    return None
 
 
 class ReGATECLI(LightningCLI):
@@ -33,14 +66,40 @@ class ReGATECLI(LightningCLI):
     Adds one top-level key, ``torch_threads``: torch's intra-op threads for this process (0 keeps torch's
     default). Small models on few cores spend their time in OpenMP synchronisation: on this project's
     2-core test machines one thread runs the demo's language model 8 to 18 times faster than two.
+
+    The ``score`` subcommand is listed in ``--help``, the usage line and the parser's errors beside
+    LightningCLI's; :func:`main` runs it (:func:`score_main`).
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Add ``torch_threads``."""
         parser.add_argument("--torch_threads", type=int, default=0, help="torch intra-op threads (0: default)")
 
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """LightningCLI's subcommands, and ``score`` (its parser: the recipe's keys plus ``--score.*``)."""
+        super()._add_subcommands(parser, **kwargs)
+        from regate_lightning.score import ScoreOptions
+
+        score = self.init_parser(description=SCORE_HELP)
+        self._add_arguments(score)
+        score.add_class_arguments(ScoreOptions, SCORE, instantiate=False)
+        assert parser._subcommands_action is not None
+        parser._subcommands_action.add_subcommand(SCORE, score, help=SCORE_HELP)
+
+    def instantiate_classes(self) -> None:
+        """Build the classes; a value a class refuses ends the command with that class's one-line error."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            refused = refused_value(err)
+            if refused is None:
+                raise
+            exit_with_error(f"{refused[0]} refused its arguments: {refused[1]}")
+
     def before_instantiate_classes(self) -> None:
         """Apply ``torch_threads`` before any model is built."""
+        if self.subcommand == SCORE:
+            exit_with_error("give `score` first: regate-lightning score --config RECIPE [options]")
         config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
         threads = config.get("torch_threads", 0)
         if threads < 0:
@@ -92,6 +151,7 @@ def build_cli(
         "datamodule_class": None,
         "subclass_mode_data": True,
         "save_config_kwargs": {"overwrite": True},
+        "parser_kwargs": {"description": DESCRIPTION},
         "args": args,
         "run": run,
         "auto_configure_optimizers": False,
@@ -121,6 +181,12 @@ def score_main(args: list[str]) -> Any:
             file=sys.stderr,
         )
     return result
+
+
+def exit_with_error(message: str) -> NoReturn:
+    """Print ``regate-lightning: error: <message>`` on stderr and exit with status 2 (a usage error)."""
+    print(f"regate-lightning: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from regate_lightning.keys import ANSWER_IDX, OPTION_IDX, QUESTION_IDX, TASK
+from regate_lightning.keys import ANSWER_IDX, NUM_OPTIONS, OPTION_IDX, QUESTION_IDX, TASK
 
 OPTION_SCORES = ("sum", "mean")
 
@@ -27,7 +27,8 @@ def choose_options(
     Args:
         token_loss: float ``[B, L]``, per-position loss, NaN where not supervised.
         batch: with ``question_idx``, ``option_idx``, ``answer_idx``, ``task`` (int64 ``[B]``); every
-            option of a question must be in the same batch.
+            option of a question must be in the same batch (checked against ``num_options`` when the batch
+            has it: a question scored on some of its options would inflate the accuracy).
         option_score: ``"sum"`` or ``"mean"`` of the option's token log-likelihoods.
 
     Returns:
@@ -53,6 +54,11 @@ def choose_options(
         options = batch[OPTION_IDX][rows]
         if options.unique().numel() != options.numel():
             raise ValueError(f"question {int(q)} has an option twice in one batch")
+        if NUM_OPTIONS in batch and int(batch[NUM_OPTIONS][rows[0]]) != options.numel():
+            raise ValueError(
+                f"question {int(q)} has {options.numel()} of its {int(batch[NUM_OPTIONS][rows[0]])} options in the "
+                "batch; a question is scored with all its options or not at all (the collator drops it whole)"
+            )
         best = rows[torch.argmax(loglik[rows])]
         preds.append(batch[OPTION_IDX][best])
         answers.append(batch[ANSWER_IDX][rows[0]])

@@ -104,6 +104,10 @@ class Family:
             families' projector) or per token (Qwen2-VL's ``visual``, its ``pooler_output``). Each step is
             encoded independently of the others (per-frame towers; Qwen2-VL attends within a temporal patch),
             which lets the engine skip the steps whose every token is elided.
+        frames_alone: whether the model encodes every frame of a ``[N, T, 3, H, W]`` video tensor on its
+            own (tower, resampler and projector per frame, features in frame order), so clips of different
+            lengths can be passed as one ``[1, sum(T), 3, H, W]`` tensor with the same features in the same
+            order (checked against per-sample runs in ``tests/test_data_collate.py``).
     """
 
     name: str
@@ -126,6 +130,7 @@ class Family:
     seconds_per_grid: tuple[str, ...] = ()
     unused_tower_heads: bool = False
     encoders: tuple[tuple[str, str, str], ...] = ()
+    frames_alone: bool = False
 
     @property
     def multimodal(self) -> bool:
@@ -385,6 +390,7 @@ FAMILIES: dict[str, Family] = {
             video_processor="LlavaNextVideoVideoProcessor",
             unused_tower_heads=True,
             encoders=(("video", "vision_tower", "multi_modal_projector"),),
+            frames_alone=True,
         ),
         Family(
             VIDEO_LLAVA,
@@ -402,6 +408,7 @@ FAMILIES: dict[str, Family] = {
                 ("image", "image_tower", "multi_modal_projector"),
                 ("video", "video_tower", "multi_modal_projector"),
             ),
+            frames_alone=True,
         ),
         Family(
             QWEN2_VL,

@@ -19,7 +19,8 @@ LABELS = "labels"
 KEEP_MASK = "keep_mask"
 """bool [B, L]; True = the position stays in the decoder's sequence. Written by a policy (see ``ReGATEPolicy``)."""
 SAMPLE_IDX = "sample_idx"
-"""int64 [B]; a stable integer id per sample (its index in the training set)."""
+"""int64 [B]; a stable non-negative key per sample, the same in every epoch and run (the data sets of
+``regate_lightning.data`` use a 63-bit hash of the record's id, else of its file and line)."""
 MM_TOKEN_TYPE_IDS = "mm_token_type_ids"
 """int64 [B, L]; Qwen2-VL's media type of each position: :data:`TEXT_TYPE`, :data:`IMAGE_TYPE` or :data:`VIDEO_TYPE`."""
 TEXT_TYPE, IMAGE_TYPE, VIDEO_TYPE = 0, 1, 2
@@ -42,6 +43,8 @@ SECOND_PER_GRID_TS = "second_per_grid_ts"
 QUESTION_IDX = "question_idx"
 OPTION_IDX = "option_idx"
 ANSWER_IDX = "answer_idx"
+NUM_OPTIONS = "num_options"
+"""The question's number of options: a question is scored only when every one of them is in the batch."""
 TASK = "task"
 
 # Keys of the dict returned by ``MLLMModule.training_step``.
@@ -59,9 +62,13 @@ NUM_TARGETS = "num_targets"
 # Logged metric names. Evaluation metrics are named per stage ("val", "test"): build them with the helpers.
 TRAIN_LOSS = "train/loss"
 DATA_SKIPPED = "data/skipped"
-"""Inputs skipped by the data's ``on_error="skip"`` policy, up to the current epoch."""
+"""Training records skipped by the data's ``on_error="skip"`` policy so far, each counted once."""
+DATA_SKIPPED_EPOCH = "data/skipped_epoch"
+"""Training samples skipped in the epoch that just ended."""
 VAL, TEST = "val", "test"
 """The evaluation stages, as metric prefixes."""
+TRAIN = "train"
+"""The training stage (the data module's skip reports are per stage)."""
 
 
 def loss_metric(stage: str) -> str:
@@ -72,6 +79,12 @@ def loss_metric(stage: str) -> str:
 def option_loss_metric(stage: str) -> str:
     """Mean loss of a stage's multiple-choice option tokens, e.g. ``"val/option_loss"``."""
     return f"{stage}/option_loss"
+
+
+def skipped_questions_metric(stage: str) -> str:
+    """Multiple-choice questions a stage's run left out (media that failed, an option over ``max_length``),
+    e.g. ``"val/skipped_questions"``."""
+    return f"{stage}/skipped_questions"
 
 
 def acc_metric(stage: str, task: str | None = None) -> str:
@@ -118,6 +131,9 @@ MEAN_REF = REGATE_PREFIX + "mean_ref"
 MEAN_EMA = REGATE_PREFIX + "mean_ema"
 SPARSE_STEP = REGATE_PREFIX + "sparse_step"
 TEACHER_CALLS = REGATE_PREFIX + "teacher_samples"
+REPLACED_SAMPLES = REGATE_PREFIX + "replaced_samples"
+"""Cumulative samples whose restored values (checkpoint or reference cache) belonged to other content and
+were dropped and recomputed (all ranks)."""
 
 # Keys of ``ReGATECallback.totals``: counters over the run, summed over ranks, saved in its checkpoint state.
 ACTIVE = "active"
@@ -132,7 +148,9 @@ CANDIDATES = "candidates"
 """Elision candidates seen."""
 KEPT = "kept"
 """Candidates kept (computed by the student)."""
-TOTALS = (ACTIVE, TOKENS, SUPERVISED, TEACHER_SAMPLES, CANDIDATES, KEPT)
+REPLACED = "replaced"
+"""Samples whose restored values did not match their content and were recomputed."""
+TOTALS = (ACTIVE, TOKENS, SUPERVISED, TEACHER_SAMPLES, CANDIDATES, KEPT, REPLACED)
 
 VISUAL_PREFIX = "visual/"
 """Prefix of everything ``VisualTokenElision`` logs."""

@@ -27,18 +27,21 @@ from regate_lightning.evaluation import OPTION_SCORES, ChoiceAccuracy, choose_op
 from regate_lightning.families import parameter_parts, resolve, unused_vision_modules, unwrap, vision_parts
 from regate_lightning.keys import (
     DATA_SKIPPED,
+    DATA_SKIPPED_EPOCH,
     IMAGE,
     INPUT_IDS,
     KEEP_MASK,
     MEDIA_KINDS,
     QUESTION_IDX,
     TEST,
+    TRAIN,
     TRAIN_LOSS,
     VAL,
     acc_metric,
     loss_metric,
     media_gap_metric,
     option_loss_metric,
+    skipped_questions_metric,
 )
 from regate_lightning.reliance import answer_rows, swap_media
 
@@ -284,12 +287,14 @@ class MLLMModule(pl.LightningModule):
         self._evaluate(batch, TEST)
 
     def on_validation_epoch_end(self) -> None:
-        """Log multiple-choice accuracy, overall and per task."""
+        """Log multiple-choice accuracy, overall and per task, and the questions the data left out."""
         self._log_accuracy(VAL)
+        self._log_skipped_questions(VAL)
 
     def on_test_epoch_end(self) -> None:
-        """Log multiple-choice accuracy, overall and per task."""
+        """Log multiple-choice accuracy, overall and per task, and the questions the data left out."""
         self._log_accuracy(TEST)
+        self._log_skipped_questions(TEST)
 
     def setup(self, stage: str) -> None:
         """Take the multiple-choice task names from the datamodule when none were given."""
@@ -298,13 +303,23 @@ class MLLMModule(pl.LightningModule):
         if names and not self.accuracy.task_names:
             self.accuracy.task_names = list(names)
 
-    def on_train_epoch_end(self) -> None:
-        """Report the inputs the data skipped (``on_error="skip"``), counted by reason, and log the total."""
+    def _report_skips(self, stage: str) -> Any:
+        """The data module's :meth:`report_skips` for ``stage`` (None when it has none)."""
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         report = getattr(datamodule, "report_skips", None)
-        if callable(report):
-            counts = report(f"up to epoch {self.current_epoch}")
-            self.log(DATA_SKIPPED, float(sum(counts.values())))
+        return report(stage, self.current_epoch) if callable(report) else None
+
+    def on_train_epoch_end(self) -> None:
+        """Report the inputs the data skipped (``on_error="skip"``) by reason; log this epoch's and the total."""
+        report = self._report_skips(TRAIN)
+        if report is not None:
+            self.log(DATA_SKIPPED_EPOCH, float(sum(report.period.values())))
+            self.log(DATA_SKIPPED, float(sum(report.total.values())))
+
+    def _log_skipped_questions(self, stage: str) -> None:
+        report = self._report_skips(VAL)  # the validation data serve the test stage too
+        if report is not None:
+            self.log(skipped_questions_metric(stage), float(sum(report.period.values())))
 
     def _evaluate(self, batch: dict[str, Any] | None, stage: str) -> None:
         if batch is None:

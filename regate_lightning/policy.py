@@ -48,7 +48,7 @@ from regate_lightning.scoring import (
     scatter_candidates,
 )
 from regate_lightning.selection import Fallback, Selection, as_fallback, as_selection, fallback_name
-from regate_lightning.targets import candidate_mask, shift_targets
+from regate_lightning.targets import candidate_mask, sample_digest, shift_targets
 from regate_lightning.teacher import STUDENT, Teacher, build_teacher, teacher_dtype, text_mask
 
 __all__ = ["Gather", "ReGATEPolicy", "StepPlan", "same_rank"]
@@ -83,6 +83,9 @@ class StepPlan:
             prior mask itself in a full step; None when the batch had none and the step is full.
         kept: candidates kept on this rank (counting those a prior mask elided as not kept).
         scored: samples the teacher scored for this step, over all ranks.
+        replaced: samples of this step, over all ranks, whose restored values (from a checkpoint or a
+            reference cache) belonged to other content and were dropped (see
+            :class:`~regate_lightning.bank.ScoreBank`); the teacher scored them again.
     """
 
     step: int
@@ -97,6 +100,7 @@ class StepPlan:
     keep_mask: Tensor | None
     kept: int
     scored: int
+    replaced: int = 0
 
     def apply(self, batch: MutableMapping[str, Any]) -> None:
         """Write :attr:`keep_mask` into ``batch`` (nothing when there is none)."""
@@ -114,6 +118,7 @@ class _View:
     text: Tensor
     candidates: Tensor
     counts: Tensor
+    digests: Tensor
 
 
 class ReGATEPolicy:
@@ -252,6 +257,19 @@ class ReGATEPolicy:
         """The arguments a resumed run must share with the saved one (checked on resume)."""
         return {"teacher": self.teacher_spec, "fallback": fallback_name(self.fallback)}
 
+    def settings(self) -> dict[str, Any]:
+        """The arguments a resumed run may change on purpose (a resume that changes one says so in the log)."""
+        return {
+            "keep_ratio": self.keep_ratio,
+            "ema_decay": self.ema_decay,
+            "ref_weight": self.ref_weight,
+            "warmup_steps": self.schedule.warmup_steps,
+            "cycle_steps": self.schedule.cycle_steps,
+            "full_steps": self.schedule.full_steps,
+            "min_keep": self.min_keep,
+            "selection": repr(self.selection),
+        }
+
     # ---------------------------------------------------------------------------------------------
     # The two calls of a training step.
 
@@ -285,7 +303,7 @@ class ReGATEPolicy:
         """
         _, bank = self._ready()
         view = self._view(batch)
-        _, scored = self._register_and_score(view, gather, context)
+        _, scored, replaced = self._register_and_score(view, gather, context)
         target_ids = gather_candidates(shift_targets(view.labels), view.candidates)
         ref = bank.get_ref(view.sample_idx, view.counts)
         difficulty = self.fallback.difficulty(bank, view.sample_idx, view.counts, target_ids)
@@ -318,6 +336,7 @@ class ReGATEPolicy:
             keep_mask=keep_mask,
             kept=kept,
             scored=scored,
+            replaced=replaced,
         )
 
     def observe(self, plan: StepPlan, token_loss: Tensor, gather: Gather = same_rank) -> None:
@@ -352,7 +371,7 @@ class ReGATEPolicy:
             bool ``[B]`` on the store's device: the samples the teacher scored now (the others had
             reference losses already).
         """
-        scored, _ = self._register_and_score(self._view(batch), gather, context)
+        scored, _, _ = self._register_and_score(self._view(batch), gather, context)
         return scored
 
     # ---------------------------------------------------------------------------------------------
@@ -369,9 +388,10 @@ class ReGATEPolicy:
     def _view(self, batch: Mapping[str, Any]) -> _View:
         if SAMPLE_IDX not in batch:
             raise KeyError(
-                f"ReGATE needs `batch['{SAMPLE_IDX}']`: an int64 [B] tensor with a stable id per sample (its index "
-                "in the training set). The collators of regate_lightning.data add it; for your own dataset return "
-                f"the index from __getitem__ and collate it as `{SAMPLE_IDX}`"
+                f"ReGATE needs `batch['{SAMPLE_IDX}']`: an int64 [B] tensor with a stable non-negative key per "
+                "sample, the same for the same sample in every epoch and run. The datasets of regate_lightning.data "
+                "add it (a hash of the record's id); for your own dataset return one from __getitem__ (an id, or "
+                f"the index when the data never change) and collate it as `{SAMPLE_IDX}`"
             )
         if LABELS not in batch:
             raise KeyError(f"ReGATE needs `batch['{LABELS}']` to find the answer tokens")
@@ -381,19 +401,23 @@ class ReGATEPolicy:
         text = text_mask(self.media_token_ids, input_ids, None if attention is None else attention.to(store))
         candidates = candidate_mask(labels) & text
         sample_idx = batch[SAMPLE_IDX].to(store).long()
-        return _View(sample_idx, input_ids, labels, text, candidates, candidates.sum(1))
+        digests = sample_digest(input_ids, candidates, None if attention is None else attention.to(store))
+        return _View(sample_idx, input_ids, labels, text, candidates, candidates.sum(1), digests)
 
     def _register_and_score(
         self, view: _View, gather: Gather, context: Callable[[], AbstractContextManager[Any]]
-    ) -> tuple[Tensor, int]:
+    ) -> tuple[Tensor, int, int]:
         """Register every rank's samples; run the teacher on this rank's unscored ones; share the losses.
 
         Returns:
-            bool ``[B]``, the rows scored here, and the number of samples scored on all ranks.
+            bool ``[B]``, the rows scored here; the number of samples scored on all ranks; the number of
+            samples whose restored values were dropped (all ranks).
         """
         teacher, bank = self._ready()
-        all_idx, all_counts = self._gather(gather, [view.sample_idx, view.counts])
-        bank.register(all_idx, all_counts)
+        all_idx, all_counts, all_digests = self._gather(gather, [view.sample_idx, view.counts, view.digests])
+        replaced = bank.num_replaced
+        bank.register(all_idx, all_counts, all_digests)
+        replaced = bank.num_replaced - replaced
         missing = ~bank.has_ref(view.sample_idx)
         flat = torch.zeros(0, device=self.store_device)
         if missing.any():
@@ -405,7 +429,7 @@ class ReGATEPolicy:
         idx, counts, flat = self._gather(gather, [view.sample_idx[missing], view.counts[missing], flat.float()])
         if idx.numel():
             bank.set_ref(idx, flat, counts)
-        return missing, int(idx.numel())
+        return missing, int(idx.numel()), replaced
 
     def _select(self, scores: Tensor, available: Tensor) -> Tensor:
         keep = self.selection.select(scores, available, self.keep_ratio, self.min_keep, self.generator)

@@ -53,6 +53,8 @@ class SampleView:
 
     sample_idx: int
     step: int
+    name: str = ""
+    """The record behind ``sample_idx`` (the data module's ``sample_name``), e.g. ``"id train-00089"``."""
     tokens: list[str] = field(default_factory=list)
     kept: list[bool] = field(default_factory=list)
     ref: list[float] = field(default_factory=list)
@@ -124,13 +126,15 @@ class ElisionReport(Callback):
             return
         keep = keep.to(cand.device)
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        sample_name = getattr(trainer.datamodule, "sample_name", None)
         for row in range(batch[INPUT_IDS].shape[0]):
             if len(self.views) >= self.num_samples:
                 break
             positions = cand[row].nonzero().flatten()
             if positions.numel() == 0:
                 continue
-            view = SampleView(int(batch[SAMPLE_IDX][row]), plan.step)
+            key = int(batch[SAMPLE_IDX][row])
+            view = SampleView(key, plan.step, sample_name(key) if sample_name is not None else str(key))
             for t in positions.tolist():
                 token_id = int(targets[row, t])
                 text = tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
@@ -193,6 +197,7 @@ def run_summary(trainer: pl.Trainer, regate: ReGATECallback) -> dict[str, float]
         "candidates_kept": float(totals[KEPT]),
         "supervised_trained": float(totals[SUPERVISED]),
         "teacher_samples": float(totals[TEACHER_SAMPLES]),
+        "cache_samples": float(regate.cache_samples),
     }
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     if acc_metric(VAL) in metrics:
@@ -233,6 +238,7 @@ def render_text(
             f"  answer-token candidates kept: {summary['candidates_kept']:.0f} of {summary['candidates']:.0f} "
             f"({100 * summary['candidates_kept'] / summary['candidates']:.1f} %); teacher scored "
             f"{summary['teacher_samples']:.0f} samples once each"
+            + (f", {summary['cache_samples']:.0f} read from ref_cache" if summary.get("cache_samples") else "")
         )
     if contrast:
         lines.append("  reference loss (text-only teacher), mean per token:")
@@ -244,7 +250,7 @@ def render_text(
         for view in views:
             words = [tok if kept else f"[{tok.strip()}]" for tok, kept in zip(view.tokens, view.kept, strict=True)]
             lines.append(
-                f"    sample {view.sample_idx}: " + "".join(w if w.startswith(" ") else " " + w for w in words)
+                f"    {view.name or view.sample_idx}: " + "".join(w if w.startswith(" ") else " " + w for w in words)
             )
     lines.append(f"  report: {html_path}")
     return "\n".join(lines)
@@ -284,9 +290,8 @@ def render_html(views: list[SampleView], summary: dict[str, float], contrast: di
         parts.append("</table>")
     parts.append("<h2>Samples</h2>")
     for view in views:
-        parts.append(
-            f"<h3>sample {view.sample_idx}, step {view.step}</h3><p class='sample' data-sample='{view.sample_idx}'>"
-        )
+        name = html.escape(view.name or str(view.sample_idx))
+        parts.append(f"<h3>{name}, step {view.step}</h3><p class='sample' data-sample='{view.sample_idx}'>")
         for tok, kept, ref, diff, pos in zip(
             view.tokens, view.kept, view.ref, view.difficulty, view.positions, strict=True
         ):

@@ -322,6 +322,8 @@ class ReferenceScorer(pl.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> None:
         """Score the batch's samples that no earlier run scored; flush when due."""
+        if batch is None:  # every sample skipped by the data's on_error="skip" policy (and counted there)
+            return
         text = {k: batch[k] for k in (INPUT_IDS, ATTENTION_MASK, LABELS, SAMPLE_IDX) if k in batch}
         if self.rows_by_rank and SAMPLE_IDX in text:  # an iterable data set is not sharded by a sampler
             rows = text[SAMPLE_IDX] % self.trainer.world_size == self.trainer.global_rank

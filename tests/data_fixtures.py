@@ -104,3 +104,19 @@ def messages_record(rid: str, kind: str, path: str) -> dict[str, Any]:
             {"role": "assistant", "content": [{"type": "text", "text": "A blue square moves up."}]},
         ],
     }
+
+
+def iterate_with_an_empty_batch(rank: int, world: int, init: str, errors: Any) -> None:
+    """One rank of a gloo group (spawned by a test): iterate a loader whose second batch has no sample left."""
+    import torch.distributed as dist
+
+    from regate_lightning.data import NonEmptyDataLoader
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        loader = NonEmptyDataLoader(list(range(4)), batch_size=2, collate_fn=lambda xs: None if 2 in xs else xs)
+        list(loader)
+    except RuntimeError as err:
+        errors.put(str(err))
+    finally:
+        dist.destroy_process_group()

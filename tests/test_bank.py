@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from regate_lightning.bank import BANK_FORMAT_VERSION, ScoreBank
+from regate_lightning.bank import BANK_FORMAT_VERSION, KeyIndex, ScoreBank
 from regate_lightning.scoring import gather_candidates
 
 NAN = math.nan
@@ -51,10 +51,10 @@ def test_constructor_validation() -> None:
 def test_register_allocates_contiguous_slots(device: str) -> None:
     bank = ScoreBank(vocab_size=8, initial_capacity=4).to(device)
     bank.register(_i(5, 2), _i(3, 2))
-    # One call allocates in sample order: sample 2 first, then 5.
-    assert bank.offset[[2, 5]].tolist() == [0, 2]
-    assert bank.length[[2, 5]].tolist() == [2, 3]
-    assert bank.offset[[0, 1, 3, 4]].tolist() == [-1] * 4
+    # One call allocates in key order: sample 2 first (row 0, slots 0-1), then 5 (row 1, slots 2-4).
+    assert bank.sample_keys().tolist() == [2, 5]
+    assert bank.offset[:2].tolist() == [0, 2]
+    assert bank.candidate_counts(_i(5, 2)).tolist() == [3, 2]
     assert (bank.num_samples, bank.num_candidates) == (2, 5)
     assert bank.capacity >= 5
     assert bank.is_registered(_i(0, 2, 5, 100)).tolist() == [False, True, True, False]
@@ -80,14 +80,16 @@ def test_register_grows_past_capacity_and_keeps_values() -> None:
     buffers = dict(bank.named_buffers())
     assert buffers["ema"] is bank.ema and buffers["ema"].numel() == bank.capacity
     assert buffers["offset"] is bank.offset and buffers["offset"].numel() >= 40
+    assert "index.main_keys" in buffers and "index.main_keys" not in bank.state_dict()
 
 
 def test_register_count_mismatch() -> None:
     bank = ScoreBank(vocab_size=8)
     bank.register(_i(17, 3), _i(12, 1))
     message = (
-        "sample 17 had 12 candidates when first seen and has 13 now; the data must render each sample "
-        "identically (same template, same truncation) across epochs"
+        "sample 17 had 12 candidates (content digest 0) when first seen and has 13 (digest 0) now; the data "
+        "must render each sample identically (same template, same truncation) across epochs, and sample keys "
+        "must be unique"
     )
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         bank.register(_i(4, 17), _i(2, 13))
@@ -102,8 +104,10 @@ def test_register_duplicates_in_one_call() -> None:
     bank = ScoreBank(vocab_size=8)
     bank.register(_i(3, 3, 1), _i(2, 2, 1))
     assert (bank.num_samples, bank.num_candidates) == (2, 3)
-    with pytest.raises(ValueError, match=r"sample 6 occurs more than once in one batch with \d+ and \d+"):
+    with pytest.raises(ValueError, match=r"sample 6 occurs more than once in one batch with different candidates"):
         bank.register(_i(6, 6), _i(2, 3))
+    with pytest.raises(ValueError, match=r"sample 6 occurs more than once in one batch with different content"):
+        bank.register(_i(6, 6), _i(2, 2), _i(11, 12))
 
 
 def test_register_input_validation() -> None:
@@ -279,7 +283,7 @@ def test_state_dict_round_trip_into_a_bank_of_other_capacity() -> None:
     fresh.load_state_dict(state)
     assert (fresh.num_samples, fresh.num_candidates) == (bank.num_samples, bank.num_candidates)
     idx = torch.arange(50)
-    counts = bank.length[:50]
+    counts = bank.candidate_counts(idx)
     ids = torch.randint(0, 32, (int(counts.sum()),))
     assert _close(fresh.get_ema(idx, counts), bank.get_ema(idx, counts))
     assert _close(fresh.get_ref(idx, counts), bank.get_ref(idx, counts))
@@ -317,8 +321,9 @@ def test_state_dict_size_is_proportional_to_used_slots() -> None:
 def test_nbytes() -> None:
     bank = ScoreBank(vocab_size=10, initial_capacity=100)
     bank.register(_i(0, 4), _i(3, 2))
-    assert bank.nbytes(used_only=True) == 8 * 5 + 16 * 5 + 4 * 10
-    assert bank.nbytes() == 8 * bank.capacity + 16 * bank.offset.numel() + 4 * 10
+    assert bank.nbytes(used_only=True) == 8 * 5 + 32 * 2 + 4 * 10
+    rows = bank.offset.numel()
+    assert bank.nbytes() == 8 * bank.capacity + 32 * rows + rows + 16 * 2 + 4 * 10  # + pending flags, key index
     assert bank.nbytes() >= bank.nbytes(used_only=True)
 
 
@@ -327,8 +332,11 @@ def test_load_rejects_incompatible_states() -> None:
     with pytest.raises(ValueError, match=r"saved with vocab_size=32, this bank has vocab_size=16"):
         ScoreBank(vocab_size=16).load_state_dict(state)
     bad_version = dict(state, _extra_state={"format_version": 999, "vocab_size": 32})
-    with pytest.raises(ValueError, match=r"format version 999, this code reads version 1"):
+    with pytest.raises(ValueError, match=r"format version 999, this code reads version 2$"):
         ScoreBank(vocab_size=32).load_state_dict(bad_version)
+    old = dict(state, _extra_state={"format_version": 1, "vocab_size": 32})
+    with pytest.raises(ValueError, match=r"version 1 keyed samples by their position .* start the store afresh"):
+        ScoreBank(vocab_size=32).load_state_dict(old)
     partial = {k: v for k, v in state.items() if k != "ref"}
     with pytest.raises(ValueError, match=r"must hold all of"):
         ScoreBank(vocab_size=32).load_state_dict(partial)
@@ -338,6 +346,9 @@ def test_load_rejects_incompatible_states() -> None:
     corrupt["length"][0] = 1
     with pytest.raises(ValueError, match=r"corrupt"):
         ScoreBank(vocab_size=32).load_state_dict(corrupt)
+    twice = dict(state, keys=torch.zeros_like(state["keys"]))
+    with pytest.raises(ValueError, match=r"keys must be distinct"):
+        ScoreBank(vocab_size=32).load_state_dict(twice)
 
 
 def test_state_dict_nested_in_a_parent_module() -> None:
@@ -355,7 +366,8 @@ def test_device_move(device: str) -> None:
     assert {b.device.type for b in bank.buffers()} == {device}
     assert bank.device.type == device
     # Inputs on the CPU are moved to the bank's device; results live there.
-    idx, counts = torch.arange(10), bank.length[:10].cpu()
+    idx = torch.arange(10)
+    counts = bank.candidate_counts(idx).cpu()
     ema = bank.get_ema(idx, counts)
     assert ema.device.type == device
     bank.register(_i(11), _i(300))  # growth stays on the device
@@ -374,3 +386,82 @@ def test_update_is_deterministic() -> None:
     for s1, s2 in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
         if isinstance(s1, torch.Tensor):
             assert torch.equal(s1.nan_to_num(-1), s2.nan_to_num(-1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Keys of any size, content digests, values restored from a checkpoint or a cache.
+
+
+def test_key_index_matches_a_dict_across_merges() -> None:
+    index = KeyIndex(recent_limit=8)
+    g = torch.Generator().manual_seed(0)
+    truth: dict[int, int] = {}
+    for _ in range(12):
+        fresh = torch.randint(0, 2**62, (5,), generator=g).unique()
+        fresh = fresh[index.find(fresh) < 0]
+        rows = torch.arange(len(truth), len(truth) + fresh.numel())
+        index.add(fresh, rows)
+        truth.update(zip(fresh.tolist(), rows.tolist(), strict=True))
+        assert index.main_keys.numel() > 0 or len(truth) <= 8
+    queries = torch.tensor([*truth, 3, 2**63 - 1])
+    assert index.find(queries).tolist() == [*truth.values(), -1, -1]
+    assert len(index) == len(truth)
+
+
+def test_keys_are_any_non_negative_int64() -> None:
+    bank = ScoreBank(vocab_size=8, initial_capacity=0)
+    keys = _i(2**62 + 5, 7, 2**63 - 1)
+    bank.register(keys, _i(2, 1, 3))
+    bank.set_ref(keys, _t(1, 2, 3, 4, 5, 6), _i(2, 1, 3))
+    assert bank.get_ref(_i(7, 2**63 - 1), _i(1, 3)).tolist() == [3.0, 4.0, 5.0, 6.0]
+    assert bank.nbytes(used_only=True) == 8 * 6 + 32 * 3 + 4 * 8  # independent of the keys' size
+
+
+def _restored(digest: int = 11) -> ScoreBank:
+    """A bank with sample 9 (2 candidates, digest ``digest``, ref and EMA set) loaded from a state dict."""
+    bank = ScoreBank(vocab_size=8)
+    bank.register(_i(9), _i(2), _i(digest))
+    bank.set_ref(_i(9), _t(0.5, 0.25), _i(2))
+    bank.update(_i(9), _t(1.0, 2.0), _i(2), _i(3, 4), decay=0.9)
+    fresh = ScoreBank(vocab_size=8)
+    fresh.load_state_dict(bank.state_dict())
+    return fresh
+
+
+def test_restored_values_are_used_when_the_content_matches() -> None:
+    bank = _restored()
+    assert bank.pending.tolist() == [True]
+    bank.register(_i(9), _i(2), _i(11))
+    assert bank.pending.tolist() == [False] and bank.num_replaced == 0
+    assert bank.get_ref(_i(9), _i(2)).tolist() == [0.5, 0.25]
+    assert bank.get_ema(_i(9), _i(2)).tolist() == [1.0, 2.0]
+    # Confirmed from live data: a change now is an error, not a silent reset.
+    with pytest.raises(ValueError, match=r"sample 9 had 2 candidates \(content digest 11\) when first seen"):
+        bank.register(_i(9), _i(2), _i(12))
+
+
+def test_restored_values_of_other_content_are_reset_and_counted() -> None:
+    bank = _restored()
+    bank.register(_i(9), _i(2), _i(12))  # same count, other tokens
+    assert bank.num_replaced == 1 and bank.pending.tolist() == [False]
+    assert bank.get_ref(_i(9), _i(2)).isnan().all() and bank.get_ema(_i(9), _i(2)).isnan().all()
+    assert not bank.has_ref(_i(9)).item()
+    assert bank.digests(_i(9)).tolist() == [12]
+    other = _restored()
+    other.register(_i(9), _i(3), _i(11))  # another candidate count: new slots
+    assert other.num_replaced == 1 and other.candidate_counts(_i(9)).tolist() == [3]
+    assert other.get_ref(_i(9), _i(3)).isnan().all()
+    # An unknown digest (0) on either side matches any digest; the count still has to match.
+    unknown = _restored(digest=0)
+    unknown.register(_i(9), _i(2), _i(12))
+    assert unknown.num_replaced == 0 and unknown.digests(_i(9)).tolist() == [12]
+
+
+def test_register_stored_accepts_only_matching_entries() -> None:
+    bank = ScoreBank(vocab_size=8)
+    bank.register(_i(1), _i(2), _i(5))
+    accepted = bank.register_stored(_i(1, 2, 3), _i(2, 1, 1), _i(6, 7, 0))
+    assert accepted.tolist() == [False, True, True]  # sample 1 is live with another digest: kept as it is
+    assert bank.digests(_i(1, 2, 3)).tolist() == [5, 7, 0]
+    assert bank.pending.tolist() == [False, True, True]
+    assert bank.register_stored(_i(2), _i(2), _i(7)).tolist() == [False]  # another count

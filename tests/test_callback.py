@@ -304,3 +304,25 @@ def test_resume_with_another_teacher_is_refused():
     state = cb.state_dict()
     with pytest.raises(ValueError, match="`teacher` saved 'student', now 'other/model'"):
         ReGATECallback(teacher="other/model").load_state_dict(state)
+
+
+def test_resume_with_another_keep_ratio_says_so_once(tmp_path, caplog):
+    """Issue 11, item 3: a changed keep_ratio applies from the resume on, and the log says so once."""
+
+    def run(keep_ratio: float, max_epochs: int, ckpt: str | None = None) -> ReGATECallback:
+        pl.seed_everything(0)
+        cb = ReGATECallback(keep_ratio=keep_ratio, warmup_steps=0, cycle_steps=2, full_steps=0)
+        save = [] if ckpt else [pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1)]
+        t = trainer(-1, [cb, *save], enable_checkpointing=ckpt is None, max_epochs=max_epochs)
+        t.fit(module(), RandomDataModule(num_samples=4, batch_size=2, shuffle=False), ckpt_path=ckpt)
+        return cb
+
+    run(0.5, 1)
+    with caplog.at_level("INFO", logger="lightning.pytorch.utilities.rank_zero"):
+        resumed = run(0.25, 2, ckpt=str(tmp_path / "last.ckpt"))
+    said = [r.getMessage() for r in caplog.records if "resuming with changed settings" in r.getMessage()]
+    expected = "ReGATE: resuming with changed settings (`keep_ratio` 0.5 -> 0.25); from here on the new values apply"
+    assert said == [expected]
+    assert resumed.policy.keep_ratio == 0.25 and resumed.last_plan is not None and resumed.last_plan.sparse
+    # The resumed steps kept the new share of each sample's candidates.
+    assert resumed.last_plan.kept == sum(math.ceil(0.25 * n) for n in resumed.last_plan.counts.tolist())

@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from data_fixtures import tokenizer
 
-from regate_lightning.data import ChatRenderer, Collator, DataError, Turn, VisionSpec, fit_length
-from regate_lightning.keys import IGNORE_INDEX
+from regate_lightning.data import (
+    ChatRenderer,
+    ChoiceRecord,
+    Collator,
+    DataError,
+    Media,
+    MultipleChoiceDataset,
+    SkipCounter,
+    Turn,
+    VisionSpec,
+    fit_length,
+)
+from regate_lightning.evaluation import choose_options
+from regate_lightning.keys import (
+    ANSWER_IDX,
+    IGNORE_INDEX,
+    INPUT_IDS,
+    NUM_OPTIONS,
+    OPTION_IDX,
+    PIXEL_VALUES_VIDEOS,
+    QUESTION_IDX,
+    SAMPLE_IDX,
+    TASK,
+)
 from regate_lightning.testing import tiny
 
 
@@ -93,3 +117,76 @@ def test_collator_arguments_are_validated():
     no_pad = type("Tok", (), {"pad_token_id": None, "eos_token_id": None})()
     with pytest.raises(ValueError, match="pad"):
         Collator(no_pad)
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 11: whole questions (item 2), clips of different lengths (item 8), over-long samples named (item 10).
+
+
+def _question(qwen, options: list[str], answer: int = 0):
+    spec, renderer = qwen
+    image = spec.process_image(torch.zeros(3, 32, 32, dtype=torch.uint8))
+    record = ChoiceRecord("q7", Media("image", Path("x.png")), "What colour?", tuple(options), answer, "colour",
+                          "mc.jsonl:3 (id q7)")
+    dataset = MultipleChoiceDataset([record], renderer)
+    samples = []
+    for j, option in enumerate(options):
+        sample = renderer.render([Turn("user", dataset.question_text(record)), Turn("assistant", option)], [image],
+                                 end_of_turn=False, index=0, source=record.source)
+        sample.extras = {QUESTION_IDX: 0, OPTION_IDX: j, ANSWER_IDX: answer, NUM_OPTIONS: len(options), TASK: 0}
+        samples.append(sample)
+    return samples
+
+
+def test_a_question_is_scored_with_all_its_options_or_not_at_all(qwen):
+    """An option longer than max_length drops its whole question (once counted), never leaving the others to
+    be scored on their own: a random model would score 1.0 on the question's survivors."""
+    long_option = "red " * 40
+    short = _question(qwen, ["red", "blue"])
+    overlong = _question(qwen, ["green", long_option], answer=1)
+    max_length = max(len(s) for s in short)
+    counter = SkipCounter()
+    counter.track(2)
+    collate = Collator(0, max_length=max_length, overlong="skip", counter=counter)
+    batch = collate([short, overlong])
+    assert batch[OPTION_IDX].tolist() == [0, 1] and batch[NUM_OPTIONS].tolist() == [2, 2]
+    assert counter.counts()["overlong"] == 1 and counter.records()["overlong"] == 1
+    assert collate([overlong]) is None
+    # Scoring refuses a question that lacks an option, whoever collated the batch.
+    partial = Collator(0)([short[0]])
+    with pytest.raises(ValueError, match="has 1 of its 2 options"):
+        choose_options(torch.zeros(1, partial[INPUT_IDS].shape[1]), partial)
+
+
+def test_clips_of_different_lengths_batch_and_match_per_sample_runs():
+    """fps sampling: clips of 2 and 3 frames in one batch give each sample the logits it gets alone."""
+    for factory in (tiny.tiny_llava_next_video, tiny.tiny_video_llava):
+        model = factory().eval()
+        spec = VisionSpec.from_model(model)
+        renderer = ChatRenderer(tokenizer(), spec)
+        gen = torch.Generator().manual_seed(0)
+        samples = []
+        for i, frames in enumerate((2, 3, 2)):
+            clip = torch.randint(0, 256, (frames, 3, *spec.size), generator=gen, dtype=torch.uint8)
+            turns = [Turn("user", "<video>\nWhat is moving?"), Turn("assistant", "Two red circles.")]
+            samples.append(renderer.render(turns, [spec.process_video(clip)], sample_idx=i))
+        collate = Collator(tokenizer())
+        batch = collate(samples)
+        assert batch[PIXEL_VALUES_VIDEOS].shape[:2] == (1, 7)  # the frames of all three clips, in order
+        inputs = {k: v for k, v in batch.items() if k != SAMPLE_IDX}
+        with torch.no_grad():
+            joined = model(**inputs).logits
+            for row, sample in enumerate(samples):
+                alone = collate([sample])
+                logits = model(**{k: v for k, v in alone.items() if k != SAMPLE_IDX}).logits
+                n = len(sample)
+                assert torch.allclose(joined[row, :n], logits[0], atol=1e-5), (factory.__name__, row)
+        # A batch of equal lengths is stacked as HF's processors stack it.
+        equal = collate([samples[0], samples[2]])
+        assert equal[PIXEL_VALUES_VIDEOS].shape[:2] == (2, 2)
+
+
+def test_overlong_raise_names_file_line_and_record(qwen):
+    sample = _question(qwen, ["red " * 40, "blue"])[0]
+    with pytest.raises(DataError, match=r"^mc\.jsonl:3 \(id q7\): \d+ tokens > max_length 20"):
+        Collator(0, max_length=20, overlong="raise")([sample])

@@ -21,6 +21,7 @@ from regate_lightning.data import (
     VisionSpec,
     read_records,
 )
+from regate_lightning.data.datasets import sample_key
 from regate_lightning.testing import tiny
 
 FRAMES = FrameSampling(num_frames=4)
@@ -130,7 +131,7 @@ def test_corrupt_media_is_dropped_and_the_rest_of_the_batch_is_intact(root, rend
     dataset = ConversationDataset(path, renderer, FRAMES, on_error="skip")
     collate = Collator(tokenizer())
     batch = collate([dataset[i] for i in range(3)])
-    assert batch["sample_idx"].tolist() == [0, 2]
+    assert batch["sample_idx"].tolist() == [sample_key("id ok0"), sample_key("id ok1")] == dataset.keys[::2]
     assert dataset.counter.counts()["unreadable_media"] == 1
     alone = collate([dataset[0]]), collate([dataset[2]])
     for row, single in enumerate(alone):
@@ -155,7 +156,7 @@ def test_skip_counts_reach_the_main_process_from_workers(root, renderer):
         dataset, batch_size=2, num_workers=2, collate_fn=Collator(tokenizer(), counter=counter)
     )
     seen = [int(i) for batch in loader for i in batch["sample_idx"]]
-    assert seen == [0, 2]
+    assert seen == [sample_key("id ok0"), sample_key("id ok2")]
     assert counter.counts()["unreadable_media"] == 2
 
 
@@ -170,7 +171,8 @@ def test_skip_counter_is_validated_and_reports():
 
 
 def test_skip_is_logged(root, renderer, caplog):
-    path = write_records(root / "logged.jsonl", [json.dumps(_no_assistant()), json.dumps(_no_assistant())])
+    good = llava_record("ok", "video", "good0.mp4")
+    path = write_records(root / "logged.jsonl", [json.dumps(_no_assistant()), json.dumps(_no_assistant()), good])
     with caplog.at_level("DEBUG", logger="regate_lightning.data"):
         ConversationDataset(path, renderer, FRAMES, on_error="skip")
     levels = [r.levelname for r in caplog.records if "no_assistant" in r.getMessage()]

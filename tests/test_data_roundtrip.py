@@ -7,16 +7,21 @@ import torch
 from data_fixtures import llava_record, messages_record, tokenizer, write_image, write_records, write_video
 
 from regate_lightning.data import (
+    VIDEO_MARKER,
     ChatRenderer,
     Collator,
     ConversationDataset,
     DataError,
     FrameSampling,
+    SkipCounter,
     Turn,
     VisionSpec,
     load_image,
     qwen_patchify,
+    read_choice_records,
+    read_records,
 )
+from regate_lightning.data.datasets import sample_key
 from regate_lightning.data.render import FALLBACK_CHAT_TEMPLATE
 from regate_lightning.keys import IGNORE_INDEX, SAMPLE_IDX
 from regate_lightning.testing import tiny
@@ -88,13 +93,13 @@ def test_both_formats_train_the_tiny_students(media, factory, kind, tokens):
     names = ["a.mp4", "b.mp4"] if kind == "video" else ["c.png", "d.jpg"]
     llava_file, msgs_file = _files(media, kind, names)
     collate = Collator(tokenizer())
-    for path in (llava_file, msgs_file):
+    for prefix, path in (("l", llava_file), ("m", msgs_file)):
         dataset = ConversationDataset(path, renderer, FRAMES)
         batch = collate([dataset[0], dataset[1]])
         token = spec.image_token_id if kind == "image" else spec.video_token_id
         assert (batch["input_ids"] == token).sum(1).tolist() == [tokens, tokens]
         assert _expected_tokens(spec, kind, FRAMES.num_frames) == tokens
-        assert batch[SAMPLE_IDX].tolist() == [0, 1]
+        assert batch[SAMPLE_IDX].tolist() == [sample_key(f"id {prefix}0"), sample_key(f"id {prefix}1")]
         _train_step(model, batch)
 
 
@@ -250,8 +255,11 @@ def test_unsupported_media_kinds_are_refused_with_the_fix(media):
         ConversationDataset(llava_image, next_video, FRAMES)
     assert info.value.reason == "unsupported_media" and "l0" in str(info.value)
     image_only = ChatRenderer(tokenizer(), VisionSpec.from_model(tiny.tiny_llava()))
-    dataset = ConversationDataset(llava_video, image_only, FRAMES, on_error="skip")
-    assert len(dataset) == 0 and dataset.counter.counts()["unsupported_media"] == 1
+    counter = SkipCounter()
+    refused = r"video_llava\.json: none of its 1 records can be used \(unsupported_media 1\)"
+    with pytest.raises(DataError, match=refused):
+        ConversationDataset(llava_video, image_only, FRAMES, on_error="skip", counter=counter)
+    assert counter.counts()["unsupported_media"] == 1
 
 
 def test_tokenizer_model_mismatch_is_caught():
@@ -285,3 +293,42 @@ def test_slow_tokenizer_path_gives_the_same_labels(media):
     a = ConversationDataset(path, ChatRenderer(fast, spec), FRAMES)[0]
     b = ConversationDataset(path, ChatRenderer(Slow(), spec), FRAMES)[0]
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 11: public data sets' conventions (items 6 and 7).
+
+
+def test_image_marker_on_a_video_record_is_matched_to_the_video(media):
+    """LLaVA-Video-178K / LLaVA-NeXT write `<image>` in the text of records whose media is a `video`."""
+    record = llava_record("lv", "video", "a.mp4", turns=2)
+    record["conversations"][0]["value"] = "<image>\nWhat is moving in the video?"
+    path = write_records(media / "llava_video_178k.jsonl", [record])
+    (parsed,) = read_records(path)
+    assert [m.kind for m in parsed.media] == ["video"]
+    assert parsed.turns[0].text.startswith(VIDEO_MARKER)
+    spec = VisionSpec.from_model(tiny.tiny_llava_next_video())
+    sample = ConversationDataset(path, ChatRenderer(tokenizer(), spec), FRAMES)[0]
+    assert int((sample.input_ids == spec.video_token_id).sum()) == FRAMES.num_frames * spec.tokens_per_frame
+    # Markers that cannot be matched are still refused, naming what was found.
+    both = {**llava_record("mixed", "video", "a.mp4"), "image": "c.png"}
+    both["conversations"][0]["value"] = "<image>\n<image>\nWhat is it?"
+    bad = write_records(media / "mixed.jsonl", [both])
+    with pytest.raises(DataError, match=r"2 <image> and 0 <video> placeholder\(s\) in the turns but 1 image"):
+        read_records(bad)
+
+
+def test_mvbench_files_answer_by_text_and_name_their_task(media):
+    rows = [
+        {"video": "a.mp4", "question": "What moves?", "candidates": ["a circle", "a square"], "answer": "a square"},
+        {"video": "b.mp4", "question": "Which way?", "candidates": ["left", "right"], "answer": "up"},
+    ]
+    path = write_records(media / "action_sequence.json", rows, jsonl=False)
+    with pytest.raises(DataError, match=r"action_sequence\.json#1 .*`answer` 'up' matches none of the options "
+                                        r"\['left', 'right'\]"):
+        read_choice_records(path)
+    counter = SkipCounter()
+    (first,) = read_choice_records(path, on_error="skip", counter=counter)
+    assert (first.answer, first.task, first.key) == (1, "action_sequence", "at action_sequence.json#0")
+    assert counter.records()["bad_record"] == 1
+    assert read_choice_records(path, on_error="skip", task="other")[0].task == "other"

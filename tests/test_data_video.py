@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from data_fixtures import frame_ids, level_video, video_bytes, write_image
+from data_fixtures import frame_ids, level_video, tokenizer, video_bytes, write_image
 
 from regate_lightning.data import (
     CLIP_MEAN,
@@ -135,3 +135,32 @@ def test_normalize():
     assert torch.allclose(out[1, :, 0, 0], expected)
     with pytest.raises(TypeError):
         normalize(frames.float())
+
+
+def test_a_folder_of_frames_is_read_as_a_video(tmp_path):
+    """Issue 11, item 6: MVBench ships some tasks' videos as folders of frames."""
+    from PIL import Image
+
+    from regate_lightning.data import ChatRenderer, MultipleChoiceDataset, VisionSpec, read_choice_records
+    from regate_lightning.testing import tiny
+
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    for i, frame in enumerate(level_video(12)):  # frame_10 after frame_9: natural order, not text order
+        Image.fromarray(frame.permute(1, 2, 0).numpy()).save(folder / f"frame_{i + 1}.png")
+    (folder / "notes.txt").write_text("not a frame")
+    video = sample_video(folder, num_frames=4)
+    assert frame_ids(video.frames) == frame_indices(12, 4) == [1, 4, 7, 10]
+    assert video.duration == 12 / 3.0 and video.num_source_frames == 12  # FOLDER_FPS = 3
+    by_time = sample_video(folder, num_frames=8, sample="fps", fps=1.5, folder_fps=6.0)
+    assert frame_ids(by_time.frames) == [0, 4, 8]  # 2 s at 6 fps, one frame every 1/1.5 s
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MediaError, match="must hold its frames as image files"):
+        sample_video(tmp_path / "empty", num_frames=2)
+    # Through the reader and a data set: the folder is the record's video.
+    path = tmp_path / "frames_task.jsonl"
+    path.write_text('{"video": "clip", "question": "Q?", "candidates": ["a", "b"], "answer": "b"}\n')
+    records = read_choice_records(path)
+    spec = VisionSpec.from_model(tiny.tiny_llava_next_video())
+    samples = MultipleChoiceDataset(records, ChatRenderer(tokenizer(), spec))[0]
+    assert [s.media["pixel_values_videos"].shape[:2] for s in samples] == [(1, 8)] * 2

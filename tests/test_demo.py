@@ -11,6 +11,7 @@ import torch
 
 from regate_lightning import MLLMModule, ReGATECallback
 from regate_lightning.data.datamodule import SyntheticVideoQADataModule
+from regate_lightning.data.datasets import sample_key
 from regate_lightning.demo import demo_student
 from regate_lightning.keys import KEEP_MASK, SAMPLE_IDX
 from regate_lightning.report import ElisionReport, run_summary
@@ -61,9 +62,10 @@ def test_demo_trains_evaluates_and_saves_tokens(demo_run, capsys):
 def test_report_marks_agree_with_keep_masks(demo_run):
     _, _, spy, _, root = demo_run
     html = (root / "report.html").read_text()
-    samples = re.findall(r"<h3>sample (\d+), step (\d+)</h3><p class='sample' data-sample='\d+'>(.*?)</p>", html)
+    samples = re.findall(r"<h3>id (train-\d+), step (\d+)</h3><p class='sample' data-sample='(\d+)'>(.*?)</p>", html)
     assert len(samples) == 3
-    for sample, step, body in samples:
+    for name, step, sample, body in samples:
+        assert sample_key(f"id {name}") == int(sample)  # the record behind the sample key, by name
         mask = spy.masks[(int(step), int(sample))]
         marks = re.findall(r"data-pos='(\d+)' data-kept='(\d)'", body)
         assert marks, "every shown sample has answer tokens"

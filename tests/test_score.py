@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from script_loader import load_script
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from regate_lightning.bank import ScoreBank
@@ -354,17 +355,7 @@ def test_pretrained_teacher_and_its_tokenizer_check(tmp_path):
 
 def test_memory_benchmark_smoke(tmp_path, capsys):
     """benchmarks/memory.py --smoke (what CI runs): measured sizes agree with the formulas."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("regate_memory_benchmark", ROOT / "benchmarks" / "memory.py")
-    assert spec is not None and spec.loader is not None
-    memory = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = memory  # dataclasses look their module up while the file runs
-    try:
-        spec.loader.exec_module(memory)
-    finally:
-        sys.modules.pop(spec.name, None)
-    report = memory.main(["--smoke", "--out", str(tmp_path)])
+    report = load_script("benchmarks/memory.py").main(["--smoke", "--out", str(tmp_path)])
     assert report.bank_used == report.bank_used_formula
     assert report.bank_used <= report.bank_allocated < 2 * report.bank_used + 8 * 1024
     assert 0 <= report.cache_file - report.cache_file_formula < 4096  # the zip container

@@ -10,15 +10,15 @@ The pipeline, one file per step::
     datasets.py       ConversationDataset / MultipleChoiceDataset: lazy decoding in __getitem__
     collate.py        samples -> batch of the HF model's own keys + labels + sample_idx (max_length)
     synthetic.py      the demo set of moving shapes, and its tokenizer
-    datamodule.py     ConversationDataModule (user files), SyntheticVideoQADataModule (the demo set)
-    errors.py         DataError, MediaError, SkipCounter
+    datamodule.py     ConversationDataModule (user files, DataFile), SyntheticVideoQADataModule (the demo set)
+    errors.py         DataError, MediaError, SkipCounter (per epoch and per record)
 
 Typical use::
 
     spec = VisionSpec.from_model(model)   # the checkpoint's processor when `model` was loaded from one
     renderer = ChatRenderer(tokenizer, spec, chat_template=chat_template_of(checkpoint))
     dataset = ConversationDataset("train.json", renderer, FrameSampling(num_frames=8), on_error="skip")
-    loader = DataLoader(dataset, batch_size=4, collate_fn=Collator(tokenizer, max_length=2048))
+    loader = NonEmptyDataLoader(dataset, batch_size=4, collate_fn=Collator(tokenizer, max_length=2048))
 """
 
 from __future__ import annotations
@@ -29,6 +29,12 @@ from regate_lightning._imports import lazy_exports
 # Pillow only where decoding is needed).
 _EXPORTS: dict[str, str] = {
     "Collator": "regate_lightning.data.collate",
+    "NonEmptyDataLoader": "regate_lightning.data.collate",
+    "ConversationDataModule": "regate_lightning.data.datamodule",
+    "DataFile": "regate_lightning.data.datamodule",
+    "SkipReport": "regate_lightning.data.datamodule",
+    "SyntheticVideoQADataModule": "regate_lightning.data.datamodule",
+    "load_tokenizer": "regate_lightning.data.datamodule",
     "fit_length": "regate_lightning.data.collate",
     "IMAGE_MARKER": "regate_lightning.data.conversations",
     "VIDEO_MARKER": "regate_lightning.data.conversations",
@@ -46,10 +52,12 @@ _EXPORTS: dict[str, str] = {
     "FrameSampling": "regate_lightning.data.datasets",
     "MultipleChoiceDataset": "regate_lightning.data.datasets",
     "load_media": "regate_lightning.data.datasets",
+    "sample_key": "regate_lightning.data.datasets",
     "SKIP_REASONS": "regate_lightning.data.errors",
     "DataError": "regate_lightning.data.errors",
     "MediaError": "regate_lightning.data.errors",
     "SkipCounter": "regate_lightning.data.errors",
+    "describe_counts": "regate_lightning.data.errors",
     "FALLBACK_CHAT_TEMPLATE": "regate_lightning.data.render",
     "ChatRenderer": "regate_lightning.data.render",
     "Sample": "regate_lightning.data.render",
@@ -63,7 +71,9 @@ _EXPORTS: dict[str, str] = {
     "CLIP_STD": "regate_lightning.data.video",
     "SIGLIP_MEAN": "regate_lightning.data.video",
     "SIGLIP_STD": "regate_lightning.data.video",
+    "FOLDER_FPS": "regate_lightning.data.video",
     "DecodedVideo": "regate_lightning.data.video",
+    "frame_files": "regate_lightning.data.video",
     "decode_video": "regate_lightning.data.video",
     "encode_video": "regate_lightning.data.video",
     "load_image": "regate_lightning.data.video",
@@ -79,61 +89,14 @@ _EXPORTS: dict[str, str] = {
     "ProcessedMedia": "regate_lightning.data.vision",
     "VisionSpec": "regate_lightning.data.vision",
     "anyres_image_tokens": "regate_lightning.data.vision",
+    "join_media": "regate_lightning.data.vision",
+    "DecodedMedia": "regate_lightning.data.datasets",
+    "MediaCache": "regate_lightning.data.datasets",
+    "decode_media": "regate_lightning.data.datasets",
+    "process_media": "regate_lightning.data.datasets",
 }
 
-__all__ = [
-    "ANSWER_IDX",
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "FALLBACK_CHAT_TEMPLATE",
-    "IMAGE_MARKER",
-    "OPTION_IDX",
-    "QUESTION_IDX",
-    "SIGLIP_MEAN",
-    "SIGLIP_STD",
-    "SKIP_REASONS",
-    "TASK",
-    "VIDEO_MARKER",
-    "ChatRenderer",
-    "CheckpointProcessor",
-    "ChoiceRecord",
-    "Collator",
-    "ConversationDataset",
-    "DataError",
-    "DecodedVideo",
-    "FrameSampling",
-    "Media",
-    "MediaError",
-    "MultipleChoiceDataset",
-    "ProcessedMedia",
-    "Record",
-    "Sample",
-    "SkipCounter",
-    "SyntheticPaths",
-    "Turn",
-    "VideoSettings",
-    "VisionSpec",
-    "anyres_image_tokens",
-    "chat_template_of",
-    "checkpoint_of",
-    "classify_words",
-    "decode_video",
-    "encode_video",
-    "ensure_synthetic",
-    "fit_length",
-    "load_image",
-    "load_media",
-    "normalize",
-    "qwen_patchify",
-    "read_choice_records",
-    "read_records",
-    "resize_frames",
-    "sample_video",
-    "synthetic_tokenizer",
-    "torchvision_usable",
-    "train_tokenizer",
-    "visual_words",
-]
+__all__ = sorted(_EXPORTS)
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -8,9 +8,16 @@ assigns features to placeholders), ``sample_idx`` int64 ``[B]``, and the samples
 e.g. the multiple-choice ids). Padding is on the right with the tokenizer's pad id.
 
 **Dropped samples.** ``None`` items (samples whose media failed under ``on_error="skip"``; the dataset
-counted them) are dropped; a list item (one question's options) is flattened. If nothing is left, the
-collator returns ``None``: skip such a step in the module (Lightning skips a ``training_step`` that
-returns ``None``).
+counted them) are dropped; a list item (one question's options) is flattened, and kept whole or not at
+all: if one option cannot be fitted to ``max_length``, the whole question is dropped and counted once,
+so that a question is never scored on the options that happened to fit. If nothing is left, the
+collator returns ``None``; :class:`NonEmptyDataLoader` leaves such batches out, so the trainer never
+sees them (Lightning would count one as a step in its logs' ``step`` column without training on it).
+Under several processes a rank cannot leave a step out alone (DDP synchronises every step): there an
+empty batch stops the run with an error that says so.
+
+**Videos of different lengths** (``fps`` sampling) are batched by
+:func:`~regate_lightning.data.vision.join_media`.
 
 **max_length** (:func:`fit_length`) never cuts through visual tokens. A sample longer than
 ``max_length`` is, by ``overlong``:
@@ -19,19 +26,21 @@ returns ``None``).
   remains at a position ``>= 1`` (a label at position 0 is never a target); otherwise it is skipped
   and counted as ``overlong``;
 - ``"skip"``: skipped and counted as ``overlong``;
-- ``"raise"``: :class:`~regate_lightning.data.errors.DataError` naming the sample.
+- ``"raise"``: :class:`~regate_lightning.data.errors.DataError` naming the file, line and record id.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
+from torch.utils.data import DataLoader
 
 from regate_lightning.data.errors import DataError, SkipCounter
 from regate_lightning.data.render import Sample
+from regate_lightning.data.vision import join_media
 from regate_lightning.keys import (
     ATTENTION_MASK,
     IGNORE_INDEX,
@@ -76,10 +85,15 @@ def fit_length(sample: Sample, max_length: int, overlong: Overlong = "truncate")
     if overlong == "skip":
         return None
     raise DataError(
-        f"sample {sample.sample_idx}: {length} tokens > max_length {max_length} (visual tokens end at "
+        f"{_name(sample)}: {length} tokens > max_length {max_length} (visual tokens end at "
         f"{sample.visual_end}); raise `max_length`, use fewer frames, or set overlong='truncate'/'skip'",
         "overlong",
     )
+
+
+def _name(sample: Sample) -> str:
+    """The sample as messages name it: its file, line and record id when known."""
+    return sample.source or f"sample {sample.sample_idx}"
 
 
 class Collator:
@@ -123,21 +137,26 @@ class Collator:
         for item in items:
             if item is None:
                 continue
-            for sample in [item] if isinstance(item, Sample) else item:
-                if self.max_length is not None:
-                    fitted = fit_length(sample, self.max_length, self.overlong)
-                    if fitted is None:
-                        self.counter.skip(
-                            DataError(
-                                f"sample {sample.sample_idx}: {len(sample)} tokens > max_length "
-                                f"{self.max_length} and cannot be truncated",
-                                "overlong",
-                            )
-                        )
-                        continue
-                    sample = fitted
-                samples.append(sample)
+            group = [item] if isinstance(item, Sample) else list(item)
+            fitted = [self._fit(sample) for sample in group]
+            dropped = [s for s, f in zip(group, fitted, strict=True) if f is None]
+            if dropped:
+                first = dropped[0]
+                what = "the question (all its options)" if len(group) > 1 else "the sample"
+                self.counter.skip(
+                    DataError(
+                        f"{_name(first)}: {len(first)} tokens > max_length {self.max_length} and cannot be "
+                        f"truncated; {what} is left out",
+                        "overlong",
+                    ),
+                    index=first.index if first.index >= 0 else None,
+                )
+                continue
+            samples += [f for f in fitted if f is not None]
         return samples
+
+    def _fit(self, sample: Sample) -> Sample | None:
+        return sample if self.max_length is None else fit_length(sample, self.max_length, self.overlong)
 
     def __call__(self, items: Sequence[Sample | Sequence[Sample] | None]) -> dict[str, torch.Tensor] | None:
         """Collate a list of samples (``None`` and lists of samples allowed).
@@ -164,18 +183,35 @@ class Collator:
         batch = {INPUT_IDS: input_ids, ATTENTION_MASK: attention, LABELS: labels}
         if any(s.emit_token_types for s in samples):
             batch[MM_TOKEN_TYPE_IDS] = types
-        keys = list(dict.fromkeys(k for s in samples for k in s.media))
-        for key in keys:
-            parts = [s.media[key] for s in samples if key in s.media]
-            try:
-                batch[key] = torch.cat(parts)
-            except RuntimeError as err:
-                shapes = sorted({tuple(p.shape[1:]) for p in parts})
-                raise ValueError(
-                    f"cannot batch `{key}` of shapes {shapes}: videos of one batch need the same frame "
-                    "count and size for this family; use sample='uniform' with a fixed num_frames"
-                ) from err
+        frame_keys = tuple(k for s in samples for k in s.frame_keys)
+        for key in dict.fromkeys(k for s in samples for k in s.media):
+            batch[key] = join_media(key, [s.media[key] for s in samples if key in s.media], frame_keys)
         batch[SAMPLE_IDX] = torch.tensor([s.sample_idx for s in samples], dtype=torch.int64)
         for key in dict.fromkeys(k for s in samples for k in s.extras):
             batch[key] = torch.tensor([s.extras.get(key, -1) for s in samples], dtype=torch.int64)
         return batch
+
+
+class NonEmptyDataLoader(DataLoader):
+    """A ``DataLoader`` that leaves out the batches its collator returned as ``None`` (every sample skipped).
+
+    It takes ``DataLoader``'s arguments, so Lightning re-creates it with a distributed sampler as it does
+    any ``DataLoader``. Its length is the number of batches before any is left out.
+
+    Raises:
+        RuntimeError: (while iterating) an empty batch under several processes, where one rank cannot
+            leave out a step that the others take.
+    """
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        for batch in super().__iter__():
+            if batch is not None:
+                yield batch
+            elif torch.distributed.is_available() and torch.distributed.is_initialized() and (
+                torch.distributed.get_world_size() > 1
+            ):
+                raise RuntimeError(
+                    "every sample of a training batch was skipped by the data's on_error='skip' policy on one "
+                    "process; under several processes every rank must run every step (DDP synchronises them), so "
+                    "fix or remove the bad records (the warnings name them), or use a larger batch size"
+                )

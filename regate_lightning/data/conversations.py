@@ -16,6 +16,10 @@ told by the first non-blank character (``[`` = JSON list). Relative media paths 
 
 Roles: ``human``/``user`` -> user, ``gpt``/``assistant`` -> assistant, ``system`` -> system. The k-th
 ``<image>`` placeholder refers to the k-th image path, the k-th ``<video>`` to the k-th video path.
+LLaVA-Video-178K and LLaVA-NeXT write ``<image>`` in the text of records whose media is a ``video``:
+when a record's media are all of one kind and it has one marker (``<image>`` or ``<video>``) per media
+item, the markers are matched to the media in order, whatever their spelling. A video may be a file or
+a folder of frames (image files, in natural name order), as some MVBench tasks ship them.
 
 **HF messages**::
 
@@ -32,11 +36,20 @@ in the turn, followed by a newline when text follows; ``content`` may also be a 
     {"id": "q0", "video": "clips/a.mp4", "task": "colour", "question": "What colour is the shape?",
      "options": ["red", "blue", "green", "yellow"], "answer": 0}
 
-MVBench's own files (``"candidates"`` and the answer as text) are read too.
+MVBench's own files (``"candidates"`` and the answer as text) are read too. A record without ``task``
+gets the reader's ``task`` argument, by default the file's name without its extension (MVBench keeps
+one task per file, e.g. ``action_sequence.json``).
+
+**Sample identity.** Every record gets a :attr:`Record.key`: ``"id <id>"`` from its ``"id"`` field, or
+``"at <file name>:<line>"`` (JSONL) / ``"at <file name>#<index>"`` (JSON list) without one (a data
+set appends ``"#k"`` to the k-th repeat of an id). It does not depend on which other records were
+read or skipped, so ReGATE's score store and reference cache (keyed by a hash of it) stay attached to
+the right record when the set of usable records changes.
 
 **Bad input.** Every check a file allows without decoding media runs eagerly in the reader, in the
 main process: unreadable JSON line, missing fields, a conversation without an assistant turn,
-placeholders that do not match the media, a missing media file. ``on_error="raise"`` raises
+placeholders that do not match the media, a missing media file. A file without records, or one whose
+records are all skipped, raises in both modes, naming the file (and the skip counts). ``on_error="raise"`` raises
 :class:`~regate_lightning.data.errors.DataError` naming the file, the line (JSONL) or record number
 (JSON list), the record id and the fix; ``on_error="skip"`` drops the record and counts it in a
 :class:`~regate_lightning.data.errors.SkipCounter`. Media that exist but do not decode are found later,
@@ -47,6 +60,7 @@ JSON list file that does not parse raises in both modes: there is no record to s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -109,12 +123,15 @@ class Record:
         media: images and videos in the order of their markers in the turns.
         turns: the conversation.
         source: ``file:line`` (JSONL) or ``file#index`` (JSON list), for messages.
+        key: the record's stable identity (see the module docstring); ``""`` for records built in code,
+            which :class:`~regate_lightning.data.datasets.ConversationDataset` then keys by ``id``.
     """
 
     id: str
     media: tuple[Media, ...]
     turns: tuple[Turn, ...]
     source: str = ""
+    key: str = ""
 
     def placeholder_positions(self) -> list[tuple[int, int, MediaKind]]:
         """Where the media markers are: ``(turn index, character offset, kind)`` in media order."""
@@ -135,8 +152,10 @@ class ChoiceRecord:
         question: the question text (without a marker).
         options: the candidate answers.
         answer: index of the correct option.
-        task: the task name (e.g. ``"colour"``); ``""`` when the file has none.
+        task: the task name (e.g. ``"colour"``; :func:`read_choice_records` names it after the file when the
+            record has none).
         source: ``file:line`` or ``file#index``.
+        key: the record's stable identity (see the module docstring).
     """
 
     id: str
@@ -146,10 +165,14 @@ class ChoiceRecord:
     answer: int
     task: str = ""
     source: str = ""
+    key: str = ""
 
 
-def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
-    """Yield ``(location, parsed object or DataError)`` for each record of a JSON list or JSONL file."""
+def _iter_json(path: Path) -> Iterator[tuple[str, str, Any]]:
+    """Yield ``(location, short location, parsed object or DataError)`` per record of a JSON list or JSONL file.
+
+    The location names the file as given (``file:line`` or ``file#index``); the short one its name only.
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
@@ -163,17 +186,20 @@ def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
                 "(a JSON list cannot skip a broken record: use JSONL, one record per line, for that)",
                 "bad_json",
             ) from err
+        if not isinstance(items, list):
+            raise DataError(f"{path}: a JSON file must hold a list of records, got {type(items).__name__}")
         for i, item in enumerate(items):
-            yield f"{path}#{i}", item
+            yield f"{path}#{i}", f"{path.name}#{i}", item
         return
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            yield f"{path}:{lineno}", json.loads(line)
+            yield f"{path}:{lineno}", f"{path.name}:{lineno}", json.loads(line)
         except json.JSONDecodeError as err:
             yield (
                 f"{path}:{lineno}",
+                f"{path.name}:{lineno}",
                 DataError(
                     f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno}); "
                     "fix or remove the line",
@@ -194,10 +220,11 @@ def _as_paths(value: Any, field: str, where: str) -> list[str]:
 def _resolve(rel: str, media_root: Path, kind: MediaKind, where: str, check_media: bool) -> Media:
     path = Path(rel).expanduser()
     path = path if path.is_absolute() else media_root / path
-    if check_media and not path.is_file():
+    if check_media and not (path.is_file() or (kind == "video" and path.is_dir())):
+        what = "file (or folder of frames)" if kind == "video" else "file"
         raise DataError(
-            f"{where}: {kind} file {path} does not exist; "
-            f"fix the path or set `media_root` (now {media_root})",
+            f"{where}: {kind} {what} {path} does not exist; "
+            f"fix the path or set the file's `media_root` (now {media_root})",
             "missing_media",
         )
     return Media(kind, path.resolve())
@@ -259,6 +286,33 @@ def _messages_turns(obj: dict[str, Any], where: str) -> tuple[list[Turn], list[t
     return turns, media
 
 
+def _match_markers(turns: list[Turn], declared: dict[MediaKind, list[str]], where: str) -> list[Turn]:
+    """The turns with one marker of the right kind per media item (see the module docstring).
+
+    Markers that count the media of each kind are kept. Otherwise, a record whose media are all of one
+    kind and whose markers (``<image>`` or ``<video>``) are as many as its media gets every marker
+    rewritten to that kind (LLaVA-Video-178K writes ``<image>`` for its videos).
+
+    Raises:
+        DataError: the markers cannot be matched to the media (``placeholder_mismatch``).
+    """
+    order = [m.group(0) for t in turns for m in _MARKER_RE.finditer(t.text)]
+    if all(order.count(MARKERS[kind]) == len(paths) for kind, paths in declared.items()):
+        return turns
+    kinds = [kind for kind, paths in declared.items() if paths]
+    total = sum(len(paths) for paths in declared.values())
+    if len(kinds) == 1 and len(order) == total:
+        marker = MARKERS[kinds[0]]
+        return [Turn(t.role, _MARKER_RE.sub(marker, t.text)) for t in turns]
+    media = " and ".join(f"{len(paths)} {kind} path(s)" for kind, paths in declared.items())
+    found = " and ".join(f"{order.count(m)} {m}" for m in (IMAGE_MARKER, VIDEO_MARKER))
+    raise DataError(
+        f"{where}: {found} placeholder(s) in the turns but {media}; put one placeholder in the text per media "
+        f"item (<image> per image, <video> per video; a record with media of one kind may use either)",
+        "placeholder_mismatch",
+    )
+
+
 def parse_record(obj: Any, where: str, media_root: Path, check_media: bool = True) -> Record:
     """Normalise one LLaVA-format or HF-messages-format record.
 
@@ -283,15 +337,8 @@ def parse_record(obj: Any, where: str, media_root: Path, check_media: bool = Tru
     if "conversations" in obj:
         turns = _llava_turns(obj, where)
         declared = {k: _as_paths(obj.get(k), k, where) for k in ("image", "video")}
+        turns = _match_markers(turns, declared, where)
         order = [m.group(0) for t in turns for m in _MARKER_RE.finditer(t.text)]
-        for kind, paths in declared.items():
-            found = order.count(MARKERS[kind])
-            if found != len(paths):
-                raise DataError(
-                    f"{where}: {found} {MARKERS[kind]} placeholder(s) in the turns but {len(paths)} {kind} "
-                    f"path(s); put one {MARKERS[kind]} in the text per {kind}",
-                    "placeholder_mismatch",
-                )
         iters = {k: iter(v) for k, v in declared.items()}
         pairs = [(_KIND_OF_MARKER[m], next(iters[_KIND_OF_MARKER[m]])) for m in order]
     elif "messages" in obj:
@@ -329,19 +376,40 @@ def _read(
     counter: SkipCounter | None,
     check_media: bool,
 ) -> list[Any]:
+    """Parse every record of ``path`` with ``parse``; give each its stable key; refuse a file with none left."""
     check_on_error(on_error)
     file = Path(path)
     root = Path(media_root) if media_root is not None else file.parent
     out = []
-    for where, obj in _iter_json(file):
+    skipped: dict[str, int] = {}
+    for where, short, obj in _iter_json(file):
         try:
-            out.append(parse(obj, where, root, check_media))
+            record = parse(obj, where, root, check_media)
         except DataError as err:
             if on_error == "raise":
                 raise
+            skipped[err.reason] = skipped.get(err.reason, 0) + 1
             if counter is not None:
                 counter.skip(err)
+            continue
+        rid = obj.get("id") if isinstance(obj, dict) else None
+        out.append(dataclasses.replace(record, key=f"id {rid}" if rid is not None else f"at {short}"))
+    if not out:
+        raise DataError(f"{file}: {_no_records(file, skipped)}", "bad_record")
     return out
+
+
+def _no_records(file: Path, skipped: dict[str, int]) -> str:
+    """Why a file gave no record, and the fix."""
+    if skipped:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items()))
+        return (
+            f"every one of its {sum(skipped.values())} records was skipped ({counts}); the warnings above name "
+            "the first of each reason: fix those records, the media paths or the file's `media_root`"
+        )
+    text = file.read_text(encoding="utf-8").strip()
+    what = "holds an empty JSON list" if text.startswith("[") else "is empty"
+    return f"the file {what}: there is nothing to train or evaluate on; point the data module at a file with records"
 
 
 def read_records(
@@ -361,10 +429,11 @@ def read_records(
         check_media: whether to check that media files exist.
 
     Returns:
-        The valid records, in file order.
+        The valid records, in file order, each with its stable :attr:`Record.key`.
 
     Raises:
-        DataError: on the first bad record with ``on_error="raise"``; on an unparsable JSON list always.
+        DataError: on the first bad record with ``on_error="raise"``; on an unparsable JSON list, a file
+            without records or one whose records were all skipped always.
     """
     return _read(path, parse_record, media_root, on_error, counter, check_media)
 
@@ -399,12 +468,13 @@ def parse_choice_record(obj: Any, where: str, media_root: Path, check_media: boo
         raise DataError(
             f"{where}: `options` must be a list of at least two non-empty strings, got {options!r}"
         )
-    answer = obj.get("answer")
+    answer = given = obj.get("answer")
     if isinstance(answer, str) and answer in options:
         answer = options.index(answer)
     if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(options):
         raise DataError(
-            f"{where}: `answer` must be an option index in [0, {len(options)}) or an option's text"
+            f"{where}: `answer` {given!r} matches none of the options {options!r}; it must be an option index in "
+            f"[0, {len(options)}) or an option's exact text"
         )
     question = obj.get("question")
     if not isinstance(question, str) or not question.strip():
@@ -414,7 +484,7 @@ def parse_choice_record(obj: Any, where: str, media_root: Path, check_media: boo
         raise DataError(f"{where}: give exactly one `video` or `image` path", "placeholder_mismatch")
     media = _resolve(obj[kinds[0]], media_root, kinds[0], where, check_media)
     question = _MARKER_RE.sub("", question).strip()
-    return ChoiceRecord(rid, media, question, tuple(options), answer, str(obj.get("task", "")), where)
+    return ChoiceRecord(rid, media, question, tuple(options), answer, str(obj.get("task") or ""), where)
 
 
 def read_choice_records(
@@ -423,6 +493,13 @@ def read_choice_records(
     on_error: OnError = "raise",
     counter: SkipCounter | None = None,
     check_media: bool = True,
+    task: str | None = None,
 ) -> list[ChoiceRecord]:
-    """Read a multiple-choice file (JSON list or JSONL); same arguments as :func:`read_records`."""
-    return _read(path, parse_choice_record, media_root, on_error, counter, check_media)
+    """Read a multiple-choice file (JSON list or JSONL); arguments as :func:`read_records`, plus:
+
+    Args:
+        task: the task of records without a ``task`` field; default the file's name without extension.
+    """
+    default = task if task is not None else Path(path).stem
+    records = _read(path, parse_choice_record, media_root, on_error, counter, check_media)
+    return [r if r.task else dataclasses.replace(r, task=default) for r in records]

@@ -10,12 +10,19 @@ which :class:`~regate_lightning.data.collate.Collator` drops.
 :class:`MultipleChoiceDataset` returns, per question, one sample per option: the question in the user
 turn and the option as the assistant's answer, with labels on the option text only (no end-of-turn),
 so that the sum of the option's token log-likelihoods scores it. Each sample carries ``question_idx``,
-``option_idx``, ``answer_idx`` and ``task`` (an index into :attr:`MultipleChoiceDataset.task_names`),
-which the collator turns into int64 ``[B]`` batch entries.
+``option_idx``, ``answer_idx``, ``num_options`` and ``task`` (an index into
+:attr:`MultipleChoiceDataset.task_names`), which the collator turns into int64 ``[B]`` batch entries.
+
+**Sample keys.** ``sample_idx`` of a training sample is :func:`sample_key` of its record's identity
+(:attr:`~regate_lightning.data.conversations.Record.key`), so it names the same record whatever other
+records were read, skipped or accepted by the model family; :meth:`ConversationDataset.sample_name`
+turns it back into the record's identity. An empty data set (every record unusable) is refused, naming
+the file and the counts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -33,11 +40,18 @@ from regate_lightning.data.conversations import (
     read_choice_records,
     read_records,
 )
-from regate_lightning.data.errors import DataError, MediaError, OnError, SkipCounter, check_on_error
+from regate_lightning.data.errors import (
+    DataError,
+    MediaError,
+    OnError,
+    SkipCounter,
+    check_on_error,
+    describe_counts,
+)
 from regate_lightning.data.render import ChatRenderer, Sample
-from regate_lightning.data.video import Fit, Sampling, load_image, sample_video
+from regate_lightning.data.video import FOLDER_FPS, Fit, Sampling, load_image, sample_video
 from regate_lightning.data.vision import ProcessedMedia, VisionSpec
-from regate_lightning.keys import ANSWER_IDX, OPTION_IDX, QUESTION_IDX, TASK
+from regate_lightning.keys import ANSWER_IDX, NUM_OPTIONS, OPTION_IDX, QUESTION_IDX, TASK
 
 OPTION_LETTERS = "ABCDEFGHIJ"
 
@@ -52,6 +66,7 @@ class FrameSampling:
         fps: the rate for ``"fps"``.
         fit: ``"stretch"`` or ``"crop"`` resizing (to an explicit size).
         min_frames: the floor of ``"fps"`` sampling (a checkpoint's ``min_frames``), at most ``num_frames``.
+        folder_fps: the frame rate of videos given as folders of frames.
     """
 
     num_frames: int = 8
@@ -59,6 +74,7 @@ class FrameSampling:
     fps: float | None = None
     fit: Fit = "stretch"
     min_frames: int = 1
+    folder_fps: float = FOLDER_FPS
 
     def __post_init__(self) -> None:
         if self.num_frames < 1:
@@ -71,6 +87,31 @@ class FrameSampling:
             raise ValueError(
                 f"`fps` must be given with sample='fps' only, got sample={self.sample!r}, fps={self.fps}"
             )
+        if not self.folder_fps > 0:
+            raise ValueError(f"`folder_fps` must be > 0, got {self.folder_fps}")
+
+
+def sample_key(identity: str) -> int:
+    """The ``sample_idx`` of a record: a 63-bit hash (BLAKE2b) of its identity string, the same everywhere.
+
+    Example:
+        >>> sample_key("id 42") == sample_key("id 42") != sample_key("id 43")
+        True
+        >>> 0 <= sample_key("at train.jsonl:7") < 2**63
+        True
+    """
+    return int.from_bytes(hashlib.blake2b(identity.encode("utf-8"), digest_size=8).digest(), "big") >> 1
+
+
+def unique_identities(records: Sequence[Record | ChoiceRecord]) -> list[str]:
+    """Each record's identity (its ``key``, else ``"id <id>"``), with ``"#k"`` appended to the k-th repeat."""
+    seen: dict[str, int] = {}
+    out = []
+    for record in records:
+        base = record.key or f"id {record.id}"
+        seen[base] = seen.get(base, 0) + 1
+        out.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -102,7 +143,14 @@ def decode_media(media: Media, spec: VisionSpec, frames: FrameSampling) -> Decod
     if media.kind == "image":
         return DecodedMedia("image", load_image(media.path, spec.size, frames.fit))
     video = sample_video(
-        media.path, frames.num_frames, frames.sample, frames.fps, spec.size, frames.fit, frames.min_frames
+        media.path,
+        frames.num_frames,
+        frames.sample,
+        frames.fps,
+        spec.size,
+        frames.fit,
+        frames.min_frames,
+        frames.folder_fps,
     )
     return DecodedMedia("video", video.frames, video.sampled_fps)
 
@@ -206,8 +254,10 @@ class _MediaDataset(Dataset):
             return load_media(media, spec, self.frames)
         return process_media(self.media_cache.get(media, spec, self.frames), spec)
 
-    def _supported(self, records: Sequence[Record | ChoiceRecord]) -> list:
+    def _supported(self, records: Sequence[Record | ChoiceRecord], name: str) -> list:
+        """The records whose media the family takes; refuses an empty result, naming ``name`` and why."""
         kept = []
+        refused: dict[str, int] = {}
         for record in records:
             media = record.media if isinstance(record, Record) else (record.media,)
             reasons = [self.renderer.spec.accepts(m.kind) for m in media]
@@ -218,15 +268,25 @@ class _MediaDataset(Dataset):
             error = DataError(f"{record.source or record.id}: {reason}", "unsupported_media")
             if self.on_error == "raise":
                 raise error
+            refused["unsupported_media"] = refused.get("unsupported_media", 0) + 1
             self.counter.skip(error)
+        if not kept:
+            why = (
+                f"none of its {len(records)} records can be used ({describe_counts(refused)}); the warnings above "
+                "say why"
+                if records
+                else "no records"
+            )
+            raise DataError(f"{name}: {why}", "unsupported_media" if refused else "bad_record")
+        self.counter.track(len(kept))
         return kept
 
-    def _fail(self, record: Record | ChoiceRecord, err: DataError) -> None:
+    def _fail(self, index: int, record: Record | ChoiceRecord, err: DataError) -> None:
         where = record.source or f"id {record.id}"
         error = type(err)(f"{where}: {err}", err.reason)
         if self.on_error == "raise":
             raise error from err
-        self.counter.skip(error)
+        self.counter.skip(error, index=index)
 
 
 class ConversationDataset(_MediaDataset):
@@ -255,21 +315,39 @@ class ConversationDataset(_MediaDataset):
         media_cache: MediaCache | None = None,
     ) -> None:
         super().__init__(renderer, frames or FrameSampling(), on_error, counter, media_cache)
+        name = "the records given"
         if isinstance(records, (str, os.PathLike)):
+            name = str(records)
             records = read_records(records, media_root, on_error, self.counter, check_media)
-        self.records: list[Record] = self._supported(records)
+        self.records: list[Record] = self._supported(records, name)
+        self.identities: list[str] = unique_identities(self.records)
+        self.keys: list[int] = [sample_key(identity) for identity in self.identities]
+        self._names = dict(zip(self.keys, self.identities, strict=True))
+        if len(self._names) != len(self.keys):  # two identities with one 63-bit hash: never seen, but refused
+            raise ValueError(f"{name}: two records share a sample key; give them distinct ids")
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def sample_name(self, key: int) -> str:
+        """The identity of the record whose ``sample_idx`` is ``key`` (e.g. ``"id train-00089"``)."""
+        return self._names.get(int(key), str(key))
 
     def __getitem__(self, index: int) -> Sample | None:
         """Decode and render sample ``index``; ``None`` if it fails under ``on_error="skip"``."""
         record = self.records[index]
         try:
             media = [self._load(m) for m in record.media]
-            return self.renderer.render(record.turns, media, sample_idx=index, record_id=record.id)
+            return self.renderer.render(
+                record.turns,
+                media,
+                sample_idx=self.keys[index],
+                record_id=record.id,
+                index=index,
+                source=record.source or f"id {record.id}",
+            )
         except (MediaError, DataError) as err:
-            self._fail(record, err)
+            self._fail(index, record, err)
             return None
 
 
@@ -304,9 +382,11 @@ class MultipleChoiceDataset(_MediaDataset):
         media_cache: MediaCache | None = None,
     ) -> None:
         super().__init__(renderer, frames or FrameSampling(), on_error, counter, media_cache)
+        name = "the records given"
         if isinstance(records, (str, os.PathLike)):
+            name = str(records)
             records = read_choice_records(records, media_root, on_error, self.counter, check_media)
-        self.records: list[ChoiceRecord] = self._supported(records)
+        self.records: list[ChoiceRecord] = self._supported(records, name)
         self.task_names: tuple[str, ...] = tuple(task_names or sorted({r.task for r in self.records}))
         unknown = {r.task for r in self.records} - set(self.task_names)
         if unknown:
@@ -339,15 +419,18 @@ class MultipleChoiceDataset(_MediaDataset):
                     sample_idx=index,
                     record_id=record.id,
                     end_of_turn=False,
+                    index=index,
+                    source=record.source or f"id {record.id}",
                 )
                 sample.extras = {
                     QUESTION_IDX: index,
                     OPTION_IDX: j,
                     ANSWER_IDX: record.answer,
+                    NUM_OPTIONS: len(record.options),
                     TASK: self.task_names.index(record.task),
                 }
                 samples.append(sample)
             return samples
         except (MediaError, DataError) as err:
-            self._fail(record, err)
+            self._fail(index, record, err)
             return None

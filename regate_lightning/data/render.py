@@ -47,7 +47,7 @@ import torch
 
 from regate_lightning.data.conversations import IMAGE_MARKER, VIDEO_MARKER, Turn
 from regate_lightning.data.errors import DataError
-from regate_lightning.data.vision import ProcessedMedia, VisionSpec
+from regate_lightning.data.vision import ProcessedMedia, VisionSpec, join_media
 from regate_lightning.keys import IGNORE_INDEX, IMAGE_TYPE, TEXT_TYPE, VIDEO_TYPE
 
 FALLBACK_CHAT_TEMPLATE = (
@@ -75,12 +75,15 @@ class Sample:
         input_ids: int64 ``[L]``.
         labels: int64 ``[L]``, ``-100`` where unsupervised (everything but assistant turns).
         token_types: int64 ``[L]``, 0 text, 1 image placeholder, 2 video placeholder.
-        media: HF batch key -> tensor, concatenated on dim 0 over this sample's media (see
-            :class:`~regate_lightning.data.vision.VisionSpec`).
-        sample_idx: the dataset index.
+        media: HF batch key -> tensor, concatenated over this sample's media by
+            :func:`~regate_lightning.data.vision.join_media`.
+        sample_idx: the sample's stable key (``batch["sample_idx"]``; see :data:`~regate_lightning.keys.SAMPLE_IDX`).
         visual_end: every visual token (and Qwen's vision-end token) is at a position ``< visual_end``.
         emit_token_types: whether the model takes ``mm_token_type_ids`` (Qwen2-VL families).
         extras: further int64 ``[B]`` batch entries (e.g. ``option_idx`` for multiple choice).
+        index: the record's index in its dataset (skips are counted once per record by it); -1 if none.
+        source: where the record comes from (``file:line (id ...)``), for messages.
+        frame_keys: media keys whose videos of different lengths may be joined when batching.
     """
 
     input_ids: torch.Tensor
@@ -91,6 +94,9 @@ class Sample:
     visual_end: int = 0
     emit_token_types: bool = False
     extras: dict[str, int] = field(default_factory=dict)
+    index: int = -1
+    source: str = ""
+    frame_keys: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -245,16 +251,20 @@ class ChatRenderer:
         sample_idx: int = 0,
         record_id: str = "",
         end_of_turn: bool = True,
+        index: int = -1,
+        source: str = "",
     ) -> Sample:
         """Render one conversation.
 
         Args:
             turns: the conversation; media markers in user turns.
             media: one processed media per marker, in marker order.
-            sample_idx: the dataset index, copied into the sample.
+            sample_idx: the sample's stable key, copied into the sample.
             record_id: for error messages.
             end_of_turn: supervise the template's end-of-turn text after each answer (training);
                 ``False`` supervises the answer text only (multiple-choice scoring).
+            index: the record's index in its dataset, copied into the sample.
+            source: where the record comes from, copied into the sample.
 
         Returns:
             The :class:`Sample`.
@@ -316,8 +326,11 @@ class ChatRenderer:
             input_ids=input_ids,
             labels=labels,
             token_types=torch.tensor(types, dtype=torch.int64),
-            media={k: torch.cat(v) for k, v in tensors.items()},
+            media={k: join_media(k, v, self.spec.frame_keys) for k, v in tensors.items()},
             sample_idx=int(sample_idx),
             visual_end=visual_end,
             emit_token_types=self.spec.token_types,
+            index=index,
+            source=source,
+            frame_keys=self.spec.frame_keys,
         )

@@ -17,8 +17,14 @@ Frame sampling (:func:`frame_indices`):
   time ``k / fps`` that falls inside the clip, at least one), i.e. about ``duration * fps`` frames.
   ``N`` is a cap: when the clip would give more than ``N``, ``N`` frames are sampled uniformly
   instead (as HF's Qwen2-VL video processor does); likewise, below a floor ``min_frames`` (a
-  checkpoint's, e.g. Qwen2-VL's 4), ``min_frames`` frames are sampled uniformly. Families that stack
-  videos as ``[B, T, 3, H, W]`` need one ``T`` per batch: use ``"uniform"`` for them.
+  checkpoint's, e.g. Qwen2-VL's 4), ``min_frames`` frames are sampled uniformly. Clips of different
+  lengths then give different ``T``; every supported family takes them in one batch (see
+  :func:`~regate_lightning.data.vision.join_media`).
+
+**Folders of frames.** A video given as a folder of image files (some MVBench tasks ship theirs so) is
+read as a clip of those frames in natural name order (``2.jpg`` before ``10.jpg``) at ``folder_fps``
+frames per second (default :data:`FOLDER_FPS`, the rate MVBench reads its frame folders at), sampled by
+the same rules; only the chosen frames are decoded (Pillow).
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 from typing import Literal
 
 import av
@@ -41,6 +49,11 @@ from regate_lightning.data.errors import MediaError
 MediaSource = str | os.PathLike[str] | io.BytesIO | bytes
 Sampling = Literal["uniform", "fps"]
 Fit = Literal["stretch", "crop"]
+
+FOLDER_FPS = 3.0
+"""Frame rate of a video given as a folder of frames, unless the caller says otherwise."""
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+"""File endings read as frames in a folder of frames (case-insensitive); other files are ignored."""
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -156,6 +169,7 @@ def sample_video(
     size: tuple[int, int] | None = None,
     fit: Fit = "stretch",
     min_frames: int = 1,
+    folder_fps: float = FOLDER_FPS,
 ) -> DecodedVideo:
     """Decode a clip and sample frames from it (see the module docstring for the rules).
 
@@ -163,13 +177,16 @@ def sample_video(
     the indices are chosen, and only the chosen frames are converted to RGB.
 
     Args:
-        source: a file path, an in-memory ``io.BytesIO`` or ``bytes`` of a container PyAV can read.
+        source: a file path, an in-memory ``io.BytesIO`` or ``bytes`` of a container PyAV can read, or the
+            path of a folder of frames.
         num_frames: frames to return (``"uniform"``) or the cap (``"fps"``).
         sample: ``"uniform"`` or ``"fps"``.
         fps: sampling rate for ``"fps"``; must be ``None`` for ``"uniform"``.
-        size: ``(H, W)`` to resize to, or ``None`` to keep the decoded size.
+        size: ``(H, W)`` to resize to, or ``None`` to keep the decoded size (a folder's frames must then
+            all have one size).
         fit: how to resize, see :func:`resize_frames`.
         min_frames: the floor of ``"fps"`` sampling.
+        folder_fps: the frame rate of a folder of frames.
 
     Returns:
         The sampled frames (uint8 ``[T, 3, H, W]``) with their times.
@@ -189,6 +206,8 @@ def sample_video(
     else:
         raise ValueError(f"`sample` must be 'uniform' or 'fps', got {sample!r}")
     name = source_name(source)
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        return _sample_folder(Path(source), num_frames, sample, fps, size, fit, folder_fps, min_frames)
     _check_exists(source, name)
     try:
         with _open(source) as container:
@@ -239,6 +258,54 @@ def sample_video(
         frames = resize_frames(frames, size, fit)
     times_t = torch.tensor([times[min(i, len(times) - 1)] for i in indices], dtype=torch.float64)
     return DecodedVideo(frames, times_t, duration, len(times))
+
+
+def _natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key that puts ``frame2`` before ``frame10``."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part)
+
+
+def frame_files(folder: Path) -> list[Path]:
+    """The frames of a folder of frames: image files (:data:`IMAGE_SUFFIXES`), in natural name order.
+
+    Raises:
+        MediaError: the folder holds no image file.
+    """
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise MediaError(
+            f"{folder}: a folder given as a video must hold its frames as image files ({', '.join(IMAGE_SUFFIXES)})"
+        )
+    return sorted(files, key=lambda p: _natural_key(p.name))
+
+
+def _sample_folder(
+    folder: Path,
+    num_frames: int,
+    sample: Sampling,
+    fps: float | None,
+    size: tuple[int, int] | None,
+    fit: Fit,
+    folder_fps: float,
+    min_frames: int = 1,
+) -> DecodedVideo:
+    """:func:`sample_video` for a folder of frames at ``folder_fps``."""
+    if not folder_fps > 0:
+        raise ValueError(f"`folder_fps` must be > 0, got {folder_fps}")
+    files = frame_files(folder)
+    times = [i / folder_fps for i in range(len(files))]
+    duration = len(files) / folder_fps
+    if sample == "uniform":
+        indices = frame_indices(len(files), num_frames)
+    else:
+        assert fps is not None
+        indices = fps_indices(times, duration, fps, num_frames, min_frames)
+    loaded = {i: load_image(files[i], size, fit) for i in sorted(set(indices))}
+    shapes = {tuple(f.shape) for f in loaded.values()}
+    if len(shapes) > 1:
+        raise MediaError(f"{folder}: its frames have different sizes {sorted(shapes)}; give a `size` to resize them")
+    frames = torch.stack([loaded[i] for i in indices])
+    return DecodedVideo(frames, torch.tensor([times[i] for i in indices], dtype=torch.float64), duration, len(files))
 
 
 def decode_video(
@@ -425,12 +492,15 @@ def _as_rate(fps: float) -> int | Fraction:
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
+    "FOLDER_FPS",
+    "IMAGE_SUFFIXES",
     "SIGLIP_MEAN",
     "SIGLIP_STD",
     "DecodedVideo",
     "MediaError",
     "decode_video",
     "encode_video",
+    "frame_files",
     "frame_indices",
     "load_image",
     "normalize",

@@ -316,6 +316,12 @@ class VisionSpec:
         return FAMILIES[self.family].token_types
 
     @property
+    def frame_keys(self) -> tuple[str, ...]:
+        """Media keys whose clips of different lengths may be joined (see :func:`join_media`)."""
+        family = FAMILIES[self.family]
+        return (family.video_key,) if family.frames_alone and family.video_key else ()
+
+    @property
     def media_token_ids(self) -> tuple[int, ...]:
         """Placeholder ids (and Qwen's vision start/end ids) that text tokens must never produce."""
         ids = (self.image_token_id, self.video_token_id, self.vision_start_token_id, self.vision_end_token_id)
@@ -437,6 +443,42 @@ class VisionSpec:
     def _check_size(self, pixels: torch.Tensor) -> None:
         if self.size is not None and tuple(pixels.shape[-2:]) != tuple(self.size):
             raise ValueError(f"media must be resized to {self.size} first, got {tuple(pixels.shape[-2:])}")
+
+
+def join_media(key: str, parts: list[torch.Tensor], frame_keys: tuple[str, ...] = ()) -> torch.Tensor:
+    """Concatenate one media key's tensors of several media (of one sample, or of a batch) in order.
+
+    Tensors of one shape beyond dim 0 are concatenated on dim 0 (what HF's processors do). Videos of a
+    family that encodes every frame on its own (``key`` in ``frame_keys``, from
+    :attr:`VisionSpec.frame_keys`) may differ in their frame count ``T``: they are joined into one
+    ``[1, sum(T), 3, H, W]`` tensor, which the model encodes into the same features in the same order
+    (its placeholders are filled in order), so clips sampled by ``fps`` batch whatever their lengths.
+
+    Args:
+        key: the HF batch key.
+        parts: tensors ``[n_i, ...]``.
+        frame_keys: keys whose videos may be joined frame-wise.
+
+    Returns:
+        The concatenation.
+
+    Raises:
+        ValueError: shapes that cannot be batched (the message names the key and the shapes).
+
+    Example:
+        >>> a, b = torch.zeros(1, 2, 3, 4, 4), torch.zeros(1, 3, 3, 4, 4)
+        >>> tuple(join_media("pixel_values_videos", [a, b], ("pixel_values_videos",)).shape)
+        (1, 5, 3, 4, 4)
+    """
+    shapes = {tuple(p.shape[1:]) for p in parts}
+    if len(shapes) == 1:
+        return torch.cat(parts)
+    if key in frame_keys and all(p.dim() == 5 for p in parts) and len({tuple(p.shape[2:]) for p in parts}) == 1:
+        return torch.cat([p.flatten(0, 1) for p in parts]).unsqueeze(0)
+    raise ValueError(
+        f"cannot batch `{key}` of shapes {sorted(shapes)}: every image and frame of a batch must have one size "
+        "(set `frame_size`, or the tower's image size)"
+    )
 
 
 def _no_image_config(source: str | None) -> str:

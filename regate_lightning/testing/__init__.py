@@ -2,7 +2,8 @@
 
 Nothing here is part of the method. Everything builds from configs, without a download::
 
-    tiny.py        tiny random-initialised models of every supported family, and the one tiny-config builder
+    tiny.py        tiny random-initialised models of every supported family, the one tiny-config builder, and
+                   ``byte_tokenizer`` (a tokenizer that fits every tiny model's vocabulary)
     batches.py     random token batches in a model's own keys (``random_batch``)
     datamodule.py  ``RandomDataModule``: those batches as a LightningDataModule (the ``debug`` recipes)
 
@@ -25,6 +26,7 @@ _EXPORTS: dict[str, str] = {
             "tiny_video_llava",
             "tiny_qwen2_vl",
             "tiny_qwen2_5_vl",
+            "byte_tokenizer",
         )
     },
     "media_layout": "regate_lightning.testing.batches",

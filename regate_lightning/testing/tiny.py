@@ -314,3 +314,21 @@ def tiny_qwen2_5_vl(
     }
     cfg = Qwen2_5_VLConfig(vision_config=vision, **qwen_vl_kwargs(text_config(vocab_size, hidden_size, num_layers)))
     return _finish(Qwen2_5_VLForConditionalGeneration(cfg), seed)
+
+
+def byte_tokenizer() -> Any:
+    """A tokenizer for the tiny models: one token per UTF-8 byte, no merges, nothing to download.
+
+    ``<pad>``, ``<s>``, ``</s>``, ``<image>``, ``<video>`` are ids 0-4 and the 256 bytes ids 5-260, so every
+    id stays below the tiny models' placeholder ids (their last vocabulary ids, 508-511 of 512). It has the
+    "USER: ... ASSISTANT: ..." chat template of :mod:`regate_lightning.data.render`. A recipe names it as
+    ``tokenizer: regate_lightning.testing.byte_tokenizer``; a real checkpoint brings its own tokenizer.
+
+    Example:
+        >>> tok = byte_tokenizer()
+        >>> len(tok), tok("hi")["input_ids"]
+        (261, [76, 77])
+    """
+    from regate_lightning.data.synthetic import SPECIAL_TOKENS, train_tokenizer
+
+    return train_tokenizer([], vocab_size=256 + len(SPECIAL_TOKENS))
