@@ -143,7 +143,7 @@ class VisualTokens:
         out = []
         for kind in self.kinds:
             positions = placeholder_positions(self.family, self.config, self.batch, kind)
-            media = tuple(self.family.media_regions(self.config, self.batch, kind))
+            media = _per_item(tuple(self.family.media_regions(self.config, self.batch, kind)), positions)
             tokens = sum(m.num_tokens for m in media)
             placeholders = int(positions.sum())
             if tokens != placeholders:
@@ -154,6 +154,44 @@ class VisualTokens:
                 )
             out.append(MediaTokens(kind, positions, media))
         return tuple(out)
+
+
+def placeholder_runs(positions: Tensor) -> list[int]:
+    """Lengths of the runs of placeholder positions, row by row: one run per media item, in batch order.
+
+    Example:
+        >>> placeholder_runs(torch.tensor([[0, 1, 1, 0, 1], [1, 1, 1, 0, 0]], dtype=torch.bool))
+        [2, 1, 3]
+    """
+    lengths = []
+    for row in positions.tolist():
+        run = 0
+        for hit in [*row, False]:
+            if hit:
+                run += 1
+            elif run:
+                lengths.append(run)
+                run = 0
+    return lengths
+
+
+def _per_item(media: tuple[MediaRegions, ...], positions: Tensor) -> tuple[MediaRegions, ...]:
+    """Split clips that the data joined frame-wise (one ``[1, sum T, ...]`` tensor) back into one per sample.
+
+    Families that encode every frame alone take clips of different lengths as one tensor
+    (:func:`~regate_lightning.data.vision.join_media`); their regions then come as one media of ``sum T``
+    frames. Each sample's clip is cut back out by its run of placeholders, so that the first frame of every
+    clip is a first frame (never compared with another clip's last).
+    """
+    if len(media) != 1:
+        return media
+    runs = placeholder_runs(positions)
+    (joined,) = media
+    per_step = joined.tokens_per_step
+    if len(runs) < 2 or sum(runs) != joined.num_tokens or any(r % per_step for r in runs):
+        return media
+    parts = joined.regions.split([r // per_step for r in runs])
+    return tuple(MediaRegions(joined.kind, part, joined.lead) for part in parts)
 
 
 def placeholder_positions(family: Family, config: Any, batch: Mapping[str, Any], kind: str) -> Tensor:

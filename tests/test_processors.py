@@ -143,7 +143,7 @@ def save_llava(folder: Path, factory=tiny.tiny_llava, processor: dict | None = N
 
 
 def first_batch(student: str | MLLMModule, train_file: Path, **kwargs) -> tuple[MLLMModule, dict]:
-    """The data module's first training batch for ``student`` (all samples, sorted by ``sample_idx``)."""
+    """The data module's first training batch for ``student``: every sample, in file order."""
     module = student if isinstance(student, MLLMModule) else MLLMModule(model=student)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.strategy.connect(module)
@@ -154,7 +154,7 @@ def first_batch(student: str | MLLMModule, train_file: Path, **kwargs) -> tuple[
     dataset = data.train_set
     assert dataset is not None
     batch = data.train_dataloader().collate_fn([dataset[i] for i in range(len(dataset))])
-    assert batch is not None and batch[SAMPLE_IDX].tolist() == list(range(len(dataset)))
+    assert batch is not None and batch[SAMPLE_IDX].tolist() == list(dataset.keys)  # in file order
     return module, batch | {"_data": data}
 
 

@@ -191,6 +191,29 @@ def test_temporal_policy_keeps_the_first_frame_and_what_moves():
     assert plan.keep_mask[0][~plan.candidates[0]].all(), "text positions are never elided"
 
 
+def test_clips_joined_frame_wise_are_scored_per_clip():
+    """Clips of different lengths arrive as one [1, sum T, ...] tensor (data.vision.join_media): every clip's
+    first frame is still a first frame, never compared with the previous clip's last."""
+    model = tiny.tiny_llava_next_video()  # 4 tokens per frame
+    two = random_batch(model, batch_size=1, num_frames=2, seed=0)
+    three = random_batch(model, batch_size=1, num_frames=3, seed=1)
+    width = max(two[INPUT_IDS].shape[1], three[INPUT_IDS].shape[1])
+    pad = {INPUT_IDS: 0, ATTENTION_MASK: 0, LABELS: IGNORE_INDEX}
+    batch = {
+        k: torch.cat([F.pad(b[k], (0, width - b[k].shape[1]), value=v) for b in (two, three)]) for k, v in pad.items()
+    }
+    video = torch.zeros(1, 5, 3, 32, 32)
+    video[0, 2:] = 5.0  # clip 2 differs from clip 1 everywhere; within each clip nothing changes
+    batch["pixel_values_videos"] = video
+    plan = policy_for(model, keep_ratio=0.5).plan(batch, step=1)
+    for row, frames in ((0, 2), (1, 3)):
+        visual = plan.candidates[row].nonzero().flatten()
+        kept = plan.keep_mask[row, visual].view(frames, 4)
+        assert kept[0].all(), f"clip {row}: its first frame is kept whole"
+        assert kept.sum() == math.ceil(0.5 * 4 * frames)
+    assert torch.isfinite(forward_active(model, {**batch, KEEP_MASK: plan.keep_mask}).loss)
+
+
 def test_uniform_policy_keeps_whole_frames_evenly():
     model = tiny.tiny_video_llava()  # 17 tokens per frame (CLS + 16 patches)
     batch = random_batch(model, batch_size=2, num_frames=4)
