@@ -202,8 +202,9 @@ def test_clips_joined_frame_wise_are_scored_per_clip():
     batch = {
         k: torch.cat([F.pad(b[k], (0, width - b[k].shape[1]), value=v) for b in (two, three)]) for k, v in pad.items()
     }
-    video = torch.zeros(1, 5, 3, 32, 32)
-    video[0, 2:] = 5.0  # clip 2 differs from clip 1 everywhere; within each clip nothing changes
+    video = torch.zeros(1, 5, 3, 32, 32)  # clip 1: frames 0-1, static; clip 2: frames 2-4
+    video[0, 3] = 1.0  # clip 2's first frame equals clip 1's last; its later frames change everywhere
+    video[0, 4] = 2.0
     batch["pixel_values_videos"] = video
     plan = policy_for(model, keep_ratio=0.5).plan(batch, step=1)
     for row, frames in ((0, 2), (1, 3)):
