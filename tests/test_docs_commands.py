@@ -55,7 +55,9 @@ def documented_commands() -> dict[str, list[str]]:
         language: str | None = None
         prose: list[str] = []
         commands: list[str] = []
-        for line in page.read_text(encoding="utf-8").splitlines():
+        # A shell line ending in a backslash continues on the next (as bash reads it).
+        text = re.sub(r"\\\n\s*", " ", page.read_text(encoding="utf-8"))
+        for line in text.splitlines():
             fence = _FENCE.match(line.strip())
             if fence:
                 language = fence.group(1) if language is None else None
@@ -222,6 +224,35 @@ class Install:
                 assert pin in ci, f"{pin} is not what CI installs"
 
 
+@dataclass(frozen=True)
+class Wheels:
+    """A ``pip wheel`` / ``pip download`` into ``.whl/``: wheels carried to a GPU machine (it has no network).
+
+    Not run (it downloads). Checked: it writes into ``.whl``, which git ignores and ``benchmarks/gpu.sh``
+    installs from; every version it pins that ``constraints.txt`` also pins is the same; and ``pip`` accepts
+    its options (``pip <command> --help`` lists each one).
+    """
+
+    slow: bool = False
+
+    def check(self, command: str, cwd: Path, capsys) -> None:
+        words = shlex.split(command)
+        assert words[1:4] in (["-m", "pip", "wheel"], ["-m", "pip", "download"]), command
+        assert ".whl" in words and "/.whl/" in (ROOT / ".gitignore").read_text(), command
+        assert ".whl/*.whl" in (ROOT / "benchmarks" / "gpu.sh").read_text()
+        constraints = dict(
+            line.split("==", 1) for line in (ROOT / "constraints.txt").read_text().split() if "==" in line
+        )
+        for pin in (w for w in words if "==" in w):
+            name, version = pin.split("==", 1)
+            assert constraints.get(name, version) == version, f"{pin}: constraints.txt pins {constraints[name]}"
+        help_text = subprocess.run(
+            [sys.executable, "-m", "pip", words[3], "--help"], capture_output=True, text=True, check=True
+        ).stdout
+        for option in (w.split("=")[0] for w in words[4:] if w.startswith("--")):
+            assert option in help_text, f"pip {words[3]} has no option {option}"
+
+
 def _covered(test: str) -> None:
     """``tests/file.py::name`` exists (that test runs the code this check does not)."""
     path, _, name = test.partition("::")
@@ -289,6 +320,14 @@ CHECKS: dict[str, Any] = {
     "python benchmarks/time_to_accuracy.py --summarise docs/results/time_to_accuracy/time_to_accuracy.json": Args(
         "tests/test_time_to_accuracy_smoke.py::test_time_to_accuracy_smoke"
     ),
+    "python benchmarks/gpu_throughput.py --cpu --repeats 7 --out docs/results/throughput_cpu_visual": Args(GPU_SMOKE),
+    # Wheels for the next GPU lending (docs/scale.md): not downloaded here.
+    "mkdir -p .whl": Run(),
+    ".venv/bin/python -m pip wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8": Wheels(),
+    ".venv/bin/python -m pip download --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 "
+    "--abi abi3 --abi none --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform "
+    "manylinux_2_5_x86_64 --platform any -d .whl einops hjson msgpack ninja py-cpuinfo pydantic psutil tqdm": Wheels(),
+    ".venv/bin/python -m pip download --no-deps -d .whl transformers==5.24.0": Wheels(),
     # gpu.sh needs a GPU; its Python part runs on the CPU at smoke size in the named test.
     "bash benchmarks/gpu.sh": Script(covered_by=GPU_SMOKE),
     "OUT=/some/dir bash benchmarks/gpu.sh": Script(covered_by=GPU_SMOKE),
