@@ -20,6 +20,10 @@ Variants (``--variants``), all with the paper's p = 0.5, beta = 0.9 and W/C/F = 
 - ``random``: the same schedule and keep count, candidates chosen at random.
 - ``adaptive``: the keep count set per sample by ``AdaptiveSelection`` (the fewest candidates whose fused
   difficulty covers ``--coverage`` of the sample's total).
+- ``visual_{temporal,random}_{0.5,0.25}``: ``VisualTokenElision`` alone (issue 13), keeping that share of
+  each clip's video tokens in sparse steps, those that changed most since the previous frame
+  (``temporal``) or at random; ``regate+visual_...``: the same with ReGATE. Selected with ``--variants``
+  (the default runs the six above).
 
 Each (variant, seed) is one run, ``--jobs`` at a time in worker processes with one torch thread each.
 The seed sets the data order and the random vision tower and projector; the synthetic set and the text
@@ -49,7 +53,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -127,6 +131,21 @@ def _adaptive(config: RunConfig) -> list[Any]:
     return _regate(config, selection=AdaptiveSelection(coverage=config.coverage))
 
 
+def _visual(config: RunConfig, keep_ratio: float, selection: str) -> list[Any]:
+    from regate_lightning import VisualTokenElision
+
+    return [
+        VisualTokenElision(
+            keep_ratio=keep_ratio,
+            selection=selection,
+            warmup_steps=config.warmup,
+            cycle_steps=config.cycle,
+            full_steps=config.full,
+            seed=config.seed,
+        )
+    ]
+
+
 VARIANTS: dict[str, tuple[str, Callable[[RunConfig], list[Any]]]] = {
     "baseline": ("baseline (all tokens)", lambda c: []),
     "regate": ("ReGATE (lambda 0.5)", _regate),
@@ -136,6 +155,20 @@ VARIANTS: dict[str, tuple[str, Callable[[RunConfig], list[Any]]]] = {
     "adaptive": ("ReGATE, adaptive keep count", _adaptive),
 }
 """Variant name -> (label, callbacks for a run)."""
+for _ratio in (0.5, 0.25):
+    for _selection in ("temporal", "random"):
+        _name = f"visual_{_selection}_{_ratio}"
+        VARIANTS[_name] = (
+            f"visual {_selection} {_ratio}",
+            lambda c, r=_ratio, s=_selection: _visual(c, r, s),
+        )
+        VARIANTS[f"regate+{_name}"] = (
+            f"ReGATE + visual {_selection} {_ratio}",
+            lambda c, r=_ratio, s=_selection: _visual(c, r, s) + _regate(c),
+        )
+SMOKE_VARIANTS = ["baseline", "regate", "regate+visual_temporal_0.5"]
+ISSUE_9 = ("baseline", "regate", "ema_only", "ref_only", "random", "adaptive")
+"""The variants of the learning issue (the default); the visual ones are selected with ``--variants``."""
 
 
 @dataclass
@@ -151,6 +184,7 @@ class RunResult:
             each were kept: ``visual``, ``visual_kept``, ``text``, ``text_kept``.
         total_s: wall clock of the whole fit, validation included.
         totals: the ReGATE callback's ``totals`` at the end (None without one).
+        visual_totals: the visual-token elision callback's ``totals`` at the end (None without one).
     """
 
     config: RunConfig
@@ -158,6 +192,7 @@ class RunResult:
     kept_words: dict[str, int] = field(default_factory=dict)
     total_s: float = 0.0
     totals: dict[str, int] | None = None
+    visual_totals: dict[str, int] | None = None
 
 
 def _recorder_class() -> type:
@@ -257,7 +292,7 @@ def run_one(config: RunConfig) -> RunResult:
     torch.set_num_threads(1)
     import lightning.pytorch as pl
 
-    from regate_lightning import MLLMModule, ReGATECallback
+    from regate_lightning import MLLMModule, ReGATECallback, VisualTokenElision
     from regate_lightning.data.datamodule import SyntheticVideoQADataModule
     from regate_lightning.demo import demo_student
 
@@ -298,6 +333,9 @@ def run_one(config: RunConfig) -> RunResult:
     result = RunResult(config, recorder.points, dict(recorder.kept), round(time.perf_counter() - start, 3))
     if regate is not None:
         result.totals = dict(regate.totals)
+    visual = next((c for c in callbacks if isinstance(c, VisualTokenElision)), None)
+    if visual is not None:
+        result.visual_totals = dict(visual.totals)
     return result
 
 
@@ -370,6 +408,13 @@ def _mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
     return out
 
 
+def _video_share(group: list[dict[str, Any]]) -> float | None:
+    """Video tokens the decoder processed / video tokens, over the run (visual elision variants)."""
+    totals = [r.get("visual_totals") for r in group if r.get("visual_totals")]
+    seen = sum(t["visual"] for t in totals)
+    return sum(t["visual_kept"] for t in totals) / seen if seen else None
+
+
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per variant: accuracy, tokens and seconds to the baseline's peak, ratios, wins against random."""
     by_variant: dict[str, list[dict[str, Any]]] = {}
@@ -413,6 +458,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "total_tokens_all": _mean([r["points"][-1]["tokens_all"] for r in group]),
             "total_train_s": _mean([r["points"][-1]["train_s"] for r in group]),
             "kept_visual_share": kept["visual_kept"] / kept["visual"] if kept["visual"] else None,
+            "video_tokens_kept": _video_share(group),
             "kept_text_share": kept["text_kept"] / kept["text"] if kept["text"] else None,
             "curve": curve,
         }
@@ -482,11 +528,11 @@ def format_table(summary: dict[str, Any]) -> str:
         "",
         "| variant | "
         + " | ".join(f"final {t}" for t in TASKS)
-        + " | video gap | kept: video words | kept: other words |",
-        "|---|" + "---|" * (len(TASKS) + 3),
+        + " | video gap | kept: answer words that need the video | kept: other answer words | video tokens kept |",
+        "|---|" + "---|" * (len(TASKS) + 4),
     ]
     for name, row in summary["variants"].items():
-        shares = [row.get("kept_visual_share"), row.get("kept_text_share")]
+        shares = [row.get("kept_visual_share"), row.get("kept_text_share"), row.get("video_tokens_kept")]
         lines.append(
             f"| {VARIANTS[name][0] if name in VARIANTS else name} | "
             + " | ".join(_num(row["final_tasks"][t], ".3f") for t in TASKS)
@@ -525,6 +571,18 @@ def verdict(summary: dict[str, Any]) -> list[str]:
         f"ReGATE's final accuracy {regate['final_mean']:.3f} vs the baseline's final minus one seed sd {floor:.3f}: "
         + ("met" if regate["final_mean"] >= floor else "missed")
     )
+    both = rows.get("regate+visual_temporal_0.5")
+    if both is not None:
+        ratio_both = both.get("tokens_ratio")
+        floor = summary["baseline_final_mean"] - summary["baseline_final_sd"]
+        out.append(
+            "ReGATE + temporal visual elision at 0.5 reaches the baseline's peak with "
+            + ("never" if ratio_both is None else f"{100 * ratio_both:.0f} %")
+            + " of its tokens (target <= 40 %): "
+            + ("met" if ratio_both is not None and ratio_both <= 0.40 else "missed")
+            + f"; final accuracy {both['final_mean']:.3f} vs the baseline's minus one seed sd {floor:.3f}: "
+            + ("met" if both["final_mean"] >= floor else "missed")
+        )
     for name in ("adaptive",):
         if name in rows:
             r = rows[name]
@@ -537,7 +595,11 @@ def verdict(summary: dict[str, Any]) -> list[str]:
 
 
 def plot(summary: dict[str, Any], out: Path) -> list[Path]:
-    """Accuracy vs cumulative tokens and vs training seconds, mean over seeds with a ±1 sd band."""
+    """Accuracy vs cumulative tokens and vs training seconds, mean over seeds with a ±1 sd band.
+
+    One pair of figures for the learning issue's variants (``acc_vs_*.png``) and, when the summary has
+    visual-token elision variants, one for them beside the baseline and ReGATE (``visual_acc_vs_*.png``).
+    """
     try:
         import matplotlib
 
@@ -545,35 +607,44 @@ def plot(summary: dict[str, Any], out: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
+    rows = summary["variants"]
+    groups = [("", [v for v in rows if not v.startswith(("visual", "regate+visual"))])]
+    visual = [v for v in rows if v.startswith(("visual", "regate+visual"))]
+    if visual:
+        groups.append(("visual_", [v for v in ("baseline", "regate") if v in rows] + visual))
     written = []
     target = summary.get("target_acc")
-    for key, xlabel, name in (
-        ("tokens", "cumulative tokens processed by the decoder", "acc_vs_tokens.png"),
-        ("train_s", "training wall clock, s (validation excluded)", "acc_vs_wallclock.png"),
-    ):
-        fig, ax = plt.subplots(figsize=(7.2, 4.6))
-        for variant, row in summary["variants"].items():
-            xs = [p[key] for p in row["curve"]]
-            ys = [p["acc"] for p in row["curve"]]
-            sd = [p["acc_std"] for p in row["curve"]]
-            style = {"lw": 2.4, "color": "black"} if variant == "baseline" else {"lw": 1.6}
-            label = VARIANTS[variant][0] if variant in VARIANTS else variant
-            (line,) = ax.plot(xs, ys, marker="o", ms=3, label=label, **style)
-            low = [y - s for y, s in zip(ys, sd, strict=True)]
-            high = [y + s for y, s in zip(ys, sd, strict=True)]
-            ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.12)
-        if target is not None:
-            ax.axhline(target, color="grey", ls="--", lw=1, label=f"baseline peak {target:.3f}")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("multiple-choice accuracy (1000 questions)")
-        ax.set_title("Time to accuracy, synthetic video QA (CPU), mean ± sd over seeds")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / name
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+    for prefix, variants in groups:
+        for key, xlabel, name in (
+            ("tokens", "cumulative tokens processed by the decoder", "acc_vs_tokens.png"),
+            ("train_s", "training wall clock, s (validation excluded)", "acc_vs_wallclock.png"),
+        ):
+            fig, ax = plt.subplots(figsize=(7.6, 4.8))
+            for variant in variants:
+                row = rows[variant]
+                xs = [p[key] for p in row["curve"]]
+                ys = [p["acc"] for p in row["curve"]]
+                sd = [p["acc_std"] for p in row["curve"]]
+                style = {"lw": 2.4, "color": "black"} if variant == "baseline" else {"lw": 1.5}
+                if variant.startswith("regate+"):
+                    style["ls"] = "--"
+                label = VARIANTS[variant][0] if variant in VARIANTS else variant
+                (line,) = ax.plot(xs, ys, marker="o", ms=3, label=label, **style)
+                low = [y - s for y, s in zip(ys, sd, strict=True)]
+                high = [y + s for y, s in zip(ys, sd, strict=True)]
+                ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.10)
+            if target is not None:
+                ax.axhline(target, color="grey", ls=":", lw=1, label=f"baseline peak {target:.3f}")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("multiple-choice accuracy")
+            ax.set_title("Time to accuracy, synthetic video QA (CPU), mean ± sd over seeds", fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            path = out / f"{prefix}{name}"
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+            written.append(path)
     return written
 
 
@@ -591,7 +662,7 @@ def _report(summary: dict[str, Any]) -> str:
 def parser() -> argparse.ArgumentParser:
     """The command line of this script."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(ISSUE_9), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--val-every", type=int, default=150)
@@ -606,7 +677,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each one torch thread)")
     parser.add_argument("--root", default=None, help="synthetic set folder (default: the cache)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--smoke", action="store_true", help="tiny: 40 clips, 16 questions, 1 seed, 2 variants")
+    parser.add_argument("--smoke", action="store_true", help="tiny: 40 clips, 16 questions, 1 seed, 3 variants")
     parser.add_argument("--summarise", type=Path, default=None, help="re-summarise a results JSON; no training")
     return parser
 
@@ -623,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     pretrain = 200
     if args.smoke:
-        args.variants, args.seeds, args.steps, args.val_every = ["baseline", "regate"], [0], 10, 5
+        args.variants, args.seeds, args.steps, args.val_every = SMOKE_VARIANTS, [0], 10, 5
         args.num_train, args.num_val = 40, 16
         args.warmup, args.cycle, args.full = 2, 4, 1
         pretrain = 20
@@ -656,13 +727,26 @@ def main(argv: list[str] | None = None) -> int:
     ]
     start = time.perf_counter()
     load_start = _load_average()
+    args.out.mkdir(parents=True, exist_ok=True)
+    partial = args.out / "runs.partial.jsonl"  # each finished run, as it finishes: a crash keeps the others
+    partial.unlink(missing_ok=True)
+    runs = []
+
+    def keep(run: dict[str, Any]) -> None:
+        runs.append(run)
+        with open(partial, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(run) + "\n")
+
     if args.jobs <= 1:
-        runs = [_worker(c) for c in configs]
+        for config in configs:
+            keep(_worker(config))
     else:
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-            runs = list(pool.map(_worker, configs))
+            for future in as_completed([pool.submit(_worker, c) for c in configs]):
+                keep(future.result())
+    order = {(c.variant, c.seed): i for i, c in enumerate(configs)}
+    runs.sort(key=lambda r: order[(r["config"]["variant"], r["config"]["seed"])])
     summary = summarise(runs)
-    args.out.mkdir(parents=True, exist_ok=True)
     import lightning
     import transformers
 
@@ -685,6 +769,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1) + "\n", encoding="utf-8"
     )
     pngs = plot(summary, args.out)
+    partial.unlink(missing_ok=True)
     print(_report(summary))
     print(f"wrote {args.out / 'time_to_accuracy.json'}" + "".join(f", {p}" for p in pngs))
     return 0

@@ -1,6 +1,6 @@
 """``benchmarks/time_to_accuracy.py --smoke`` still runs (a subprocess, own cache), and its summary helpers.
 
-The smoke size trains the baseline and ReGATE for 10 steps each on 40 clips with 16 validation
+The smoke size trains the baseline, ReGATE and ReGATE with visual-token elision for 10 steps each on 40 clips with 16 validation
 questions, in one process (``--jobs 1`` would be the same; the script's default of two processes is
 kept so the process pool is exercised), with a text LM pretrained for 20 steps into a temporary cache.
 """
@@ -37,7 +37,7 @@ def test_time_to_accuracy_smoke(tmp_path):
     assert "| variant |" in proc.stdout
     report = json.loads((out / "time_to_accuracy.json").read_text())
     runs = {r["config"]["variant"]: r for r in report["runs"]}
-    assert set(runs) == {"baseline", "regate"}
+    assert set(runs) == {"baseline", "regate", "regate+visual_temporal_0.5"}
     for run in runs.values():
         steps = [p["step"] for p in run["points"]]
         assert steps == [5, 10]  # one validation per (capped) epoch
@@ -50,7 +50,11 @@ def test_time_to_accuracy_smoke(tmp_path):
     assert regate["points"][-1]["tokens"] == regate["totals"]["active"]  # our count = the callback's
     assert regate["kept_words"]["visual"] > 0 and regate["kept_words"]["text"] > 0
     assert all(math.isfinite(p["video_gap"]) for p in regate["points"])
+    both = runs["regate+visual_temporal_0.5"]
+    assert both["visual_totals"]["visual_kept"] < both["visual_totals"]["visual"]  # video tokens were elided
+    assert both["points"][-1]["tokens"] < regate["points"][-1]["tokens"]  # fewer tokens than ReGATE alone
     summary = report["summary"]
+    assert summary["variants"]["regate+visual_temporal_0.5"]["video_tokens_kept"] < 1.0
     assert summary["target_acc"] == pytest.approx(max(p["acc"] for p in base["points"]))
     assert summary["variants"]["baseline"]["tokens_ratio"] == 1.0
     if (out / "acc_vs_tokens.png").exists():
