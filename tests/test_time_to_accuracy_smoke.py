@@ -1,8 +1,8 @@
 """``benchmarks/time_to_accuracy.py --smoke`` still runs (a subprocess, own cache), and its summary helpers.
 
-The smoke size trains the baseline, ReGATE and ReGATE with visual-token elision for 10 steps each on 40 clips with 16 validation
-questions, in one process (``--jobs 1`` would be the same; the script's default of two processes is
-kept so the process pool is exercised), with a text LM pretrained for 20 steps into a temporary cache.
+The smoke size trains the baseline, ReGATE and ReGATE with visual-token elision for 10 steps each on 40
+clips with 16 validation questions (the script's default of two processes is kept so the process pool is
+exercised), with a text LM pretrained for 20 steps into a temporary cache.
 """
 
 from __future__ import annotations
@@ -95,3 +95,25 @@ def test_summary_reaches_and_ratios():
     assert regate["paired_median_ratio"] == pytest.approx((1 / 3 + 0.25) / 2) and rand["paired_reached"] == "0/1"
     assert regate["before_random"] == "1/1"  # seed 0: random never reaches; seed 1 has no random run
     assert "not reached" in format_table(summary)
+
+
+def test_demo_ablation_smoke(tmp_path):
+    """``benchmarks/demo_ablation.py --smoke``: the demo's baseline and one ablation train and are summarised."""
+    env = {**os.environ, "REGATE_LIGHTNING_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/demo_ablation.py", "--smoke", "--jobs", "1", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert "| ablation |" in proc.stdout
+    report = json.loads((out / "demo_ablation.json").read_text())
+    assert [row["name"] for row in report["summary"]] == ["demo", "no_projector_init"]
+    for run in report["runs"]:
+        assert [p["step"] for p in run["points"]] == [2, 4]
+        assert all(math.isfinite(p["video_gap"]) and 0.0 <= p["acc"] <= 1.0 for p in run["points"])

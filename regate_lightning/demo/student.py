@@ -175,7 +175,8 @@ def demo_student(
         pool_stride: LLaVA-NeXT-Video's spatial pooling of the tower's patch features (1 = none).
         num_frames: frames per clip of the projector's initialisation (the data module's ``num_frames``).
         pretrain_steps: text-only pretraining steps of the language model.
-        init_clips: training clips the projector's initialisation is measured on.
+        init_clips: training clips the projector's initialisation is measured on; 0 leaves the projector as
+            initialised at random (the old demo's student, which never learned to read its video).
         seed: seed of the random vision tower and projector.
     """
     from regate_lightning.data.datasets import FrameSampling, load_media
@@ -193,9 +194,12 @@ def demo_student(
     model.lm_head.load_state_dict(lm.lm_head.state_dict())
     model.config.use_cache = False
     model = model.float()
-    spec = VisionSpec.from_model(model)
-    frames = FrameSampling(num_frames=num_frames)
-    records = read_records(paths.train, check_media=False)[:init_clips]
-    clips = [load_media(r.media[0], spec, frames).tensors[spec.video_key] for r in records]
-    init_projector_from_features(model, torch.cat(clips))
+    if init_clips < 0:
+        raise ValueError(f"`init_clips` must be >= 0, got {init_clips}")
+    if init_clips:
+        spec = VisionSpec.from_model(model)
+        frames = FrameSampling(num_frames=num_frames)
+        records = read_records(paths.train, check_media=False)[:init_clips]
+        clips = [load_media(r.media[0], spec, frames).tensors[spec.video_key] for r in records]
+        init_projector_from_features(model, torch.cat(clips))
     return model
