@@ -92,18 +92,7 @@ def run_one(run: Ablation) -> dict[str, Any]:
     data = SyntheticVideoQADataModule(root=root, **size, num_frames=num_frames, batch_size=8, val_batch_questions=16)
     data.media_cache = tta._media_cache()
     recorder = tta._recorder_class()(None)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=run.steps,
-        val_check_interval=run.val_every,
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[recorder],
-    )
+    trainer = tta.quiet_trainer(run.steps, run.val_every, [recorder])
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
     return {"run": asdict(run), "points": recorder.points, "total_s": round(time.perf_counter() - start, 1)}

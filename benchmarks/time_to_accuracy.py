@@ -285,6 +285,25 @@ def _media_cache() -> Any:
     return _CACHE
 
 
+def quiet_trainer(steps: int, val_every: int, callbacks: list[Any]) -> Any:
+    """A CPU ``Trainer`` for ``steps`` optimizer steps that validates every ``val_every`` steps, logs nothing."""
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        val_check_interval=val_every,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+
+
 def run_one(config: RunConfig) -> RunResult:
     """Train one (variant, seed) in this process (one torch thread) and return its curve."""
     import torch
@@ -315,19 +334,7 @@ def run_one(config: RunConfig) -> RunResult:
     callbacks = VARIANTS[config.variant][1](config)
     regate = next((c for c in callbacks if isinstance(c, ReGATECallback)), None)
     recorder = _recorder_class()(regate)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=config.steps,
-        val_check_interval=config.val_every,
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[*callbacks, recorder],
-    )
+    trainer = quiet_trainer(config.steps, config.val_every, [*callbacks, recorder])
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
     result = RunResult(config, recorder.points, dict(recorder.kept), round(time.perf_counter() - start, 3))

@@ -21,11 +21,12 @@ if str(ROOT) not in sys.path:  # `benchmarks` is a folder of the repository, not
     sys.path.insert(0, str(ROOT))
 
 
-def test_time_to_accuracy_smoke(tmp_path):
+def run_script(script: str, tmp_path: Path, *args: str) -> tuple[str, Path]:
+    """Run ``benchmarks/<script> --smoke --out <tmp>`` in a subprocess with its own cache; its stdout and out folder."""
     env = {**os.environ, "REGATE_LIGHTNING_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/time_to_accuracy.py", "--smoke", "--out", str(out)],
+        [sys.executable, f"benchmarks/{script}", "--smoke", "--out", str(out), *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -34,7 +35,12 @@ def test_time_to_accuracy_smoke(tmp_path):
         check=False,
     )
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    assert "| variant |" in proc.stdout
+    return proc.stdout, out
+
+
+def test_time_to_accuracy_smoke(tmp_path):
+    stdout, out = run_script("time_to_accuracy.py", tmp_path)
+    assert "| variant |" in stdout
     report = json.loads((out / "time_to_accuracy.json").read_text())
     runs = {r["config"]["variant"]: r for r in report["runs"]}
     assert set(runs) == {"baseline", "regate", "regate+visual_temporal_0.5"}
@@ -99,19 +105,8 @@ def test_summary_reaches_and_ratios():
 
 def test_demo_ablation_smoke(tmp_path):
     """``benchmarks/demo_ablation.py --smoke``: the demo's baseline and one ablation train and are summarised."""
-    env = {**os.environ, "REGATE_LIGHTNING_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/demo_ablation.py", "--smoke", "--jobs", "1", "--out", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    assert "| ablation |" in proc.stdout
+    stdout, out = run_script("demo_ablation.py", tmp_path, "--jobs", "1")
+    assert "| ablation |" in stdout
     report = json.loads((out / "demo_ablation.json").read_text())
     assert [row["name"] for row in report["summary"]] == ["demo", "no_projector_init"]
     for run in report["runs"]:
