@@ -100,6 +100,7 @@ def test_summary_reaches_and_ratios():
     assert regate["paired"][1]["tokens_ratio"] == 0.25 and regate["paired_reached"] == "2/2"  # .4 at 50 vs 200
     assert regate["paired_median_ratio"] == pytest.approx((1 / 3 + 0.25) / 2) and rand["paired_reached"] == "0/1"
     assert regate["before_random"] == "1/1"  # seed 0: random never reaches; seed 1 has no random run
+    assert base["tokens_ratio_near"] == 1.0 and regate["tokens_ratio_near"] == pytest.approx(1 / 3)  # 0.485
     assert "not reached" in format_table(summary)
 
 
