@@ -12,6 +12,10 @@ read directly:
 - ``pooled_8_frames``: the old layout, 2x2-pooled features (4 tokens per frame) over 8 frames;
 - ``clips_500``: 500 training clips instead of 2000 (in its own synthetic folder).
 
+Each row also gives the *constant share* of the projector's input before training: the share of the
+tower's features' energy in their mean vector on 64 training clips
+(:func:`regate_lightning.demo.student.constant_share`; 1 = every token alike).
+
 Usage::
 
     REGATE_LIGHTNING_CACHE=/tmp/tta_cache python benchmarks/demo_ablation.py --jobs 2
@@ -82,6 +86,11 @@ def run_one(run: Ablation) -> dict[str, Any]:
     pl.seed_everything(run.seed, verbose=False)
     size = {"num_train": num_train, "num_val": run.num_val}
     student = demo_student(root, **size, seed=run.seed, pretrain_steps=run.pretrain_steps, **changes)
+    from regate_lightning.data.synthetic import ensure_synthetic
+    from regate_lightning.demo.student import constant_share, projector_inputs, training_clips
+
+    clips = training_clips(ensure_synthetic(root, **size), student, 64, num_frames)
+    share = constant_share(projector_inputs(student, clips))  # the tower's features before training
     module = MLLMModule(
         student,
         freeze_vision_tower=freeze,
@@ -95,7 +104,12 @@ def run_one(run: Ablation) -> dict[str, Any]:
     trainer = tta.quiet_trainer(run.steps, run.val_every, [recorder])
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
-    return {"run": asdict(run), "points": recorder.points, "total_s": round(time.perf_counter() - start, 1)}
+    return {
+        "run": asdict(run),
+        "points": recorder.points,
+        "constant_share": share,
+        "total_s": round(time.perf_counter() - start, 1),
+    }
 
 
 def _worker(run: Ablation) -> dict[str, Any]:
@@ -127,6 +141,7 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "acc_sd": tta._std(accs),
                 "tasks": {t: sum(p.get(f"acc_{t}", math.nan) for p in finals) / len(finals) for t in tta.TASKS},
                 "video_gap": sum(p["video_gap"] for p in finals) / len(finals),
+                "constant_share": sum(r["constant_share"] for r in group) / len(group),
                 "train_s": sum(p["train_s"] for p in finals) / len(finals),
             }
         )
@@ -136,14 +151,16 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The Markdown table of :func:`summarise`."""
     lines = [
-        "| ablation | final acc (mean ± sd) | " + " | ".join(tta.TASKS) + " | video gap (nats) | train s |",
-        "|---|---|" + "---|" * (len(tta.TASKS) + 2),
+        "| ablation | final acc (mean ± sd) | "
+        + " | ".join(tta.TASKS)
+        + " | video gap (nats) | constant share of the features | train s |",
+        "|---|---|" + "---|" * (len(tta.TASKS) + 3),
     ]
     for row in rows:
         lines.append(
             f"| {row['name']} | {row['acc']:.3f} ± {row['acc_sd']:.3f} | "
             + " | ".join(f"{row['tasks'][t]:.2f}" for t in tta.TASKS)
-            + f" | {row['video_gap']:.3f} | {row['train_s']:.0f} |"
+            + f" | {row['video_gap']:.3f} | {row['constant_share']:.3f} | {row['train_s']:.0f} |"
         )
     return "\n".join(lines)
 

@@ -112,34 +112,74 @@ def pretrained_text_lm(
 
 
 @torch.no_grad()
+def projector_inputs(model: nn.Module, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+    """The features a LLaVA-NeXT-Video's projector receives for some clips: the pooled tower outputs.
+
+    Args:
+        model: a LLaVA-NeXT-Video model.
+        pixel_values_videos: float ``[N, T, 3, H, W]``, normalised clips.
+
+    Returns:
+        float32 ``[N * T * tokens_per_frame, D]``, one row per video token.
+    """
+    inner = model.model
+    seen: dict[str, torch.Tensor] = {}
+    handle = inner.multi_modal_projector.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0]))
+    try:
+        inner.get_video_features(pixel_values_videos=pixel_values_videos)
+    finally:
+        handle.remove()
+    return seen["x"].reshape(-1, seen["x"].shape[-1]).float()
+
+
+def constant_share(features: torch.Tensor) -> float:
+    """The share of the features' energy in their mean vector: ``|mean|^2 / mean(|x|^2)``, in ``[0, 1]``.
+
+    1 means every token gets the same features (nothing to read); the old demo's were 0.967.
+
+    Example:
+        >>> constant_share(torch.tensor([[1.0, 0.0], [1.0, 0.0]])), constant_share(torch.tensor([[1.0], [-1.0]]))
+        (1.0, 0.0)
+    """
+    return float(features.mean(0).pow(2).sum() / features.pow(2).sum(1).mean())
+
+
+@torch.no_grad()
 def init_projector_from_features(model: nn.Module, pixel_values_videos: torch.Tensor, eps: float = 1e-6) -> None:
     """Centre and scale the tower's features per channel in the projector's first layer (data-dependent init).
 
     With ``mu`` and ``sigma`` the per-channel mean and standard deviation of the features the projector
-    receives for ``pixel_values_videos``, the first linear layer ``y = W x + b`` becomes
-    ``y = (W / sigma) (x - mu) + b``: its weight is divided by ``sigma`` column by column and ``W mu /
-    sigma`` is taken from its bias. A plain change of the layer's parameters: the model stays an HF model
-    that saves, loads and trains as any other.
+    receives for ``pixel_values_videos`` (:func:`projector_inputs`), the first linear layer ``y = W x + b``
+    becomes ``y = (W / sigma) (x - mu) + b``: its weight is divided by ``sigma`` column by column and ``W
+    mu / sigma`` is taken from its bias. A plain change of the layer's parameters: the model stays an HF
+    model that saves, loads and trains as any other.
 
     Args:
         model: a LLaVA-NeXT-Video model whose projector starts with a linear layer (``linear_1``).
         pixel_values_videos: float ``[N, T, 3, H, W]``, normalised clips the features are measured on.
         eps: added to ``sigma``.
     """
-    inner = model.model
-    projector = inner.multi_modal_projector
-    seen: dict[str, torch.Tensor] = {}
-    handle = projector.register_forward_pre_hook(lambda module, args: seen.__setitem__("x", args[0]))
-    try:
-        inner.get_video_features(pixel_values_videos=pixel_values_videos)
-    finally:
-        handle.remove()
-    features = seen["x"].reshape(-1, seen["x"].shape[-1]).float()
+    features = projector_inputs(model, pixel_values_videos)
     mean, std = features.mean(0), features.std(0) + eps
-    first = projector.linear_1
+    first = model.model.multi_modal_projector.linear_1
     weight = first.weight / std[None, :]
     first.bias -= weight @ mean
     first.weight.copy_(weight)
+
+
+def training_clips(paths: SyntheticPaths, model: nn.Module, num_clips: int, num_frames: int) -> torch.Tensor:
+    """The first ``num_clips`` training clips, decoded and normalised as the data module does for ``model``.
+
+    Returns:
+        float32 ``[num_clips, num_frames, 3, H, W]``.
+    """
+    from regate_lightning.data.datasets import FrameSampling, load_media
+    from regate_lightning.data.vision import VisionSpec
+
+    spec = VisionSpec.from_model(model)
+    frames = FrameSampling(num_frames=num_frames)
+    records = read_records(paths.train, check_media=False)[:num_clips]
+    return torch.cat([load_media(r.media[0], spec, frames).tensors[spec.video_key] for r in records])
 
 
 def demo_student(
@@ -179,9 +219,6 @@ def demo_student(
             initialised at random (the old demo's student, which never learned to read its video).
         seed: seed of the random vision tower and projector.
     """
-    from regate_lightning.data.datasets import FrameSampling, load_media
-    from regate_lightning.data.vision import VisionSpec
-
     paths = ensure_synthetic(root, num_train=num_train, num_val=num_val, seed=0)
     lm = pretrained_text_lm(paths, hidden_size=hidden_size, num_layers=num_layers, steps=pretrain_steps)
     torch.manual_seed(seed)
@@ -197,9 +234,5 @@ def demo_student(
     if init_clips < 0:
         raise ValueError(f"`init_clips` must be >= 0, got {init_clips}")
     if init_clips:
-        spec = VisionSpec.from_model(model)
-        frames = FrameSampling(num_frames=num_frames)
-        records = read_records(paths.train, check_media=False)[:init_clips]
-        clips = [load_media(r.media[0], spec, frames).tensors[spec.video_key] for r in records]
-        init_projector_from_features(model, torch.cat(clips))
+        init_projector_from_features(model, training_clips(paths, model, init_clips, num_frames))
     return model
