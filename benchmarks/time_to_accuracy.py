@@ -698,6 +698,11 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--smoke", action="store_true", help="tiny: 40 clips, 16 questions, 1 seed, 3 variants")
     parser.add_argument("--summarise", type=Path, default=None, help="re-summarise a results JSON; no training")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the finished runs in OUT/runs.partial.jsonl whose configuration matches one planned; run the rest",
+    )
     return parser
 
 
@@ -748,8 +753,13 @@ def main(argv: list[str] | None = None) -> int:
     load_start = _load_average()
     args.out.mkdir(parents=True, exist_ok=True)
     partial = args.out / "runs.partial.jsonl"  # each finished run, as it finishes: a crash keeps the others
-    partial.unlink(missing_ok=True)
-    runs = []
+    runs = _resumed(partial, configs) if args.resume else []
+    done = {(r["config"]["variant"], r["config"]["seed"]) for r in runs}
+    if runs:
+        print(f"[tta] resuming: {len(runs)} finished runs kept from {partial}, {len(configs) - len(runs)} to run")
+    else:
+        partial.unlink(missing_ok=True)
+    todo = [c for c in configs if (c.variant, c.seed) not in done]
 
     def keep(run: dict[str, Any]) -> None:
         runs.append(run)
@@ -757,11 +767,11 @@ def main(argv: list[str] | None = None) -> int:
             handle.write(json.dumps(run) + "\n")
 
     if args.jobs <= 1:
-        for config in configs:
+        for config in todo:
             keep(_worker(config))
     else:
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-            for future in as_completed([pool.submit(_worker, c) for c in configs]):
+            for future in as_completed([pool.submit(_worker, c) for c in todo]):
                 keep(future.result())
     order = {(c.variant, c.seed): i for i, c in enumerate(configs)}
     runs.sort(key=lambda r: order[(r["config"]["variant"], r["config"]["seed"])])
@@ -782,6 +792,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
         },
         "wall_s": round(time.perf_counter() - start, 1),
+        "resumed_runs": len(done),
         "smoke": args.smoke,
     }
     (args.out / "time_to_accuracy.json").write_text(
@@ -792,6 +803,29 @@ def main(argv: list[str] | None = None) -> int:
     print(_report(summary))
     print(f"wrote {args.out / 'time_to_accuracy.json'}" + "".join(f", {p}" for p in pngs))
     return 0
+
+
+def _resumed(partial: Path, configs: list[RunConfig]) -> list[dict[str, Any]]:
+    """The finished runs in ``partial`` whose configuration is exactly one of ``configs`` (the others are dropped).
+
+    A run made with other settings (steps, data size, keep ratio, ...) never enters this run's summary.
+    """
+    if not partial.exists():
+        return []
+    planned = {(c.variant, c.seed): asdict(c) for c in configs}
+    kept: dict[tuple[str, int], dict[str, Any]] = {}
+    for number, line in enumerate(partial.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            run = json.loads(line)
+        except json.JSONDecodeError:
+            print(f"[tta] {partial}:{number}: not a JSON run (a run cut short while written?); it is run again")
+            continue
+        key = (run["config"]["variant"], run["config"]["seed"])
+        if planned.get(key) == run["config"]:
+            kept[key] = run
+        else:
+            print(f"[tta] {partial}:{number}: {key[0]} seed {key[1]} was made with other settings; not kept")
+    return list(kept.values())
 
 
 def _load_average() -> list[float] | None:
