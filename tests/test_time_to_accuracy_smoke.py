@@ -66,6 +66,20 @@ def test_time_to_accuracy_smoke(tmp_path):
     if (out / "acc_vs_tokens.png").exists():
         assert (out / "acc_vs_wallclock.png").stat().st_size > 0
 
+    # --resume: a finished run of the same configuration is kept, one made with other settings is run again.
+    other = json.loads(json.dumps(regate))
+    other["config"]["steps"] = 7
+    lines = [json.dumps(base), json.dumps(other), '{"cut short']
+    (out / "runs.partial.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    stdout, out = run_script("time_to_accuracy.py", tmp_path, "--resume")
+    assert "resuming: 1 finished runs kept" in stdout and "2 to run" in stdout
+    assert "regate seed 0 was made with other settings; not kept" in stdout and ":3: not a JSON run" in stdout
+    resumed = json.loads((out / "time_to_accuracy.json").read_text())
+    assert resumed["meta"]["resumed_runs"] == 1
+    again = {r["config"]["variant"]: r for r in resumed["runs"]}
+    assert again["baseline"] == base  # kept as it was, not retrained
+    assert again["regate"]["config"]["steps"] == 10 and not (out / "runs.partial.jsonl").exists()
+
 
 def test_summary_reaches_and_ratios():
     from benchmarks.time_to_accuracy import format_table, summarise
