@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from regate_lightning.bank import ScoreBank
-from regate_lightning.cache import load_cache, load_into, save_cache
+from regate_lightning.cache import open_cache, save_cache
 from regate_lightning.keys import (
     ACTIVE,
     ACTIVE_FRAC,
@@ -55,7 +55,7 @@ from regate_lightning.keys import (
 from regate_lightning.policy import Gather, ReGATEPolicy, StepPlan
 from regate_lightning.selection import Fallback, Selection
 from regate_lightning.strategies import check_strategy, check_unsharded
-from regate_lightning.sync import all_gather_ragged, sum_over_ranks
+from regate_lightning.sync import RaggedGather
 from regate_lightning.teacher import STUDENT, Teacher
 
 STATE_VERSION = 2
@@ -98,7 +98,8 @@ class ReGATECallback(Callback):
         policy: the :class:`~regate_lightning.policy.ReGATEPolicy` that makes every decision.
         totals: counters over the run (keys :data:`~regate_lightning.keys.TOTALS`), summed over ranks.
         last_plan: the policy's plan of the latest training batch (for reports).
-        cache_samples: samples whose reference losses were read from ``ref_cache`` when fitting started.
+        cache_samples: samples that ``ref_cache`` held when fitting started (the file is memory-mapped then;
+            each sample's losses are read when training first meets it, if its content matches).
     """
 
     def __init__(
@@ -144,6 +145,7 @@ class ReGATECallback(Callback):
         self._warned_replaced = False
         self.cache_samples = 0
         self._plan: StepPlan | None = None
+        self._gather: Gather | None = None
         self.last_plan: StepPlan | None = None
 
     @property
@@ -182,11 +184,10 @@ class ReGATECallback(Callback):
             self._apply_state(self._restored)
             self._restored = None
         if self.ref_cache:
-            assert self.policy.bank is not None
-            payload = load_cache(self.ref_cache, self.policy.fingerprint)
-            if payload is not None:
-                self.cache_samples = load_into(self.policy.bank, payload)
-                rank_zero_info(f"ReGATE: read reference losses of {self.cache_samples} samples from {self.ref_cache}")
+            self.policy.cache = open_cache(self.ref_cache, self.policy.fingerprint)
+            if self.policy.cache is not None:
+                self.cache_samples = len(self.policy.cache)
+                rank_zero_info(f"ReGATE: reference losses of {self.cache_samples} samples in {self.ref_cache}")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Place the teacher on the student's device and the store on ``store_device``.
@@ -194,18 +195,21 @@ class ReGATECallback(Callback):
         The teacher's dtype: see :func:`~regate_lightning.teacher.teacher_dtype` (``teacher_kwargs``,
         else the autocast dtype under mixed precision, else the student's parameter dtype).
         """
+        store = torch.device("cpu") if self.store_device == "cpu" else pl_module.device
         self.policy.start(
             pl_module.device,
             precision=str(trainer.precision),
             student_dtype=next(p.dtype for p in pl_module.parameters() if p.is_floating_point()),
-            store=torch.device("cpu") if self.store_device == "cpu" else pl_module.device,
+            store=store,
             rank=trainer.global_rank,
         )
+        self._gather = RaggedGather(trainer.strategy, device=store)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Free the teacher when fitting ends (the store stays for inspection)."""
         if stage == "fit":
             self.policy.release()
+            self._gather = None
 
     # ---------------------------------------------------------------------------------------------
     # Training steps.
@@ -215,10 +219,8 @@ class ReGATECallback(Callback):
     ) -> None:
         """Plan the step (score the batch) and, in a sparse step, write ``batch["keep_mask"]``."""
         context = trainer.precision_plugin.forward_context
-        plan = self.policy.plan(batch, trainer.global_step, gather=_gather(trainer), context=context)
+        plan = self.policy.plan(batch, trainer.global_step, gather=self._exchange(trainer), context=context)
         plan.apply(batch)
-        # Counted over all ranks, like the other totals, so it is the same on every rank and in checkpoints.
-        self.totals[TEACHER_SAMPLES] += plan.scored
         if plan.replaced:
             self._report_replaced(plan.replaced)
         self._plan = self.last_plan = plan
@@ -243,16 +245,22 @@ class ReGATECallback(Callback):
         if plan is None:
             return
         outputs = step_outputs(outputs, (TOKEN_LOSS, NUM_ACTIVE, NUM_TOKENS, NUM_TARGETS))
-        self.policy.observe(plan, outputs[TOKEN_LOSS], gather=_gather(trainer))
-        step = self._count(trainer, plan, outputs)
+        counts = (outputs[NUM_ACTIVE], outputs[NUM_TOKENS], outputs[NUM_TARGETS], int(plan.counts.sum()), plan.kept)
+        # The step's counts travel with the losses: one exchange between the ranks per hook.
+        sums = self.policy.observe(plan, outputs[TOKEN_LOSS], self._exchange(trainer), (*counts, plan.scored))
+        step = self._count(sums)
         if logging_step(trainer):
             self._log(pl_module, plan, step)
 
-    def _count(self, trainer: pl.Trainer, plan: StepPlan, outputs: dict[str, Any]) -> dict[str, int]:
-        """The step's counts summed over ranks (keys of :data:`~regate_lightning.keys.TOTALS`), added to ``totals``."""
-        keys = (ACTIVE, TOKENS, SUPERVISED, CANDIDATES, KEPT)
-        counts = (outputs[NUM_ACTIVE], outputs[NUM_TOKENS], outputs[NUM_TARGETS], int(plan.counts.sum()), plan.kept)
-        step = dict(zip(keys, sum_over_ranks(trainer.strategy, counts), strict=True))
+    def _exchange(self, trainer: pl.Trainer) -> Gather:
+        """The policy's cross-rank gather (one collective per call); made here if ``on_fit_start`` did not run."""
+        if self._gather is None:
+            self._gather = RaggedGather(trainer.strategy, device=self.policy.store_device)
+        return self._gather
+
+    def _count(self, sums: list[int]) -> dict[str, int]:
+        """Add the step's counts summed over ranks (keys of :data:`~regate_lightning.keys.TOTALS`) to ``totals``."""
+        step = dict(zip((ACTIVE, TOKENS, SUPERVISED, CANDIDATES, KEPT, TEACHER_SAMPLES), sums, strict=True))
         for key, value in step.items():
             self.totals[key] += value
         return step
@@ -279,12 +287,13 @@ class ReGATECallback(Callback):
         self._write_cache(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Write the reference cache once more at the end of fitting."""
+        """Write the reference cache once more at the end of fitting, and close the file read at the start."""
         self._write_cache(trainer)
+        self.policy.cache = None
 
     def _write_cache(self, trainer: pl.Trainer) -> None:
         if self.ref_cache and self.policy.bank is not None and trainer.is_global_zero:
-            written = save_cache(self.ref_cache, self.policy.bank, self.policy.fingerprint)
+            written = save_cache(self.ref_cache, self.policy.bank, self.policy.fingerprint, base=self.policy.cache)
             rank_zero_info(f"ReGATE: wrote reference losses of {written} samples to {self.ref_cache}")
 
     # ---------------------------------------------------------------------------------------------
@@ -330,15 +339,6 @@ class ReGATECallback(Callback):
         if state["bank"] is not None:
             self.bank.load_state_dict(state["bank"])
         self.totals.update(state["totals"])
-
-
-def _gather(trainer: pl.Trainer) -> Gather:
-    """The policy's cross-rank gather under ``trainer``'s strategy (see :func:`all_gather_ragged`)."""
-
-    def gather(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        return all_gather_ragged(trainer.strategy, tensors)
-
-    return gather
 
 
 def step_outputs(outputs: Any, keys: tuple[str, ...]) -> dict[str, Any]:

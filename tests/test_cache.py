@@ -11,9 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_callback import module, trainer
 
+from regate_lightning import ReGATECallback
 from regate_lightning.bank import ScoreBank
 from regate_lightning.cache import load_cache, load_into, open_cache, save_cache, write_atomic
+from regate_lightning.keys import TEACHER_SAMPLES
+from regate_lightning.testing.datamodule import RandomDataModule
 
 FINGERPRINT = {"teacher": "t", "vocab_size": 16}
 
@@ -117,3 +121,20 @@ def test_writing_with_an_open_cache_keeps_the_samples_not_met_yet(tmp_path):
         idx = torch.tensor([key])
         count = source.candidate_counts(idx)
         assert torch.equal(whole.get_ref(idx, count), source.get_ref(idx, count)), key
+
+
+def test_a_fit_reads_the_samples_it_meets_and_writes_back_the_rest(tmp_path):
+    path = tmp_path / "ref.pt"
+    data = {"num_samples": 8, "batch_size": 4, "answer_len": 12, "shuffle": False}
+    first = ReGATECallback(warmup_steps=0, full_steps=0, ref_cache=str(path))
+    trainer(2, [first]).fit(module(), RandomDataModule(**data))  # one epoch: all 8 scored and written
+    written = load_cache(path, first.fingerprint)
+    assert written is not None and written["sample_idx"].numel() == 8
+    second = ReGATECallback(warmup_steps=0, full_steps=0, ref_cache=str(path))
+    trainer(1, [second]).fit(module(), RandomDataModule(**data))  # one step: 4 samples met
+    assert second.cache_samples == 8 and second.totals[TEACHER_SAMPLES] == 0
+    assert second.bank is not None and second.bank.num_samples == 4
+    again = load_cache(path, first.fingerprint)
+    assert again is not None
+    for key in ("sample_idx", "counts", "digests", "ref"):
+        assert torch.equal(again[key], written[key]), key
