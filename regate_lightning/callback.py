@@ -3,15 +3,18 @@
 The callback decides; the module executes. The decisions are the policy's
 (:mod:`regate_lightning.policy`); the callback connects them to Lightning's hooks:
 
-1. ``setup("fit")``: builds the policy's teacher and store, reads the reference cache, restores state;
+1. ``setup("fit")``: builds the policy's teacher and store, opens the reference cache (memory-mapped; a
+   sample's losses are read when training first meets it), restores state;
 2. ``on_fit_start``: places the teacher on the student's device in its dtype, the store on ``store_device``;
 3. ``on_train_batch_start``: ``policy.plan(batch, trainer.global_step)`` with the strategy's all-gather
    and the precision plugin's forward context, and writes ``batch["keep_mask"]`` in a sparse step;
 4. ``on_train_batch_end``: ``policy.observe(plan, token_loss)``; counts the step and logs;
 5. ``on_train_epoch_end`` / ``on_fit_end``: rank 0 writes the reference cache.
 
-Under DDP every rank gathers the step's samples, reference losses and student losses from all ranks
-and applies them in rank order, so the stores stay identical. Validation, test and predict are never
+Under DDP every rank gathers the step's samples (in ``on_train_batch_start``) and the step's reference
+losses, student losses and counts (in ``on_train_batch_end``) from all ranks, one collective per hook
+(:class:`~regate_lightning.sync.RaggedGather`), and applies them in rank order, so the stores stay
+identical. Validation, test and predict are never
 touched. Without the callback the module trains the plain baseline; with ``keep_ratio=1.0`` it runs
 the very same computation.
 """
@@ -82,8 +85,10 @@ class ReGATECallback(Callback):
         teacher_kwargs: keyword arguments of the teacher's ``from_pretrained`` (``dtype``, ...).
         tokenizer: HF id / path of the student's tokenizer, for the teacher-tokenizer check; by
             default the datamodule's ``tokenizer`` attribute is used.
-        ref_cache: file of reference losses: read at the start when it exists, written (atomically,
-            by rank 0) at the end of every training epoch and of fitting.
+        ref_cache: file of reference losses: opened at the start when it exists (memory-mapped; each
+            sample's losses are read when training first meets it and its content matches), written
+            (atomically, by rank 0, with the cached samples not met yet) at the end of every training
+            epoch and of fitting.
         selection: which candidates a sparse step keeps: ``"regate"`` (the top fused scores; also
             ``"topk"``), ``"random"`` (a control at the same keep count), ``"adaptive"`` (a keep count per
             sample from its scores), or a :class:`~regate_lightning.selection.Selection` (in YAML, a

@@ -381,7 +381,7 @@ class ReGATEPolicy:
             gather, [plan.sample_idx, plan.counts, flat, plan.target_ids, ref_idx, ref_counts, ref_flat, mine]
         )
         bank.update(idx, flat, cand, target_ids, self.ema_decay)
-        if ref_idx is not plan.new_ref[0] and ref_idx.numel():  # the other ranks' (one process: already stored)
+        if ref_idx.numel():  # every rank's new losses (this rank's are stored already: the same values again)
             bank.set_ref(ref_idx, ref_flat, ref_counts)
         return sums.reshape(-1, max(len(mine), 1)).sum(0).tolist()[: len(mine)]
 
@@ -395,7 +395,9 @@ class ReGATEPolicy:
 
         Args:
             batch: as for :meth:`plan` (only the text keys are read).
-            gather: as in :meth:`plan`.
+            gather: as in :meth:`plan`: every rank's samples are registered, and each rank keeps the losses
+                its own teacher computed (``regate-lightning score`` runs each rank on its own store and
+                writes a part file per rank).
             context: as in :meth:`plan`.
 
         Returns:
@@ -501,12 +503,14 @@ def _to_store(tensors: list[Tensor], device: torch.device) -> list[Tensor]:
         device: the store's device.
 
     Returns:
-        The tensors on ``device`` (the inputs themselves when they are there), as int64 after a copy.
+        The tensors on ``device``: those that were there as they are, the others as int64.
     """
-    if all(t.device == device for t in tensors):
+    away = [t for t in tensors if t.device != device]
+    if not away:
         return list(tensors)
-    flat = torch.cat([t.reshape(-1).to(torch.int64) for t in tensors]).to(device)
-    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
+    flat = torch.cat([t.reshape(-1).to(torch.int64) for t in away]).to(device)
+    moved = iter(part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in away]), away, strict=True))
+    return [t if t.device == device else next(moved) for t in tensors]
 
 
 def _to_device(mask: Tensor, device: torch.device) -> Tensor:
