@@ -103,8 +103,9 @@ class ReGATECallback(Callback):
         policy: the :class:`~regate_lightning.policy.ReGATEPolicy` that makes every decision.
         totals: counters over the run (keys :data:`~regate_lightning.keys.TOTALS`), summed over ranks.
         last_plan: the policy's plan of the latest training batch (for reports).
-        cache_samples: samples that ``ref_cache`` held when fitting started (the file is memory-mapped then;
-            each sample's losses are read when training first meets it, if its content matches).
+        cache_samples: samples whose reference losses were read from ``ref_cache`` in this fit (the file is
+            memory-mapped when fitting starts; a sample is read when training first meets it, if its
+            content matches), over all ranks.
     """
 
     def __init__(
@@ -191,8 +192,10 @@ class ReGATECallback(Callback):
         if self.ref_cache:
             self.policy.cache = open_cache(self.ref_cache, self.policy.fingerprint)
             if self.policy.cache is not None:
-                self.cache_samples = len(self.policy.cache)
-                rank_zero_info(f"ReGATE: reference losses of {self.cache_samples} samples in {self.ref_cache}")
+                rank_zero_info(
+                    f"ReGATE: {self.ref_cache} holds reference losses of {len(self.policy.cache)} samples (each "
+                    "read when training first meets it)"
+                )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Place the teacher on the student's device and the store on ``store_device``.
@@ -226,6 +229,7 @@ class ReGATECallback(Callback):
         context = trainer.precision_plugin.forward_context
         plan = self.policy.plan(batch, trainer.global_step, gather=self._exchange(trainer), context=context)
         plan.apply(batch)
+        self.cache_samples += plan.cached
         if plan.replaced:
             self._report_replaced(plan.replaced)
         self._plan = self.last_plan = plan

@@ -28,7 +28,7 @@ import contextlib
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -90,6 +90,8 @@ class StepPlan:
         replaced: samples of this step, over all ranks, whose restored values (from a checkpoint or a
             reference cache) belonged to other content and were dropped (see
             :class:`~regate_lightning.bank.ScoreBank`); the teacher scored them again.
+        cached: samples of this step, over all ranks, whose reference losses were read from the reference
+            cache (:attr:`ReGATEPolicy.cache`), met for the first time.
         new_ref: the reference losses this rank's teacher computed for this step: keys int64 ``[S]``,
             counts int64 ``[S]`` and the losses float32 (flat layout). They are in this rank's store
             already; :meth:`ReGATEPolicy.observe` sends them to the other ranks with the student's
@@ -109,12 +111,23 @@ class StepPlan:
     kept: int
     scored: int
     replaced: int = 0
+    cached: int = 0
     new_ref: tuple[Tensor, Tensor, Tensor] = (_EMPTY_INT, _EMPTY_INT, _EMPTY_FLOAT)
 
     def apply(self, batch: MutableMapping[str, Any]) -> None:
         """Write :attr:`keep_mask` into ``batch`` (nothing when there is none)."""
         if self.keep_mask is not None:
             batch[KEEP_MASK] = self.keep_mask
+
+
+class _Scored(NamedTuple):
+    """What registering and scoring one batch did (see :class:`StepPlan` for the counts)."""
+
+    scored: Tensor
+    """bool ``[B]``: the rows this rank's teacher scored."""
+    replaced: int
+    cached: int
+    new_ref: tuple[Tensor, Tensor, Tensor]
 
 
 @dataclass(frozen=True)
@@ -315,7 +328,7 @@ class ReGATEPolicy:
         """
         _, bank = self._ready()
         view = self._view(batch)
-        scored, replaced, new_ref = self._register_and_score(view, gather, context)
+        scored, replaced, cached, new_ref = self._register_and_score(view, gather, context)
         target_ids = gather_candidates(shift_targets(view.labels), view.candidates)
         ref = bank.get_ref(view.sample_idx, view.counts)
         difficulty = self.fallback.difficulty(bank, view.sample_idx, view.counts, target_ids)
@@ -349,6 +362,7 @@ class ReGATEPolicy:
             kept=kept,
             scored=int(scored.sum()),
             replaced=replaced,
+            cached=cached,
             new_ref=new_ref,
         )
 
@@ -404,8 +418,7 @@ class ReGATEPolicy:
             bool ``[B]`` on the store's device: the samples the teacher scored now (the others had
             reference losses already).
         """
-        scored, _, _ = self._register_and_score(self._view(batch), gather, context)
-        return scored
+        return self._register_and_score(self._view(batch), gather, context).scored
 
     # ---------------------------------------------------------------------------------------------
     # Pieces.
@@ -441,26 +454,24 @@ class ReGATEPolicy:
 
     def _register_and_score(
         self, view: _View, gather: Gather, context: Callable[[], AbstractContextManager[Any]]
-    ) -> tuple[Tensor, int, tuple[Tensor, Tensor, Tensor]]:
+    ) -> _Scored:
         """Register every rank's samples; read the cache for those met first; run the teacher on this rank's others.
 
         The losses the teacher computes are stored here at once; the other ranks receive them in
         :meth:`observe`.
-
-        Returns:
-            bool ``[B]``, the rows scored here; the number of samples whose restored or cached values
-            were dropped (all ranks); the new losses (keys, counts, flat values).
         """
         teacher, bank = self._ready()
         all_idx, all_counts, all_digests = self._gather(gather, [view.sample_idx, view.counts, view.digests])
         replaced = bank.num_replaced
         first = bank.register(all_idx, all_counts, all_digests)
         replaced = bank.num_replaced - replaced
+        cached = 0
         if self.cache is not None and bool(first.any()):
-            replaced += self._read_cache(all_idx[first], all_counts[first], all_digests[first])
+            cached, other = self._read_cache(all_idx[first], all_counts[first], all_digests[first])
+            replaced += other
         missing = ~bank.has_ref(view.sample_idx)
         if not bool(missing.any()):
-            return missing, replaced, (_EMPTY_INT, _EMPTY_INT, _EMPTY_FLOAT)
+            return _Scored(missing, replaced, cached, (_EMPTY_INT, _EMPTY_INT, _EMPTY_FLOAT))
         with torch.no_grad(), context():
             losses = teacher.reference_losses(
                 view.input_ids[missing], view.labels[missing], view.text[missing], view.candidates[missing]
@@ -468,22 +479,23 @@ class ReGATEPolicy:
         idx, counts = view.sample_idx[missing], view.counts[missing]
         flat = gather_candidates(losses.to(self.store_device), view.candidates[missing]).float()
         bank.set_ref(idx, flat, counts)
-        return missing, replaced, (idx, counts, flat)
+        return _Scored(missing, replaced, cached, (idx, counts, flat))
 
-    def _read_cache(self, sample_idx: Tensor, counts: Tensor, digests: Tensor) -> int:
+    def _read_cache(self, sample_idx: Tensor, counts: Tensor, digests: Tensor) -> tuple[int, int]:
         """Store the cached reference losses of samples met for the first time, where the content matches.
 
         Returns:
-            The number of those samples the cache holds for other content (dropped and counted).
+            The number of those samples read from the cache, and of those it holds for other content
+            (dropped and counted).
         """
         _, bank = self._ready()
         assert self.cache is not None
         unknown = ~bank.has_ref(sample_idx)
         found, usable, values = self.cache.read(sample_idx[unknown], counts[unknown], digests[unknown])
         if bool(usable.any()):
-            usable = usable.to(self.store_device)
-            bank.set_ref(sample_idx[unknown][usable], values.to(self.store_device), counts[unknown][usable])
-        return int((found & ~usable.cpu()).sum())
+            on_store = usable.to(self.store_device)
+            bank.set_ref(sample_idx[unknown][on_store], values.to(self.store_device), counts[unknown][on_store])
+        return int(usable.sum()), int((found & ~usable).sum())
 
     def _select(self, scores: Tensor, available: Tensor) -> Tensor:
         keep = self.selection.select(scores, available, self.keep_ratio, self.min_keep, self.generator)
