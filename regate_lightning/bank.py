@@ -93,7 +93,7 @@ def _search(table_keys: Tensor, table_rows: Tensor, keys: Tensor) -> Tensor:
     if table_keys.numel() == 0:
         return torch.full_like(keys, -1)
     pos = torch.searchsorted(table_keys, keys).clamp_(max=table_keys.numel() - 1)
-    return torch.where(table_keys[pos] == keys, table_rows[pos], -1)
+    return torch.where(table_keys.index_select(0, pos) == keys, table_rows.index_select(0, pos), -1)
 
 
 def same_content(counts: Tensor, digests: Tensor, stored_counts: Tensor, stored_digests: Tensor) -> Tensor:
@@ -141,7 +141,7 @@ def flat_ranges(starts: Tensor, counts: Tensor) -> Tensor:
     width, total = (int(v) for v in torch.stack([counts.max(), counts.sum()]).tolist())
     if counts.numel() * width <= 2 * total + 4096:
         grid = torch.arange(width, device=starts.device)
-        return (starts.unsqueeze(1) + grid)[grid < counts.unsqueeze(1)]
+        return (starts.unsqueeze(1) + grid).masked_select(grid < counts.unsqueeze(1))
     row = torch.repeat_interleave(torch.arange(counts.numel(), device=starts.device), counts, output_size=total)
     within = torch.arange(total, device=starts.device) - (torch.cumsum(counts, 0) - counts)[row]
     return starts[row] + within
@@ -205,7 +205,8 @@ class ScoreBank(nn.Module):
     Example:
         >>> bank = ScoreBank(vocab_size=10)
         >>> idx, counts, ids = torch.tensor([7, 3]), torch.tensor([2, 1]), torch.tensor([5, 5, 6])
-        >>> bank.register(idx, counts)
+        >>> bank.register(idx, counts)  # both met for the first time
+        tensor([True, True])
         >>> bank.set_ref(idx, torch.tensor([0.5, 0.6, 0.7]), counts)
         >>> bank.update(idx, torch.tensor([1.0, float("nan"), float("nan")]), counts, ids, decay=0.9)
         >>> bank.get_ema(idx, counts)
@@ -312,7 +313,8 @@ class ScoreBank(nn.Module):
         if self._rows and idx.numel():
             rows = self.index.find(idx)
             r = rows.clamp(min=0)
-            if bool(((rows >= 0) & (self.length[r] == counts) & (self.digest[r] == digs) & ~self.pending[r]).all()):
+            length, digest, pending = (b.index_select(0, r) for b in (self.length, self.digest, self.pending))
+            if bool(((rows >= 0) & (length == counts) & ((digest == digs) | (digs == NO_DIGEST)) & ~pending).all()):
                 return torch.zeros_like(rows, dtype=torch.bool)  # seen, confirmed, same content: nothing to do
         return self._register(idx, counts, digs, restore=False)
 
@@ -466,12 +468,13 @@ class ScoreBank(nn.Module):
         idx = self._check_sample_idx(sample_idx)
         checked = self._check_counts(counts, idx)
         rows = self._rows_of(idx)
-        mismatch = self.length[rows] != checked
+        mismatch = self.length.index_select(0, rows) != checked
         if bool(mismatch.any()):
             b = int(mismatch.nonzero()[0, 0])
             raise _changed(int(idx[b]), f"{int(self.length[rows[b]])} candidates", f"{int(checked[b])}")
         ordered = torch.sort(rows).values
-        located = _Located(flat_ranges(self.offset[rows], checked), not bool((ordered[1:] == ordered[:-1]).any()))
+        distinct = not bool((ordered[1:] == ordered[:-1]).any())
+        located = _Located(flat_ranges(self.offset.index_select(0, rows), checked), distinct)
         self._located = (sample_idx, counts, _versions(sample_idx, counts), located)
         return located
 
@@ -499,12 +502,13 @@ class ScoreBank(nn.Module):
 
     def _complete(self, rows: Tensor) -> Tensor:
         """Whether registered ``rows`` (int64 ``[B]``) have every reference loss: bool ``[B]``."""
-        lengths = self.length[rows]
-        missing = torch.isnan(self.ref[flat_ranges(self.offset[rows], lengths)])
+        lengths = self.length.index_select(0, rows)
+        slots = flat_ranges(self.offset.index_select(0, rows), lengths)
+        missing = torch.isnan(self.ref.index_select(0, slots))
         # Per-row counts of NaN as differences of one running sum: no scatter, no per-row loop.
         running = torch.cat([missing.new_zeros(1, dtype=torch.int64), torch.cumsum(missing, 0)])
         ends = torch.cumsum(lengths, 0)
-        return running[ends] == running[ends - lengths]
+        return running.index_select(0, ends) == running.index_select(0, ends - lengths)
 
     def set_ref(self, sample_idx: Tensor, flat_values: Tensor, counts: Tensor) -> None:
         """Store reference losses (overwriting).
@@ -520,10 +524,9 @@ class ScoreBank(nn.Module):
         slots, distinct = self._locate(sample_idx, counts)
         values = self._check_flat("flat_values", flat_values, slots)
         if distinct:  # one value per slot: the mean of one finite value is that value
-            self.ref[slots] = torch.where(torch.isfinite(values), values, _NAN)
+            self.ref.index_copy_(0, slots, torch.where(torch.isfinite(values), values, _NAN))
         else:
-            uslots, mean = _mean_of_finite(slots, values)
-            self.ref[uslots] = mean
+            self.ref.index_copy_(0, *_mean_of_finite(slots, values))
 
     def get_ref(self, sample_idx: Tensor, counts: Tensor) -> Tensor:
         """Stored reference losses, NaN where not computed.
@@ -535,7 +538,7 @@ class ScoreBank(nn.Module):
         Returns:
             float32 ``[counts.sum()]``, flat layout.
         """
-        return self.ref[self._locate(sample_idx, counts).slots]
+        return self.ref.index_select(0, self._locate(sample_idx, counts).slots)
 
     # ----------------------------------------------------------------------------------------------
     # Student difficulty.
@@ -550,7 +553,7 @@ class ScoreBank(nn.Module):
         Returns:
             float32 ``[counts.sum()]``, flat layout.
         """
-        return self.ema[self._locate(sample_idx, counts).slots]
+        return self.ema.index_select(0, self._locate(sample_idx, counts).slots)
 
     def update(
         self,
@@ -578,13 +581,12 @@ class ScoreBank(nn.Module):
         slots, distinct = self._locate(sample_idx, counts)
         loss = self._check_flat("flat_loss", flat_loss, slots)
         ids = self._check_target_ids(target_ids_flat, slots)
-        if distinct:  # one loss per slot (ema_update skips the non-finite ones, as the mean would)
-            self.ema[slots] = ema_update(self.ema[slots], loss, decay)
-        else:
-            uslots, slot_mean = _mean_of_finite(slots, loss)
-            self.ema[uslots] = ema_update(self.ema[uslots], slot_mean, decay)
+        # One loss per slot: as it is where the samples are distinct (ema_update skips the non-finite ones,
+        # as the mean does), else the mean of the finite ones.
+        uslots, slot_loss = (slots, loss) if distinct else _mean_of_finite(slots, loss)
+        self.ema.index_copy_(0, uslots, ema_update(self.ema.index_select(0, uslots), slot_loss, decay))
         uids, id_mean = _mean_of_finite(ids, loss)
-        self.vocab_ema[uids] = ema_update(self.vocab_ema[uids], id_mean, decay)
+        self.vocab_ema.index_copy_(0, uids, ema_update(self.vocab_ema.index_select(0, uids), id_mean, decay))
 
     def difficulty(
         self,
@@ -615,11 +617,11 @@ class ScoreBank(nn.Module):
         if fallback not in FALLBACKS:
             raise ValueError(f"`fallback` must be one of {FALLBACKS}, got {fallback!r}")
         slots = self._locate(sample_idx, counts).slots
-        m = self.ema[slots]
+        m = self.ema.index_select(0, slots)
         if fallback == "vocab":
             ids = self._check_target_ids(target_ids_flat, slots)
-            m = torch.where(torch.isnan(m), self.vocab_ema[ids], m)
-        return torch.where(torch.isnan(m), self.ref[slots], m)
+            m = torch.where(torch.isnan(m), self.vocab_ema.index_select(0, ids), m)
+        return torch.where(torch.isnan(m), self.ref.index_select(0, slots), m)
 
     # ----------------------------------------------------------------------------------------------
     # Growth.
