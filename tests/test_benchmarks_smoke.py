@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import doctest
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -121,6 +122,20 @@ def test_gpu_script_arguments():
         config_from_args(parser().parse_args(["--only", "a999"]))
     with pytest.raises(SystemExit, match="two different CPU runs"):
         config_from_args(parser().parse_args(["--cpu", "--smoke"]))
+
+
+@pytest.mark.skipif(shutil.which("cc") is None or sys.platform != "linux", reason="needs Linux and a C compiler")
+def test_the_policy_step_opens_no_parallel_region():
+    """benchmarks/parallel_regions.py: plan + observe open no OpenMP region at two threads (issue 13).
+
+    A count, not a time: each region would make the step wait for a second core, which on a busy machine
+    costs milliseconds (docs/memory.md). Before issue 13 this size opened 6 per step at batch 64.
+    """
+    out = run_script(
+        "benchmarks/parallel_regions.py", "--samples", "2000", "--candidates", "20", "--vocab", "1000", "--steps", "2"
+    )
+    rows = [line for line in out.splitlines() if line.startswith(("| 64 |", "| 8 |"))]
+    assert rows == ["| 64 | [0, 0] | [0, 0] |", "| 8 | [0, 0] | [0, 0] |"], out
 
 
 def test_common_doctests():
