@@ -30,8 +30,9 @@ and digest per sample, float32 EMA per vocabulary id); cache file = ``4 N_cand +
 few hundred bytes of container (float32 reference per candidate, int64 key, count and digest per
 sample); bank state_dict file = used bytes plus the container.
 
-The script runs against an older checkout of the package too (``--package``), for before/after figures
-with one command; what that code does not have is reported as ``n/a``.
+The script measures another version of the package too (``--package``: a folder holding a checkout of
+this repository, or a git revision of it, which is extracted into a temporary folder), for before/after
+figures with one command; what that code does not have is reported as ``n/a``.
 
 Examples:
     python benchmarks/memory.py --smoke
@@ -47,6 +48,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -62,6 +64,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = {"samples": 2000, "candidates": 20, "vocab": 1000, "repeats": 5, "prompt_len": 16}
 WARMUP = 3
 """Untimed steps before each timed series."""
+
+
+def checkout(package: str | None, folder: Path) -> Path | None:
+    """The package to measure as a folder: ``package`` itself if it is a folder, else the tree of the git
+    revision ``package`` of this repository, extracted into ``folder`` (None: this repository)."""
+    if package is None or Path(package).is_dir():
+        return None if package is None else Path(package)
+    folder.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", package], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
 
 
 def import_package(package: Path | None) -> dict[str, Any]:
@@ -474,7 +487,7 @@ def parser() -> argparse.ArgumentParser:
         "--threads", type=int, nargs="+", default=None, help="torch intra-op thread counts to time (default: torch's)"
     )
     parser.add_argument(
-        "--package", type=Path, default=None, help="a checkout of this repository to measure instead (before/after)"
+        "--package", default=None, help="measure another version: a folder with a checkout, or a git revision"
     )
     parser.add_argument("--smoke", action="store_true", help=f"a tiny size that runs in seconds: {SMOKE}")
     return parser
@@ -500,9 +513,10 @@ def main(argv: Sequence[str] | None = None) -> Report:
     with tempfile.TemporaryDirectory(prefix="regate-memory-") as tmp:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
+        package = checkout(args.package, Path(tmp) / "package")
         report = run(
             args.samples, args.candidates, args.vocab, batches, threads, args.repeats, args.chunk, args.prompt_len,
-            out, args.package, args.seed,
+            out, package, args.seed,
         )
     print(
         f"ScoreBank and reference cache: N = {args.samples:,} samples x {args.candidates} candidates = "

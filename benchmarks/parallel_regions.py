@@ -11,7 +11,7 @@ How: a small shared library that wraps libgomp's ``GOMP_parallel`` (the entry of
 in torch's CPU build) and counts its calls is compiled with the system's C compiler into a temporary
 folder, and the script runs itself again with it in ``LD_PRELOAD``. Linux with a C compiler (``cc``) and
 torch's bundled libgomp (the PyPI CPU and CUDA wheels). The batches, the store and the policy are those
-of ``benchmarks/memory.py`` (``--package`` measures another checkout, for before/after).
+of ``benchmarks/memory.py`` (``--package`` measures another version, a folder or a git revision).
 
 Examples:
     python benchmarks/parallel_regions.py --samples 4000
@@ -35,7 +35,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.memory import WARMUP, fill, import_package, random_keys, stand_in_digests, text_batches  # noqa: E402
+from benchmarks.memory import (  # noqa: E402
+    WARMUP,
+    checkout,
+    fill,
+    import_package,
+    random_keys,
+    stand_in_digests,
+    text_batches,
+)
 
 COUNTER = r"""
 #define _GNU_SOURCE
@@ -108,7 +116,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, nargs="+", default=[64, 8], help="samples per training batch")
     parser.add_argument("--prompt-len", type=int, default=256, help="tokens before the answer")
     parser.add_argument("--steps", type=int, default=5, help="counted steps per batch size")
-    parser.add_argument("--package", type=Path, default=None, help="a checkout of this repository to measure instead")
+    parser.add_argument(
+        "--package", default=None, help="measure another version: a folder with a checkout, or a git revision"
+    )
     return parser
 
 
@@ -123,9 +133,11 @@ def main(argv: Sequence[str] | None = None) -> dict[int, tuple[list[int], list[i
             command = [sys.executable, str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)]
             subprocess.run(command, env=env, check=True)
         return None
-    counts = count_regions(
-        args.samples, args.candidates, args.vocab, args.batch, args.prompt_len, args.steps, args.package, Path(library)
-    )
+    with tempfile.TemporaryDirectory(prefix="regate-regions-") as tmp:
+        package = checkout(args.package, Path(tmp))
+        counts = count_regions(
+            args.samples, args.candidates, args.vocab, args.batch, args.prompt_len, args.steps, package, Path(library)
+        )
     print(
         f"OpenMP parallel regions per training step, 2 intra-op threads, store of {args.samples:,} samples x "
         f"{args.candidates} candidates, package {args.package or ROOT}"
