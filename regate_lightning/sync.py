@@ -31,7 +31,7 @@ def pack(tensors: Sequence[torch.Tensor], width: int) -> torch.Tensor:
     """One rank's tensors as one byte buffer of a fixed size: header, then each tensor's bytes.
 
     Args:
-        tensors: 1-D tensors of any dtypes and lengths, on one device.
+        tensors: 1-D tensors of any dtypes and lengths, on one device (moved to the first one's otherwise).
         width: payload bytes of the buffer (a multiple of 8). A shorter payload is padded with zeros; a
             longer one is cut (the header still gives its full size, so the receivers know to ask again).
 
@@ -47,7 +47,7 @@ def pack(tensors: Sequence[torch.Tensor], width: int) -> torch.Tensor:
     device = tensors[0].device if tensors else torch.device("cpu")
     sections = []
     for t in tensors:
-        raw = t.detach().reshape(-1).contiguous().view(torch.uint8)
+        raw = t.detach().to(device).reshape(-1).contiguous().view(torch.uint8)
         sections += [raw, torch.zeros((-raw.numel()) % _ALIGN, dtype=torch.uint8, device=device)]
     payload = sum(s.numel() for s in sections)
     header = torch.tensor([payload, *(t.numel() for t in tensors)], dtype=torch.int64).to(device)
@@ -104,19 +104,20 @@ class RaggedGather:
             return list(tensors)
         kind = tuple(t.dtype for t in tensors)
         root = self.strategy.root_device
-        local = [t.to(root) for t in tensors]
         width = self.widths.get(kind, 0)
-        gathered = self._all_gather(pack(local, width))
+        gathered = self._all_gather(pack(tensors, width))
         payloads = gathered[:, :8].contiguous().view(torch.int64).flatten().tolist()
         if max(payloads) > width:  # some rank's tensors did not fit: all ranks saw it, all gather again
             width = 1 << (max(payloads) - 1).bit_length()
-            gathered = self._all_gather(pack(local, width))
+            gathered = self._all_gather(pack(tensors, width))
         self.widths[kind] = width
         return unpack(gathered.to(self.device or root), kind)
 
     def _all_gather(self, buffer: torch.Tensor) -> torch.Tensor:
+        """One collective; the buffer is packed where the tensors are and copied to the root device once."""
         self.collectives += 1
-        return self.strategy.all_gather(buffer).reshape(self.strategy.world_size, -1)
+        gathered = self.strategy.all_gather(buffer.to(self.strategy.root_device))
+        return gathered.reshape(self.strategy.world_size, -1)
 
 
 def all_gather_ragged(strategy: Strategy, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
