@@ -18,7 +18,8 @@ answer tokens each (every sample registered and given reference losses, as after
   (the steady state: every step sparse, the teacher never runs), for each ``--batch`` size and each
   ``--threads`` count, median and 90th percentile over ``--repeats`` steps. The batches are text rows of
   ``--prompt-len`` tokens before an answer of ``--candidates + 1`` tokens, with their real content
-  digests; the student's losses are random;
+  digests; the student's losses are random. ``--busy N`` keeps N other processes spinning on the CPU
+  meanwhile (the DataLoader workers of a real node, which share its cores with the training process);
 * the store's own calls per step (``register`` + ``has_ref`` + ``difficulty`` + ``get_ref`` + ``update``)
   for the first batch size, and the time to register a batch of unseen samples into the full store.
 
@@ -52,7 +53,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -220,6 +222,18 @@ def text_batches(
     return out
 
 
+@contextmanager
+def spinning(processes: int) -> Iterator[None]:
+    """``processes`` other Python processes that keep a core busy each, for as long as the block runs."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
 def time_policy(
     pkg: dict[str, Any], bank: Any, batches: list[dict[str, torch.Tensor]], vocab: int, seed: int
 ) -> Timing:
@@ -330,6 +344,7 @@ def run(
     out: Path,
     package: Path | None = None,
     seed: int = 0,
+    busy: int = 0,
 ) -> Report:
     """Build, save, open, reload and time; see the module docstring."""
     pkg = import_package(package)
@@ -388,10 +403,11 @@ def run(
 
     policy: dict[tuple[int, int], Timing] = {}
     before = torch.get_num_threads()
-    for count in threads:
-        torch.set_num_threads(count)
-        for b in batches:
-            policy[(count, b)] = time_policy(pkg, bank, timed[b], vocab, seed)
+    with spinning(busy):
+        for count in threads:
+            torch.set_num_threads(count)
+            for b in batches:
+                policy[(count, b)] = time_policy(pkg, bank, timed[b], vocab, seed)
     torch.set_num_threads(before)
     store_calls = time_store_calls(bank, timed[batches[0]], candidates, generator)
     used = bank.nbytes(used_only=True), bank.nbytes()  # before the unseen samples below join
@@ -489,6 +505,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--package", default=None, help="measure another version: a folder with a checkout, or a git revision"
     )
+    parser.add_argument("--busy", type=int, default=0, help="processes spinning on the CPU during the policy timings")
     parser.add_argument("--smoke", action="store_true", help=f"a tiny size that runs in seconds: {SMOKE}")
     return parser
 
@@ -503,6 +520,8 @@ def main(argv: Sequence[str] | None = None) -> Report:
     for name in ("samples", "candidates", "vocab", "repeats", "chunk", "prompt_len"):
         if getattr(args, name) < 1:
             cli.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.busy < 0:
+        cli.error("--busy must be >= 0")
     if min(args.batch) < 1 or (args.threads and min(args.threads) < 1):
         cli.error("--batch and --threads must be >= 1")
     threads = args.threads or [torch.get_num_threads()]
@@ -516,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
         package = checkout(args.package, Path(tmp) / "package")
         report = run(
             args.samples, args.candidates, args.vocab, batches, threads, args.repeats, args.chunk, args.prompt_len,
-            out, package, args.seed,
+            out, package, args.seed, args.busy,
         )
     print(
         f"ScoreBank and reference cache: N = {args.samples:,} samples x {args.candidates} candidates = "
@@ -526,7 +545,8 @@ def main(argv: Sequence[str] | None = None) -> Report:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, threads "
-        f"{' and '.join(map(str, threads))}; load average at the end {load}"
+        f"{' and '.join(map(str, threads))}; {args.busy} spinning processes during the policy timings; load "
+        f"average at the end {load}"
     )
     print()
     print(table(report))
