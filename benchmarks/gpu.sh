@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The prepared GPU check, in one call: elision throughput at ~2B scale on one GPU (ReGATE, visual-token
 # elision and both, at 39 % and 24 % answer shares, each step profiled and compared with the profile's
-# cost model, peak memory per variant), then the strategy checks (benchmarks/gpu_strategies.py: FSDP,
-# and DeepSpeed ZeRO-2/3 when deepspeed imports). Meant to finish in about 8 minutes (GPU_TOTAL_S).
+# cost model, peak memory per variant; the policy's time per step with a score store of 1M samples x 100
+# candidates), then the strategy checks (benchmarks/gpu_strategies.py: FSDP, and DeepSpeed ZeRO-2/3 when
+# deepspeed imports). Meant to finish in about 8 minutes (GPU_TOTAL_S).
 #
 #   bash benchmarks/gpu.sh                 # results in $OUT (default ./gpu_results)
 #   bash benchmarks/gpu.sh --batch-size 1  # extra arguments go to benchmarks/gpu_throughput.py
@@ -44,7 +45,8 @@ EOF
 echo
 echo "== 1. throughput and profile (benchmarks/gpu_throughput.py) =="
 # One process per part: no allocator state carried over. Headline first; the last part is the first to go.
-for part in ${GPU_PARTS:-a1024 a512 a1024-frames a1024-frames-noskip a1024-more}; do
+# a1024-store: the policy's time per step with a store of 1M samples x 100 candidates (issue 13, < 1 %).
+for part in ${GPU_PARTS:-a1024 a1024-store a512 a1024-frames a1024-frames-noskip a1024-more}; do
 left=$(( TOTAL_S - 90 - ($(date +%s) - start) ))  # keep 90 s for the strategy checks
 if [ "$left" -lt 30 ]; then echo "throughput $part: skipped (time budget)"; continue; fi
 limit=$(( left < ${THROUGHPUT_TIMEOUT_S:-110} ? left : ${THROUGHPUT_TIMEOUT_S:-110} ))

@@ -17,7 +17,9 @@ Parts, each guarded (an error is printed and the next part runs):
    the vision tower skips them);
 4. ``a1024-frames-noskip``: part 3 with the engine's frame skipping off (what it saves);
 5. ``a1024-more``: answer 1024, p=0.25, p=1 (the callback around the full computation), v=0.25 and
-   p=0.25+v=0.25.
+   p=0.25+v=0.25;
+6. ``a1024-store``: answer 1024, p=0.5 with a score store that already holds 1M samples x 100 candidates
+   (``benchmarks/memory.py``'s ``fill``): the policy's time per step at that scale (issue 13: under 1 %).
 
 Parts after the first run only if the time budget (``--budget-s``) allows. On a CUDA out-of-memory error
 a part is retried once at half the batch size. Results go to ``$OUT/gpu_throughput.json`` (``$OUT``
@@ -93,10 +95,15 @@ class Part:
     step_skip: bool = True
     profile_repeats: int = 3
     optional: bool = True
+    store_samples: int = 0
+    store_candidates: int = 100
 
 
-def parts_for(answer_long: int, answer_short: int, profile_repeats: int) -> tuple[Part, ...]:
-    """The five parts (see the module docstring) at two answer lengths."""
+def parts_for(
+    answer_long: int, answer_short: int, profile_repeats: int, store: tuple[int, int] = (1_000_000, 100)
+) -> tuple[Part, ...]:
+    """The six parts (see the module docstring) at two answer lengths; ``store``: samples and candidates of
+    the large store of the last part."""
     frames = (Variant(visual=0.5), PV)
     return (
         Part(f"a{answer_long}", answer_long, (P, V, PV), profile_repeats=profile_repeats, optional=False),
@@ -109,6 +116,8 @@ def parts_for(answer_long: int, answer_short: int, profile_repeats: int) -> tupl
             (Variant(0.25), Variant(1.0), Variant(visual=0.25), Variant(0.25, 0.25)),
             profile_repeats=max(profile_repeats - 1, 1),
         ),
+        Part(f"a{answer_long}-store", answer_long, (P,), profile_repeats=1, store_samples=store[0],
+             store_candidates=store[1]),
     )
 
 
@@ -161,7 +170,7 @@ class Config:
             repeats=2,
             warmup=0,
             budget_s=60.0,
-            parts=parts_for(48, 24, 1),
+            parts=parts_for(48, 24, 1, store=(2000, 20)),
         )
 
     @staticmethod
@@ -210,6 +219,7 @@ def run_part(bench: Bench, config: Config, part: Part, index: int) -> dict[str, 
         )
         bench.visual.selection = as_visual_selection(part.selection)
         set_step_skip(part.step_skip)
+        filled = fill_store(bench, part, index) if part.store_samples else None
         try:
             result = bench.run_shape(
                 shape,
@@ -231,7 +241,24 @@ def run_part(bench: Bench, config: Config, part: Part, index: int) -> dict[str, 
         result["label"] = part.name
         result["visual_selection"] = part.selection
         result["step_skip"] = part.step_skip
+        if filled is not None:
+            result["store"] = filled
         return result
+
+
+def fill_store(bench: Bench, part: Part, index: int) -> dict[str, Any]:
+    """Fill the ReGATE policy's store with ``part.store_samples`` stored samples (random keys), as after a
+    long run or a complete ``regate-lightning score``; the part then times the policy at that scale."""
+    from benchmarks.memory import fill, random_keys, stand_in_digests
+
+    bank = bench.policy.bank
+    assert bank is not None
+    t0 = time.perf_counter()
+    keys = random_keys(part.store_samples, torch.Generator().manual_seed(index))
+    fill(bank, keys, stand_in_digests(keys), part.store_candidates, seed=index)
+    took = time.perf_counter() - t0
+    _log(f"    store filled with {bank.num_samples:,} samples ({bank.num_candidates:,} candidates) in {took:.1f} s")
+    return {"samples": bank.num_samples, "candidates": bank.num_candidates, "fill_s": took}
 
 
 def estimate_s(config: Config, part: Part, step_s: float) -> float:

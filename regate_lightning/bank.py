@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from regate_lightning.scoring import check_fraction, check_int, ema_update
 
-__all__ = ["BANK_FORMAT_VERSION", "FALLBACKS", "NO_DIGEST", "KeyIndex", "ScoreBank"]
+__all__ = ["BANK_FORMAT_VERSION", "FALLBACKS", "NO_DIGEST", "KeyIndex", "ScoreBank", "flat_ranges", "same_content"]
 
 BANK_FORMAT_VERSION: int = 2
 """Version of :meth:`ScoreBank.state_dict`'s layout; bumped on any incompatible change.
@@ -93,7 +93,58 @@ def _search(table_keys: Tensor, table_rows: Tensor, keys: Tensor) -> Tensor:
     if table_keys.numel() == 0:
         return torch.full_like(keys, -1)
     pos = torch.searchsorted(table_keys, keys).clamp_(max=table_keys.numel() - 1)
-    return torch.where(table_keys[pos] == keys, table_rows[pos], -1)
+    return torch.where(table_keys.index_select(0, pos) == keys, table_rows.index_select(0, pos), -1)
+
+
+def same_content(counts: Tensor, digests: Tensor, stored_counts: Tensor, stored_digests: Tensor) -> Tensor:
+    """Whether stored values describe a sample: the same candidate count, and digests that agree.
+
+    A digest of :data:`NO_DIGEST` (unknown) on either side agrees with any digest; the count must
+    always be equal. The one rule of the score store and the reference cache.
+
+    Args:
+        counts, digests: integer ``[B]``, the sample's candidate count and content digest.
+        stored_counts, stored_digests: integer ``[B]``, what was stored with the values.
+
+    Returns:
+        bool ``[B]``.
+
+    Example:
+        >>> counts, digests = torch.tensor([2, 2, 2]), torch.tensor([5, 0, 5])
+        >>> same_content(counts, digests, torch.tensor([2, 2, 3]), torch.tensor([6, 6, 5]))
+        tensor([False,  True, False])
+    """
+    agree = (digests == stored_digests) | (digests == NO_DIGEST) | (stored_digests == NO_DIGEST)
+    return (counts == stored_counts) & agree
+
+
+def flat_ranges(starts: Tensor, counts: Tensor) -> Tensor:
+    """The runs ``starts[b], ..., starts[b] + counts[b] - 1`` of every row, concatenated in row order.
+
+    How the store finds the slots of a batch, and the cache the values of its samples. Batches (counts
+    of one size, give or take) take elementwise operations on a padded ``[B, max count]`` grid; long,
+    uneven lists (a whole cache in chunks) take ``repeat_interleave``, which is linear in the output.
+
+    Args:
+        starts: int64 ``[B]``.
+        counts: int64 ``[B]``, non-negative.
+
+    Returns:
+        int64 ``[counts.sum()]`` on the device of ``starts``.
+
+    Example:
+        >>> flat_ranges(torch.tensor([10, 3, 7]), torch.tensor([2, 0, 3]))
+        tensor([10, 11,  7,  8,  9])
+    """
+    if counts.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64, device=starts.device)
+    width, total = (int(v) for v in torch.stack([counts.max(), counts.sum()]).tolist())
+    if counts.numel() * width <= 2 * total + 4096:
+        grid = torch.arange(width, device=starts.device)
+        return (starts.unsqueeze(1) + grid).masked_select(grid < counts.unsqueeze(1))
+    row = torch.repeat_interleave(torch.arange(counts.numel(), device=starts.device), counts, output_size=total)
+    within = torch.arange(total, device=starts.device) - (torch.cumsum(counts, 0) - counts)[row]
+    return starts[row] + within
 
 
 class ScoreBank(nn.Module):
@@ -154,7 +205,8 @@ class ScoreBank(nn.Module):
     Example:
         >>> bank = ScoreBank(vocab_size=10)
         >>> idx, counts, ids = torch.tensor([7, 3]), torch.tensor([2, 1]), torch.tensor([5, 5, 6])
-        >>> bank.register(idx, counts)
+        >>> bank.register(idx, counts)  # both met for the first time
+        tensor([True, True])
         >>> bank.set_ref(idx, torch.tensor([0.5, 0.6, 0.7]), counts)
         >>> bank.update(idx, torch.tensor([1.0, float("nan"), float("nan")]), counts, ids, decay=0.9)
         >>> bank.get_ema(idx, counts)
@@ -184,6 +236,7 @@ class ScoreBank(nn.Module):
         self.num_replaced = 0
         """Pending samples whose count or digest did not match their live data, reset since construction."""
         self.index = KeyIndex()
+        self._located: tuple[Tensor, Tensor, tuple[int, ...], _Located] | None = None
         self.register_buffer("ema", torch.full((initial_capacity,), _NAN))
         self.register_buffer("ref", torch.full((initial_capacity,), _NAN))
         for name in self._ROW_BUFFERS:
@@ -232,24 +285,38 @@ class ScoreBank(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # Registration and slot lookup.
 
-    def register(self, sample_idx: Tensor, num_candidates: Tensor, digests: Tensor | None = None) -> None:
+    def register(self, sample_idx: Tensor, num_candidates: Tensor, digests: Tensor | None = None) -> Tensor:
         """Allocate slots for unseen samples of live data; check seen samples against their count and digest.
 
         A pending sample (restored, see the class docstring) whose count or digest differs is reset and
         counted in :attr:`num_replaced`; a matching one is confirmed. The call is atomic: on an error
-        nothing is changed.
+        nothing is changed. When every sample is known and confirmed with the same count and digest (the
+        steady state of training), the call only reads the store.
 
         Args:
             sample_idx: integer ``[B]``, non-negative sample keys (repeats allowed).
             num_candidates: integer ``[B]``, non-negative candidate counts (``candidates.sum(1)``).
             digests: integer ``[B]``, content digests (:data:`NO_DIGEST` = unknown), or None (all unknown).
 
+        Returns:
+            bool ``[B]`` on the buffers' device: the samples met from live data for the first time (new to
+            the store, or restored and now confirmed or reset), whose values may come from elsewhere (a
+            reference cache, see :class:`~regate_lightning.cache.ReferenceCache`).
+
         Raises:
             ValueError: a sample registered from live data in this run comes with another count or
                 digest; one sample occurs in the call with two different counts or digests; bad shapes
                 or values.
         """
-        self._register(sample_idx, num_candidates, digests, restore=False)
+        idx = self._check_sample_idx(sample_idx)
+        counts, digs = self._check_counts(num_candidates, idx), self._check_digests(digests, idx)
+        if self._rows and idx.numel():
+            rows = self.index.find(idx)
+            r = rows.clamp(min=0)
+            length, digest, pending = (b.index_select(0, r) for b in (self.length, self.digest, self.pending))
+            if bool(((rows >= 0) & (length == counts) & ((digest == digs) | (digs == NO_DIGEST)) & ~pending).all()):
+                return torch.zeros_like(rows, dtype=torch.bool)  # seen, confirmed, same content: nothing to do
+        return self._register(idx, counts, digs, restore=False)
 
     def register_stored(self, sample_idx: Tensor, num_candidates: Tensor, digests: Tensor | None = None) -> Tensor:
         """Register samples read from a stored source (a reference cache), not from live data.
@@ -266,12 +333,15 @@ class ScoreBank(nn.Module):
             bool ``[B]`` on the buffers' device: whether the store's entry describes the given sample (so
             that its stored values may be written into it).
         """
-        return self._register(sample_idx, num_candidates, digests, restore=True)
-
-    def _register(self, sample_idx: Tensor, num_candidates: Tensor, digests: Tensor | None, restore: bool) -> Tensor:
         idx = self._check_sample_idx(sample_idx)
-        counts = self._check_counts(num_candidates, idx)
-        digs = self._check_digests(digests, idx)
+        return self._register(idx, self._check_counts(num_candidates, idx), self._check_digests(digests, idx), True)
+
+    def _register(self, idx: Tensor, counts: Tensor, digs: Tensor, restore: bool) -> Tensor:
+        """Register checked keys, counts and digests (``restore=False``: live data; ``True``: stored values).
+
+        Returns, per input, whether the sample was met from live data for the first time (``restore=False``)
+        or whether its stored values were accepted (``restore=True``).
+        """
         if idx.numel() == 0:
             return torch.ones(0, dtype=torch.bool, device=self.device)
         uidx, inverse = torch.unique(idx, return_inverse=True)
@@ -289,15 +359,13 @@ class ScoreBank(nn.Module):
         rows = self.index.find(uidx)
         seen = rows >= 0
         srows = rows[seen]
-        stored = self.digest[srows]
-        matches = (self.length[srows] == ucounts[seen]) & (
-            (stored == NO_DIGEST) | (udigs[seen] == NO_DIGEST) | (stored == udigs[seen])
-        )
+        matches = same_content(ucounts[seen], udigs[seen], self.length[srows], self.digest[srows])
         accepted = torch.ones_like(seen)
         replace = torch.zeros(0, dtype=torch.int64, device=self.device)
         if restore:
             accepted[seen] = matches
         else:
+            accepted[seen] = self.pending[srows]  # first met from live data: new rows, and restored ones
             clash = ~matches & ~self.pending[srows]
             if bool(clash.any()):
                 b = int(clash.nonzero()[0, 0])
@@ -336,11 +404,12 @@ class ScoreBank(nn.Module):
         """Forget the values of pending ``rows`` whose content changed; new slots where the count changed."""
         same = self.length[rows] == counts
         if bool(same.any()):
-            slots, _ = self._slots_of_rows(rows[same], counts[same])
+            slots = flat_ranges(self.offset[rows[same]], counts[same])
             self.ema[slots] = _NAN
             self.ref[slots] = _NAN
         if bool((~same).any()):  # the old slots stay unused
             self._allocate(rows[~same], counts[~same])
+            self._located = None  # those rows have new slots
         self.digest[rows] = digests
         self.num_replaced += rows.numel()
 
@@ -382,34 +451,32 @@ class ScoreBank(nn.Module):
             raise ValueError(f"samples {keys[:10]} are not registered; call `register()` first")
         return rows
 
-    def _slots(self, sample_idx: Tensor, counts: Tensor) -> Tensor:
-        """Flat slot index of every candidate of registered samples: int64 ``[counts.sum()]``."""
-        return self._layout(sample_idx, counts)[0]
+    def _locate(self, sample_idx: Tensor, counts: Tensor) -> _Located:
+        """The slots of every candidate of registered samples, and whether the samples are distinct.
 
-    def _layout(self, sample_idx: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
-        """Slots and owning rows of every candidate of registered samples, in flat layout.
+        The last result is kept while the same two tensors (unchanged in place) are asked about and no
+        row has moved: a training step asks about one batch several times (reference losses, difficulty,
+        the EMA update), and finding its rows among the store's keys is most of each of those calls.
 
         Args:
             sample_idx: integer ``[B]`` keys of registered samples.
             counts: integer ``[B]``, their candidate counts (checked against the registered ones).
-
-        Returns:
-            ``(slots, row)``: int64 ``[counts.sum()]`` each; ``row[j]`` is the batch row of value ``j``.
         """
+        memo = self._located
+        if memo is not None and memo[0] is sample_idx and memo[1] is counts and memo[2] == _versions(*memo[:2]):
+            return memo[3]
         idx = self._check_sample_idx(sample_idx)
-        counts = self._check_counts(counts, idx)
+        checked = self._check_counts(counts, idx)
         rows = self._rows_of(idx)
-        mismatch = self.length[rows] != counts
+        mismatch = self.length.index_select(0, rows) != checked
         if bool(mismatch.any()):
             b = int(mismatch.nonzero()[0, 0])
-            raise _changed(int(idx[b]), f"{int(self.length[rows[b]])} candidates", f"{int(counts[b])}")
-        return self._slots_of_rows(rows, counts)
-
-    def _slots_of_rows(self, rows: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
-        total = int(counts.sum())
-        row = torch.repeat_interleave(torch.arange(rows.numel(), device=self.device), counts, output_size=total)
-        within = torch.arange(total, device=self.device) - (torch.cumsum(counts, 0) - counts)[row]
-        return self.offset[rows][row] + within, row
+            raise _changed(int(idx[b]), f"{int(self.length[rows[b]])} candidates", f"{int(checked[b])}")
+        ordered = torch.sort(rows).values
+        distinct = not bool((ordered[1:] == ordered[:-1]).any())
+        located = _Located(flat_ranges(self.offset.index_select(0, rows), checked), distinct)
+        self._located = (sample_idx, counts, _versions(sample_idx, counts), located)
+        return located
 
     # ----------------------------------------------------------------------------------------------
     # Reference loss.
@@ -426,15 +493,22 @@ class ScoreBank(nn.Module):
         """
         rows = self.index.find(self._check_sample_idx(sample_idx))
         registered = rows >= 0
-        out = torch.zeros_like(registered)
-        if not bool(registered.any()):
+        if not bool(registered.all()):
+            out = torch.zeros_like(registered)
+            if bool(registered.any()):
+                out[registered] = self._complete(rows[registered])
             return out
-        rows = rows[registered]
-        slots, row = self._slots_of_rows(rows, self.length[rows])
-        num_missing = torch.zeros(rows.numel(), dtype=torch.int64, device=self.device)
-        num_missing.index_add_(0, row, torch.isnan(self.ref[slots]).to(torch.int64))
-        out[registered] = num_missing == 0
-        return out
+        return self._complete(rows)
+
+    def _complete(self, rows: Tensor) -> Tensor:
+        """Whether registered ``rows`` (int64 ``[B]``) have every reference loss: bool ``[B]``."""
+        lengths = self.length.index_select(0, rows)
+        slots = flat_ranges(self.offset.index_select(0, rows), lengths)
+        missing = torch.isnan(self.ref.index_select(0, slots))
+        # Per-row counts of NaN as differences of one running sum: no scatter, no per-row loop.
+        running = torch.cat([missing.new_zeros(1, dtype=torch.int64), torch.cumsum(missing, 0)])
+        ends = torch.cumsum(lengths, 0)
+        return running.index_select(0, ends) == running.index_select(0, ends - lengths)
 
     def set_ref(self, sample_idx: Tensor, flat_values: Tensor, counts: Tensor) -> None:
         """Store reference losses (overwriting).
@@ -447,10 +521,12 @@ class ScoreBank(nn.Module):
             flat_values: float ``[N]``, ``N = counts.sum()``, flat layout.
             counts: integer ``[B]``, candidates per row.
         """
-        slots = self._slots(sample_idx, counts)
+        slots, distinct = self._locate(sample_idx, counts)
         values = self._check_flat("flat_values", flat_values, slots)
-        uslots, mean = _mean_of_finite(slots, values)
-        self.ref[uslots] = mean
+        if distinct:  # one value per slot: the mean of one finite value is that value
+            self.ref.index_copy_(0, slots, torch.where(torch.isfinite(values), values, _NAN))
+        else:
+            self.ref.index_copy_(0, *_mean_of_finite(slots, values))
 
     def get_ref(self, sample_idx: Tensor, counts: Tensor) -> Tensor:
         """Stored reference losses, NaN where not computed.
@@ -462,7 +538,7 @@ class ScoreBank(nn.Module):
         Returns:
             float32 ``[counts.sum()]``, flat layout.
         """
-        return self.ref[self._slots(sample_idx, counts)]
+        return self.ref.index_select(0, self._locate(sample_idx, counts).slots)
 
     # ----------------------------------------------------------------------------------------------
     # Student difficulty.
@@ -477,7 +553,7 @@ class ScoreBank(nn.Module):
         Returns:
             float32 ``[counts.sum()]``, flat layout.
         """
-        return self.ema[self._slots(sample_idx, counts)]
+        return self.ema.index_select(0, self._locate(sample_idx, counts).slots)
 
     def update(
         self,
@@ -502,13 +578,15 @@ class ScoreBank(nn.Module):
             decay: ``beta`` in ``[0, 1]``.
         """
         check_fraction("decay", decay)
-        slots = self._slots(sample_idx, counts)
+        slots, distinct = self._locate(sample_idx, counts)
         loss = self._check_flat("flat_loss", flat_loss, slots)
         ids = self._check_target_ids(target_ids_flat, slots)
-        uslots, slot_mean = _mean_of_finite(slots, loss)
-        self.ema[uslots] = ema_update(self.ema[uslots], slot_mean, decay)
+        # One loss per slot: as it is where the samples are distinct (ema_update skips the non-finite ones,
+        # as the mean does), else the mean of the finite ones.
+        uslots, slot_loss = (slots, loss) if distinct else _mean_of_finite(slots, loss)
+        self.ema.index_copy_(0, uslots, ema_update(self.ema.index_select(0, uslots), slot_loss, decay))
         uids, id_mean = _mean_of_finite(ids, loss)
-        self.vocab_ema[uids] = ema_update(self.vocab_ema[uids], id_mean, decay)
+        self.vocab_ema.index_copy_(0, uids, ema_update(self.vocab_ema.index_select(0, uids), id_mean, decay))
 
     def difficulty(
         self,
@@ -538,12 +616,12 @@ class ScoreBank(nn.Module):
         """
         if fallback not in FALLBACKS:
             raise ValueError(f"`fallback` must be one of {FALLBACKS}, got {fallback!r}")
-        slots = self._slots(sample_idx, counts)
-        m = self.ema[slots]
+        slots = self._locate(sample_idx, counts).slots
+        m = self.ema.index_select(0, slots)
         if fallback == "vocab":
             ids = self._check_target_ids(target_ids_flat, slots)
-            m = torch.where(torch.isnan(m), self.vocab_ema[ids], m)
-        return torch.where(torch.isnan(m), self.ref[slots], m)
+            m = torch.where(torch.isnan(m), self.vocab_ema.index_select(0, ids), m)
+        return torch.where(torch.isnan(m), self.ref.index_select(0, slots), m)
 
     # ----------------------------------------------------------------------------------------------
     # Growth.
@@ -570,6 +648,10 @@ class ScoreBank(nn.Module):
 
     # ----------------------------------------------------------------------------------------------
     # Checkpointing: trimmed to the used part, versioned, loadable into a bank of any capacity.
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ScoreBank:
+        self._located = None  # the kept slots live on the old device
+        return super()._apply(fn, recurse)
 
     def get_extra_state(self) -> dict[str, int]:
         """Format version and the arguments a loaded state must match."""
@@ -640,6 +722,7 @@ class ScoreBank(nn.Module):
         )
         if all(present):
             self.index.rebuild(self.keys[: self._rows])
+            self._located = None
 
     @staticmethod
     def _check_loaded(loaded: dict[str, Tensor]) -> None:
@@ -709,11 +792,25 @@ class ScoreBank(nn.Module):
             )
         ids = target_ids_flat.to(device=self.device, dtype=torch.int64)
         if ids.numel():
-            low, high = int(ids.min()), int(ids.max())
+            low, high = (int(v) for v in torch.stack(torch.aminmax(ids)).tolist())
             if low < 0 or high >= self.vocab_size:
                 bad = low if low < 0 else high
                 raise ValueError(f"`target_ids_flat` must be in [0, {self.vocab_size}), got {bad}")
         return ids
+
+
+class _Located(NamedTuple):
+    """What :meth:`ScoreBank._locate` finds for a batch."""
+
+    slots: Tensor
+    """int64 ``[N]``: the flat slot of every candidate, in the flat layout."""
+    distinct: bool
+    """No sample occurs twice (so no slot does)."""
+
+
+def _versions(*tensors: Tensor) -> tuple[int, ...]:
+    """In-place modification counters of ``tensors``: a kept result is stale once one of them moves."""
+    return tuple(t._version for t in tensors)
 
 
 def _changed(key: int, before: str, now: str) -> ValueError:

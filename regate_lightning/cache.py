@@ -9,6 +9,13 @@ a matching cache every sample is checked again when training meets it: an entry 
 or digest differs from the sample's (the record changed, or another record now has its key) is
 recomputed and counted, never used. Writes are atomic (a temporary file in the same folder, then
 ``os.replace``), so a run killed while writing leaves the previous cache whole.
+
+Reading. ``fit`` opens the file with :func:`open_cache`: its arrays are memory-mapped
+(``torch.load(mmap=True)``) and checked for shape and order, which reads the keys and counts but not
+the losses, so starting from a cache of a million samples takes well under a second
+(``docs/memory.md``). A sample's losses are read from the mapping when training first meets the sample
+(:meth:`ReferenceCache.read`), after its count and digest were compared. ``regate-lightning score``
+reads whole files into its store (:func:`load_cache`, :func:`load_into`) to merge them.
 """
 
 from __future__ import annotations
@@ -21,14 +28,29 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from regate_lightning.bank import ScoreBank
+from regate_lightning.bank import ScoreBank, flat_ranges, same_content
 
 if TYPE_CHECKING:
     from regate_lightning.teacher import Teacher
 
+__all__ = [
+    "CACHE_VERSION",
+    "CHUNK_SAMPLES",
+    "ReferenceCache",
+    "cached_samples",
+    "load_cache",
+    "load_into",
+    "open_cache",
+    "reference_fingerprint",
+    "save_cache",
+    "write_atomic",
+]
+
 CACHE_VERSION = 2
 CHUNK_SAMPLES = 1 << 16
 """Samples per bank call when a cache is written or read: bounds the temporaries of huge caches."""
+_ARRAYS = {"sample_idx": torch.int64, "counts": torch.int64, "digests": torch.int64, "ref": torch.float32}
+_FIX = "delete it (or point `ref_cache` at another file) and the reference losses are computed again"
 
 
 def cached_samples(bank: ScoreBank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -49,7 +71,11 @@ def cached_samples(bank: ScoreBank) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def save_cache(
-    path: str | os.PathLike, bank: ScoreBank, fingerprint: dict[str, Any], samples: torch.Tensor | None = None
+    path: str | os.PathLike,
+    bank: ScoreBank,
+    fingerprint: dict[str, Any],
+    samples: torch.Tensor | None = None,
+    base: ReferenceCache | None = None,
 ) -> int:
     """Write the complete reference losses of ``bank`` to ``path`` atomically.
 
@@ -58,6 +84,9 @@ def save_cache(
         bank: the store to read.
         fingerprint: what made the losses (see :func:`reference_fingerprint`).
         samples: integer ``[K]``: write only these samples (those of them that are complete); all when None.
+        base: an opened cache whose samples are kept where ``bank`` has not registered them (``fit`` reads
+            its cache lazily, so the samples it has not met yet are only in the file); its fingerprint
+            must be ``fingerprint``.
 
     Returns:
         The number of samples written.
@@ -67,6 +96,8 @@ def save_cache(
         keep = torch.isin(sample_idx, samples.to(device="cpu", dtype=torch.int64))
         ref = ref[torch.repeat_interleave(keep, counts)]
         sample_idx, counts, digests = sample_idx[keep], counts[keep], digests[keep]
+    if base is not None and len(base):
+        sample_idx, counts, digests, ref = _merge((sample_idx, counts, digests, ref), base, bank)
     payload = {
         "version": CACHE_VERSION,
         "fingerprint": fingerprint,
@@ -77,6 +108,27 @@ def save_cache(
     }
     write_atomic(path, payload)
     return int(sample_idx.numel())
+
+
+def _merge(
+    own: tuple[torch.Tensor, ...], base: ReferenceCache, bank: ScoreBank
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``own`` (the store's samples, ascending keys) and the samples of ``base`` the store has not registered."""
+    unmet = torch.cat([~bank.is_registered(k).cpu() for k in base.sample_idx.split(CHUNK_SAMPLES)])
+    keys = torch.cat([own[0], base.sample_idx[unmet]])
+    order = torch.argsort(keys)  # the keys are distinct: the store's and the unmet ones
+    counts = torch.cat([own[1], base.counts[unmet]])
+    starts = torch.cat([torch.cumsum(own[1], 0) - own[1], base.starts[unmet]])
+    from_base = torch.cat([torch.zeros_like(own[0], dtype=torch.bool), torch.ones(int(unmet.sum()), dtype=torch.bool)])
+    out_counts = counts[order]
+    ref = torch.empty(int(out_counts.sum()), dtype=torch.float32)
+    out_starts = torch.cumsum(out_counts, 0) - out_counts
+    for chunk in torch.arange(order.numel()).split(CHUNK_SAMPLES):  # chunks bound the index temporaries
+        for source, which in ((own[3], ~from_base[order[chunk]]), (base.ref, from_base[order[chunk]])):
+            picked = order[chunk][which]
+            values = source[flat_ranges(starts[picked], counts[picked])]
+            ref[flat_ranges(out_starts[chunk][which], counts[picked])] = values
+    return keys[order], out_counts, torch.cat([own[2], base.digests[unmet]])[order], ref
 
 
 def write_atomic(path: str | os.PathLike, payload: Any) -> None:
@@ -98,26 +150,29 @@ def write_atomic(path: str | os.PathLike, payload: Any) -> None:
 def load_cache(path: str | os.PathLike, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
     """Read a cache written for the same fingerprint; None if the file does not exist.
 
+    The arrays are memory-mapped from the file (read when used) and checked: their dtypes and shapes,
+    keys that ascend, counts that add up to the losses.
+
     Raises:
-        ValueError: the file is not a readable cache of this version, or was made for another teacher,
-            tokenizer or rendering of the data (the message names the differing fields and the fix).
+        ValueError: the file is not a readable cache of this version, was made for another teacher,
+            tokenizer or rendering of the data, or its arrays do not fit together (the message names
+            the file, the differing fields or the fault, and the fix).
     """
     target = Path(path)
     if not target.exists():
         return None
-    fix = "delete it (or point `ref_cache` at another file) and the reference losses are computed again"
     try:
         with warnings.catch_warnings():  # torch's "file an issue" about a pickle protocol is not for our user
             warnings.simplefilter("ignore", UserWarning)
-            payload = torch.load(target, map_location="cpu", weights_only=True)
+            payload = torch.load(target, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # a foreign or damaged file; torch's own advice (weights_only=False) is wrong here
         raise ValueError(
-            f"reference cache {target} is not a readable reference cache ({_load_failure(err)}); {fix}"
+            f"reference cache {target} is not a readable reference cache ({_load_failure(err)}); {_FIX}"
         ) from None
     if not isinstance(payload, dict) or payload.get("version") != CACHE_VERSION or "fingerprint" not in payload:
         found = payload.get("version") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(
-            f"{target} is not a reference cache of version {CACHE_VERSION} (found {found!r}); {fix}"
+            f"{target} is not a reference cache of version {CACHE_VERSION} (found {found!r}); {_FIX}"
         )
     stored = payload["fingerprint"]
     differ = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
@@ -127,7 +182,96 @@ def load_cache(path: str | os.PathLike, fingerprint: dict[str, Any]) -> dict[str
             f"reference cache {target} was made for another setup ({details}). Point `ref_cache` at a new file, "
             "or delete this one to recompute"
         )
+    fault = _layout_fault(payload)
+    if fault:
+        raise ValueError(f"reference cache {target} is damaged: {fault}; {_FIX}")
     return payload
+
+
+def _layout_fault(payload: dict[str, Any]) -> str | None:
+    """What is wrong with a cache's arrays (reads the keys and counts, not the losses), or None."""
+    for name, dtype in _ARRAYS.items():
+        value = payload.get(name)
+        if not isinstance(value, torch.Tensor) or value.dtype != dtype or value.dim() != 1:
+            got = value.dtype if isinstance(value, torch.Tensor) else repr(value)
+            return f"`{name}` must be a 1-D {dtype} tensor, got {got}"
+    keys, counts, digests = payload["sample_idx"], payload["counts"], payload["digests"]
+    if counts.shape != keys.shape or digests.shape != keys.shape:
+        sizes = f"{keys.numel()}, {counts.numel()}, {digests.numel()}"
+        return f"`sample_idx`, `counts` and `digests` differ in length ({sizes})"
+    if keys.numel() and (int(keys[0]) < 0 or not bool((keys[1:] > keys[:-1]).all())):
+        return "the sample keys are not distinct, non-negative and ascending"
+    if keys.numel() and int(counts.min()) < 0:
+        return "a candidate count is negative"
+    if int(counts.sum()) != payload["ref"].numel():
+        return f"the candidate counts add up to {int(counts.sum())}, but the file holds {payload['ref'].numel()} losses"
+    return None
+
+
+class ReferenceCache:
+    """A reference cache file opened for reading: memory-mapped, each sample read when it is asked for.
+
+    What ``fit`` uses (:func:`open_cache`): opening maps the file and reads its keys and counts; a
+    sample's losses are read by :meth:`read`, which training calls the first time it meets the sample,
+    and only when the cached count and digest agree with the sample's
+    (:func:`~regate_lightning.bank.same_content`). The file may be replaced while it is open (the
+    callback writes the cache atomically at the end of each epoch): the mapping keeps the file that was
+    opened.
+
+    Args:
+        path: the file (for messages).
+        payload: what :func:`load_cache` returned for it.
+
+    Attributes:
+        sample_idx: int64 ``[S]``, the cached keys, ascending (mapped).
+        counts: int64 ``[S]``, candidates per cached sample (mapped).
+        digests: int64 ``[S]``, content digests (mapped).
+        ref: float32 ``[sum(counts)]``, the losses (mapped).
+        starts: int64 ``[S]``, where each sample's losses start in ``ref``.
+    """
+
+    def __init__(self, path: str | os.PathLike, payload: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.fingerprint: dict[str, Any] = payload["fingerprint"]
+        self.sample_idx: torch.Tensor = payload["sample_idx"]
+        self.counts: torch.Tensor = payload["counts"]
+        self.digests: torch.Tensor = payload["digests"]
+        self.ref: torch.Tensor = payload["ref"]
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+
+    def __len__(self) -> int:
+        return self.sample_idx.numel()
+
+    def read(self, sample_idx: torch.Tensor, counts: torch.Tensor, digests: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The cached losses of the given samples, where the file holds them for the same content.
+
+        Args:
+            sample_idx: int64 ``[B]``, sample keys (on any device).
+            counts: int64 ``[B]``, the samples' candidate counts.
+            digests: int64 ``[B]``, their content digests.
+
+        Returns:
+            ``(found, usable, values)`` on the CPU: bool ``[B]`` (the file holds the key), bool ``[B]``
+            (... with the same count and digest) and float32 ``[counts[usable].sum()]`` (the usable
+            samples' losses, flat layout).
+        """
+        idx, counts, digests = (t.to(device="cpu", dtype=torch.int64) for t in (sample_idx, counts, digests))
+        if len(self) == 0:
+            return torch.zeros_like(idx, dtype=torch.bool), torch.zeros_like(idx, dtype=torch.bool), torch.zeros(0)
+        at = torch.searchsorted(self.sample_idx, idx).clamp_(max=len(self) - 1)
+        found = self.sample_idx[at] == idx
+        usable = found & same_content(counts, digests, self.counts[at], self.digests[at])
+        return found, usable, self.ref[flat_ranges(self.starts[at[usable]], counts[usable])]
+
+
+def open_cache(path: str | os.PathLike, fingerprint: dict[str, Any]) -> ReferenceCache | None:
+    """Open a cache written for the same fingerprint for lazy reading; None if the file does not exist.
+
+    Raises:
+        ValueError: as :func:`load_cache`.
+    """
+    payload = load_cache(path, fingerprint)
+    return None if payload is None else ReferenceCache(path, payload)
 
 
 def _load_failure(err: BaseException) -> str:

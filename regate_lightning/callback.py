@@ -3,15 +3,18 @@
 The callback decides; the module executes. The decisions are the policy's
 (:mod:`regate_lightning.policy`); the callback connects them to Lightning's hooks:
 
-1. ``setup("fit")``: builds the policy's teacher and store, reads the reference cache, restores state;
+1. ``setup("fit")``: builds the policy's teacher and store, opens the reference cache (memory-mapped; a
+   sample's losses are read when training first meets it), restores state;
 2. ``on_fit_start``: places the teacher on the student's device in its dtype, the store on ``store_device``;
 3. ``on_train_batch_start``: ``policy.plan(batch, trainer.global_step)`` with the strategy's all-gather
    and the precision plugin's forward context, and writes ``batch["keep_mask"]`` in a sparse step;
 4. ``on_train_batch_end``: ``policy.observe(plan, token_loss)``; counts the step and logs;
 5. ``on_train_epoch_end`` / ``on_fit_end``: rank 0 writes the reference cache.
 
-Under DDP every rank gathers the step's samples, reference losses and student losses from all ranks
-and applies them in rank order, so the stores stay identical. Validation, test and predict are never
+Under DDP every rank gathers the step's samples (in ``on_train_batch_start``) and the step's reference
+losses, student losses and counts (in ``on_train_batch_end``) from all ranks, one collective per hook
+(:class:`~regate_lightning.sync.RaggedGather`), and applies them in rank order, so the stores stay
+identical. Validation, test and predict are never
 touched. Without the callback the module trains the plain baseline; with ``keep_ratio=1.0`` it runs
 the very same computation.
 """
@@ -27,7 +30,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from regate_lightning.bank import ScoreBank
-from regate_lightning.cache import load_cache, load_into, save_cache
+from regate_lightning.cache import open_cache, save_cache
 from regate_lightning.keys import (
     ACTIVE,
     ACTIVE_FRAC,
@@ -55,7 +58,7 @@ from regate_lightning.keys import (
 from regate_lightning.policy import Gather, ReGATEPolicy, StepPlan
 from regate_lightning.selection import Fallback, Selection
 from regate_lightning.strategies import check_strategy, check_unsharded
-from regate_lightning.sync import all_gather_ragged, sum_over_ranks
+from regate_lightning.sync import RaggedGather
 from regate_lightning.teacher import STUDENT, Teacher
 
 STATE_VERSION = 2
@@ -82,8 +85,10 @@ class ReGATECallback(Callback):
         teacher_kwargs: keyword arguments of the teacher's ``from_pretrained`` (``dtype``, ...).
         tokenizer: HF id / path of the student's tokenizer, for the teacher-tokenizer check; by
             default the datamodule's ``tokenizer`` attribute is used.
-        ref_cache: file of reference losses: read at the start when it exists, written (atomically,
-            by rank 0) at the end of every training epoch and of fitting.
+        ref_cache: file of reference losses: opened at the start when it exists (memory-mapped; each
+            sample's losses are read when training first meets it and its content matches), written
+            (atomically, by rank 0, with the cached samples not met yet) at the end of every training
+            epoch and of fitting.
         selection: which candidates a sparse step keeps: ``"regate"`` (the top fused scores; also
             ``"topk"``), ``"random"`` (a control at the same keep count), ``"adaptive"`` (a keep count per
             sample from its scores), or a :class:`~regate_lightning.selection.Selection` (in YAML, a
@@ -98,7 +103,9 @@ class ReGATECallback(Callback):
         policy: the :class:`~regate_lightning.policy.ReGATEPolicy` that makes every decision.
         totals: counters over the run (keys :data:`~regate_lightning.keys.TOTALS`), summed over ranks.
         last_plan: the policy's plan of the latest training batch (for reports).
-        cache_samples: samples whose reference losses were read from ``ref_cache`` when fitting started.
+        cache_samples: samples whose reference losses were read from ``ref_cache`` in this fit (the file is
+            memory-mapped when fitting starts; a sample is read when training first meets it, if its
+            content matches), over all ranks.
     """
 
     def __init__(
@@ -144,6 +151,7 @@ class ReGATECallback(Callback):
         self._warned_replaced = False
         self.cache_samples = 0
         self._plan: StepPlan | None = None
+        self._gather: Gather | None = None
         self.last_plan: StepPlan | None = None
 
     @property
@@ -182,11 +190,12 @@ class ReGATECallback(Callback):
             self._apply_state(self._restored)
             self._restored = None
         if self.ref_cache:
-            assert self.policy.bank is not None
-            payload = load_cache(self.ref_cache, self.policy.fingerprint)
-            if payload is not None:
-                self.cache_samples = load_into(self.policy.bank, payload)
-                rank_zero_info(f"ReGATE: read reference losses of {self.cache_samples} samples from {self.ref_cache}")
+            self.policy.cache = open_cache(self.ref_cache, self.policy.fingerprint)
+            if self.policy.cache is not None:
+                rank_zero_info(
+                    f"ReGATE: {self.ref_cache} holds reference losses of {len(self.policy.cache)} samples (each "
+                    "read when training first meets it)"
+                )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Place the teacher on the student's device and the store on ``store_device``.
@@ -194,18 +203,21 @@ class ReGATECallback(Callback):
         The teacher's dtype: see :func:`~regate_lightning.teacher.teacher_dtype` (``teacher_kwargs``,
         else the autocast dtype under mixed precision, else the student's parameter dtype).
         """
+        store = torch.device("cpu") if self.store_device == "cpu" else pl_module.device
         self.policy.start(
             pl_module.device,
             precision=str(trainer.precision),
             student_dtype=next(p.dtype for p in pl_module.parameters() if p.is_floating_point()),
-            store=torch.device("cpu") if self.store_device == "cpu" else pl_module.device,
+            store=store,
             rank=trainer.global_rank,
         )
+        self._gather = RaggedGather(trainer.strategy, device=store)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Free the teacher when fitting ends (the store stays for inspection)."""
         if stage == "fit":
             self.policy.release()
+            self._gather = None
 
     # ---------------------------------------------------------------------------------------------
     # Training steps.
@@ -215,10 +227,9 @@ class ReGATECallback(Callback):
     ) -> None:
         """Plan the step (score the batch) and, in a sparse step, write ``batch["keep_mask"]``."""
         context = trainer.precision_plugin.forward_context
-        plan = self.policy.plan(batch, trainer.global_step, gather=_gather(trainer), context=context)
+        plan = self.policy.plan(batch, trainer.global_step, gather=self._exchange(trainer), context=context)
         plan.apply(batch)
-        # Counted over all ranks, like the other totals, so it is the same on every rank and in checkpoints.
-        self.totals[TEACHER_SAMPLES] += plan.scored
+        self.cache_samples += plan.cached
         if plan.replaced:
             self._report_replaced(plan.replaced)
         self._plan = self.last_plan = plan
@@ -243,16 +254,22 @@ class ReGATECallback(Callback):
         if plan is None:
             return
         outputs = step_outputs(outputs, (TOKEN_LOSS, NUM_ACTIVE, NUM_TOKENS, NUM_TARGETS))
-        self.policy.observe(plan, outputs[TOKEN_LOSS], gather=_gather(trainer))
-        step = self._count(trainer, plan, outputs)
+        counts = (outputs[NUM_ACTIVE], outputs[NUM_TOKENS], outputs[NUM_TARGETS], int(plan.counts.sum()), plan.kept)
+        # The step's counts travel with the losses: one exchange between the ranks per hook.
+        sums = self.policy.observe(plan, outputs[TOKEN_LOSS], self._exchange(trainer), (*counts, plan.scored))
+        step = self._count(sums)
         if logging_step(trainer):
             self._log(pl_module, plan, step)
 
-    def _count(self, trainer: pl.Trainer, plan: StepPlan, outputs: dict[str, Any]) -> dict[str, int]:
-        """The step's counts summed over ranks (keys of :data:`~regate_lightning.keys.TOTALS`), added to ``totals``."""
-        keys = (ACTIVE, TOKENS, SUPERVISED, CANDIDATES, KEPT)
-        counts = (outputs[NUM_ACTIVE], outputs[NUM_TOKENS], outputs[NUM_TARGETS], int(plan.counts.sum()), plan.kept)
-        step = dict(zip(keys, sum_over_ranks(trainer.strategy, counts), strict=True))
+    def _exchange(self, trainer: pl.Trainer) -> Gather:
+        """The policy's cross-rank gather (one collective per call); made here if ``on_fit_start`` did not run."""
+        if self._gather is None:
+            self._gather = RaggedGather(trainer.strategy, device=self.policy.store_device)
+        return self._gather
+
+    def _count(self, sums: list[int]) -> dict[str, int]:
+        """Add the step's counts summed over ranks (keys of :data:`~regate_lightning.keys.TOTALS`) to ``totals``."""
+        step = dict(zip((ACTIVE, TOKENS, SUPERVISED, CANDIDATES, KEPT, TEACHER_SAMPLES), sums, strict=True))
         for key, value in step.items():
             self.totals[key] += value
         return step
@@ -279,12 +296,13 @@ class ReGATECallback(Callback):
         self._write_cache(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Write the reference cache once more at the end of fitting."""
+        """Write the reference cache once more at the end of fitting, and close the file read at the start."""
         self._write_cache(trainer)
+        self.policy.cache = None
 
     def _write_cache(self, trainer: pl.Trainer) -> None:
         if self.ref_cache and self.policy.bank is not None and trainer.is_global_zero:
-            written = save_cache(self.ref_cache, self.policy.bank, self.policy.fingerprint)
+            written = save_cache(self.ref_cache, self.policy.bank, self.policy.fingerprint, base=self.policy.cache)
             rank_zero_info(f"ReGATE: wrote reference losses of {written} samples to {self.ref_cache}")
 
     # ---------------------------------------------------------------------------------------------
@@ -330,15 +348,6 @@ class ReGATECallback(Callback):
         if state["bank"] is not None:
             self.bank.load_state_dict(state["bank"])
         self.totals.update(state["totals"])
-
-
-def _gather(trainer: pl.Trainer) -> Gather:
-    """The policy's cross-rank gather under ``trainer``'s strategy (see :func:`all_gather_ragged`)."""
-
-    def gather(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        return all_gather_ragged(trainer.strategy, tensors)
-
-    return gather
 
 
 def step_outputs(outputs: Any, keys: tuple[str, ...]) -> dict[str, Any]:

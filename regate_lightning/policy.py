@@ -25,16 +25,16 @@ bit-for-bit the baseline).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from regate_lightning.bank import ScoreBank
-from regate_lightning.cache import reference_fingerprint
+from regate_lightning.cache import ReferenceCache, reference_fingerprint
 from regate_lightning.elision import check_keep_mask
 from regate_lightning.families import resolve
 from regate_lightning.keys import ATTENTION_MASK, INPUT_IDS, KEEP_MASK, LABELS, SAMPLE_IDX
@@ -55,6 +55,10 @@ __all__ = ["Gather", "ReGATEPolicy", "StepPlan", "same_rank"]
 
 Gather = Callable[[list[Tensor]], list[Tensor]]
 """Concatenates 1-D tensors of any lengths across ranks, in rank order (one output per input)."""
+
+
+_EMPTY_INT = torch.zeros(0, dtype=torch.int64)
+_EMPTY_FLOAT = torch.zeros(0, dtype=torch.float32)
 
 
 def same_rank(tensors: list[Tensor]) -> list[Tensor]:
@@ -82,10 +86,16 @@ class StepPlan:
         keep_mask: bool ``[B, L]`` for the batch: the prior mask with this step's elisions removed; the
             prior mask itself in a full step; None when the batch had none and the step is full.
         kept: candidates kept on this rank (counting those a prior mask elided as not kept).
-        scored: samples the teacher scored for this step, over all ranks.
+        scored: samples the teacher scored for this step on this rank.
         replaced: samples of this step, over all ranks, whose restored values (from a checkpoint or a
             reference cache) belonged to other content and were dropped (see
             :class:`~regate_lightning.bank.ScoreBank`); the teacher scored them again.
+        cached: samples of this step, over all ranks, whose reference losses were read from the reference
+            cache (:attr:`ReGATEPolicy.cache`), met for the first time.
+        new_ref: the reference losses this rank's teacher computed for this step: keys int64 ``[S]``,
+            counts int64 ``[S]`` and the losses float32 (flat layout). They are in this rank's store
+            already; :meth:`ReGATEPolicy.observe` sends them to the other ranks with the student's
+            losses, in the step's one exchange.
     """
 
     step: int
@@ -101,11 +111,23 @@ class StepPlan:
     kept: int
     scored: int
     replaced: int = 0
+    cached: int = 0
+    new_ref: tuple[Tensor, Tensor, Tensor] = (_EMPTY_INT, _EMPTY_INT, _EMPTY_FLOAT)
 
     def apply(self, batch: MutableMapping[str, Any]) -> None:
         """Write :attr:`keep_mask` into ``batch`` (nothing when there is none)."""
         if self.keep_mask is not None:
             batch[KEEP_MASK] = self.keep_mask
+
+
+class _Scored(NamedTuple):
+    """What registering and scoring one batch did (see :class:`StepPlan` for the counts)."""
+
+    scored: Tensor
+    """bool ``[B]``: the rows this rank's teacher scored."""
+    replaced: int
+    cached: int
+    new_ref: tuple[Tensor, Tensor, Tensor]
 
 
 @dataclass(frozen=True)
@@ -199,6 +221,9 @@ class ReGATEPolicy:
         self.media_token_ids: tuple[int, ...] = ()
         self.store_device = torch.device("cpu")
         self.generator: torch.Generator | None = None
+        self.cache: ReferenceCache | None = None
+        """A reference cache opened for lazy reading (:func:`~regate_lightning.cache.open_cache`): a sample
+        met for the first time takes its reference losses from it when the cached content matches."""
 
     # ---------------------------------------------------------------------------------------------
     # Lifecycle.
@@ -303,7 +328,7 @@ class ReGATEPolicy:
         """
         _, bank = self._ready()
         view = self._view(batch)
-        _, scored, replaced = self._register_and_score(view, gather, context)
+        scored, replaced, cached, new_ref = self._register_and_score(view, gather, context)
         target_ids = gather_candidates(shift_targets(view.labels), view.candidates)
         ref = bank.get_ref(view.sample_idx, view.counts)
         difficulty = self.fallback.difficulty(bank, view.sample_idx, view.counts, target_ids)
@@ -321,7 +346,7 @@ class ReGATEPolicy:
             keep = self._select(scores, available)
             if prior is not None:
                 keep = keep & prior
-            keep_mask = keep.to(batch[INPUT_IDS].device, non_blocking=True)
+            keep_mask = _to_device(keep, batch[INPUT_IDS].device)
             kept = int((keep & view.candidates).sum())
         return StepPlan(
             step=step,
@@ -335,12 +360,20 @@ class ReGATEPolicy:
             sparse=sparse,
             keep_mask=keep_mask,
             kept=kept,
-            scored=scored,
+            scored=int(scored.sum()),
             replaced=replaced,
+            cached=cached,
+            new_ref=new_ref,
         )
 
-    def observe(self, plan: StepPlan, token_loss: Tensor, gather: Gather = same_rank) -> None:
+    def observe(
+        self, plan: StepPlan, token_loss: Tensor, gather: Gather = same_rank, counts: Sequence[int] = ()
+    ) -> list[int]:
         """Fold the student's per-token losses of the planned batch into the EMA store (all ranks').
+
+        Under several processes this is the step's one exchange: each rank sends its student losses,
+        the reference losses its teacher computed in :meth:`plan` (``plan.new_ref``) and ``counts``; every
+        rank then stores all of them, so the stores stay identical.
 
         Args:
             plan: what :meth:`plan` returned for the batch.
@@ -348,11 +381,23 @@ class ReGATEPolicy:
                 where the student computed nothing (elided by this or any other policy), which the EMA
                 skips.
             gather: as in :meth:`plan`.
+            counts: this rank's whole counts to be summed over ranks in the same exchange (the callback's
+                token counts), or nothing.
+
+        Returns:
+            The sums of ``counts`` over ranks (``counts`` itself on one process).
         """
         _, bank = self._ready()
         flat = gather_candidates(token_loss.to(self.store_device), plan.candidates)
-        idx, counts, flat, target_ids = self._gather(gather, [plan.sample_idx, plan.counts, flat, plan.target_ids])
-        bank.update(idx, flat, counts, target_ids, self.ema_decay)
+        mine = torch.tensor(list(counts), dtype=torch.int64)
+        ref_idx, ref_counts, ref_flat = plan.new_ref
+        idx, cand, flat, target_ids, ref_idx, ref_counts, ref_flat, sums = self._gather(
+            gather, [plan.sample_idx, plan.counts, flat, plan.target_ids, ref_idx, ref_counts, ref_flat, mine]
+        )
+        bank.update(idx, flat, cand, target_ids, self.ema_decay)
+        if ref_idx.numel():  # every rank's new losses (this rank's are stored already: the same values again)
+            bank.set_ref(ref_idx, ref_flat, ref_counts)
+        return sums.reshape(-1, max(len(mine), 1)).sum(0).tolist()[: len(mine)]
 
     def reference(
         self,
@@ -364,15 +409,16 @@ class ReGATEPolicy:
 
         Args:
             batch: as for :meth:`plan` (only the text keys are read).
-            gather: as in :meth:`plan`.
+            gather: as in :meth:`plan`: every rank's samples are registered, and each rank keeps the losses
+                its own teacher computed (``regate-lightning score`` runs each rank on its own store and
+                writes a part file per rank).
             context: as in :meth:`plan`.
 
         Returns:
             bool ``[B]`` on the store's device: the samples the teacher scored now (the others had
             reference losses already).
         """
-        scored, _, _ = self._register_and_score(self._view(batch), gather, context)
-        return scored
+        return self._register_and_score(self._view(batch), gather, context).scored
 
     # ---------------------------------------------------------------------------------------------
     # Pieces.
@@ -383,7 +429,9 @@ class ReGATEPolicy:
         return self.teacher, self.bank
 
     def _gather(self, gather: Gather, tensors: list[Tensor]) -> list[Tensor]:
-        return [t.to(self.store_device) for t in gather(tensors)]
+        gathered = gather(tensors)
+        # The same objects on one process (same_rank): kept, so that the store knows the batch it located.
+        return [t if t.device == self.store_device else t.to(self.store_device) for t in gathered]
 
     def _view(self, batch: Mapping[str, Any]) -> _View:
         if SAMPLE_IDX not in batch:
@@ -395,41 +443,59 @@ class ReGATEPolicy:
             )
         if LABELS not in batch:
             raise KeyError(f"ReGATE needs `batch['{LABELS}']` to find the answer tokens")
-        store = self.store_device
-        input_ids, labels = batch[INPUT_IDS].to(store), batch[LABELS].to(store)
         attention = batch.get(ATTENTION_MASK)
-        text = text_mask(self.media_token_ids, input_ids, None if attention is None else attention.to(store))
+        text_keys = [batch[INPUT_IDS], batch[LABELS], batch[SAMPLE_IDX], *([] if attention is None else [attention])]
+        input_ids, labels, sample_idx, *rest = _to_store(text_keys, self.store_device)
+        attention = rest[0] if rest else None
+        text = text_mask(self.media_token_ids, input_ids, attention)
         candidates = candidate_mask(labels) & text
-        sample_idx = batch[SAMPLE_IDX].to(store).long()
-        digests = sample_digest(input_ids, candidates, None if attention is None else attention.to(store))
-        return _View(sample_idx, input_ids, labels, text, candidates, candidates.sum(1), digests)
+        digests = sample_digest(input_ids, candidates, attention)
+        return _View(sample_idx.long(), input_ids, labels, text, candidates, candidates.sum(1), digests)
 
     def _register_and_score(
         self, view: _View, gather: Gather, context: Callable[[], AbstractContextManager[Any]]
-    ) -> tuple[Tensor, int, int]:
-        """Register every rank's samples; run the teacher on this rank's unscored ones; share the losses.
+    ) -> _Scored:
+        """Register every rank's samples; read the cache for those met first; run the teacher on this rank's others.
 
-        Returns:
-            bool ``[B]``, the rows scored here; the number of samples scored on all ranks; the number of
-            samples whose restored values were dropped (all ranks).
+        The losses the teacher computes are stored here at once; the other ranks receive them in
+        :meth:`observe`.
         """
         teacher, bank = self._ready()
         all_idx, all_counts, all_digests = self._gather(gather, [view.sample_idx, view.counts, view.digests])
         replaced = bank.num_replaced
-        bank.register(all_idx, all_counts, all_digests)
+        first = bank.register(all_idx, all_counts, all_digests)
         replaced = bank.num_replaced - replaced
+        cached = 0
+        if self.cache is not None and bool(first.any()):
+            cached, other = self._read_cache(all_idx[first], all_counts[first], all_digests[first])
+            replaced += other
         missing = ~bank.has_ref(view.sample_idx)
-        flat = torch.zeros(0, device=self.store_device)
-        if missing.any():
-            with torch.no_grad(), context():
-                losses = teacher.reference_losses(
-                    view.input_ids[missing], view.labels[missing], view.text[missing], view.candidates[missing]
-                )
-            flat = gather_candidates(losses.to(self.store_device), view.candidates[missing])
-        idx, counts, flat = self._gather(gather, [view.sample_idx[missing], view.counts[missing], flat.float()])
-        if idx.numel():
-            bank.set_ref(idx, flat, counts)
-        return missing, int(idx.numel()), replaced
+        if not bool(missing.any()):
+            return _Scored(missing, replaced, cached, (_EMPTY_INT, _EMPTY_INT, _EMPTY_FLOAT))
+        with torch.no_grad(), context():
+            losses = teacher.reference_losses(
+                view.input_ids[missing], view.labels[missing], view.text[missing], view.candidates[missing]
+            )
+        idx, counts = view.sample_idx[missing], view.counts[missing]
+        flat = gather_candidates(losses.to(self.store_device), view.candidates[missing]).float()
+        bank.set_ref(idx, flat, counts)
+        return _Scored(missing, replaced, cached, (idx, counts, flat))
+
+    def _read_cache(self, sample_idx: Tensor, counts: Tensor, digests: Tensor) -> tuple[int, int]:
+        """Store the cached reference losses of samples met for the first time, where the content matches.
+
+        Returns:
+            The number of those samples read from the cache, and of those it holds for other content
+            (dropped and counted).
+        """
+        _, bank = self._ready()
+        assert self.cache is not None
+        unknown = ~bank.has_ref(sample_idx)
+        found, usable, values = self.cache.read(sample_idx[unknown], counts[unknown], digests[unknown])
+        if bool(usable.any()):
+            on_store = usable.to(self.store_device)
+            bank.set_ref(sample_idx[unknown][on_store], values.to(self.store_device), counts[unknown][on_store])
+        return int(usable.sum()), int((found & ~usable).sum())
 
     def _select(self, scores: Tensor, available: Tensor) -> Tensor:
         keep = self.selection.select(scores, available, self.keep_ratio, self.min_keep, self.generator)
@@ -439,3 +505,30 @@ class ReGATEPolicy:
         if not bool((keep | available).all()):
             raise ValueError(f"`selection` {self.selection!r} elided a position that is not an available candidate")
         return keep
+
+
+def _to_store(tensors: list[Tensor], device: torch.device) -> list[Tensor]:
+    """``tensors`` on the store's device; from another device in one copy (one synchronisation, not one each).
+
+    Args:
+        tensors: integer or bool tensors of any shapes, on one device.
+        device: the store's device.
+
+    Returns:
+        The tensors on ``device``: those that were there as they are, the others as int64.
+    """
+    away = [t for t in tensors if t.device != device]
+    if not away:
+        return list(tensors)
+    flat = torch.cat([t.reshape(-1).to(torch.int64) for t in away]).to(device)
+    moved = iter(part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in away]), away, strict=True))
+    return [t if t.device == device else next(moved) for t in tensors]
+
+
+def _to_device(mask: Tensor, device: torch.device) -> Tensor:
+    """A host mask copied to ``device`` without making the host wait (through pinned memory on a GPU)."""
+    if mask.device == device:
+        return mask
+    if mask.device.type == "cpu" and device.type == "cuda":
+        mask = mask.pin_memory()
+    return mask.to(device, non_blocking=True)

@@ -352,7 +352,9 @@ def gather_candidates(x: Tensor, candidates: Tensor) -> Tensor:
         raise ValueError(
             f"`x` must have shape [B, L, ...] with [B, L] = {tuple(candidates.shape)}, got {tuple(x.shape)}"
         )
-    return x[candidates]
+    # masked_select, not x[candidates]: the same values, and it stays on one thread at batch sizes where
+    # boolean indexing starts threads (a training step should not wait for a busy core; docs/memory.md).
+    return x.masked_select(candidates) if x.dim() == 2 else x[candidates]
 
 
 def scatter_candidates(flat: Tensor, candidates: Tensor, fill: float = math.nan) -> Tensor:
@@ -377,5 +379,7 @@ def scatter_candidates(flat: Tensor, candidates: Tensor, fill: float = math.nan)
     if flat.dim() < 1 or flat.shape[0] != num:
         raise ValueError(f"`flat` must have {num} rows (one per candidate), got shape {tuple(flat.shape)}")
     out = torch.full((*candidates.shape, *flat.shape[1:]), fill, dtype=flat.dtype, device=candidates.device)
+    if flat.dim() == 1:  # masked_scatter_: one thread at batch sizes (see gather_candidates)
+        return out.masked_scatter_(candidates, flat.to(candidates.device))
     out[candidates] = flat.to(candidates.device)
     return out

@@ -114,6 +114,9 @@ def sample_digest(
     value = (input_ids.long() * 2 + candidates.long() + 1) * valid
     parts = []
     for base, prime in zip(_DIGEST_BASES, _DIGEST_PRIMES, strict=True):
-        powers = _digest_powers(base, prime, input_ids.shape[1], input_ids.device)[position]
+        # index_select, not `table[position]`: advanced indexing runs in threads from a few thousand elements,
+        # and a training step should not wait for a busy core for this (docs/memory.md).
+        table = _digest_powers(base, prime, input_ids.shape[1], input_ids.device)
+        powers = table.index_select(0, position.reshape(-1)).view_as(position)
         parts.append(((value % prime) * powers % prime).sum(1) % prime)
     return parts[0] * _DIGEST_PRIMES[1] + parts[1] + 1

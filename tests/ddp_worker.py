@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,64 @@ class Data(RandomDataModule):
         return DataLoader(self.train_set, batch_sampler=batches, collate_fn=concat_collate)
 
 
+COLLECTIVES = (
+    "all_gather", "all_gather_into_tensor", "all_gather_object", "all_reduce", "all_to_all", "all_to_all_single",
+    "barrier", "broadcast", "broadcast_object_list", "gather", "gather_object", "reduce", "reduce_scatter",
+    "reduce_scatter_tensor", "scatter", "scatter_object_list",
+)
+"""The collectives of ``torch.distributed`` (Lightning's strategies call these; DDP's gradient buckets do not)."""
+
+
+class CollectiveCounter:
+    """Counts the calls of ``torch.distributed``'s collectives while :meth:`installed` is active.
+
+    A collective that calls another (``all_gather_object`` calls ``all_gather``) counts once.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._depth = 0
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """Wrap every function of :data:`COLLECTIVES` in ``torch.distributed``; unwrap at the end."""
+        originals = {name: getattr(torch.distributed, name) for name in COLLECTIVES}
+
+        def counted(function: Callable[..., Any]) -> Callable[..., Any]:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                self.count += self._depth == 0
+                self._depth += 1
+                try:
+                    return function(*args, **kwargs)
+                finally:
+                    self._depth -= 1
+
+            return call
+
+        for name, function in originals.items():
+            setattr(torch.distributed, name, counted(function))
+        try:
+            yield
+        finally:
+            for name, function in originals.items():
+                setattr(torch.distributed, name, function)
+
+
+def count_per_hook(regate: ReGATECallback, counter: CollectiveCounter) -> dict[str, list[int]]:
+    """The collectives each training-batch hook of ``regate`` issues, one list entry per batch."""
+    per_hook: dict[str, list[int]] = {"on_train_batch_start": [], "on_train_batch_end": []}
+    for name, counts in per_hook.items():
+        hook = getattr(regate, name)
+
+        def call(*args: Any, _hook: Callable[..., Any] = hook, _counts: list[int] = counts) -> None:
+            before = counter.count
+            _hook(*args)
+            _counts.append(counter.count - before)
+
+        setattr(regate, name, call)  # Lightning looks the hook up on the instance
+    return per_hook
+
+
 class Record(pl.Callback):
     """Counts the rows this rank's teacher scores; keeps the store when training starts and after step 1."""
 
@@ -134,6 +193,8 @@ def fit(
     shuffle: bool,
     resume: str | None = None,
     checkpoint_dir: str | None = None,
+    ref_cache: str | None = None,
+    counter: CollectiveCounter | None = None,
 ) -> dict[str, Any]:
     """Train ``EPOCHS`` epochs (from ``resume`` if given); return what this rank saw.
 
@@ -143,15 +204,19 @@ def fit(
         shuffle: shuffle the training set each epoch (``set_epoch`` moves samples between ranks).
         resume: checkpoint to resume from.
         checkpoint_dir: save a checkpoint at the end of every epoch there (``e0.ckpt``, ``e1.ckpt``).
+        ref_cache: the callback's reference cache file.
+        counter: counts the collectives of the callback's training-batch hooks (installed by the caller).
 
     Returns:
         ``rank``, ``global_step``, ``bank`` (state dict), ``totals``, ``teacher_rows`` (rows this rank's
-        teacher scored), ``at_train_start`` (the store when training started, after any restore) and
-        ``after_first_step`` (the store after optimizer step 1 of a fresh run).
+        teacher scored), ``at_train_start`` (the store when training started, after any restore),
+        ``after_first_step`` (the store after optimizer step 1 of a fresh run), ``cache_samples`` and, with
+        a ``counter``, ``collectives`` (per hook, per batch).
     """
     pl.seed_everything(SEED, verbose=False)  # also fixes the DistributedSampler's seed (PL_GLOBAL_SEED)
     module = MLLMModule(tiny.tiny_llava(seed=SEED), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
-    regate = ReGATECallback(**CALLBACK)
+    regate = ReGATECallback(**CALLBACK, ref_cache=ref_cache)
+    collectives = None if counter is None else count_per_hook(regate, counter)
     record = Record(regate)
     callbacks: list[pl.Callback] = [regate, record]
     if checkpoint_dir is not None:
@@ -183,15 +248,19 @@ def fit(
         "teacher_rows": record.teacher_rows,
         "at_train_start": record.at_train_start,
         "after_first_step": record.after_first_step,
+        "cache_samples": regate.cache_samples,
+        "collectives": collectives,
     }
 
 
 def main() -> None:
-    """The DDP scenario of ``tests/test_ddp.py``: a fit with a checkpoint per epoch, then a resume from epoch 0.
+    """The DDP scenario of ``tests/test_ddp.py``: a fit with a checkpoint per epoch and a reference cache, a
+    resume from epoch 0, and a fresh fit that reads the cache.
 
-    Both fits run in the same two processes: for the second ``Trainer`` Lightning finds ``LOCAL_RANK`` set
+    The fits run in the same two processes: for a second ``Trainer`` Lightning finds ``LOCAL_RANK`` set
     (by its own first launch, or by the caller) and reuses the process group instead of starting new
-    processes. Each rank writes ``OUT/full_rank{r}.pt`` and ``OUT/resumed_rank{r}.pt``.
+    processes. Each rank writes ``OUT/full_rank{r}.pt``, ``OUT/resumed_rank{r}.pt`` and ``OUT/cached_rank{r}.pt``;
+    the callback's collectives are counted in the first fit.
     """
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True, help="folder for the results and OUT/ckpt/e{epoch}.ckpt")
@@ -200,9 +269,13 @@ def main() -> None:
     torch.set_num_threads(1)  # two processes share the machine's cores
     out = Path(args.out)
     shuffle = not args.no_shuffle
-    full = fit("ddp", WORLD_SIZE, shuffle, checkpoint_dir=str(out / "ckpt"))
+    cache = str(out / "ref_cache.pt")
+    counter = CollectiveCounter()
+    with counter.installed():
+        full = fit("ddp", WORLD_SIZE, shuffle, checkpoint_dir=str(out / "ckpt"), ref_cache=cache, counter=counter)
     resumed = fit("ddp", WORLD_SIZE, shuffle, resume=str(out / "ckpt" / "e0.ckpt"))
-    for name, result in (("full", full), ("resumed", resumed)):
+    cached = fit("ddp", WORLD_SIZE, shuffle, ref_cache=cache)
+    for name, result in (("full", full), ("resumed", resumed), ("cached", cached)):
         path = out / f"{name}_rank{result['rank']}.pt"
         torch.save(result, path)
         print(f"rank {result['rank']} (pid {os.getpid()}): wrote {path}", flush=True)

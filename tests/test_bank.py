@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from regate_lightning.bank import BANK_FORMAT_VERSION, KeyIndex, ScoreBank
+from regate_lightning.bank import BANK_FORMAT_VERSION, KeyIndex, ScoreBank, flat_ranges
 from regate_lightning.scoring import gather_candidates
 
 NAN = math.nan
@@ -465,3 +465,72 @@ def test_register_stored_accepts_only_matching_entries() -> None:
     assert bank.digests(_i(1, 2, 3)).tolist() == [5, 7, 0]
     assert bank.pending.tolist() == [False, True, True]
     assert bank.register_stored(_i(2), _i(2), _i(7)).tolist() == [False]  # another count
+
+
+# --------------------------------------------------------------------------------------------------
+# The per-step path (issue 13): first meetings, kept lookups, one value per slot.
+
+
+def test_register_reports_the_samples_met_for_the_first_time() -> None:
+    bank = ScoreBank(vocab_size=8)
+    assert bank.register(_i(4, 2, 4), _i(1, 2, 1), _i(7, 8, 7)).tolist() == [True, True, True]
+    assert bank.register(_i(2, 9), _i(2, 3), _i(8, 5)).tolist() == [False, True]
+    assert bank.register(_i(9, 4), _i(3, 1), _i(5, 7)).tolist() == [False, False]  # the read-only path
+    restored = ScoreBank(vocab_size=8)
+    restored.load_state_dict(bank.state_dict())
+    assert restored.register(_i(2, 4), _i(2, 1), _i(8, 6)).tolist() == [True, True]  # confirmed, replaced
+    assert restored.num_replaced == 1
+    # A known digest replaces an unknown one, live: the call goes past the read-only path and records it.
+    bank.register(_i(30), _i(1))
+    assert bank.register(_i(30), _i(1), _i(12)).tolist() == [False] and bank.digests(_i(30)).tolist() == [12]
+    assert bank.register(_i(30), _i(1)).tolist() == [False] and bank.digests(_i(30)).tolist() == [12]
+
+
+def test_flat_ranges_on_the_grid_and_on_uneven_lists() -> None:
+    g = torch.Generator().manual_seed(0)
+    for counts in (torch.randint(0, 6, (50,), generator=g), torch.tensor([1, 0, 2, 500, 3, 0])):  # even; uneven
+        starts = torch.randint(0, 1000, (counts.numel(),), generator=g)
+        expected = [s + j for s, c in zip(starts.tolist(), counts.tolist(), strict=True) for j in range(c)]
+        assert flat_ranges(starts, counts).tolist() == expected
+    assert flat_ranges(_i(), _i()).tolist() == [] and flat_ranges(_i(3, 4), _i(0, 0)).tolist() == []
+
+
+def test_kept_lookups_follow_in_place_changes_moves_and_replaced_rows() -> None:
+    bank = ScoreBank(vocab_size=8)
+    bank.register(_i(1, 2), _i(2, 1), _i(5, 6))
+    bank.set_ref(_i(1, 2), _t(1.0, 2.0, 3.0), _i(2, 1))
+    idx, counts = _i(2, 1), _i(1, 2)
+    assert bank.get_ref(idx, counts).tolist() == [3.0, 1.0, 2.0]
+    idx[:] = _i(1, 2)  # the same tensors, changed in place: looked up again
+    counts[:] = _i(2, 1)
+    assert bank.get_ref(idx, counts).tolist() == [1.0, 2.0, 3.0]
+    # A restored sample that comes back with another count gets new slots: looked up again.
+    restored = ScoreBank(vocab_size=8)
+    restored.load_state_dict(bank.state_dict())
+    one, two = _i(1), _i(2)
+    assert restored.get_ref(one, two).tolist() == [1.0, 2.0]
+    restored.register(one, _i(3), _i(5))
+    assert restored.get_ref(one, _i(3)).isnan().all()
+    with pytest.raises(ValueError, match=r"sample 1 had 3 candidates when first seen and has 2 now"):
+        restored.get_ref(one, two)
+
+
+def test_one_value_per_slot_equals_the_mean_of_repeats() -> None:
+    """The path for distinct samples (no mean to take) stores bitwise what the mean of repeats stores."""
+    g = torch.Generator().manual_seed(1)
+    idx, counts = _i(8, 3, 5), _i(4, 0, 3)
+    loss, ids = torch.rand(7, generator=g) * 5, torch.randint(0, 16, (7,), generator=g)
+    loss[[1, 5]] = NAN
+    loss[2] = math.inf
+    distinct, repeated = ScoreBank(vocab_size=16), ScoreBank(vocab_size=16)
+    for bank in (distinct, repeated):
+        bank.register(idx, counts)
+    for step in range(3):
+        step_loss = loss + step
+        distinct.set_ref(idx, step_loss, counts)
+        distinct.update(idx, step_loss, counts, ids, decay=0.7)
+        twice = (torch.cat([idx, idx]), torch.cat([step_loss, step_loss]), torch.cat([counts, counts]))
+        repeated.set_ref(twice[0], twice[1], twice[2])
+        repeated.update(twice[0], twice[1], twice[2], torch.cat([ids, ids]), decay=0.7)
+    for key in ("ema", "ref", "vocab_ema"):
+        assert torch.equal(getattr(distinct, key).nan_to_num(-1), getattr(repeated, key).nan_to_num(-1)), key

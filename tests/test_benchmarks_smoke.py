@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import doctest
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -90,11 +91,13 @@ def test_gpu_script_cpu_smoke(tmp_path):
     assert "Elision GPU throughput" in out and "a48 |" in out and "a24 |" in out and "Profile" in out
     result = json.loads((tmp_path / "gpu_throughput.json").read_text())
     assert result["errors"] == []
-    labels = ["a48", "a24", "a48-frames", "a48-frames-noskip", "a48-more"]
+    labels = ["a48", "a24", "a48-frames", "a48-frames-noskip", "a48-more", "a48-store"]
     assert [s["label"] for s in result["shapes"]] == labels
     for shape in result["shapes"]:
         check_shape_figures(shape, profiled=True)
     by_label = {s["label"]: s for s in result["shapes"]}
+    # The policy timed with a large store: filled before the part (2,000 samples at smoke size).
+    assert by_label["a48-store"]["store"]["samples"] >= 2000 and "store" not in by_label["a48"]
     skipped = [r["skipped_steps"] for r in by_label["a48-frames"]["regate"]]
     assert all(n > 0 for n in skipped), "whole frames elided: the tower skipped them"
     assert [r["skipped_steps"] for r in by_label["a48-frames-noskip"]["regate"]] == [0, 0]
@@ -106,7 +109,9 @@ def test_gpu_script_arguments():
 
     gpu = config_from_args(parser().parse_args([]))
     assert gpu.device == "cuda" and gpu.visual_tokens == 1536 and gpu.batch_size == 2 and gpu.tag == ""
-    assert [p.name for p in gpu.parts] == ["a1024", "a512", "a1024-frames", "a1024-frames-noskip", "a1024-more"]
+    names = ["a1024", "a512", "a1024-frames", "a1024-frames-noskip", "a1024-more", "a1024-store"]
+    assert [p.name for p in gpu.parts] == names
+    assert (gpu.parts[-1].store_samples, gpu.parts[-1].store_candidates) == (1_000_000, 100)
     headline = gpu.parts[0]
     assert [v.short for v in headline.variants] == ["p=0.5", "v=0.5", "p=0.5+v=0.5"] and not headline.optional
     assert gpu.parts[3].selection == "temporal_frames" and not gpu.parts[3].step_skip
@@ -117,6 +122,20 @@ def test_gpu_script_arguments():
         config_from_args(parser().parse_args(["--only", "a999"]))
     with pytest.raises(SystemExit, match="two different CPU runs"):
         config_from_args(parser().parse_args(["--cpu", "--smoke"]))
+
+
+@pytest.mark.skipif(shutil.which("cc") is None or sys.platform != "linux", reason="needs Linux and a C compiler")
+def test_the_policy_step_opens_no_parallel_region():
+    """benchmarks/parallel_regions.py: plan + observe open no OpenMP region at two threads (issue 13).
+
+    A count, not a time: each region would make the step wait for a second core, which on a busy machine
+    costs milliseconds (docs/memory.md). Before issue 13 this size opened 6 per step at batch 64.
+    """
+    out = run_script(
+        "benchmarks/parallel_regions.py", "--samples", "2000", "--candidates", "20", "--vocab", "1000", "--steps", "2"
+    )
+    rows = [line for line in out.splitlines() if line.startswith(("| 64 |", "| 8 |"))]
+    assert rows == ["| 64 | [0, 0] | [0, 0] |", "| 8 | [0, 0] | [0, 0] |"], out
 
 
 def test_common_doctests():

@@ -138,14 +138,16 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
             if proc.poll() is None:
                 proc.kill()
     seconds = time.perf_counter() - start
-    print(f"\nDDP worker (2 processes, 2 fits of 8 steps each): {seconds:.1f} s")
+    print(f"\nDDP worker (2 processes, 3 fits of 8 steps each): {seconds:.1f} s")
     for rank, (proc, log) in enumerate(zip(procs, logs, strict=True)):
         assert proc.returncode == 0, f"DDP rank {rank} failed (exit {proc.returncode}):\n{log.read_text()[-8000:]}"
 
     def load(name: str) -> list[dict[str, Any]]:
         return [torch.load(out / f"{name}_rank{r}.pt", weights_only=False) for r in range(ddp_worker.WORLD_SIZE)]
 
-    return SimpleNamespace(full=load("full"), resumed=load("resumed"), checkpoint=out / "ckpt" / "e0.ckpt")
+    return SimpleNamespace(
+        full=load("full"), resumed=load("resumed"), cached=load("cached"), checkpoint=out / "ckpt" / "e0.ckpt"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +159,7 @@ def single_runs(ddp_run: SimpleNamespace) -> SimpleNamespace:
 
 
 def test_ddp_ranks_hold_identical_stores(ddp_run):
-    for run in (ddp_run.full, ddp_run.resumed):
+    for run in (ddp_run.full, ddp_run.resumed, ddp_run.cached):
         rank0, rank1 = run
         assert (rank0["rank"], rank1["rank"]) == (0, 1)
         assert rank0["global_step"] == rank1["global_step"] == 2 * ddp_worker.NUM_SAMPLES // 4
@@ -214,6 +216,30 @@ def test_ddp_samples_change_rank_and_the_teacher_scores_each_once(ddp_run):
     assert rows == [ddp_worker.NUM_SAMPLES // 2] * 2, "all in epoch 0, none after a sample moved"
     for result in (*ddp_run.full, *ddp_run.resumed):
         assert result["totals"]["teacher_samples"] == ddp_worker.NUM_SAMPLES  # counted over all ranks
+
+
+def test_ddp_one_collective_per_hook(ddp_run):
+    """Issue 13: the callback's exchanges between ranks, counted per training batch (15 before: 8 + 7; 2 now).
+
+    Each hook packs its tensors into one gather; a hook gathers twice only when a rank's tensors outgrow
+    the width agreed so far (the first call of each hook, and when a batch brings more than any before).
+    """
+    for result in ddp_run.full:
+        starts, ends = result["collectives"]["on_train_batch_start"], result["collectives"]["on_train_batch_end"]
+        batches = result["global_step"]
+        print(f"\nrank {result['rank']}: collectives per batch, plan {starts}, observe {ends}")
+        assert len(starts) == len(ends) == batches
+        assert all(1 <= n <= 2 for n in (*starts, *ends))
+        assert starts[0] == ends[0] == 2, "the first call of each hook agrees on a width"
+        assert sum(starts) + sum(ends) <= 2 * batches + 4, "then one per hook, save for a few wider batches"
+
+
+def test_ddp_fit_from_the_reference_cache_equals_the_fit_that_wrote_it(ddp_run):
+    """Both ranks read the cache lazily (each sample when first met) and stay identical; the teacher never runs."""
+    for cached, full in zip(ddp_run.cached, ddp_run.full, strict=True):
+        assert cached["cache_samples"] == ddp_worker.NUM_SAMPLES and cached["teacher_rows"] == 0
+        assert_same(cached["bank"], full["bank"])  # the same references, so the same training, bit for bit
+        assert cached["totals"] == {**full["totals"], "teacher_samples": 0}
 
 
 # ------------------------------------------------------------------------------------------------

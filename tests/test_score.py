@@ -360,7 +360,13 @@ def test_memory_benchmark_smoke(tmp_path, capsys):
     assert report.bank_used <= report.bank_allocated < 2 * report.bank_used + 8 * 1024
     assert 0 <= report.cache_file - report.cache_file_formula < 4096  # the zip container
     assert 0 <= report.state_file - report.state_file_formula < 4096
-    assert "| bank in memory, used" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| bank in memory, used" in out and "| **start of a fit with the cache** (`open_cache`" in out
+    # The start with the cache, a first-epoch step reading it, and the policy per batch size and thread count.
+    assert report.open_s is not None and report.first_meet is not None and report.first_meet.median_ms > 0
+    threads = torch.get_num_threads()
+    assert set(report.policy) == {(threads, 64), (threads, 8)}
+    assert all(t.median_ms > 0 and set(t.parts_ms) == {"plan", "observe"} for t in report.policy.values())
 
 
 @pytest.mark.slow
