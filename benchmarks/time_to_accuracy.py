@@ -472,6 +472,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "kept_text_share": kept["text_kept"] / kept["text"] if kept["text"] else None,
             "curve": curve,
         }
+        row["tokens_to_level"] = {f"{level:.2f}": _first_reach(curve, level, "tokens") for level in LEVELS}
         if target is not None:
             row["tokens_to_near"] = _first_reach(curve, target - NEAR, "tokens")
             row["seconds_to_near"] = _first_reach(curve, target - NEAR, "train_s")
@@ -510,7 +511,44 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if "random" in reach and name in reach and name not in ("random", "baseline"):
             row["before_random"] = _wins(reach[name], reach["random"])
             row["before_random_near"] = _wins(near[name], near["random"])
+    finals = {
+        name: {r["config"]["seed"]: r["points"][-1]["acc"] for r in group} for name, group in by_variant.items()
+    }
+    summary["paired_final"] = [
+        {"a": a, "b": b, **_paired(finals[a], finals[b])} for a, b in PAIRS if a in finals and b in finals
+    ]
     return summary
+
+
+LEVELS = (0.7, 0.8, 0.85, 0.9)
+"""Fixed accuracies at which every variant's mean curve is read (tokens to reach them), beside the baseline's peak."""
+
+PAIRS = (
+    ("regate", "random"),
+    ("regate", "baseline"),
+    ("ema_only", "regate"),
+    ("ref_only", "regate"),
+    ("adaptive", "regate"),
+    ("visual_temporal_0.5", "visual_random_0.5"),
+    ("visual_temporal_0.25", "visual_random_0.25"),
+    ("regate+visual_temporal_0.5", "regate+visual_random_0.5"),
+    ("regate+visual_temporal_0.5", "baseline"),
+)
+"""Variant pairs whose final accuracies are compared seed by seed (same data order, same initial weights)."""
+
+
+def _paired(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
+    """``a - b`` per common seed: mean, standard error of the mean, and on how many seeds ``a`` is higher.
+
+    >>> r = _paired({0: 0.9, 1: 0.8, 2: 0.7}, {0: 0.8, 1: 0.8, 2: 0.6})
+    >>> (round(r["mean"], 3), round(r["se"], 3), r["higher"], r["seeds"])
+    (0.067, 0.033, 2, 3)
+    """
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in seeds]
+    mean = _mean(diffs) if diffs else math.nan
+    se = _std(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    return {"seeds": len(seeds), "mean": mean, "se": se, "higher": sum(d > 0 for d in diffs), "diffs": diffs}
 
 
 def _wins(mine: dict[int, float | None], random: dict[int, float | None]) -> str:
@@ -559,6 +597,21 @@ def format_table(summary: dict[str, Any]) -> str:
             + " | ".join("-" if s is None else f"{100 * s:.1f} %" for s in shares)
             + " |"
         )
+    levels = list(summary["variants"].get("baseline", {}).get("tokens_to_level", {}))
+    if levels:
+        base = summary["variants"]["baseline"]["tokens_to_level"]
+        lines += [
+            "",
+            "| variant | " + " | ".join(f"tokens to {lv} (ratio)" for lv in levels) + " |",
+            "|---|" + "---|" * len(levels),
+        ]
+        for name, row in summary["variants"].items():
+            cells = []
+            for lv in levels:
+                mine, theirs = row["tokens_to_level"].get(lv), base.get(lv)
+                ratio = f" ({mine / theirs:.2f})" if mine is not None and theirs else ""
+                cells.append(f"{_num(mine, ',.0f')}{ratio}")
+            lines.append(f"| {VARIANTS[name][0] if name in VARIANTS else name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -669,6 +722,11 @@ def _report(summary: dict[str, Any]) -> str:
     return "\n".join(
         [format_table(summary), "", f"target (peak of the baseline's mean curve): {summary['target_acc']}", ""]
         + [f"- {line}" for line in verdict(summary)]
+        + ["", "final accuracy, paired by seed (a - b: mean ± standard error; seeds where a is higher):"]
+        + [
+            f"- {p['a']} - {p['b']}: {p['mean']:+.3f} ± {p['se']:.3f} ({p['higher']}/{p['seeds']} seeds)"
+            for p in summary.get("paired_final", [])
+        ]
     )
 
 

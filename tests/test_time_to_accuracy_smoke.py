@@ -127,3 +127,12 @@ def test_demo_ablation_smoke(tmp_path):
     for run in report["runs"]:
         assert [p["step"] for p in run["points"]] == [2, 4]
         assert all(math.isfinite(p["video_gap"]) and 0.0 <= p["acc"] <= 1.0 for p in run["points"])
+
+
+def test_time_to_accuracy_doctests():
+    import doctest
+
+    import benchmarks.time_to_accuracy as tta
+
+    result = doctest.testmod(tta)
+    assert result.attempted > 0 and result.failed == 0
