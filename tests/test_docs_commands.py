@@ -314,7 +314,10 @@ CHECKS: dict[str, Any] = {
     "python benchmarks/throughput.py --threads 1 --out docs/results/throughput_cpu": Args(
         "tests/test_benchmarks_smoke.py::test_throughput_smoke"
     ),
-    "REGATE_LIGHTNING_CACHE=/tmp/tta_cache python benchmarks/time_to_accuracy.py --jobs 2": Args(
+    "REGATE_LIGHTNING_CACHE=/tmp/tta_cache python benchmarks/time_to_accuracy.py --jobs 2 --variants baseline "
+    "regate ema_only ref_only random adaptive visual_temporal_0.5 visual_random_0.5 visual_temporal_0.25 "
+    "visual_random_0.25 regate+visual_temporal_0.5 regate+visual_random_0.5 regate+visual_temporal_0.25 "
+    "regate+visual_random_0.25": Args(
         "tests/test_time_to_accuracy_smoke.py::test_time_to_accuracy_smoke"
     ),
     "python benchmarks/time_to_accuracy.py --summarise docs/results/time_to_accuracy/time_to_accuracy.json": Args(
