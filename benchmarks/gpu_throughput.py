@@ -116,8 +116,14 @@ def parts_for(
             (Variant(0.25), Variant(1.0), Variant(visual=0.25), Variant(0.25, 0.25)),
             profile_repeats=max(profile_repeats - 1, 1),
         ),
-        Part(f"a{answer_long}-store", answer_long, (P,), profile_repeats=1, store_samples=store[0],
-             store_candidates=store[1]),
+        Part(
+            f"a{answer_long}-store",
+            answer_long,
+            (P,),
+            profile_repeats=1,
+            store_samples=store[0],
+            store_candidates=store[1],
+        ),
     )
 
 

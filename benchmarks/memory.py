@@ -534,8 +534,18 @@ def main(argv: Sequence[str] | None = None) -> Report:
         out.mkdir(parents=True, exist_ok=True)
         package = checkout(args.package, Path(tmp) / "package")
         report = run(
-            args.samples, args.candidates, args.vocab, batches, threads, args.repeats, args.chunk, args.prompt_len,
-            out, package, args.seed, args.busy,
+            args.samples,
+            args.candidates,
+            args.vocab,
+            batches,
+            threads,
+            args.repeats,
+            args.chunk,
+            args.prompt_len,
+            out,
+            package,
+            args.seed,
+            args.busy,
         )
     print(
         f"ScoreBank and reference cache: N = {args.samples:,} samples x {args.candidates} candidates = "

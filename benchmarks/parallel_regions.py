@@ -70,8 +70,14 @@ def counter_library(folder: Path) -> Path:
 
 
 def count_regions(
-    samples: int, candidates: int, vocab: int, batches: Sequence[int], prompt_len: int, steps: int,
-    package: Path | None, library: Path,
+    samples: int,
+    candidates: int,
+    vocab: int,
+    batches: Sequence[int],
+    prompt_len: int,
+    steps: int,
+    package: Path | None,
+    library: Path,
 ) -> dict[int, tuple[list[int], list[int]]]:
     """Regions opened by ``plan`` and by ``observe`` in each timed step, per batch size."""
     lib = ctypes.CDLL(str(library))

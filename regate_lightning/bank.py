@@ -667,7 +667,8 @@ class ScoreBank(nn.Module):
         if state["format_version"] != BANK_FORMAT_VERSION:
             raise ValueError(
                 f"ScoreBank state has format version {state['format_version']}, this code reads version "
-                f"{BANK_FORMAT_VERSION}" + (
+                f"{BANK_FORMAT_VERSION}"
+                + (
                     " (version 1 keyed samples by their position among the records that were read, which "
                     "shifts when that set changes; its values cannot be matched to samples: start the store afresh)"
                     if state["format_version"] == 1
@@ -767,9 +768,7 @@ class ScoreBank(nn.Module):
 
     def _check_counts(self, counts: Tensor, idx: Tensor) -> Tensor:
         if not isinstance(counts, Tensor) or counts.shape != idx.shape:
-            raise ValueError(
-                f"`counts` must be a tensor of shape {tuple(idx.shape)}, got {_describe(counts)}"
-            )
+            raise ValueError(f"`counts` must be a tensor of shape {tuple(idx.shape)}, got {_describe(counts)}")
         if not _is_integer(counts):
             raise TypeError(f"`counts` must be an integer tensor, got {counts.dtype}")
         counts = counts.to(device=self.device, dtype=torch.int64)
@@ -779,9 +778,7 @@ class ScoreBank(nn.Module):
 
     def _check_flat(self, name: str, values: Tensor, slots: Tensor) -> Tensor:
         if not isinstance(values, Tensor) or values.shape != slots.shape:
-            raise ValueError(
-                f"`{name}` must have shape [counts.sum()] = {tuple(slots.shape)}, got {_describe(values)}"
-            )
+            raise ValueError(f"`{name}` must have shape [counts.sum()] = {tuple(slots.shape)}, got {_describe(values)}")
         return values.to(device=self.device, dtype=torch.float32)
 
     def _check_target_ids(self, target_ids_flat: Tensor, slots: Tensor) -> Tensor:

@@ -171,9 +171,7 @@ def load_cache(path: str | os.PathLike, fingerprint: dict[str, Any]) -> dict[str
         ) from None
     if not isinstance(payload, dict) or payload.get("version") != CACHE_VERSION or "fingerprint" not in payload:
         found = payload.get("version") if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(
-            f"{target} is not a reference cache of version {CACHE_VERSION} (found {found!r}); {_FIX}"
-        )
+        raise ValueError(f"{target} is not a reference cache of version {CACHE_VERSION} (found {found!r}); {_FIX}")
     stored = payload["fingerprint"]
     differ = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
     if differ:

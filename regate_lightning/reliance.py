@@ -31,6 +31,7 @@ from regate_lightning.keys import ANSWER_IDX, IMAGE, INPUT_IDS, MEDIA_KINDS, OPT
 
 __all__ = ["MediaSwap", "answer_rows", "media_runs", "swap_media"]
 
+
 def media_runs(input_ids: Tensor, token_id: int) -> Tensor:
     """Number of media items of one kind per row: the contiguous runs of its placeholder id.
 

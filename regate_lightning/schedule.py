@@ -38,9 +38,7 @@ class Schedule:
         check_int("cycle_steps", self.cycle_steps, minimum=1)
         check_int("full_steps", self.full_steps, minimum=0)
         if self.full_steps > self.cycle_steps:
-            raise ValueError(
-                f"`full_steps` must be in [0, cycle_steps={self.cycle_steps}], got {self.full_steps}"
-            )
+            raise ValueError(f"`full_steps` must be in [0, cycle_steps={self.cycle_steps}], got {self.full_steps}")
 
 
 def is_full_step(step: int, schedule: Schedule) -> bool:

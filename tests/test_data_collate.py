@@ -62,9 +62,7 @@ def test_padding_mask_and_labels(qwen):
     assert (batch["input_ids"][1, n:] == tokenizer().pad_token_id).all()
     assert (batch["labels"][1, n:] == IGNORE_INDEX).all()
     assert batch["mm_token_type_ids"][0].tolist() == long.token_types.tolist()
-    assert batch["pixel_values"].shape == (16, 3 * 2 * 8 * 8) and batch["image_grid_thw"].tolist() == [
-        [1, 4, 4]
-    ]
+    assert batch["pixel_values"].shape == (16, 3 * 2 * 8 * 8) and batch["image_grid_thw"].tolist() == [[1, 4, 4]]
     padded = Collator(0, pad_to_multiple_of=16)([short])
     assert padded["input_ids"].shape[1] % 16 == 0
 
@@ -88,9 +86,7 @@ def test_max_length_never_cuts_visual_tokens(qwen):
                 outcomes.add("skipped")
                 continue
             assert len(out) <= max_length
-            assert torch.equal(
-                out.input_ids, sample.input_ids[: len(out)]
-            )  # a prefix: only text after is cut
+            assert torch.equal(out.input_ids, sample.input_ids[: len(out)])  # a prefix: only text after is cut
             assert int((out.token_types != 0).sum()) == visual and len(out) >= sample.visual_end
             assert (out.labels[1:] != IGNORE_INDEX).any()
             outcomes.add("truncated" if len(out) < len(sample) else "kept")
@@ -126,13 +122,19 @@ def test_collator_arguments_are_validated():
 def _question(qwen, options: list[str], answer: int = 0):
     spec, renderer = qwen
     image = spec.process_image(torch.zeros(3, 32, 32, dtype=torch.uint8))
-    record = ChoiceRecord("q7", Media("image", Path("x.png")), "What colour?", tuple(options), answer, "colour",
-                          "mc.jsonl:3 (id q7)")
+    record = ChoiceRecord(
+        "q7", Media("image", Path("x.png")), "What colour?", tuple(options), answer, "colour", "mc.jsonl:3 (id q7)"
+    )
     dataset = MultipleChoiceDataset([record], renderer)
     samples = []
     for j, option in enumerate(options):
-        sample = renderer.render([Turn("user", dataset.question_text(record)), Turn("assistant", option)], [image],
-                                 end_of_turn=False, index=0, source=record.source)
+        sample = renderer.render(
+            [Turn("user", dataset.question_text(record)), Turn("assistant", option)],
+            [image],
+            end_of_turn=False,
+            index=0,
+            source=record.source,
+        )
         sample.extras = {QUESTION_IDX: 0, OPTION_IDX: j, ANSWER_IDX: answer, NUM_OPTIONS: len(options), TASK: 0}
         samples.append(sample)
     return samples

@@ -57,8 +57,14 @@ def fit(root: Path, cache: Path | None, max_steps: int = 1, ckpt: str | None = N
     )
     extra = [pl.callbacks.ModelCheckpoint(dirpath=root / "ckpt", save_last=True)] if save else []
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=save, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, callbacks=[callback, *extra],
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=save,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[callback, *extra],
     )
     module = MLLMModule(tiny.tiny_llava_next_video(hidden_size=32), optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
     trainer.fit(module, data, ckpt_path=ckpt)
@@ -165,8 +171,10 @@ def test_chat_template_is_in_the_fingerprint(videos):
             tokenizer.chat_template = tokenizer.chat_template.replace("USER:", "Q:")
             return tokenizer
 
-    prints = [set_up(cls(str(videos / "train.jsonl"), tokenizer=TOKENIZER)).fingerprint()
-              for cls in (ConversationDataModule, OtherTemplate)]
+    prints = [
+        set_up(cls(str(videos / "train.jsonl"), tokenizer=TOKENIZER)).fingerprint()
+        for cls in (ConversationDataModule, OtherTemplate)
+    ]
     assert prints[0] != prints[1]
 
 

@@ -22,8 +22,16 @@ TOKENIZER = "regate_lightning.testing.byte_tokenizer"
 def fit(data: ConversationDataModule, root: Path, max_epochs: int = 1, **kwargs) -> tuple[pl.Trainer, list[dict]]:
     """Fit a tiny LLaVA-NeXT-Video on ``data``; the rows of its metrics.csv."""
     logger = pl.loggers.CSVLogger(root / "logs", name="", version="")
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=max_epochs, log_every_n_steps=1, logger=logger,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kwargs)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=max_epochs,
+        log_every_n_steps=1,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
     module = MLLMModule(tiny.tiny_llava_next_video(hidden_size=32), optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
     trainer.fit(module, data)
     with open(root / "logs" / "metrics.csv", encoding="utf-8") as handle:
@@ -52,9 +60,13 @@ def test_each_file_has_its_own_media_folder_and_validation_files_name_their_task
     task_b = write_records(tmp_path / "ann" / "object_shuffle.json", [mc("b.mp4", "a square")] * 2, jsonl=False)
     data = ConversationDataModule(
         DataFile(str(train), media_root=str(tmp_path / "train_media")),
-        [DataFile(str(task_a), media_root=str(tmp_path / "task_a_media")),
-         DataFile(str(task_b), media_root=str(tmp_path / "task_b_media"))],
-        tokenizer=TOKENIZER, num_frames=2, batch_size=2,
+        [
+            DataFile(str(task_a), media_root=str(tmp_path / "task_a_media")),
+            DataFile(str(task_b), media_root=str(tmp_path / "task_b_media")),
+        ],
+        tokenizer=TOKENIZER,
+        num_frames=2,
+        batch_size=2,
     )
     trainer, _ = fit(data, tmp_path)
     assert data.task_names == ["action_sequence", "object_shuffle"]
@@ -69,8 +81,10 @@ def test_each_file_has_its_own_media_folder_and_validation_files_name_their_task
     [
         ("", r"the file is empty"),
         ("[]", r"the file holds an empty JSON list"),
-        (json.dumps(llava_record("x", "video", "gone.mp4")) + '\n{"broken\n',
-         r"every one of its 2 records was skipped \(bad_json 1, missing_media 1\)"),
+        (
+            json.dumps(llava_record("x", "video", "gone.mp4")) + '\n{"broken\n',
+            r"every one of its 2 records was skipped \(bad_json 1, missing_media 1\)",
+        ),
     ],
     ids=["empty", "empty-list", "all-skipped"],
 )
@@ -92,8 +106,11 @@ def test_an_epoch_whose_samples_all_fail_to_decode_names_the_file(tmp_path):
     (tmp_path / "bad.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 nothing else" * 10)
     path = write_records(tmp_path / "train.jsonl", [llava_record(f"b{i}", "video", "bad.mp4") for i in range(3)])
     data = ConversationDataModule(str(path), tokenizer=TOKENIZER, num_frames=2, batch_size=2, on_error="skip")
-    with pytest.raises(DataError, match=rf"{path}: every one of its 3 training samples was skipped in epoch 0 "
-                                        r"\(unreadable_media 3\)"):
+    with pytest.raises(
+        DataError,
+        match=rf"{path}: every one of its 3 training samples was skipped in epoch 0 "
+        r"\(unreadable_media 3\)",
+    ):
         fit(data, tmp_path)
 
 
@@ -103,17 +120,24 @@ def test_skips_are_counted_per_epoch_and_once_per_record_and_steps_stay_contiguo
     `step` column is the optimizer step, without gaps or repeats."""
     write_video(tmp_path / "good.mp4", num_frames=2)
     (tmp_path / "bad.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 nothing else" * 10)
-    records = [llava_record("g", "video", "good.mp4"), llava_record("m0", "video", "gone0.mp4"),
-               llava_record("b0", "video", "bad.mp4"), llava_record("m1", "video", "gone1.mp4"),
-               llava_record("b1", "video", "bad.mp4")]
+    records = [
+        llava_record("g", "video", "good.mp4"),
+        llava_record("m0", "video", "gone0.mp4"),
+        llava_record("b0", "video", "bad.mp4"),
+        llava_record("m1", "video", "gone1.mp4"),
+        llava_record("b1", "video", "bad.mp4"),
+    ]
     path = write_records(tmp_path / "train.jsonl", records)
     data = ConversationDataModule(str(path), tokenizer=TOKENIZER, num_frames=2, batch_size=2, on_error="skip")
     trainer, rows = fit(data, tmp_path, max_epochs=3)
     ends = [row for row in rows if DATA_SKIPPED in row]
     assert [float(row[DATA_SKIPPED_EPOCH]) for row in ends] == [2.0, 2.0, 2.0]  # the two bad videos, each epoch
     assert [float(row[DATA_SKIPPED]) for row in ends] == [4.0, 4.0, 4.0]  # 4 records, each once
-    assert data.counter.records() == {**dict.fromkeys(data.counter.records(), 0), "missing_media": 2,
-                                      "unreadable_media": 2}
+    assert data.counter.records() == {
+        **dict.fromkeys(data.counter.records(), 0),
+        "missing_media": 2,
+        "unreadable_media": 2,
+    }
     steps = [int(row["step"]) for row in rows if "train/loss" in row]
     assert steps == list(range(trainer.global_step)) and trainer.global_step >= 3
     assert len({json.dumps(row, sort_keys=True) for row in rows}) == len(rows), "no duplicate rows"
@@ -129,7 +153,9 @@ def test_an_empty_batch_under_several_processes_stops_with_a_clear_error(tmp_pat
     context = torch.multiprocessing.get_context("spawn")
     errors = context.SimpleQueue()
     torch.multiprocessing.start_processes(
-        iterate_with_an_empty_batch, args=(2, f"file://{tmp_path / 'rendezvous'}", errors), nprocs=2,
+        iterate_with_an_empty_batch,
+        args=(2, f"file://{tmp_path / 'rendezvous'}", errors),
+        nprocs=2,
         start_method="spawn",
     )
     messages = [errors.get() for _ in range(2)]

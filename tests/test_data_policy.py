@@ -104,9 +104,7 @@ def test_raise_names_the_record_and_skip_counts_it(root, renderer, bad, reason, 
 
 
 def test_json_list_names_the_record_index(root):
-    path = write_records(
-        root / "list.json", [llava_record("ok", "video", "good0.mp4"), _no_assistant()], jsonl=False
-    )
+    path = write_records(root / "list.json", [llava_record("ok", "video", "good0.mp4"), _no_assistant()], jsonl=False)
     with pytest.raises(DataError, match=r"list\.json#1 \(id no-answer\)"):
         read_records(path)
     (root / "broken.json").write_text('[{"id": 1}, {', encoding="utf-8")
@@ -152,9 +150,7 @@ def test_skip_counts_reach_the_main_process_from_workers(root, renderer):
     path = write_records(root / "workers.jsonl", records)
     counter = SkipCounter()
     dataset = ConversationDataset(path, renderer, FRAMES, on_error="skip", counter=counter)
-    loader = DataLoader(
-        dataset, batch_size=2, num_workers=2, collate_fn=Collator(tokenizer(), counter=counter)
-    )
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=Collator(tokenizer(), counter=counter))
     seen = [int(i) for batch in loader for i in batch["sample_idx"]]
     assert seen == [sample_key("id ok0"), sample_key("id ok2")]
     assert counter.counts()["unreadable_media"] == 2

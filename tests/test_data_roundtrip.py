@@ -45,9 +45,7 @@ def _files(root, kind, names):
         [llava_record(f"l{i}", kind, n) for i, n in enumerate(names)],
         jsonl=False,
     )
-    msgs = write_records(
-        root / f"{kind}_msgs.jsonl", [messages_record(f"m{i}", kind, n) for i, n in enumerate(names)]
-    )
+    msgs = write_records(root / f"{kind}_msgs.jsonl", [messages_record(f"m{i}", kind, n) for i, n in enumerate(names)])
     return llava, msgs
 
 
@@ -58,9 +56,7 @@ def _train_step(model, batch):
     loss.backward()
     assert torch.isfinite(loss)
     towers = ("vision_tower", "visual", "video_tower", "image_tower")
-    grads = [
-        p.grad for n, p in model.named_parameters() if p.grad is not None and any(t in n for t in towers)
-    ]
+    grads = [p.grad for n, p in model.named_parameters() if p.grad is not None and any(t in n for t in towers)]
     assert grads and all(torch.isfinite(g).all() for g in grads)  # gradients reach the vision tower
     return loss
 
@@ -324,8 +320,11 @@ def test_mvbench_files_answer_by_text_and_name_their_task(media):
         {"video": "b.mp4", "question": "Which way?", "candidates": ["left", "right"], "answer": "up"},
     ]
     path = write_records(media / "action_sequence.json", rows, jsonl=False)
-    with pytest.raises(DataError, match=r"action_sequence\.json#1 .*`answer` 'up' matches none of the options "
-                                        r"\['left', 'right'\]"):
+    with pytest.raises(
+        DataError,
+        match=r"action_sequence\.json#1 .*`answer` 'up' matches none of the options "
+        r"\['left', 'right'\]",
+    ):
         read_choice_records(path)
     counter = SkipCounter()
     (first,) = read_choice_records(path, on_error="skip", counter=counter)

@@ -71,9 +71,7 @@ def test_train_answers_mix_visual_and_template_words(synthetic):
         words = classify_words(answer)
         assert 15 <= len(words) <= 30
         needed = {w.lower() for w, v in words if v}
-        assert (
-            clip["colour"] in needed and clip["direction"] in needed and COUNTS[clip["count"] - 1] in needed
-        )
+        assert clip["colour"] in needed and clip["direction"] in needed and COUNTS[clip["count"] - 1] in needed
         assert sum(not v for _, v in words) > len(needed)  # most words are predictable from text
     for _, template in _QA_TEMPLATES:  # template words are never visual; only the slots are
         assert not any(needs_video for _, needs_video in classify_words(re.sub(r"\{\w+\}", "", template)))
@@ -110,9 +108,7 @@ def test_tokenizer_is_trained_once_and_cached(synthetic):
     text = "The video shows two red circles moving left."
     assert tok.decode(tok(text)["input_ids"]) == text
     assert (
-        tok.apply_chat_template(
-            [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
-        )
+        tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
         == "<s>USER: Hi ASSISTANT:"
     )
     again = synthetic_tokenizer(synthetic)  # loaded from the cache folder

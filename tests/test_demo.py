@@ -39,11 +39,21 @@ def demo_run(tmp_path_factory):
     module = MLLMModule(student, optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3))
     data = SyntheticVideoQADataModule(**size, num_frames=4, batch_size=4, val_batch_questions=4, media_cache_mb=16)
     spy = KeepSpy()
-    report = ElisionReport(html_path=str(root / "report.html"), num_samples=3,
-                           word_classifier="regate_lightning.data.synthetic.needs_video")
+    report = ElisionReport(
+        html_path=str(root / "report.html"),
+        num_samples=3,
+        word_classifier="regate_lightning.data.synthetic.needs_video",
+    )
     regate = ReGATECallback(warmup_steps=1, cycle_steps=4, full_steps=1)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[regate, spy, report])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[regate, spy, report],
+    )
     trainer.fit(module, data)
     return trainer, regate, spy, report, root
 

@@ -72,7 +72,7 @@ def documented_commands() -> dict[str, list[str]]:
             except ValueError:
                 continue
             start = next((i for i, w in enumerate(words) if not _ENV.fullmatch(w)), len(words))
-            program, args = (words[start], words[start + 1:]) if start < len(words) else ("", [])
+            program, args = (words[start], words[start + 1 :]) if start < len(words) else ("", [])
             if program in PROGRAMS and any(re.search(r"[/.=-]", w) for w in args):  # not a bare name
                 commands.append(" ".join(words))
         for command in commands:
@@ -124,8 +124,9 @@ class Run:
             code, out = _cli(words, cwd, capsys)
             assert code == 0, f"{command!r} exited {code}"
         else:
-            proc = subprocess.run(["bash", "-c", command], cwd=cwd, env=_env(), capture_output=True, text=True,
-                                  timeout=600, check=False)
+            proc = subprocess.run(
+                ["bash", "-c", command], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600, check=False
+            )
             assert proc.returncode == 0, f"{command!r} exited {proc.returncode}: {proc.stderr[-2000:]}"
             out = proc.stdout
         if self.expect is not None:
@@ -319,9 +320,7 @@ CHECKS: dict[str, Any] = {
     "REGATE_LIGHTNING_CACHE=/tmp/tta_cache python benchmarks/time_to_accuracy.py --jobs 2 --variants baseline "
     "regate ema_only ref_only random adaptive visual_temporal_0.5 visual_random_0.5 visual_temporal_0.25 "
     "visual_random_0.25 regate+visual_temporal_0.5 regate+visual_random_0.5 regate+visual_temporal_0.25 "
-    "regate+visual_random_0.25": Args(
-        "tests/test_time_to_accuracy_smoke.py::test_time_to_accuracy_smoke"
-    ),
+    "regate+visual_random_0.25": Args("tests/test_time_to_accuracy_smoke.py::test_time_to_accuracy_smoke"),
     "REGATE_LIGHTNING_CACHE=/tmp/tta_cache python benchmarks/demo_ablation.py --jobs 2": Args(
         "tests/test_time_to_accuracy_smoke.py::test_demo_ablation_smoke"
     ),

@@ -102,9 +102,7 @@ def _reference_keep(scores: torch.Tensor, candidates: torch.Tensor, p: float, mi
 @pytest.mark.parametrize("device", DEVICES)
 def test_select_keep_hand_example(device: str) -> None:
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.0, 0.7], [5.0, 4.0, 3.0, 2.0, 1.0]], device=device)
-    candidates = torch.tensor(
-        [[False, True, True, True, True], [True, True, True, True, True]], device=device
-    )
+    candidates = torch.tensor([[False, True, True, True, True], [True, True, True, True, True]], device=device)
     keep = select_keep(scores, candidates, keep_ratio=0.5)
     # Row 0: n = 4, k = 2 -> keep 0.9 (pos 1) and 0.7 (pos 4). Row 1: n = 5, k = 3 -> first three.
     expected = [[True, True, False, False, True], [True, True, True, False, False]]

@@ -207,8 +207,10 @@ class NonEmptyDataLoader(DataLoader):
         for batch in super().__iter__():
             if batch is not None:
                 yield batch
-            elif torch.distributed.is_available() and torch.distributed.is_initialized() and (
-                torch.distributed.get_world_size() > 1
+            elif (
+                torch.distributed.is_available()
+                and torch.distributed.is_initialized()
+                and (torch.distributed.get_world_size() > 1)
             ):
                 raise RuntimeError(
                     "every sample of a training batch was skipped by the data's on_error='skip' policy on one "

@@ -201,8 +201,7 @@ def _iter_json(path: Path) -> Iterator[tuple[str, str, Any]]:
                 f"{path}:{lineno}",
                 f"{path.name}:{lineno}",
                 DataError(
-                    f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno}); "
-                    "fix or remove the line",
+                    f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno}); fix or remove the line",
                     "bad_json",
                 ),
             )
@@ -240,9 +239,7 @@ def _llava_turns(obj: dict[str, Any], where: str) -> list[Turn]:
             raise DataError(f"{where}: turn {j} must be {{'from': ..., 'value': str}}, got {turn!r}")
         role = _ROLES.get(str(turn.get("from", "")).lower())
         if role is None:
-            raise DataError(
-                f"{where}: turn {j} has unknown role {turn.get('from')!r}; use one of {sorted(_ROLES)}"
-            )
+            raise DataError(f"{where}: turn {j} has unknown role {turn.get('from')!r}; use one of {sorted(_ROLES)}")
         turns.append(Turn(role, turn["value"]))
     return turns
 
@@ -258,9 +255,7 @@ def _messages_turns(obj: dict[str, Any], where: str) -> tuple[list[Turn], list[t
             raise DataError(f"{where}: message {j} must be an object, got {msg!r}")
         role = _ROLES.get(str(msg.get("role", "")).lower())
         if role is None:
-            raise DataError(
-                f"{where}: message {j} has unknown role {msg.get('role')!r}; use user/assistant/system"
-            )
+            raise DataError(f"{where}: message {j} has unknown role {msg.get('role')!r}; use user/assistant/system")
         content = msg.get("content")
         if isinstance(content, str):
             turns.append(Turn(role, content))
@@ -355,9 +350,7 @@ def parse_record(obj: Any, where: str, media_root: Path, check_media: bool = Tru
     if next((t.role for t in turns if t.role != "system"), "user") != "user":
         raise DataError(f"{where}: the conversation must start with a user turn (after any system turn)")
     if not any(t.role == "assistant" and t.text.strip() for t in turns):
-        raise DataError(
-            f"{where}: no assistant turn with text; nothing to supervise; add an answer", "no_assistant"
-        )
+        raise DataError(f"{where}: no assistant turn with text; nothing to supervise; add an answer", "no_assistant")
     for t in turns:
         if t.role != "user" and _MARKER_RE.search(t.text):
             raise DataError(
@@ -460,14 +453,8 @@ def parse_choice_record(obj: Any, where: str, media_root: Path, check_media: boo
     rid = str(obj.get("id", where))
     where = f"{where} (id {rid})"
     options = obj.get("options", obj.get("candidates"))
-    if (
-        not isinstance(options, list)
-        or len(options) < 2
-        or not all(isinstance(o, str) and o for o in options)
-    ):
-        raise DataError(
-            f"{where}: `options` must be a list of at least two non-empty strings, got {options!r}"
-        )
+    if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) and o for o in options):
+        raise DataError(f"{where}: `options` must be a list of at least two non-empty strings, got {options!r}")
     answer = given = obj.get("answer")
     if isinstance(answer, str) and answer in options:
         answer = options.index(answer)

@@ -291,8 +291,12 @@ class ConversationDataModule(pl.LightningDataModule):
             self.task_names = list(self.val_set.task_names)
         for name, counter in ((train.path, self.counter), (", ".join(f.path for f in files), self.val_counter)):
             if counter.total:
-                log.warning("data: skipped %d records of %s while reading: %s", counter.total, name,
-                            describe_counts(counter.counts()))
+                log.warning(
+                    "data: skipped %d records of %s while reading: %s",
+                    counter.total,
+                    name,
+                    describe_counts(counter.counts()),
+                )
         self._marks = {TRAIN: self.counter.snapshot(), VAL: self.val_counter.snapshot()}
 
     def _collator(self, counter: SkipCounter) -> Collator:
@@ -348,7 +352,11 @@ class ConversationDataModule(pl.LightningDataModule):
         if skipped:
             log.warning(
                 "data: %s: %d %s skipped (%s); in total %d records skipped, each counted once (%s)",
-                when, skipped, what, describe_counts(period), sum(report.total.values()),
+                when,
+                skipped,
+                what,
+                describe_counts(period),
+                sum(report.total.values()),
                 describe_counts(report.total),
             )
         if stage == TRAIN and dataset is not None and skipped >= len(dataset):

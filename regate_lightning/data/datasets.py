@@ -84,9 +84,7 @@ class FrameSampling:
         if self.sample not in ("uniform", "fps"):
             raise ValueError(f"`sample` must be 'uniform' or 'fps', got {self.sample!r}")
         if (self.sample == "fps") != (self.fps is not None):
-            raise ValueError(
-                f"`fps` must be given with sample='fps' only, got sample={self.sample!r}, fps={self.fps}"
-            )
+            raise ValueError(f"`fps` must be given with sample='fps' only, got sample={self.sample!r}, fps={self.fps}")
         if not self.folder_fps > 0:
             raise ValueError(f"`folder_fps` must be > 0, got {self.folder_fps}")
 

@@ -125,9 +125,7 @@ class ChatRenderer:
     ) -> None:
         self.tokenizer = tokenizer
         self.spec = spec
-        self.chat_template = (
-            chat_template or getattr(tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
-        )
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
         self.system_prompt = system_prompt
         self.template_media = self._template_media()
         if self.template_media is None:
@@ -189,9 +187,7 @@ class ChatRenderer:
             raise TypeError(f"the chat template must render to str, got {type(out).__name__}")
         return out
 
-    def _spans(
-        self, turns: Sequence[Turn], end_of_turn: bool, record_id: str
-    ) -> tuple[str, list[tuple[int, int]]]:
+    def _spans(self, turns: Sequence[Turn], end_of_turn: bool, record_id: str) -> tuple[str, list[tuple[int, int]]]:
         turns = list(turns)
         if self.system_prompt is not None and (not turns or turns[0].role != "system"):
             turns.insert(0, Turn("system", self.system_prompt))
@@ -216,9 +212,7 @@ class ChatRenderer:
                 answer = turns[i].text
                 at = upto.find(answer, start)
                 if at < 0:
-                    raise ValueError(
-                        f"record {record_id}: the chat template altered the answer text of turn {i}"
-                    )
+                    raise ValueError(f"record {record_id}: the chat template altered the answer text of turn {i}")
                 start, stop = at, at + len(answer)
             spans.append((start, stop))
         return text, spans
@@ -231,8 +225,7 @@ class ChatRenderer:
             enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             ids = list(enc["input_ids"])
             sup = [
-                any(offset + a < e and offset + max(b, a + 1) > s for s, e in spans)
-                for a, b in enc["offset_mapping"]
+                any(offset + a < e and offset + max(b, a + 1) > s for s, e in spans) for a, b in enc["offset_mapping"]
             ]
             return ids, sup
         cuts = sorted({0, len(text), *(min(max(p - offset, 0), len(text)) for span in spans for p in span)})
@@ -308,8 +301,7 @@ class ChatRenderer:
                 ids += block
                 sup += [False] * len(block)
                 types += [
-                    kind_type if t in (self.spec.image_token_id, self.spec.video_token_id) else TEXT_TYPE
-                    for t in block
+                    kind_type if t in (self.spec.image_token_id, self.spec.video_token_id) else TEXT_TYPE for t in block
                 ]
             offset += len(piece)
         visual = set(self.spec.media_token_ids)

@@ -108,14 +108,10 @@ def frame_indices(num_available: int, num_frames: int) -> list[int]:
     """
     if num_available < 1 or num_frames < 1:
         raise ValueError(f"need num_available >= 1 and num_frames >= 1, got {num_available}, {num_frames}")
-    return [
-        min(num_available - 1, math.floor((k + 0.5) * num_available / num_frames)) for k in range(num_frames)
-    ]
+    return [min(num_available - 1, math.floor((k + 0.5) * num_available / num_frames)) for k in range(num_frames)]
 
 
-def fps_indices(
-    times: list[float], duration: float, fps: float, max_frames: int, min_frames: int = 1
-) -> list[int]:
+def fps_indices(times: list[float], duration: float, fps: float, max_frames: int, min_frames: int = 1) -> list[int]:
     """Indices of the frames on screen at times ``0, 1/fps, 2/fps, ...`` (see the module docstring).
 
     Args:
@@ -245,9 +241,7 @@ def sample_video(
     except MediaError:
         raise
     except (av.FFmpegError, OSError, ValueError, EOFError) as err:
-        raise MediaError(
-            f"{name}: cannot decode video ({type(err).__name__}: {err}); check the file"
-        ) from err
+        raise MediaError(f"{name}: cannot decode video ({type(err).__name__}: {err}); check the file") from err
     if last is None:
         raise MediaError(f"{name}: no frame could be decoded; the file is corrupt or empty")
     # A damaged tail can decode fewer frames than it has packets: the missing ones repeat the last frame.
@@ -366,9 +360,7 @@ def resize_frames(frames: torch.Tensor, size: tuple[int, int], fit: Fit = "stret
     else:
         raise ValueError(f"`fit` must be 'stretch' or 'crop', got {fit!r}")
     if (mid_h, mid_w) != (h, w):
-        y = F.interpolate(
-            x.float(), size=(mid_h, mid_w), mode="bilinear", antialias=True, align_corners=False
-        )
+        y = F.interpolate(x.float(), size=(mid_h, mid_w), mode="bilinear", antialias=True, align_corners=False)
         x = y.round_().clamp_(0, 255).to(torch.uint8)
     if (mid_h, mid_w) != (out_h, out_w):
         top, left = (mid_h - out_h) // 2, (mid_w - out_w) // 2
@@ -376,9 +368,7 @@ def resize_frames(frames: torch.Tensor, size: tuple[int, int], fit: Fit = "stret
     return x[0] if single else x
 
 
-def load_image(
-    source: MediaSource, size: tuple[int, int] | None = None, fit: Fit = "stretch"
-) -> torch.Tensor:
+def load_image(source: MediaSource, size: tuple[int, int] | None = None, fit: Fit = "stretch") -> torch.Tensor:
     """Load an image with Pillow as RGB.
 
     Any mode is converted to RGB; transparent images are composited on white; EXIF orientation is

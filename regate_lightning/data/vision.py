@@ -73,7 +73,6 @@ class ProcessedMedia:
     num_tokens: int
 
 
-
 def _triple(values: tuple[float, ...] | list[float]) -> tuple[float, float, float]:
     if len(values) != 3:
         raise ValueError(f"`mean` and `std` need 3 values (RGB), got {values}")
@@ -332,9 +331,7 @@ class VisionSpec:
         if kind == "image" and self.image_refusal:
             return self.image_refusal
         if (self.image_key if kind == "image" else self.video_key) is None:
-            return (
-                f"{self.family} takes no {kind}s; use a model family that does, or remove them from the data"
-            )
+            return f"{self.family} takes no {kind}s; use a model family that does, or remove them from the data"
         return ""
 
     def placeholder_ids(self, kind: str, num_tokens: int, markers: bool = True) -> list[int]:
