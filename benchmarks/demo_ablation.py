@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarise(results)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        **tta.run_environment(argv, args.jobs),
         "wall_s": round(time.perf_counter() - start, 1),
         "load_average_end": tta._load_average(),
     }

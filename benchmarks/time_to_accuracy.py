@@ -843,21 +843,10 @@ def main(argv: list[str] | None = None) -> int:
     order = {(c.variant, c.seed): i for i, c in enumerate(configs)}
     runs.sort(key=lambda r: order[(r["config"]["variant"], r["config"]["seed"])])
     summary = summarise(runs)
-    import lightning
-    import transformers
 
     meta = {
-        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; 1 torch thread per "
-        f"run, {args.jobs} runs at a time",
+        **run_environment(argv, args.jobs),
         "load_average": {"start": load_start, "end": _load_average()},
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "lightning": lightning.__version__,
-            "python": platform.python_version(),
-        },
         "wall_s": round(time.perf_counter() - start, 1),
         "resumed_runs": len(done),
         "smoke": args.smoke,
@@ -898,6 +887,26 @@ def _resumed(partial: Path, configs: list[RunConfig]) -> list[dict[str, Any]]:
         else:
             print(f"[tta] {partial}:{number}: {key[0]} seed {key[1]} was made with other settings; not kept")
     return list(kept.values())
+
+
+def run_environment(argv: list[str] | None, jobs: int) -> dict[str, Any]:
+    """When, with what command, on what machine and with which library versions a benchmark ran."""
+    import lightning
+    import torch
+    import transformers
+
+    return {
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; 1 torch thread per "
+        f"run, {jobs} runs at a time",
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "lightning": lightning.__version__,
+            "python": platform.python_version(),
+        },
+    }
 
 
 def _load_average() -> list[float] | None:
