@@ -20,6 +20,10 @@ Variants (``--variants``), all with the paper's p = 0.5, beta = 0.9 and W/C/F = 
 - ``random``: the same schedule and keep count, candidates chosen at random.
 - ``adaptive``: the keep count set per sample by ``AdaptiveSelection`` (the fewest candidates whose fused
   difficulty covers ``--coverage`` of the sample's total).
+- ``regate_loss_only``: a diagnostic, not a method: ReGATE's selection applied to the loss only (the elided
+  tokens stay in the sequence as context; :func:`loss_mask_from_keep`), which saves nothing; beside
+  ``regate`` it separates what elision costs through the missing context from what it costs through the
+  missing losses.
 - ``visual_{temporal,random}_{0.5,0.25}``: ``VisualTokenElision`` alone (issue 13), keeping that share of
   each clip's video tokens in sparse steps, those that changed most since the previous frame
   (``temporal``) or at random; ``regate+visual_...``: the same with ReGATE. Selected with ``--variants``
@@ -148,6 +152,45 @@ def _visual(config: RunConfig, keep_ratio: float, selection: str) -> list[Any]:
     ]
 
 
+def loss_mask_from_keep(batch: dict[str, Any]) -> None:
+    """Turn a policy's keep mask into a loss mask, in place: every position stays in the decoder's sequence.
+
+    Position ``t`` kept False means the loss of token ``t + 1`` is not computed; here that token's label
+    becomes ``IGNORE_INDEX`` instead, and ``keep_mask`` leaves the batch, so the student sees the whole
+    sequence (the elided tokens as context) and learns only from the kept candidates, as ReGATE's selection
+    chose them. A diagnostic: it saves no compute.
+
+    >>> import torch
+    >>> batch = {"labels": torch.tensor([[-100, 5, 6, 7]]), "keep_mask": torch.tensor([[True, False, True, True]])}
+    >>> loss_mask_from_keep(batch)
+    >>> batch["labels"], "keep_mask" in batch
+    (tensor([[-100,    5, -100,    7]]), False)
+    """
+    from regate_lightning.keys import KEEP_MASK
+    from regate_lightning.targets import IGNORE_INDEX
+
+    keep = batch.pop(KEEP_MASK, None)
+    if keep is None:
+        return
+    labels = batch["labels"].clone()
+    labels[:, 1:][~keep[:, :-1].to(labels.device)] = IGNORE_INDEX
+    batch["labels"] = labels
+
+
+def _loss_only(config: RunConfig) -> list[Any]:
+    import lightning.pytorch as pl
+
+    class LossOnly(pl.Callback):
+        """After ReGATE's plan: its selection applied to the loss only (:func:`loss_mask_from_keep`)."""
+
+        def on_train_batch_start(
+            self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int
+        ) -> None:
+            loss_mask_from_keep(batch)
+
+    return [*_regate(config), LossOnly()]
+
+
 VARIANTS: dict[str, tuple[str, Callable[[RunConfig], list[Any]]]] = {
     "baseline": ("baseline (all tokens)", lambda c: []),
     "regate": ("ReGATE (lambda 0.5)", _regate),
@@ -155,6 +198,7 @@ VARIANTS: dict[str, tuple[str, Callable[[RunConfig], list[Any]]]] = {
     "ref_only": ("ReGATE, reference only (lambda 1)", lambda c: _regate(c, ref_weight=1.0)),
     "random": ("random elision (same keep count)", lambda c: _regate(c, selection="random")),
     "adaptive": ("ReGATE, adaptive keep count", _adaptive),
+    "regate_loss_only": ("ReGATE's selection on the loss only (no elision)", _loss_only),
 }
 """Variant name -> (label, callbacks for a run)."""
 for _ratio in (0.5, 0.25):

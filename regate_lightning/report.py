@@ -236,8 +236,12 @@ def render_text(
     if summary["candidates"]:
         lines.append(
             f"  answer-token candidates kept: {summary['candidates_kept']:.0f} of {summary['candidates']:.0f} "
-            f"({100 * summary['candidates_kept'] / summary['candidates']:.1f} %); teacher scored "
-            f"{summary['teacher_samples']:.0f} samples once each"
+            f"({100 * summary['candidates_kept'] / summary['candidates']:.1f} %); "
+            + (
+                f"teacher scored {summary['teacher_samples']:.0f} samples once each"
+                if summary["teacher_samples"]
+                else "the teacher ran on no sample"
+            )
             + (f", {summary['cache_samples']:.0f} read from ref_cache" if summary.get("cache_samples") else "")
         )
     if contrast:

@@ -88,3 +88,21 @@ def test_reference_contrast_is_reported(demo_run):
     trainer, _, _, report, _ = demo_run
     contrast = report.contrast(trainer.datamodule.tokenizer)
     assert contrast["video"]["tokens"] > 0 and contrast["text"]["tokens"] > 0
+
+
+def test_summary_says_where_the_reference_losses_came_from(tmp_path):
+    from regate_lightning.report import render_text
+
+    summary = {
+        "tokens_processed": 90.0,
+        "tokens_baseline": 100.0,
+        "steps": 10.0,
+        "tokens_saved_frac": 0.1,
+        "candidates": 40.0,
+        "candidates_kept": 30.0,
+        "teacher_samples": 8.0,
+    }
+    first = render_text([], summary, None, tmp_path / "r.html")
+    assert "30 of 40 (75.0 %); teacher scored 8 samples once each" in first and "ref_cache" not in first
+    again = render_text([], {**summary, "teacher_samples": 0.0, "cache_samples": 8.0}, None, tmp_path / "r.html")
+    assert "(75.0 %); the teacher ran on no sample, 8 read from ref_cache" in again
