@@ -585,6 +585,8 @@ PAIRS = (
     ("ema_only", "regate"),
     ("ref_only", "regate"),
     ("adaptive", "regate"),
+    ("regate_loss_only", "regate"),
+    ("regate_loss_only", "baseline"),
     ("visual_temporal_0.5", "visual_random_0.5"),
     ("visual_temporal_0.25", "visual_random_0.25"),
     ("regate+visual_temporal_0.5", "regate+visual_random_0.5"),

@@ -321,6 +321,8 @@ CHECKS: dict[str, Any] = {
     "regate ema_only ref_only random adaptive visual_temporal_0.5 visual_random_0.5 visual_temporal_0.25 "
     "visual_random_0.25 regate+visual_temporal_0.5 regate+visual_random_0.5 regate+visual_temporal_0.25 "
     "regate+visual_random_0.25": Args("tests/test_time_to_accuracy_smoke.py::test_time_to_accuracy_smoke"),
+    "REGATE_LIGHTNING_CACHE=/tmp/tta_cache python benchmarks/time_to_accuracy.py --jobs 2 --variants "
+    "regate_loss_only --out /tmp/tta_lo": Args("tests/test_time_to_accuracy_smoke.py::test_time_to_accuracy_smoke"),
     "REGATE_LIGHTNING_CACHE=/tmp/tta_cache python benchmarks/demo_ablation.py --jobs 2": Args(
         "tests/test_time_to_accuracy_smoke.py::test_demo_ablation_smoke"
     ),
