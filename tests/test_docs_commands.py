@@ -291,6 +291,7 @@ CHECKS: dict[str, Any] = {
     ),
     "regate-lightning fit --config recipes/demo_regate.yaml --trainer.callbacks.keep_ratio=0.3": PrintConfig(),
     "regate-lightning fit --config recipes/demo_regate.yaml": PrintConfig(),
+    "regate-lightning fit --config recipes/demo_visual.yaml": PrintConfig(),
     "regate-lightning score --config recipes/demo_regate.yaml": PrintConfig(),
     "regate-lightning --help": Run(_lists_score),
     "regate-lightning score --help": Run(),
@@ -323,6 +324,10 @@ CHECKS: dict[str, Any] = {
     "regate+visual_random_0.25": Args("tests/test_time_to_accuracy_smoke.py::test_time_to_accuracy_smoke"),
     "REGATE_LIGHTNING_CACHE=/tmp/tta_cache python benchmarks/time_to_accuracy.py --jobs 2 --variants "
     "regate_loss_only --out /tmp/tta_lo": Args("tests/test_time_to_accuracy_smoke.py::test_time_to_accuracy_smoke"),
+    "REGATE_LIGHTNING_CACHE=/tmp/tta_cache python benchmarks/time_to_accuracy.py --jobs 2 --variants "
+    "regate+visual_temporal_0.5 --seeds 5 6 7 8 9 --out /tmp/tta_vis59": Args(
+        "tests/test_time_to_accuracy_smoke.py::test_time_to_accuracy_smoke"
+    ),
     "REGATE_LIGHTNING_CACHE=/tmp/tta_cache python benchmarks/demo_ablation.py --jobs 2": Args(
         "tests/test_time_to_accuracy_smoke.py::test_demo_ablation_smoke"
     ),
