@@ -569,9 +569,9 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if "random" in reach and name in reach and name not in ("random", "baseline"):
             row["before_random"] = _wins(reach[name], reach["random"])
             row["before_random_near"] = _wins(near[name], near["random"])
-    finals = {name: {r["config"]["seed"]: r["points"][-1]["acc"] for r in group} for name, group in by_variant.items()}
+    by_seed = {name: {r["config"]["seed"]: r["points"][-1]["acc"] for r in group} for name, group in by_variant.items()}
     summary["paired_final"] = [
-        {"a": a, "b": b, **_paired(finals[a], finals[b])} for a, b in PAIRS if a in finals and b in finals
+        {"a": a, "b": b, **_paired(by_seed[a], by_seed[b])} for a, b in PAIRS if a in by_seed and b in by_seed
     ]
     return summary
 
@@ -624,7 +624,7 @@ def format_table(summary: dict[str, Any]) -> str:
     """The Markdown tables of :func:`summarise`: time to accuracy, then final accuracy per task and kept words."""
     lines = [
         "| variant | peak acc | final acc | tokens to target | ratio | train s to target | ratio | per seed: "
-        "reached, median ratio | before random | to target - 0.015: tokens ratio, s ratio, before random "
+        f"reached, median ratio | before random | to target - {NEAR}: tokens ratio, s ratio, before random "
         "| total tokens |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
