@@ -151,15 +151,46 @@ class _GatherHook:
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = torch.arange(length, device=embeds.device).expand(batch, length)
-            if self.parts.mrope:
-                positions = positions.expand(3, batch, length)
+            rows = self.parts.family.position_rows()
+            if rows > 1:
+                positions = positions.expand(rows, batch, length)
         kwargs["inputs_embeds"] = gather_positions(embeds, self.index, seq_dim=1)
         kwargs["position_ids"] = gather_positions(positions, self.index, seq_dim=-1)
         kwargs[ATTENTION_MASK] = self.valid.long()
         if kwargs.get("cache_position") is not None:
             kwargs["cache_position"] = torch.arange(self.index.shape[1], device=embeds.device)
+        full = _full_length_tensors(kwargs, batch, length)
+        kwargs = self.parts.family.shorten_decoder_inputs(kwargs, self.index, self.valid, length)
+        _refuse_full_length(self.parts, kwargs, full, length, self.index.shape[1])
         self.decoder_length = self.index.shape[1]
         return args, kwargs
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [t for t in items if isinstance(t, torch.Tensor)]
+
+
+def _full_length_tensors(kwargs: dict[str, Any], batch: int, length: int) -> set[int]:
+    """Ids of the decoder's tensor arguments (or list items) shaped ``[B, L, ...]`` that the engine did not shorten."""
+    return {
+        id(t)
+        for name, value in kwargs.items()
+        if name not in ("inputs_embeds", "position_ids", ATTENTION_MASK)
+        for t in _tensors(value)
+        if t.dim() >= 2 and tuple(t.shape[:2]) == (batch, length)
+    }
+
+
+def _refuse_full_length(parts: ModelParts, kwargs: dict[str, Any], full: set[int], length: int, short: int) -> None:
+    """Refuse a per-position decoder argument that the family left at the full length (it would be misaligned)."""
+    for name, value in kwargs.items():
+        if any(id(t) in full for t in _tensors(value)):
+            raise RuntimeError(
+                f"{type(parts.model).__name__} passes `{name}` over the full sequence ({length} positions) to its "
+                f"decoder, which the elided step shortens to {short}; the family {parts.family.name!r} must shorten it "
+                "in Family.shorten_decoder_inputs (regate_lightning/families/)"
+            )
 
 
 @contextmanager
@@ -179,7 +210,7 @@ class _StepSkip:
     kind: str
     rows: torch.Tensor  # bool [tower input rows]
     outputs: torch.Tensor  # bool [feature rows of the output module]
-    grid: torch.Tensor | None  # Qwen2-VL: the grids of the kept steps (media without one dropped)
+    tower_kwargs: dict[str, Any]  # the tower's other arguments for the kept steps (Qwen-VL: their grids)
     skipped: int  # steps not encoded
 
 
@@ -203,13 +234,12 @@ def plan_step_skips(parts: ModelParts, batch: Mapping[str, Any], active: torch.T
     encoded = {kind for kind, _, _ in family.encoders}
     out = []
     for kind in MEDIA_KINDS:
-        token = getattr(config, f"{kind}_token_id", None)
-        if kind not in encoded or token is None:
+        if kind not in encoded or family.media_token_id(config, kind) is None:
             continue
         media = family.media_steps(config, batch, kind)
         if not media:
             continue
-        flags = active[batch[INPUT_IDS] == int(token)]
+        flags = active[family.placeholder_mask(config, batch[INPUT_IDS], kind)]
         sizes = [m.steps * m.tokens_per_step for m in media]
         if flags.numel() != sum(sizes):
             return []  # the model itself will refuse the batch, naming the counts
@@ -227,13 +257,8 @@ def plan_step_skips(parts: ModelParts, batch: Mapping[str, Any], active: torch.T
             if per_row_output
             else torch.cat([k.repeat_interleave(m.tokens_per_step) for k, m in zip(keep, media, strict=True)])
         )
-        grid = None
-        if family.grid_keys is not None:
-            kept = torch.stack([k.sum() for k in keep])
-            grid = family.grids(batch, kind).clone()
-            grid[:, 0] = kept.to(grid.device)
-            grid = grid[kept > 0]
-        out.append(_StepSkip(kind, rows, outputs, grid, int((~steps).sum())))
+        tower_kwargs = family.skip_tower_kwargs(batch, kind, keep)
+        out.append(_StepSkip(kind, rows, outputs, tower_kwargs, int((~steps).sum())))
     return out
 
 
@@ -244,6 +269,7 @@ class _SkipHooks:
         self.skips = {s.kind: s for s in skips}
         # The kinds the model will encode, in its order: each call of a tower belongs to the next one.
         family = parts.family
+        self.family = family
         self.calls = [kind for kind, _, _ in family.encoders if batch.get(family.media_key(kind)) is not None]
         self.pending: _StepSkip | None = None
 
@@ -261,8 +287,7 @@ class _SkipHooks:
             )
         pixels = pixels[skip.rows.to(pixels.device)]
         args, kwargs = ((pixels, *args[1:]), dict(kwargs)) if args else (args, {**kwargs, "pixel_values": pixels})
-        if skip.grid is not None:
-            kwargs["grid_thw"] = skip.grid.to(pixels.device)
+        kwargs.update({k: v.to(pixels.device) for k, v in skip.tower_kwargs.items()})
         self.pending = skip
         return args, kwargs
 
@@ -270,15 +295,7 @@ class _SkipHooks:
         skip, self.pending = self.pending, None
         if skip is None:
             return output
-        features = output if isinstance(output, torch.Tensor) else output.pooler_output
-        keep = skip.outputs.to(features.device)
-        if features.shape[0] != int(keep.sum()):
-            raise RuntimeError(f"the {skip.kind} encoder returned {features.shape[0]} rows, expected {int(keep.sum())}")
-        full = features.new_zeros(keep.numel(), *features.shape[1:]).index_copy(0, keep.nonzero().flatten(), features)
-        if isinstance(output, torch.Tensor):
-            return full
-        output.pooler_output = full
-        return output
+        return self.family.fill_skipped(output, skip.outputs)
 
 
 @contextmanager

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from regate_lightning.families import GRID, ModelParts
-from regate_lightning.keys import ANSWER_IDX, IMAGE, INPUT_IDS, MEDIA_KINDS, OPTION_IDX, SECOND_PER_GRID_TS, VIDEO
+from regate_lightning.families import ModelParts
+from regate_lightning.keys import ANSWER_IDX, IMAGE, INPUT_IDS, OPTION_IDX, VIDEO
 
 __all__ = ["MediaSwap", "answer_rows", "media_runs", "swap_media"]
 
@@ -49,42 +49,6 @@ def media_runs(input_ids: Tensor, token_id: int) -> Tensor:
     hit = input_ids == token_id
     starts = hit & ~torch.nn.functional.pad(hit, (1, 0))[:, :-1]
     return starts.sum(1)
-
-
-def _item_keys(parts: ModelParts, kind: str) -> tuple[str | None, str | None]:
-    """The pixel key and, for grid families, the grid key of one media kind."""
-    family = parts.family
-    pixels = family.image_key if kind == IMAGE else family.video_key
-    grid = None
-    if family.grid_keys is not None:
-        grid = family.grid_keys[0] if kind == IMAGE else family.grid_keys[1]
-    return pixels, grid
-
-
-def _split_items(batch: Mapping[str, Any], parts: ModelParts, kind: str, count: int) -> list[dict[str, Tensor]]:
-    """The media items of one kind in batch order, each as its own small dict of tensors."""
-    pixels_key, grid_key = _item_keys(parts, kind)
-    if pixels_key is None or count == 0:
-        return []
-    pixels: Tensor = batch[pixels_key]
-    if parts.family.placeholders != GRID:
-        if pixels.shape[0] != count:
-            raise ValueError(f"`{pixels_key}` holds {pixels.shape[0]} {kind}s but the text has {count}")
-        return [{pixels_key: pixels[i : i + 1]} for i in range(count)]
-    assert grid_key is not None
-    grid: Tensor = batch[grid_key]
-    if grid.shape[0] != count:
-        raise ValueError(f"`{grid_key}` holds {grid.shape[0]} {kind}s but the text has {count}")
-    sizes = grid.prod(1).tolist()
-    chunks = pixels.split(sizes)
-    seconds = batch.get(SECOND_PER_GRID_TS) if kind == VIDEO else None
-    items = []
-    for i, chunk in enumerate(chunks):
-        item = {pixels_key: chunk, grid_key: grid[i : i + 1]}
-        if seconds is not None:
-            item[SECOND_PER_GRID_TS] = seconds[i : i + 1]
-        items.append(item)
-    return items
 
 
 def _signature(item: dict[str, Tensor]) -> tuple:
@@ -138,18 +102,15 @@ def swap_media(batch: Mapping[str, Any], parts: ModelParts, rows: Tensor | None 
     else:
         chosen = torch.zeros(size, dtype=torch.bool, device=input_ids.device)
         chosen[rows.to(input_ids.device)] = True
-    config = parts.model.config
-    ids = {IMAGE: getattr(config, "image_token_id", None), VIDEO: getattr(config, "video_token_id", None)}
+    family, config = parts.family, parts.model.config
+    kinds = [kind for kind in (IMAGE, VIDEO) if family.media_token_id(config, kind) is not None]
     none = torch.zeros(size, dtype=torch.long, device=input_ids.device)
-    runs = {kind: none if i is None else media_runs(input_ids, int(i)) for kind, i in ids.items()}
+    runs = {kind: family.media_per_row(config, input_ids, kind) if kind in kinds else none for kind in (IMAGE, VIDEO)}
     single = (runs[IMAGE] + runs[VIDEO]) == 1
-    media_keys = {key for kind in MEDIA_KINDS for key in _item_keys(parts, kind) if key is not None}
-    media_keys.add(SECOND_PER_GRID_TS)
+    media_keys = {key for kind in kinds for key in family.media_keys(kind)}
     out = []
-    for kind in MEDIA_KINDS:
-        if ids[kind] is None:
-            continue
-        items = _split_items(batch, parts, kind, int(runs[kind].sum()))
+    for kind in kinds:
+        items = family.split_media(batch, kind, int(runs[kind].sum()))
         if not items:
             continue
         first_item = torch.cumsum(runs[kind], 0) - runs[kind]  # index of each row's first item of this kind

@@ -143,7 +143,9 @@ class VisualTokens:
         out = []
         for kind in self.kinds:
             positions = placeholder_positions(self.family, self.config, self.batch, kind)
-            media = _per_item(tuple(self.family.media_regions(self.config, self.batch, kind)), positions)
+            media = tuple(self.family.media_regions(self.config, self.batch, kind))
+            if self.family.frames_alone:
+                media = _per_item(media, positions)
             tokens = sum(m.num_tokens for m in media)
             placeholders = int(positions.sum())
             if tokens != placeholders:
@@ -196,13 +198,8 @@ def _per_item(media: tuple[MediaRegions, ...], positions: Tensor) -> tuple[Media
 
 def placeholder_positions(family: Family, config: Any, batch: Mapping[str, Any], kind: str) -> Tensor:
     """The attended placeholder positions of ``kind`` (bool ``[B, L]``; all False if the family takes none)."""
-    input_ids: Tensor = batch[INPUT_IDS]
-    key = family.image_key if kind == "image" else family.video_key
-    token = getattr(config, f"{kind}_token_id", None)
-    if key is None or token is None:
-        return torch.zeros_like(input_ids, dtype=torch.bool)
+    positions = family.placeholder_mask(config, batch[INPUT_IDS], kind)
     attention = batch.get(ATTENTION_MASK)
-    positions = input_ids == int(token)
     return positions if attention is None else positions & attention.bool()
 
 
@@ -527,7 +524,7 @@ class VisualElisionPolicy:
         if not family.multimodal:
             raise ValueError(f"visual-token elision needs a multimodal student, got a {type(parts.model).__name__}")
         wanted = ("image", "video") if self.images else ("video",)
-        takes = [k for k in wanted if (family.image_key if k == "image" else family.video_key) is not None]
+        takes = [k for k in wanted if family.takes(k)]
         if not takes:
             raise ValueError(
                 f"{family.name} takes no videos, so visual-token elision with images=False has nothing to elide; "

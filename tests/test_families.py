@@ -2,37 +2,50 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import transformers
 
 from regate_lightning.data.vision import VisionSpec
 from regate_lightning.elision import forward_active
-from regate_lightning.families import FAMILIES, GRID, TEXT_ONLY, family_of, resolve, tower_has_cls, vision_parts
+from regate_lightning.families import (
+    FAMILIES,
+    FAMILY_MODULES,
+    GRID,
+    TEXT_ONLY,
+    family_of,
+    resolve,
+    tower_has_cls,
+    vision_parts,
+)
 from regate_lightning.testing import tiny
 from regate_lightning.testing.batches import media_layout, random_batch
 
-MULTIMODAL = [
-    tiny.tiny_llava,
-    tiny.tiny_llava_next_video,
-    tiny.tiny_video_llava,
-    tiny.tiny_qwen2_vl,
-    tiny.tiny_qwen2_5_vl,
-]
+MULTIMODAL = tiny.tiny_classes()
 
 
 def test_every_entry_names_real_classes_and_model_types():
+    for module_name in FAMILY_MODULES:
+        family = importlib.import_module(f"regate_lightning.families.{module_name}").FAMILY
+        assert FAMILIES[module_name] is family
     for family in FAMILIES.values():
         for name in family.classes:
             assert hasattr(transformers, name), name
         assert family.image_key or family.video_key, family.name
-    built = {family_of(factory()).name for factory in MULTIMODAL}
+        assert set(family.tiny) == set(family.classes), f"{family.name}: a tiny config for every class"
+    built = {family_of(tiny.tiny_model(name)).name for name in MULTIMODAL}
     assert built == set(FAMILIES), "every family has a tiny model in the test suite"
+    for name in MULTIMODAL:
+        model = tiny.tiny_model(name)
+        assert type(model).__name__ == name
+        assert model.config.model_type in family_of(model).model_types
 
 
-@pytest.mark.parametrize("factory", MULTIMODAL, ids=lambda f: f.__name__)
-def test_engine_and_data_read_the_same_entry(factory):
-    model = factory()
+@pytest.mark.parametrize("name", MULTIMODAL)
+def test_engine_and_data_read_the_same_entry(name):
+    model = tiny.tiny_model(name)
     parts = resolve(model)
     assert parts.family is family_of(model) is family_of(model.config)
     tower, projector = vision_parts(parts)

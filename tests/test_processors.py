@@ -288,7 +288,7 @@ def _tile_counts(image_sizes: torch.Tensor, folder: Path) -> list[int]:
 
 def test_anyres_batch_elides_like_the_unmodified_model(tmp_path, images):
     """The elision path on anyres images equals the full model run with a 4-D mask hiding the dropped keys."""
-    from test_elision import token_losses_4d
+    from references import token_losses_4d
 
     from regate_lightning.targets import candidate_mask
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_elision import max_abs_diff, position_ids, token_losses_4d
+from references import max_abs_diff, position_ids, token_losses_4d
 
 from regate_lightning.data.video import normalize
 from regate_lightning.data.vision import VisionSpec

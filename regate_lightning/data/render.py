@@ -237,6 +237,16 @@ class ChatRenderer:
             sup += [inside] * len(piece)
         return ids, sup
 
+    def _media_ids(self, item: ProcessedMedia) -> list[int]:
+        """The ids that stand for one media: its run of placeholders, or its family's expansion (text tokenized)."""
+        markers = self.template_media is None
+        if item.expansion is None:
+            return self.spec.placeholder_ids(item.kind, item.num_tokens, markers=markers)
+        ids: list[int] = []
+        for part in item.expansion:
+            ids += [part] if isinstance(part, int) else self.tokenizer(part, add_special_tokens=False)["input_ids"]
+        return self.spec.wrap_markers(ids) if markers else ids
+
     def render(
         self,
         turns: Sequence[Turn],
@@ -296,7 +306,7 @@ class ChatRenderer:
                 types += [TEXT_TYPE] * len(piece_ids)
             else:
                 item = queues[self._kinds[piece]].pop(0)
-                block = self.spec.placeholder_ids(item.kind, item.num_tokens, markers=self.template_media is None)
+                block = self._media_ids(item)
                 kind_type = IMAGE_TYPE if item.kind == "image" else VIDEO_TYPE
                 ids += block
                 sup += [False] * len(block)

@@ -66,11 +66,17 @@ class ProcessedMedia:
         kind: ``"image"`` or ``"video"``.
         tensors: HF batch key -> tensor whose dim 0 concatenates across media and samples.
         num_tokens: placeholder tokens the model expects (pads only, without Qwen's start/end).
+        expansion: for a family whose media are more than a run of placeholders (per-frame timestamps,
+            tile markers, ...): what replaces the media's one placeholder token in the chat template's text,
+            as token ids (int) and text to tokenize (str), in order, exactly as the family's processor writes
+            it (``ProcessorMixin.replace_image_token`` / ``replace_video_token``); None for a run of
+            ``num_tokens`` placeholders.
     """
 
     kind: str
     tensors: dict[str, torch.Tensor]
     num_tokens: int
+    expansion: tuple[int | str, ...] | None = None
 
 
 def _triple(values: tuple[float, ...] | list[float]) -> tuple[float, float, float]:
@@ -345,10 +351,14 @@ class VisionSpec:
         token = self.image_token_id if kind == "image" else self.video_token_id
         assert token is not None
         ids = [token] * num_tokens
-        if markers and FAMILIES[self.family].vision_markers:
-            assert self.vision_start_token_id is not None and self.vision_end_token_id is not None
-            ids = [self.vision_start_token_id, *ids, self.vision_end_token_id]
-        return ids
+        return self.wrap_markers(ids) if markers else ids
+
+    def wrap_markers(self, ids: list[int]) -> list[int]:
+        """``ids`` wrapped in the family's vision start / end tokens (Qwen-VL), or as they are."""
+        if not FAMILIES[self.family].vision_markers:
+            return ids
+        assert self.vision_start_token_id is not None and self.vision_end_token_id is not None
+        return [self.vision_start_token_id, *ids, self.vision_end_token_id]
 
     def process_image(self, image: torch.Tensor) -> ProcessedMedia:
         """Turn one decoded image into the model's tensors.

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from regate_lightning.families import GRID, resolve
+from regate_lightning.families import resolve
 from regate_lightning.keys import (
     ATTENTION_MASK,
     IGNORE_INDEX,
@@ -20,48 +20,42 @@ from regate_lightning.keys import (
     LABELS,
     MM_TOKEN_TYPE_IDS,
     SAMPLE_IDX,
-    VIDEO_TYPE,
 )
 
 
 def media_layout(model: nn.Module, num_frames: int) -> tuple[int, int, dict[str, Any]]:
     """Placeholder id, placeholder count and pixel tensor shapes of one sample's media.
 
-    A family that takes videos gets one video of ``num_frames`` frames, else one image; the counts follow
-    the family's placeholder rule in :mod:`regate_lightning.families`.
+    A family that takes videos gets one video of ``num_frames`` frames, else one image; the layout is the
+    family's own (:meth:`~regate_lightning.families.Family.random_media`).
 
     Args:
         model: a supported multimodal HF model.
-        num_frames: frames per video (video families); a multiple of the temporal patch size for grid
-            families (Qwen2-VL), whose frames are ``4 * merge`` patches a side.
+        num_frames: frames per video (video families).
 
     Returns:
         ``(token_id, num_tokens, spec)`` where ``spec`` describes the pixel inputs of one sample:
-        ``{"key", "shape"}``, plus ``"grid"`` (``(t, h, w)``) for grid families.
+        ``{"key", "shape"}`` (the shape without the leading item dimension for a LLaVA family's pixels), plus
+        ``"grid"`` (``(t, h, w)``) for grid families.
 
     Raises:
         ValueError: a text-only model, or a frame count the family cannot take.
     """
     parts = resolve(model)
     family, cfg = parts.family, parts.model.config
-    vision = getattr(cfg, "vision_config", None)
-    if family.placeholders == GRID:
-        tp, merge, patch = vision.temporal_patch_size, vision.spatial_merge_size, vision.patch_size
-        if num_frames % tp:
-            raise ValueError(f"`num_frames` must be a multiple of temporal_patch_size {tp}, got {num_frames}")
-        side = 4 * merge  # 4 merged tokens per side
-        grid = (num_frames // tp, side, side)
-        n_patches = grid[0] * grid[1] * grid[2]
-        spec = {"key": family.video_key, "shape": (n_patches, vision.in_channels * tp * patch * patch), "grid": grid}
-        return cfg.video_token_id, n_patches // (merge * merge), spec
-    if family.video_key is not None:
-        size = vision.image_size
-        shape = (num_frames, 3, size, size)
-        return cfg.video_token_id, num_frames * family.frame_tokens(cfg), {"key": family.video_key, "shape": shape}
-    if family.image_key is not None:
-        size = vision.image_size
-        return cfg.image_token_id, family.image_tokens(cfg), {"key": family.image_key, "shape": (3, size, size)}
-    raise ValueError(f"no media layout for family {family.name!r}")
+    media = family.random_media(cfg, num_frames, torch.Generator().manual_seed(0))
+    token = family.media_token_id(cfg, media.kind)
+    assert token is not None
+    key = family.media_key(media.kind)
+    pixels = media.tensors[key]
+    spec: dict[str, Any] = {
+        "key": key,
+        "shape": tuple(pixels.shape[1:]) if family.grid_keys is None else tuple(pixels.shape),
+    }
+    if family.grid_keys is not None:
+        grid_key = family.grid_keys[0 if media.kind == "image" else 1]
+        spec["grid"] = tuple(int(v) for v in media.tensors[grid_key][0].tolist())
+    return token, sum(1 for i in media.ids if i == token), spec
 
 
 def random_batch(
@@ -94,9 +88,9 @@ def random_batch(
     gen = torch.Generator().manual_seed(seed)
     low, high = 3, vocab - 8  # keep clear of pad/bos/eos and of the placeholder ids at the top
     family = parts.family
-    media_id, n_media, spec = media_layout(model, num_frames) if family.multimodal else (None, 0, {})
-    vision_wrap = family.vision_markers
-    head = 1 + n_media + (2 if vision_wrap else 0) + prompt_len
+    media = [family.random_media(cfg, num_frames, gen) for _ in range(batch_size)] if family.multimodal else []
+    block = media[0].ids if media else []
+    head = 1 + len(block) + prompt_len
     length = head + answer_len
     ids = torch.zeros(batch_size, length, dtype=torch.long)
     labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
@@ -107,30 +101,25 @@ def random_batch(
         if answer < 2:
             raise ValueError(f"`answer_len` {answer_len} is too short for {batch_size} ragged rows")
         seq = [text_cfg.bos_token_id if text_cfg.bos_token_id is not None else 1]
-        if media_id is not None:
-            media = [media_id] * n_media
-            if vision_wrap:
-                media = [cfg.vision_start_token_id, *media, cfg.vision_end_token_id]
-            seq += media
+        kinds = [0]
+        if media:
+            seq += media[row].ids
+            kinds += media[row].token_types
         seq += torch.randint(low, high, (prompt_len + answer - 1,), generator=gen).tolist()
         seq.append(text_cfg.eos_token_id if text_cfg.eos_token_id is not None else 2)
         n = len(seq)
         ids[row, :n] = torch.tensor(seq)
         attention[row, :n] = 1
         labels[row, head:n] = ids[row, head:n]
-        if media_id is not None:
-            types[row, :n] = (ids[row, :n] == media_id).long() * VIDEO_TYPE
+        types[row, : len(kinds)] = torch.tensor(kinds)
     batch: dict[str, torch.Tensor] = {
         INPUT_IDS: ids,
         ATTENTION_MASK: attention,
         LABELS: labels,
         SAMPLE_IDX: torch.arange(batch_size, dtype=torch.long) + seed * batch_size,
     }
-    if spec:
-        batch[spec["key"]] = torch.randn((batch_size, *spec["shape"]), generator=gen)
-        if family.grid_keys is not None:
-            batch[spec["key"]] = batch[spec["key"]].flatten(0, 1)
-            batch[family.grid_keys[1]] = torch.tensor([spec["grid"]] * batch_size, dtype=torch.long)
-        if family.token_types:
-            batch[MM_TOKEN_TYPE_IDS] = types
+    for key in media[0].tensors if media else ():
+        batch[key] = torch.cat([m.tensors[key] for m in media])
+    if family.token_types:
+        batch[MM_TOKEN_TYPE_IDS] = types
     return batch

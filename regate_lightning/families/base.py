@@ -1,0 +1,515 @@
+"""What every model family declares, and the generic behaviour a family inherits unless it says otherwise.
+
+A family is one :class:`Family` object (a frozen dataclass, subclassed where the family's rules differ from the
+generic ones), declared in its own module of this package and collected by :mod:`regate_lightning.families`.
+The engine (:mod:`regate_lightning.elision`), the visual policy, the media gap, the teacher, the data pipeline,
+the random test batches and the benchmarks read a family only through the methods below, so a new family is
+one module (its declaration, its overrides, its tiny config) plus its tests.
+
+Nothing here imports transformers at import time (classes are named by string; configs are built lazily).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+# Placeholder rules (the values of ``Family.placeholders``).
+PATCHES = "patches"
+"""One token per tower patch of an image or frame (LLaVA, Video-LLaVA)."""
+POOLED = "pooled"
+"""One token per pooled patch of a frame: ``spatial_pool_stride`` x ``spatial_pool_stride`` pooling."""
+GRID = "grid"
+"""Qwen-VL families: one token per ``merge x merge`` patches of the media's ``(t, h, w)`` grid."""
+TILES = "tiles"
+"""A fixed number of tokens per image tile or frame after a pixel-shuffle / pooling connector (InternVL, SmolVLM)."""
+NONE = "none"
+"""A text-only model."""
+
+CLS_TOWERS = ("clip_vision_model",)
+"""Vision towers (config ``model_type``) whose features start with a class token."""
+NO_CLS_TOWERS = ("siglip_vision_model", "siglip2_vision_model")
+"""Vision towers without a class token."""
+
+MEDIA_KINDS = ("image", "video")
+"""The kinds of media a family may take."""
+
+DEFAULT_VOCAB = 512
+"""Vocabulary of the tiny test models (placeholder ids at its top)."""
+
+
+def tower_has_cls(vision_config: Any) -> bool:
+    """Whether a vision tower's features start with a class token (CLIP) or not (SigLIP).
+
+    Raises:
+        ValueError: for a tower not in :data:`CLS_TOWERS` or :data:`NO_CLS_TOWERS`.
+    """
+    kind = getattr(vision_config, "model_type", "")
+    if kind in NO_CLS_TOWERS:
+        return False
+    if kind in CLS_TOWERS:
+        return True
+    raise ValueError(
+        f"unknown vision tower {kind!r}: cannot tell whether it has a CLS token; supported towers are "
+        f"{CLS_TOWERS + NO_CLS_TOWERS}"
+    )
+
+
+def patch_grid(vision_config: Any) -> int:
+    """Patches per side of a tower's square input (``image_size / patch_size``).
+
+    Raises:
+        ValueError: the image size is not a multiple of the patch size.
+    """
+    size, patch = int(vision_config.image_size), int(vision_config.patch_size)
+    if size % patch:
+        raise ValueError(f"image_size {size} is not a multiple of patch_size {patch}")
+    return size // patch
+
+
+def unwrap(model: Any) -> Any:
+    """Return the HF model inside a peft ``PeftModel`` (or the argument itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def config_of(model_or_config: Any) -> Any:
+    """The HF config of a model (possibly peft-wrapped), or the argument itself when it is a config."""
+    return getattr(unwrap(model_or_config), "config", model_or_config)
+
+
+def find_module(root: nn.Module, path: str) -> nn.Module | None:
+    """The submodule of ``root`` at a dotted attribute ``path`` (``"visual.merger"``), or None."""
+    module: Any = root
+    for name in path.split("."):
+        module = getattr(module, name, None)
+    return module if isinstance(module, nn.Module) else None
+
+
+def text_config(
+    vocab_size: int = DEFAULT_VOCAB,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    *,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int | None = None,
+    max_positions: int = 4096,
+    tie_word_embeddings: bool | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments of a small Llama-style decoder config (``LlamaConfig``, ``Qwen2Config`` or a VLM's
+    ``text_config``): pad/bos/eos ids 0/1/2, the MLP twice the hidden size unless given.
+
+    Args:
+        vocab_size: vocabulary size; multimodal builders put the placeholder ids at its top.
+        hidden_size: hidden size.
+        num_layers: decoder layers.
+        num_heads: attention heads.
+        num_kv_heads: key/value heads (grouped-query attention).
+        intermediate_size: MLP width; default ``2 * hidden_size``.
+        max_positions: ``max_position_embeddings``.
+        tie_word_embeddings: set the key only when given (the config class's default otherwise).
+
+    Returns:
+        A new dict.
+
+    Example:
+        >>> text_config(hidden_size=32)["intermediate_size"]
+        64
+    """
+    config: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size if intermediate_size is None else intermediate_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "max_position_embeddings": max_positions,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    if tie_word_embeddings is not None:
+        config["tie_word_embeddings"] = tie_word_embeddings
+    return config
+
+
+@dataclass(frozen=True)
+class MediaSteps:
+    """How one image or video divides into time steps (:meth:`Family.media_steps`).
+
+    Attributes:
+        steps: time steps ``T`` (frames; Qwen's temporal patches; tiles; 1 for a plain image).
+        tokens_per_step: placeholder tokens per step.
+        rows_per_step: rows of the vision tower's input per step (1 for a LLaVA family's frame, ``h * w``
+            patches for Qwen-VL).
+    """
+
+    steps: int
+    tokens_per_step: int
+    rows_per_step: int
+
+
+@dataclass(frozen=True)
+class MediaRegions:
+    """The pixels behind the placeholder tokens of one image or video (:meth:`Family.media_regions`).
+
+    A media's tokens come time step by time step (a frame; a temporal patch of Qwen-VL; one step for an
+    image); inside a step, an optional whole-frame token (a CLS token) first, then the spatial tokens in
+    the model's order.
+
+    Attributes:
+        kind: ``"image"`` or ``"video"``.
+        regions: float ``[T, N, D]``: per time step, the ``D`` pixel values (normalised, as the model sees
+            them) of each of its ``N`` spatial tokens.
+        lead: whether every time step starts with one token that stands for the whole frame (CLS).
+    """
+
+    kind: str
+    regions: torch.Tensor
+    lead: bool = False
+
+    @property
+    def steps(self) -> int:
+        """Time steps ``T``."""
+        return int(self.regions.shape[0])
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Placeholder tokens per time step: ``N``, plus one with a whole-frame token."""
+        return int(self.regions.shape[1]) + int(self.lead)
+
+    @property
+    def num_tokens(self) -> int:
+        """Placeholder tokens of the media."""
+        return self.steps * self.tokens_per_step
+
+
+@dataclass(frozen=True)
+class RandomMedia:
+    """One sample's media in a family's own layout, for random test batches (:meth:`Family.random_media`).
+
+    Attributes:
+        ids: the token ids that stand for the media in ``input_ids`` (placeholders and the family's markers).
+        token_types: per id of :attr:`ids`: 0 text, 1 image, 2 video (``mm_token_type_ids``).
+        tensors: batch key -> tensor whose dim 0 concatenates across samples (the data pipeline's layout).
+        kind: ``"image"`` or ``"video"``.
+    """
+
+    ids: list[int]
+    token_types: list[int]
+    tensors: dict[str, Tensor]
+    kind: str
+
+
+def frame_regions(
+    kind: str, frames: torch.Tensor, cell: int, cells: int, *, lead: bool = False, drop_first: bool = False
+) -> list[MediaRegions]:
+    """Square cells of ``cell`` pixels, ``cells`` a side, row by row, of frames ``[N, F, C, H, W]``."""
+    num, steps, channels = frames.shape[:3]
+    x = frames[..., : cells * cell, : cells * cell]
+    x = x.reshape(num, steps, channels, cells, cell, cells, cell).permute(0, 1, 3, 5, 2, 4, 6)
+    x = x.reshape(num, steps, cells * cells, channels * cell * cell)
+    if drop_first:
+        x = x[:, :, 1:]
+    return [MediaRegions(kind, x[i], lead) for i in range(num)]
+
+
+def count_runs(mask: Tensor) -> Tensor:
+    """Number of contiguous runs of True per row (int64 ``[B]``).
+
+    Example:
+        >>> count_runs(torch.tensor([[0, 1, 1, 0, 1], [0, 0, 0, 0, 0]], dtype=torch.bool))
+        tensor([2, 0])
+    """
+    starts = mask & ~torch.nn.functional.pad(mask, (1, 0))[:, :-1]
+    return starts.sum(1)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one supported model family is, written once (see the module docstring).
+
+    The fields are the family's declaration; the methods are the generic rules, which a family's subclass
+    overrides where its model differs.
+
+    Attributes:
+        name: the family's name (its module's name in this package).
+        classes: the HF model classes, by name (so nothing here imports transformers).
+        model_types: the config ``model_type`` values of those classes.
+        decoder: attribute path, on the inner model (``model.model``), of the text decoder that takes
+            ``inputs_embeds``.
+        towers: attribute paths, on the inner model, of the vision encoder(s).
+        projectors: attribute paths of the projector(s); one inside a tower (Qwen-VL's patch merger) is
+            taken out of that tower.
+        placeholders: the placeholder rule (:data:`PATCHES`, :data:`POOLED`, :data:`GRID`, :data:`TILES`,
+            :data:`NONE`).
+        image_key: batch key of image pixels, None if the family takes no images.
+        video_key: batch key of video pixels, None if the family takes no videos.
+        grid_keys: batch keys of the image and video grids (``(t, h, w)`` per media), for :data:`GRID`.
+        image_refusal: why images are refused on the built-in path (a model without processor configs)
+            where the HF class takes them, else ``""``.
+        anyres_images: whether images are tiled by ``image_grid_pinpoints`` (LLaVA-NeXT "anyres"); only
+            through the checkpoint's own image processor.
+        image_sizes_key: batch key of the anyres images' original sizes, None without anyres images.
+        video_processor: the transformers video processor class of the family, ``""`` without videos.
+        mrope: whether position ids are Qwen's multi-row M-RoPE ids (``[3, B, L]``).
+        vision_markers: whether each media's placeholders are wrapped in vision start / end tokens.
+        token_types: whether the model needs ``mm_token_type_ids`` (0 text, 1 image, 2 video).
+        seconds_per_grid: the model types that also take ``second_per_grid_ts`` per video (Qwen2.5-VL).
+        unused_tower_heads: whether the tower's final norm and pooling head never reach the loss.
+        encoders: per media kind, in the order the model encodes them, ``(kind, tower, output)``: the module
+            (path on the inner model) that takes the kind's pixels (one time step per row, or per
+            ``rows_per_step`` rows), and the module whose output holds its features, one row per step (LLaVA
+            families' projector) or per token (Qwen-VL's ``visual``). Each step is encoded independently of
+            the others, which lets the engine skip the steps whose every token is elided. Empty where the
+            tower mixes steps (the engine then encodes every step).
+        frames_alone: whether the model encodes every frame of a ``[N, T, 3, H, W]`` video tensor on its
+            own, so clips of different lengths can be passed as one ``[1, sum(T), 3, H, W]`` tensor.
+        recurrent: whether the decoder has recurrent (linear-attention / state-space) layers, whose state
+            runs over the sequence in order: elided positions never enter it, and a 4-D attention mask
+            cannot stand in for elision there.
+        tiny: per HF class of the family, the builder of a small random model's config (tests, debug recipes,
+            benchmarks); keyword arguments as :func:`text_config` plus the family's own.
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    model_types: tuple[str, ...]
+    decoder: str = "language_model"
+    towers: tuple[str, ...] = ()
+    projectors: tuple[str, ...] = ()
+    placeholders: str = NONE
+    image_key: str | None = None
+    video_key: str | None = None
+    grid_keys: tuple[str, str] | None = None
+    image_refusal: str = ""
+    anyres_images: bool = False
+    image_sizes_key: str | None = None
+    video_processor: str = ""
+    mrope: bool = False
+    vision_markers: bool = False
+    token_types: bool = False
+    seconds_per_grid: tuple[str, ...] = ()
+    unused_tower_heads: bool = False
+    encoders: tuple[tuple[str, str, str], ...] = ()
+    frames_alone: bool = False
+    recurrent: bool = False
+    tiny: Mapping[str, Callable[..., Any]] = field(default_factory=dict, compare=False, repr=False)
+
+    # ----------------------------------------------------------------------------------------------
+    # What the family takes.
+
+    @property
+    def multimodal(self) -> bool:
+        """Whether the family takes images or videos."""
+        return self.placeholders != NONE
+
+    def media_key(self, kind: str) -> str:
+        """The batch key of the pixels of ``kind``.
+
+        Raises:
+            ValueError: an unknown kind, or one the family does not take.
+        """
+        if kind not in MEDIA_KINDS:
+            raise ValueError(f"`kind` must be one of {MEDIA_KINDS}, got {kind!r}")
+        key = self.image_key if kind == "image" else self.video_key
+        if key is None:
+            raise ValueError(f"{self.name} takes no {kind}s")
+        return key
+
+    def takes(self, kind: str) -> bool:
+        """Whether the family takes media of ``kind``."""
+        return (self.image_key if kind == "image" else self.video_key) is not None
+
+    def media_keys(self, kind: str) -> tuple[str, ...]:
+        """Every batch key that belongs to the media of ``kind`` (pixels, grids, sizes, ...)."""
+        return (self.media_key(kind),) if self.takes(kind) else ()
+
+    def media_token_id(self, config: Any, kind: str) -> int | None:
+        """The placeholder id of ``kind`` (one per visual token), None if the family takes no such media."""
+        if not self.takes(kind):
+            return None
+        value = getattr(config, f"{kind}_token_id", None)
+        return None if value is None else int(value)
+
+    def media_token_ids(self, config: Any) -> tuple[int, ...]:
+        """The placeholder ids of the family's media kinds (what a text-only teacher never sees)."""
+        ids = (self.media_token_id(config, kind) for kind in MEDIA_KINDS)
+        return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+    def marker_token_ids(self, config: Any) -> tuple[int, ...]:
+        """Ids of the structural tokens around media (vision start / end, ...), which text must never produce."""
+        return ()
+
+    def placeholder_mask(self, config: Any, input_ids: Tensor, kind: str) -> Tensor:
+        """The positions of the placeholders of ``kind`` (bool ``[B, L]``; all False if the family takes none)."""
+        token = self.media_token_id(config, kind)
+        if token is None:
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        return input_ids == token
+
+    def media_per_row(self, config: Any, input_ids: Tensor, kind: str) -> Tensor:
+        """Media items of ``kind`` per row (int64 ``[B]``): by default the contiguous runs of its placeholders."""
+        return count_runs(self.placeholder_mask(config, input_ids, kind))
+
+    # ----------------------------------------------------------------------------------------------
+    # How media divide into steps and regions (skipping steps in the tower; visual-token elision).
+
+    def media_steps(self, config: Any, batch: Mapping[str, Any], kind: str) -> list[MediaSteps]:
+        """How the batch's media of ``kind`` divide into time steps, without reading their pixel values.
+
+        Returns:
+            One :class:`MediaSteps` per media, in placeholder order (empty if the batch has none).
+        """
+        raise NotImplementedError(f"{self.name} does not declare its media steps")
+
+    def media_regions(self, config: Any, batch: Mapping[str, Any], kind: str) -> list[MediaRegions]:
+        """The pixel region behind every placeholder token of the batch's media of ``kind``, media by media.
+
+        The media come in the order in which the model fills their features into the placeholder positions.
+
+        Returns:
+            One :class:`MediaRegions` per media of ``kind`` (empty if the batch has none).
+        """
+        raise NotImplementedError(f"{self.name} does not declare the pixel regions of its tokens")
+
+    def split_media(self, batch: Mapping[str, Any], kind: str, count: int) -> list[dict[str, Tensor]]:
+        """The batch's media items of ``kind`` in placeholder order, each as its own small dict of tensors.
+
+        The generic layout: every key of :meth:`media_keys` holds one entry per media item along dim 0.
+
+        Raises:
+            ValueError: a tensor whose item count differs from ``count`` (the text's).
+        """
+        if count == 0 or not self.takes(kind):
+            return []
+        items: list[dict[str, Tensor]] = [{} for _ in range(count)]
+        for key in self.media_keys(kind):
+            value = batch.get(key)
+            if value is None:
+                continue
+            if value.shape[0] != count:
+                raise ValueError(f"`{key}` holds {value.shape[0]} {kind}s but the text has {count}")
+            for i in range(count):
+                items[i][key] = value[i : i + 1]
+        return items
+
+    # ----------------------------------------------------------------------------------------------
+    # The engine: what the decoder receives on a shortened sequence, what the tower returns for skipped steps.
+
+    def position_rows(self) -> int:
+        """Rows of the position ids the decoder takes: 1 (``[B, L]``) or 3 (M-RoPE ``[3, B, L]``)."""
+        return 3 if self.mrope else 1
+
+    def shorten_decoder_inputs(
+        self, kwargs: dict[str, Any], index: Tensor, valid: Tensor, length: int
+    ) -> dict[str, Any]:
+        """Shorten the family's own per-position decoder inputs (beyond embeddings, positions and the mask).
+
+        The engine has already gathered ``inputs_embeds`` and ``position_ids`` and set the 2-D attention mask.
+        A family whose decoder takes more per-position inputs (Qwen3-VL's DeepStack features) gathers them
+        here; the engine refuses any other argument that still has the full length.
+
+        Args:
+            kwargs: the decoder's keyword arguments (a copy the method may change).
+            index: int64 ``[B, L']``, the kept positions of each row, right-padded with 0.
+            valid: bool ``[B, L']``, the real entries of ``index``.
+            length: ``L``, the full sequence length.
+
+        Returns:
+            The keyword arguments.
+        """
+        return kwargs
+
+    def skip_tower_kwargs(self, batch: Mapping[str, Any], kind: str, keep: list[Tensor]) -> dict[str, Tensor]:
+        """The tower's arguments beside the pixels when it encodes only the kept steps of ``kind``.
+
+        Args:
+            batch: the model's inputs.
+            kind: ``"image"`` or ``"video"``.
+            keep: per media of ``kind``, bool ``[steps]``: the steps that are encoded.
+
+        Returns:
+            Keyword arguments that replace the model's own in the tower call (none by default).
+        """
+        return {}
+
+    def fill_skipped(self, output: Any, keep: Tensor) -> Any:
+        """Put zero rows back for the skipped steps into a feature module's output.
+
+        Args:
+            output: the module's output: a tensor ``[kept rows, ...]`` or a model output with ``pooler_output``.
+            keep: bool ``[rows]``, the rows that were encoded.
+
+        Returns:
+            The output with ``rows`` rows.
+        """
+        if isinstance(output, Tensor):
+            return scatter_rows(output, keep)
+        output.pooler_output = scatter_rows(output.pooler_output, keep)
+        return output
+
+    # ----------------------------------------------------------------------------------------------
+    # Parts the training never reaches.
+
+    def unused_vision_modules(self, parts: ModelParts) -> list[nn.Module]:
+        """Vision-tower modules that never reach the loss in this family (frozen by the module; DDP needs it)."""
+        return []
+
+    # ----------------------------------------------------------------------------------------------
+    # Random batches (tests, the debug recipes, benchmarks).
+
+    def random_media(self, config: Any, num_frames: int, generator: torch.Generator) -> RandomMedia:
+        """One sample's media in the family's layout: a video of ``num_frames`` frames, or an image.
+
+        Raises:
+            ValueError: the family takes no media, or cannot take ``num_frames``.
+        """
+        raise ValueError(f"no random media layout for family {self.name!r}")
+
+
+def scatter_rows(features: Tensor, keep: Tensor) -> Tensor:
+    """``features`` (``[kept, ...]``) placed at the True rows of ``keep`` (``[rows]``), zeros elsewhere.
+
+    Raises:
+        RuntimeError: the number of feature rows is not the number of kept rows.
+
+    Example:
+        >>> scatter_rows(torch.ones(2, 1), torch.tensor([True, False, True])).flatten().tolist()
+        [1.0, 0.0, 1.0]
+    """
+    keep = keep.to(features.device)
+    if features.shape[0] != int(keep.sum()):
+        raise RuntimeError(f"the encoder returned {features.shape[0]} rows, expected {int(keep.sum())}")
+    return features.new_zeros(keep.numel(), *features.shape[1:]).index_copy(0, keep.nonzero().flatten(), features)
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """The pieces of one HF model that this package drives.
+
+    Attributes:
+        family: the model's :class:`Family` (``TEXT_ONLY`` for a causal LM).
+        model: the unwrapped HF model (``*ForConditionalGeneration`` / ``*ForCausalLM``).
+        inner: the model without its head (``model.model``); returns ``last_hidden_state``.
+        decoder: the text decoder that takes ``inputs_embeds`` (for a causal LM, ``inner`` itself).
+        lm_head: the output projection to the vocabulary.
+        media_token_ids: ids of image/video placeholder tokens (empty for a causal LM).
+    """
+
+    family: Family
+    model: nn.Module
+    inner: nn.Module
+    decoder: nn.Module
+    lm_head: nn.Module
+    media_token_ids: tuple[int, ...]
+
+    @property
+    def mrope(self) -> bool:
+        """Whether position ids are Qwen's multi-row M-RoPE ids."""
+        return self.family.mrope
