@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from regate_lightning.cli import build_cli
+from regate_lightning.cli import build_cli, main
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
@@ -32,3 +32,19 @@ def test_regate_recipe_differs_only_in_callbacks(name, other):
         config["trainer"].pop("callbacks", None)
         config["trainer"].pop("logger", None)  # each writes its own run folder
     assert base == regate
+
+
+DEBUG_RUNS = [p for p in RECIPES if p.name.startswith("debug") and p.name != "debug_regate.yaml"]
+
+
+@pytest.mark.parametrize("recipe", DEBUG_RUNS, ids=lambda p: p.name)
+def test_every_debug_recipe_trains(recipe, tmp_path, monkeypatch):
+    """Two optimizer steps and one validation batch of every debug recipe (a family's ``debug_<family>.yaml``
+    included); ``debug_regate.yaml`` runs in ``tests/test_docs_commands.py``."""
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(recipe), "--trainer.max_steps=2", "--trainer.limit_val_batches=1"]
+    args += ["--trainer.val_check_interval=2", "--trainer.logger=false", "--trainer.enable_checkpointing=false"]
+    try:
+        main(args)
+    except SystemExit as done:  # the command ends with an exit code only on an error
+        assert not done.code, done.code
