@@ -25,6 +25,7 @@ sees. The vision tower's forward and backward then cost what the kept steps cost
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -65,6 +66,9 @@ class ElidedOutput:
         decoder_length: sequence length the decoder actually ran on (``L'`` after gathering).
         skipped_steps: media steps (frames, temporal patches, images) the vision encoder did not encode,
             because the keep mask elides every one of their tokens.
+        aux_loss: a mixture-of-experts decoder's load-balancing loss over the tokens its router saw (the kept,
+            non-padding ones), detached; ``loss`` includes it times the config's ``router_aux_loss_coef``, as the
+            HF model's own loss does. None for a dense decoder.
     """
 
     loss: torch.Tensor
@@ -74,6 +78,7 @@ class ElidedOutput:
     num_targets: int
     decoder_length: int
     skipped_steps: int = 0
+    aux_loss: torch.Tensor | None = None
 
     def step_output(self) -> dict[str, Any]:
         """The dict a training step returns and ``ReGATECallback.on_train_batch_end`` reads."""
@@ -84,6 +89,56 @@ class ElidedOutput:
             NUM_TOKENS: self.num_tokens,
             NUM_TARGETS: self.num_targets,
         }
+
+
+@dataclass(frozen=True)
+class RouterLoss:
+    """A mixture-of-experts decoder's auxiliary load-balancing loss, computed as its HF model computes it.
+
+    HF's MoE models add ``router_aux_loss_coef * load_balancing_loss_func(router_logits, ...)`` to the loss in
+    their ``*ForCausalLM`` / ``*ForConditionalGeneration`` forward when the text config's
+    ``output_router_logits`` is set. The engine runs the inner model and the head itself, so it asks the inner
+    model for the router logits and applies the model's own ``load_balancing_loss_func`` (from the model's
+    modeling module), over the tokens the router saw that are not padding.
+
+    Attributes:
+        function: the modeling module's ``load_balancing_loss_func``.
+        num_experts: experts per MoE layer.
+        top_k: experts per token.
+        coef: ``router_aux_loss_coef``.
+    """
+
+    function: Any
+    num_experts: int
+    top_k: int
+    coef: float
+
+    @classmethod
+    def of(cls, parts: ModelParts) -> RouterLoss | None:
+        """The router loss of a model whose text config asks for one (``output_router_logits``), else None.
+
+        Raises:
+            TypeError: a model that asks for router logits but whose modeling module has no
+                ``load_balancing_loss_func``.
+        """
+        config = parts.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if not getattr(text, "output_router_logits", False):
+            return None
+        if "output_router_logits" not in inspect.signature(type(parts.model).forward).parameters:
+            return None
+        module = importlib.import_module(type(parts.model).__module__)
+        function = getattr(module, "load_balancing_loss_func", None)
+        if function is None:
+            raise TypeError(
+                f"{type(parts.model).__name__} asks for router logits (output_router_logits) but its modeling module "
+                "has no load_balancing_loss_func; set output_router_logits=False in its text config"
+            )
+        return cls(function, int(text.num_experts), int(text.num_experts_per_tok), float(text.router_aux_loss_coef))
+
+    def loss(self, router_logits: Any, routed: torch.Tensor) -> torch.Tensor:
+        """The load-balancing loss over the routed tokens that are not padding (``routed``: bool ``[B, L']``)."""
+        return self.function(router_logits, self.num_experts, self.top_k, routed.long())
 
 
 def active_index(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -390,18 +445,25 @@ def forward_active(model: nn.Module, batch: Mapping[str, Any], keep_mask: torch.
             raise ValueError(f"`{KEEP_MASK}` keeps no position in rows {rows}; keep at least the prompt of each row")
     inputs = model_inputs(parts, batch)
     inputs["use_cache"] = False
+    router = RouterLoss.of(parts)
+    if router is not None:
+        inputs["output_router_logits"] = True
     num_tokens = int(attended.sum())
     skips: list[_StepSkip] = []
     if torch.equal(active, attended):
-        hidden = parts.inner(**inputs).last_hidden_state
+        out = parts.inner(**inputs)
+        hidden = out.last_hidden_state
         position = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         gathered_targets = targets
         decoder_length = input_ids.shape[1]
+        routed = attended
     else:
         index, valid = active_index(active)
         skips = plan_step_skips(parts, batch, active)
         with _gathering(parts, index, valid) as hook, _skipping(parts, batch, skips):
-            hidden = parts.inner(**inputs).last_hidden_state
+            out = parts.inner(**inputs)
+        hidden = out.last_hidden_state
+        routed = valid
         if hook.decoder_length != index.shape[1] or hidden.shape[1] != index.shape[1]:
             raise RuntimeError(
                 f"{type(parts.model).__name__}: the decoder did not run on the gathered sequence "
@@ -416,12 +478,18 @@ def forward_active(model: nn.Module, batch: Mapping[str, Any], keep_mask: torch.
     token_loss = torch.full(input_ids.shape, float("nan"), dtype=torch.float32, device=input_ids.device)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(position)
     token_loss[rows[supervised], position[supervised]] = per_token.detach().float()
+    loss = per_token.mean()
+    aux = None
+    if router is not None:
+        aux = router.loss(out.router_logits, routed)
+        loss = loss + router.coef * aux.to(loss.device)
     return ElidedOutput(
-        loss=per_token.mean(),
+        loss=loss,
         token_loss=token_loss,
         num_active=int(active.sum()),
         num_tokens=num_tokens,
         num_targets=int(supervised.sum()),
         decoder_length=decoder_length,
         skipped_steps=sum(s.skipped for s in skips),
+        aux_loss=None if aux is None else aux.detach(),
     )

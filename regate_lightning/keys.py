@@ -61,6 +61,8 @@ NUM_TARGETS = "num_targets"
 
 # Logged metric names. Evaluation metrics are named per stage ("val", "test"): build them with the helpers.
 TRAIN_LOSS = "train/loss"
+TRAIN_AUX_LOSS = "train/aux_loss"
+"""A mixture-of-experts student's load-balancing loss (over the tokens its router saw); ``train/loss`` includes it."""
 DATA_SKIPPED = "data/skipped"
 """Training records skipped by the data's ``on_error="skip"`` policy so far, each counted once."""
 DATA_SKIPPED_EPOCH = "data/skipped_epoch"

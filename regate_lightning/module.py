@@ -35,6 +35,7 @@ from regate_lightning.keys import (
     QUESTION_IDX,
     TEST,
     TRAIN,
+    TRAIN_AUX_LOSS,
     TRAIN_LOSS,
     VAL,
     acc_metric,
@@ -275,7 +276,10 @@ class MLLMModule(pl.LightningModule):
         if batch is None:
             return None
         out = self.run(batch)
-        self.log(TRAIN_LOSS, out.loss.detach(), prog_bar=True, batch_size=batch[INPUT_IDS].shape[0])
+        size = batch[INPUT_IDS].shape[0]
+        self.log(TRAIN_LOSS, out.loss.detach(), prog_bar=True, batch_size=size)
+        if out.aux_loss is not None:
+            self.log(TRAIN_AUX_LOSS, out.aux_loss, batch_size=size)
         return out.step_output()
 
     def validation_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
