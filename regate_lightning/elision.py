@@ -295,10 +295,14 @@ def plan_step_skips(parts: ModelParts, batch: Mapping[str, Any], active: torch.T
         if not media:
             continue
         flags = active[family.placeholder_mask(config, batch[INPUT_IDS], kind)]
-        sizes = [m.steps * m.tokens_per_step for m in media]
+        sizes = [m.num_tokens for m in media]
         if flags.numel() != sum(sizes):
             return []  # the model itself will refuse the batch, naming the counts
-        keep = [f.view(m.steps, m.tokens_per_step).any(1) for f, m in zip(flags.split(sizes), media, strict=True)]
+        # A media's tail tokens (LLaVA-OneVision's video newline) come from no step: they never keep one.
+        keep = [
+            f[: m.steps * m.tokens_per_step].view(m.steps, m.tokens_per_step).any(1)
+            for f, m in zip(flags.split(sizes), media, strict=True)
+        ]
         steps = torch.cat(keep)
         if bool(steps.all()):
             continue
@@ -306,9 +310,9 @@ def plan_step_skips(parts: ModelParts, batch: Mapping[str, Any], active: torch.T
             keep[0][0] = True
             steps = torch.cat(keep)
         rows = torch.cat([k.repeat_interleave(m.rows_per_step) for k, m in zip(keep, media, strict=True)])
-        per_row_output = family.encoders[0][1] != family.encoders[0][2]  # a projector: one output row per step
+        per_row_output = family.encoders[0][1] != family.encoders[0][2]  # a projector: one output row per input row
         outputs = (
-            steps
+            rows
             if per_row_output
             else torch.cat([k.repeat_interleave(m.tokens_per_step) for k, m in zip(keep, media, strict=True)])
         )

@@ -22,7 +22,8 @@ SAMPLE_IDX = "sample_idx"
 """int64 [B]; a stable non-negative key per sample, the same in every epoch and run (the data sets of
 ``regate_lightning.data`` use a 63-bit hash of the record's id, else of its file and line)."""
 MM_TOKEN_TYPE_IDS = "mm_token_type_ids"
-"""int64 [B, L]; Qwen2-VL's media type of each position: :data:`TEXT_TYPE`, :data:`IMAGE_TYPE` or :data:`VIDEO_TYPE`."""
+"""int64 [B, L]; the media type of each position: :data:`TEXT_TYPE`, :data:`IMAGE_TYPE` or :data:`VIDEO_TYPE` (Qwen2-VL
+needs it; InternVL's family reads it to tell a video's frames from image tiles)."""
 TEXT_TYPE, IMAGE_TYPE, VIDEO_TYPE = 0, 1, 2
 
 IMAGE, VIDEO = "image", "video"
@@ -38,6 +39,9 @@ VIDEO_GRID_THW = "video_grid_thw"
 IMAGE_SIZES = "image_sizes"
 """int64 [N, 2]; the original (H, W) of each LLaVA-NeXT anyres image (its tiles depend on it)."""
 SECOND_PER_GRID_TS = "second_per_grid_ts"
+VIDEO_NUM_FRAMES = "video_num_frames"
+"""int64 [N]; frames of each video, where the model takes a video's frames as images (InternVL): the data's
+videos are told apart by it (the model itself never reads it)."""
 
 # Multiple-choice evaluation batches (one row per option; int64 [B]).
 QUESTION_IDX = "question_idx"

@@ -190,15 +190,18 @@ def _per_item(media: tuple[MediaRegions, ...], positions: Tensor) -> tuple[Media
     runs = placeholder_runs(positions)
     (joined,) = media
     per_step = joined.tokens_per_step
-    if len(runs) < 2 or sum(runs) != joined.num_tokens or any(r % per_step for r in runs):
+    if joined.tail or len(runs) < 2 or sum(runs) != joined.num_tokens or any(r % per_step for r in runs):
         return media
     parts = joined.regions.split([r // per_step for r in runs])
     return tuple(MediaRegions(joined.kind, part, joined.lead) for part in parts)
 
 
 def placeholder_positions(family: Family, config: Any, batch: Mapping[str, Any], kind: str) -> Tensor:
-    """The attended placeholder positions of ``kind`` (bool ``[B, L]``; all False if the family takes none)."""
-    positions = family.placeholder_mask(config, batch[INPUT_IDS], kind)
+    """The attended placeholder positions of ``kind`` (bool ``[B, L]``; all False if the family takes none).
+
+    The kinds as the data tells them apart (:meth:`~regate_lightning.families.Family.media_mask`).
+    """
+    positions = family.media_mask(config, batch, kind)
     attention = batch.get(ATTENTION_MASK)
     return positions if attention is None else positions & attention.bool()
 
@@ -218,14 +221,16 @@ def temporal_change(media: MediaRegions) -> Tensor:
     in units of the media's pixel standard deviation (over all its values), so that it does not depend on
     the processor's normalisation or the video's contrast. A token of the first step has ``+inf``: the
     first frame is never penalised. A whole-frame token (CLS) gets the mean of its step's spatial tokens
-    (the whole frame's mean absolute difference), ``+inf`` in the first step. Low = redundant (it
-    repeats the previous frame), elided first; in the pixel space, like Run-Length Tokenization.
+    (the whole frame's mean absolute difference), ``+inf`` in the first step. A tail token (no pixels of
+    its own: LLaVA-OneVision's video newline) gets ``+inf`` too: one token that marks the media's end. Low =
+    redundant (it repeats the previous frame), elided first; in the pixel space, like Run-Length
+    Tokenization.
 
     Args:
         media: the media's regions, float ``[T, N, D]``.
 
     Returns:
-        float32 ``[T * (N + lead)]``, in the media's token order.
+        float32 ``[T * (N + lead) + tail]``, in the media's token order.
 
     Example:
         >>> from regate_lightning.families import MediaRegions
@@ -240,7 +245,7 @@ def temporal_change(media: MediaRegions) -> Tensor:
         change[1:] = (x[1:] - x[:-1]).abs().mean(dim=2) / scale
     if media.lead:
         change = torch.cat([change.mean(dim=1, keepdim=True), change], dim=1)
-    return change.flatten()
+    return torch.cat([change.flatten(), change.new_full((media.tail,), float("inf"))])
 
 
 def even_spread_ranks(steps: int) -> Tensor:
@@ -355,8 +360,9 @@ class TemporalSelection(ScoredSelection):
         change = temporal_change(media)
         if not self.whole_frames:
             return change
-        per_step = change.view(media.steps, media.tokens_per_step)
-        return per_step.mean(dim=1, keepdim=True).expand_as(per_step).flatten()
+        body = media.steps * media.tokens_per_step
+        per_step = change[:body].view(media.steps, media.tokens_per_step)
+        return torch.cat([per_step.mean(dim=1, keepdim=True).expand_as(per_step).flatten(), change[body:]])
 
 
 class UniformSelection(ScoredSelection):
@@ -364,7 +370,8 @@ class UniformSelection(ScoredSelection):
 
     At ``keep_ratio = 1 / k`` with a frame count divisible by ``k`` (and a power-of-two ratio) it keeps
     every ``k``-th frame, starting with the first; otherwise the last kept frame may be kept in part
-    (its earlier tokens), since the keep count is the policy's.
+    (its earlier tokens), since the keep count is the policy's. A tail token (LLaVA-OneVision's video
+    newline) ranks with the first frame.
     """
 
     needs_time = True
@@ -372,7 +379,8 @@ class UniformSelection(ScoredSelection):
     def score(self, media: MediaRegions) -> Tensor:
         """Minus the frame's rank in the even-spread order, for every token of the frame."""
         ranks = even_spread_ranks(media.steps).to(media.regions.device)
-        return (-ranks.float()).repeat_interleave(media.tokens_per_step)
+        body = (-ranks.float()).repeat_interleave(media.tokens_per_step)
+        return torch.cat([body, body.new_zeros(media.tail)])
 
 
 class RandomSelection(VisualSelection):

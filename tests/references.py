@@ -123,7 +123,7 @@ def row_media(model: Any, batch: dict, row: int) -> dict[str, torch.Tensor]:
         if family.media_token_id(config, kind) is None:
             continue
         per_row = family.media_per_row(config, batch["input_ids"], kind)
-        items = family.split_media(batch, kind, int(per_row.sum()))
+        items = family.media_items(config, batch, kind, int(per_row.sum()))
         start = int(per_row[:row].sum())
         mine = items[start : start + int(per_row[row])]
         for key in mine[0] if mine else ():
@@ -197,4 +197,31 @@ def token_losses_decoder(model: Any, batch: dict, keep: torch.Tensor) -> torch.T
         tgt = targets[row, idx]
         sup = tgt != IGNORE_INDEX
         out[row, idx[sup]] = F.cross_entropy(logits[sup], tgt[sup], reduction="none")
+    return out
+
+
+def teacher_reference_losses(model: Any, batch: dict, text: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """The student's text backbone as a plain HF causal LM, run row by row on the text positions alone.
+
+    The causal LM is built from the student's ``text_config`` (``AutoModelForCausalLM.from_config``: the class of
+    its ``model_type``) and given the student's decoder and head weights; each row's text tokens run through it
+    with their original position ids. Losses ``[B, L]`` at ``candidates``, NaN elsewhere.
+    """
+    from transformers import AutoModelForCausalLM
+
+    parts = resolve(model)
+    lm = AutoModelForCausalLM.from_config(model.config.get_text_config()).eval()
+    lm.model.load_state_dict(parts.decoder.state_dict())
+    lm.lm_head.load_state_dict(parts.lm_head.state_dict())
+    targets = shift_targets(batch[LABELS])
+    out = torch.full(batch["input_ids"].shape, float("nan"))
+    for row in range(text.shape[0]):
+        idx = text[row].nonzero().flatten()
+        with torch.no_grad():
+            ids = batch["input_ids"][row : row + 1, idx]
+            # an explicit mask: without one, transformers reads the gaps in the positions as packed sequences
+            mask = torch.ones_like(ids)
+            logits = lm(input_ids=ids, position_ids=idx[None], attention_mask=mask, use_cache=False).logits
+        wanted = candidates[row, idx]
+        out[row, idx[wanted]] = _losses(logits, targets[row : row + 1, idx])[0][wanted]
     return out

@@ -83,6 +83,14 @@ VIDEO_PROCESSOR_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "LlavaNextVideoVideoProcessor": _LLAVA_VIDEO_DEFAULTS,
     "VideoLlavaVideoProcessor": _LLAVA_VIDEO_DEFAULTS,
+    "LlavaOnevisionVideoProcessor": {
+        **_CLIP_BICUBIC,
+        "size": {"height": 384, "width": 384},
+        "do_center_crop": None,
+        "crop_size": None,
+        "default_to_square": False,
+    },
+    "InternVLVideoProcessor": {**_CLIP_BICUBIC, "size": {"height": 384, "width": 384}, "default_to_square": True},
 }
 """Class defaults of transformers' video processors (transformers 5.24), for the built-in video path.
 
@@ -460,6 +468,9 @@ class CheckpointProcessor:
         video: the checkpoint's video settings, or None (the family takes no videos).
         video_processor: transformers' video processor of the checkpoint where torchvision is usable;
             None runs the built-in copy of its rules.
+        image_kwargs: the arguments the family's transformers processor passes to its image processor over the
+            image processor's own config (its class-level ``images_kwargs``: InternVL's ``crop_to_patches``).
+        processor_settings: the checkpoint's processor settings (``processor_config.json``), for checks.
     """
 
     def __init__(
@@ -469,12 +480,16 @@ class CheckpointProcessor:
         image_processor: Any | None,
         video: VideoSettings | None,
         video_processor: Any | None = None,
+        image_kwargs: dict[str, Any] | None = None,
+        processor_settings: dict[str, Any] | None = None,
     ) -> None:
         self.source = source
         self.family = family
         self.image_processor = image_processor
         self.video_settings = video
         self.video_processor = video_processor
+        self.image_kwargs = dict(image_kwargs or {})
+        self.processor_settings = dict(processor_settings or {})
 
     @classmethod
     def load(cls, source: str, family: Family, video_backend: str = "auto") -> CheckpointProcessor | None:
@@ -526,7 +541,8 @@ class CheckpointProcessor:
                 # processor's (LLaVA-NeXT-Video's preprocessor_config.json), AutoVideoProcessor recurses
                 # (transformers 5.24)
                 video_processor = getattr(transformers, family.video_processor).from_pretrained(source)
-        return cls(source, family, image_processor, video, video_processor)
+        image_kwargs, settings = _processor_defaults(source, family)
+        return cls(source, family, image_processor, video, video_processor, image_kwargs, settings)
 
     @property
     def video_backend(self) -> str:
@@ -549,7 +565,7 @@ class CheckpointProcessor:
         """
         if self.image_processor is None:
             raise ValueError(f"{self.source} has no image processor config (preprocessor_config.json)")
-        extra = {} if resize else {"do_resize": False}
+        extra = {**self.image_kwargs, **({} if resize else {"do_resize": False})}
         try:
             out = self.image_processor(
                 images=[image.numpy()], input_data_format="channels_first", return_tensors="pt", **extra
@@ -615,6 +631,26 @@ class CheckpointProcessor:
             )
             return Pixels(patches, grid=grid.unsqueeze(0))
         return Pixels(pixels.unsqueeze(0))
+
+
+def _processor_defaults(source: str, family: Family) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The family processor's class-level image arguments, and the checkpoint's processor settings.
+
+    ``ProcessorMixin._merge_kwargs`` passes a processor class's ``images_kwargs`` to its image processor over
+    the image processor's own config (InternVLProcessor: ``crop_to_patches=True``); the checkpoint's
+    ``processor_config.json`` holds the processor's own settings (InternVL's ``image_seq_length``).
+    """
+    if not family.processor_class:
+        return {}, {}
+    import transformers
+    from transformers.processing_utils import ProcessorMixin
+
+    image_kwargs = dict(getattr(getattr(transformers, family.processor_class), "images_kwargs", None) or {})
+    try:
+        settings = dict(ProcessorMixin.get_processor_dict(source)[0])
+    except (OSError, ValueError):
+        settings = {}
+    return image_kwargs, settings
 
 
 def frames_for_video(settings: VideoSettings | None, fps: float | None, num_frames: int | None) -> dict[str, Any]:

@@ -146,8 +146,16 @@ class ChatRenderer:
         tokens: dict[str, str] = {}
         for kind, token_id in (("image", self.spec.image_token_id), ("video", self.spec.video_token_id)):
             if token_id is None:
-                continue
-            token = by_id.get(token_id)
+                if self.spec.accepts(kind):
+                    continue
+                # A kind the model takes without an id of its own (InternVL's videos are images to it): the
+                # template writes the tokenizer's own token for it (``tokenizer.video_token``), which the
+                # family's expansion replaces, as transformers' processor does.
+                token = getattr(self.tokenizer, f"{kind}_token", None)
+                if not isinstance(token, str) or token not in by_id.values():
+                    return None
+            else:
+                token = by_id.get(token_id)
             if token is None:
                 return None
             probe = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": "probe"}]}]

@@ -42,6 +42,7 @@ from regate_lightning.families import (
     GRID,
     NO_CLS_TOWERS,
     PATCHES,
+    TILES,
     Family,
     config_of,
     family_of,
@@ -55,6 +56,7 @@ from regate_lightning.keys import (
     PIXEL_VALUES_VIDEOS,
     SECOND_PER_GRID_TS,
     VIDEO_GRID_THW,
+    VIDEO_NUM_FRAMES,
 )
 
 
@@ -142,7 +144,9 @@ class VisionSpec:
         vision_start_token_id: Qwen2-VL's token before each media, else ``None``.
         vision_end_token_id: Qwen2-VL's token after each media, else ``None``.
         tokens_per_image: LLaVA / Video-LLaVA: tokens per image.
-        tokens_per_frame: LLaVA families: tokens per video frame.
+        tokens_per_frame: LLaVA families: tokens per video frame; tile families (InternVL): tokens per tile
+            or frame.
+        tokens_per_video: tokens every video has beyond its frames' (LLaVA-OneVision's newline).
         patch_size: Qwen2-VL spatial patch size; LLaVA-NeXT: the tower's patch size.
         temporal_patch_size: Qwen2-VL temporal patch size.
         merge_size: Qwen2-VL spatial merge size.
@@ -152,6 +156,8 @@ class VisionSpec:
         video_key: HF batch key of video pixels, ``None`` if the family takes no videos.
         tower_size: LLaVA families: the vision tower's ``image_size``.
         image_grid_pinpoints: LLaVA-NeXT: the model config's anyres resolutions.
+        vision_aspect_ratio: LLaVA-OneVision: the config's ``"anyres_max_N"`` (its anyres count,
+            :func:`~regate_lightning.families.llava_onevision.image_tokens`); ``""`` for LLaVA-NeXT's.
         processor: the checkpoint's processor, or None on the built-in path.
     """
 
@@ -166,6 +172,7 @@ class VisionSpec:
     vision_end_token_id: int | None = None
     tokens_per_image: int = 0
     tokens_per_frame: int = 0
+    tokens_per_video: int = 0
     patch_size: int = 0
     temporal_patch_size: int = 1
     merge_size: int = 1
@@ -175,6 +182,7 @@ class VisionSpec:
     video_key: str | None = None
     tower_size: int = 0
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    vision_aspect_ratio: str = ""
     processor: CheckpointProcessor | None = None
 
     @classmethod
@@ -223,6 +231,8 @@ class VisionSpec:
         vocab = int(config.get_text_config().vocab_size)
         if family.placeholders == GRID:
             return cls._grid(family, config, vocab, size, mean, std, checkpoint)
+        if family.placeholders == TILES:
+            return cls._tiles(family, config, vocab, size, mean, std, checkpoint)
         vision = config.vision_config
         siglip = getattr(vision, "model_type", "") in NO_CLS_TOWERS
         side = int(vision.image_size)
@@ -255,12 +265,59 @@ class VisionSpec:
             video_token_id=int(config.video_token_id) if videos else None,
             tokens_per_image=family.image_tokens(config) if images and family.placeholders == PATCHES else 0,
             tokens_per_frame=family.frame_tokens(config) if videos else 0,
+            tokens_per_video=family.tail_tokens(config, "video") if videos else 0,
             patch_size=int(vision.patch_size),
             image_refusal=refusal,
             image_key=family.image_key,
             video_key=family.video_key,
             tower_size=side,
             image_grid_pinpoints=pinpoints,
+            vision_aspect_ratio=str(getattr(config, "vision_aspect_ratio", "") or "") if pinpoints else "",
+            processor=checkpoint,
+        )
+
+    @classmethod
+    def _tiles(
+        cls,
+        family: Family,
+        config: Any,
+        vocab: int,
+        size: tuple[int, int] | None,
+        mean: tuple[float, float, float] | None,
+        std: tuple[float, float, float] | None,
+        checkpoint: CheckpointProcessor | None,
+    ) -> VisionSpec:
+        """A tile family (InternVL): every tile and frame ``S x S``, a fixed count per tile, ``<img>`` spans."""
+        from regate_lightning.families.internvl import InternVLFamily, square_side
+
+        assert isinstance(family, InternVLFamily)
+        side, per_tile = family.tile_side(config), family.tile_tokens(config)
+        if size is not None and tuple(size) != (side, side):
+            raise ValueError(
+                f"`frame_size` {list(size)} cannot be used with {family.name}: its vision tower takes "
+                f"{side} x {side} tiles only; set frame_size: [{side}, {side}] or leave it unset"
+            )
+        refusal = ""
+        if checkpoint is not None:
+            _check_tile_processor(checkpoint, side, per_tile)
+            mean, std = _checkpoint_mean_std(checkpoint)
+            refusal = "" if checkpoint.image_processor is not None else _no_image_config(checkpoint.source)
+            size = tuple(size) if size is not None else None  # type: ignore[assignment]
+        else:
+            size = (side, side)
+        return cls(
+            family=family.name,
+            size=size,
+            mean=_triple(mean or CLIP_MEAN),
+            std=_triple(std or CLIP_STD),
+            vocab_size=vocab,
+            image_token_id=int(config.image_token_id),
+            tokens_per_frame=per_tile,
+            patch_size=square_side(config.vision_config.patch_size),
+            image_refusal=refusal,
+            image_key=family.image_key,
+            video_key=family.video_key,
+            tower_size=side,
             processor=checkpoint,
         )
 
@@ -314,6 +371,11 @@ class VisionSpec:
     def is_qwen(self) -> bool:
         """Whether the family counts placeholders by grid (Qwen2-VL / Qwen2.5-VL: patches, grids, markers)."""
         return FAMILIES[self.family].placeholders == GRID
+
+    @property
+    def is_tiles(self) -> bool:
+        """Whether media are tiles and frames of a fixed count each, in ``<img>`` spans (InternVL)."""
+        return FAMILIES[self.family].placeholders == TILES
 
     @property
     def token_types(self) -> bool:
@@ -382,6 +444,8 @@ class VisionSpec:
             )
             tokens = int(grid.prod()) // self.merge_size**2
             return ProcessedMedia("image", {PIXEL_VALUES: patches, IMAGE_GRID_THW: grid.unsqueeze(0)}, tokens)
+        if self.is_tiles:
+            return self._tile_media("image", pixels.unsqueeze(0))
         assert self.image_key is not None
         return ProcessedMedia("image", {self.image_key: pixels.unsqueeze(0)}, self.tokens_per_image)
 
@@ -411,11 +475,12 @@ class VisionSpec:
                     {PIXEL_VALUES_VIDEOS: patches, VIDEO_GRID_THW: grid.unsqueeze(0)},
                     int(grid.prod()) // self.merge_size**2,
                 )
+            elif self.is_tiles:
+                return self._tile_media("video", pixels)
             else:
                 assert self.video_key is not None
-                return ProcessedMedia(
-                    "video", {self.video_key: pixels.unsqueeze(0)}, frames.shape[0] * self.tokens_per_frame
-                )
+                tokens = frames.shape[0] * self.tokens_per_frame + self.tokens_per_video
+                return ProcessedMedia("video", {self.video_key: pixels.unsqueeze(0)}, tokens)
         if self.seconds_per_grid:
             seconds = self.temporal_patch_size / sampled_fps if sampled_fps else 1.0
             media.tensors[SECOND_PER_GRID_TS] = torch.tensor([seconds], dtype=torch.float32)
@@ -432,11 +497,15 @@ class VisionSpec:
         key = self.image_key if image else self.video_key
         assert key is not None
         side = self.tower_size
-        if pixels.image_size is not None:  # LLaVA-NeXT anyres: [tiles, 3, S, S] and the original size
+        if pixels.image_size is not None:  # LLaVA-NeXT / OneVision anyres: [tiles, 3, S, S] and the original size
             height, width = (int(v) for v in pixels.image_size[0])
-            tokens = anyres_image_tokens(
-                (height, width), [list(p) for p in self.image_grid_pinpoints], side, self.patch_size
-            )
+            pinpoints = [list(p) for p in self.image_grid_pinpoints]
+            if self.vision_aspect_ratio:
+                from regate_lightning.families.llava_onevision import image_tokens
+
+                tokens = image_tokens((height, width), pinpoints, side, self.patch_size, self.vision_aspect_ratio)
+            else:
+                tokens = anyres_image_tokens((height, width), pinpoints, side, self.patch_size)
             return ProcessedMedia(kind, {key: pixels.values, IMAGE_SIZES: pixels.image_size}, tokens)
         if tuple(pixels.values.shape[-2:]) != (side, side):
             assert self.processor is not None
@@ -444,8 +513,21 @@ class VisionSpec:
                 f"{self.processor.source}: the checkpoint's processor made {kind} pixels of "
                 f"{tuple(pixels.values.shape[-2:])}, but the vision tower takes {side} x {side}"
             )
+        if self.is_tiles:  # InternVL: an image's tiles [tiles, 3, S, S]; a video's frames [1, T, 3, S, S]
+            return self._tile_media(kind, pixels.values if image else pixels.values[0])
         tokens = self.tokens_per_image if image else pixels.values.shape[1] * self.tokens_per_frame
-        return ProcessedMedia(kind, {key: pixels.values}, tokens)
+        return ProcessedMedia(kind, {key: pixels.values}, tokens + (0 if image else self.tokens_per_video))
+
+    def _tile_media(self, kind: str, tiles: torch.Tensor) -> ProcessedMedia:
+        """An image's tiles or a video's frames (``[n, 3, S, S]``) of a tile family, with its ``<img>`` text."""
+        family = FAMILIES[self.family]
+        assert self.image_token_id is not None
+        steps = int(tiles.shape[0])
+        expansion = family.media_expansion(kind, steps, self.tokens_per_frame, self.image_token_id)
+        tensors = {family.media_key(kind): tiles}
+        if kind == "video":
+            tensors[VIDEO_NUM_FRAMES] = torch.tensor([steps], dtype=torch.int64)
+        return ProcessedMedia(kind, tensors, steps * self.tokens_per_frame, expansion)
 
     def _check_size(self, pixels: torch.Tensor) -> None:
         if self.size is not None and tuple(pixels.shape[-2:]) != tuple(self.size):
@@ -514,6 +596,26 @@ def _check_grid_processor(checkpoint: CheckpointProcessor, patch: int, merge: in
                 f"{checkpoint.source}: the {where} processor's {found} do not match the model's vision config "
                 f"{model}; fix the checkpoint's processor config"
             )
+
+
+def _check_tile_processor(checkpoint: CheckpointProcessor, side: int, per_tile: int) -> None:
+    """Refuse tile-family (InternVL) processor settings that do not make the tower's square tiles."""
+    for where, settings in (("image", checkpoint.image_processor), ("video", checkpoint.video_settings)):
+        if settings is None:
+            continue
+        size = getattr(settings, "size", None) or {}
+        out = _height_width(size)
+        if out != (side, side):
+            raise ValueError(
+                f"{checkpoint.source}: the {where} processor makes {out or 'aspect-dependent'} tiles but the vision "
+                f"tower takes {side} x {side}; fix `size` in its processor config"
+            )
+    found = checkpoint.processor_settings.get("image_seq_length")
+    if found is not None and int(found) != per_tile:
+        raise ValueError(
+            f"{checkpoint.source}: processor_config.json's image_seq_length {found} differs from the model's "
+            f"{per_tile} tokens per tile (vision image_size, patch_size and downsample_ratio); fix the processor config"
+        )
 
 
 def _check_llava_processor(checkpoint: CheckpointProcessor, config: Any, family: Family, side: int) -> None:

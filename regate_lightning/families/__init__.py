@@ -17,6 +17,10 @@ family (module)        classes                                         placehold
 ``video_llava``        ``VideoLlavaForConditionalGeneration``          image: as llava; frame: ``(S / P) ** 2 + CLS``
 ``qwen2_vl``           ``Qwen2VLForConditionalGeneration``,            ``t * h * w / merge ** 2`` per media,
                        ``Qwen2_5_VLForConditionalGeneration``          wrapped in vision start ... end
+``llava_onevision``    ``LlavaOnevisionForConditionalGeneration``      frame: ``ceil(S / P / 2) ** 2``, plus one
+                                                                       newline per video; image: anyres-max
+``internvl``           ``InternVLForConditionalGeneration``            ``(S / P) ** 2 * r ** 2`` per tile or
+                                                                       frame, in ``<img> ... </img>`` spans
 =====================  ==============================================  ======================================
 
 ``docs/models.md`` has the support table (what is exact, what is tested) and "Adding a family".
@@ -50,7 +54,7 @@ from regate_lightning.families.base import (
     unwrap,
 )
 
-FAMILY_MODULES = ("llava", "llava_next_video", "video_llava", "qwen2_vl")
+FAMILY_MODULES = ("llava", "llava_next_video", "video_llava", "qwen2_vl", "llava_onevision", "internvl")
 """The modules of this package that declare a family (each as ``FAMILY``), in the order they are listed."""
 
 # Family names (the values of ``Family.name``), for the code that names a family.
@@ -58,6 +62,8 @@ LLAVA = "llava"
 LLAVA_NEXT_VIDEO = "llava_next_video"
 VIDEO_LLAVA = "video_llava"
 QWEN2_VL = "qwen2_vl"
+LLAVA_ONEVISION = "llava_onevision"
+INTERNVL = "internvl"
 CAUSAL_LM = "causal_lm"
 
 
@@ -196,8 +202,10 @@ __all__ = [
     "FAMILIES",
     "FAMILY_MODULES",
     "GRID",
+    "INTERNVL",
     "LLAVA",
     "LLAVA_NEXT_VIDEO",
+    "LLAVA_ONEVISION",
     "MEDIA_KINDS",
     "NONE",
     "NO_CLS_TOWERS",

@@ -30,7 +30,7 @@ TILES = "tiles"
 NONE = "none"
 """A text-only model."""
 
-CLS_TOWERS = ("clip_vision_model",)
+CLS_TOWERS = ("clip_vision_model", "internvl_vision")
 """Vision towers (config ``model_type``) whose features start with a class token."""
 NO_CLS_TOWERS = ("siglip_vision_model", "siglip2_vision_model")
 """Vision towers without a class token."""
@@ -146,12 +146,20 @@ class MediaSteps:
         steps: time steps ``T`` (frames; Qwen's temporal patches; tiles; 1 for a plain image).
         tokens_per_step: placeholder tokens per step.
         rows_per_step: rows of the vision tower's input per step (1 for a LLaVA family's frame, ``h * w``
-            patches for Qwen-VL).
+            patches for Qwen-VL, the tiles of a LLaVA-OneVision anyres image).
+        tail: placeholder tokens after the last step that belong to no step and need no tower work (the
+            newline feature LLaVA-OneVision appends to every video); 0 for most families.
     """
 
     steps: int
     tokens_per_step: int
     rows_per_step: int
+    tail: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        """Placeholder tokens of the media: its steps' and its tail's."""
+        return self.steps * self.tokens_per_step + self.tail
 
 
 @dataclass(frozen=True)
@@ -160,18 +168,21 @@ class MediaRegions:
 
     A media's tokens come time step by time step (a frame; a temporal patch of Qwen-VL; one step for an
     image); inside a step, an optional whole-frame token (a CLS token) first, then the spatial tokens in
-    the model's order.
+    the model's order; after the last step, optionally ``tail`` tokens that stand for no pixels (a learned
+    feature the model appends, LLaVA-OneVision's video newline).
 
     Attributes:
         kind: ``"image"`` or ``"video"``.
         regions: float ``[T, N, D]``: per time step, the ``D`` pixel values (normalised, as the model sees
             them) of each of its ``N`` spatial tokens.
         lead: whether every time step starts with one token that stands for the whole frame (CLS).
+        tail: tokens after the last step with no pixel region of their own (belonging to no step).
     """
 
     kind: str
     regions: torch.Tensor
     lead: bool = False
+    tail: int = 0
 
     @property
     def steps(self) -> int:
@@ -185,8 +196,8 @@ class MediaRegions:
 
     @property
     def num_tokens(self) -> int:
-        """Placeholder tokens of the media."""
-        return self.steps * self.tokens_per_step
+        """Placeholder tokens of the media (its steps' and its tail's)."""
+        return self.steps * self.tokens_per_step + self.tail
 
 
 @dataclass(frozen=True)
@@ -257,17 +268,23 @@ class Family:
             through the checkpoint's own image processor.
         image_sizes_key: batch key of the anyres images' original sizes, None without anyres images.
         video_processor: the transformers video processor class of the family, ``""`` without videos.
+        processor_class: the transformers processor class of the family, ``""`` where it adds nothing to its
+            image processor: its class-level ``images_kwargs`` (InternVL's ``crop_to_patches=True``) take
+            precedence over the image processor's config, as the processor's own call applies them.
         mrope: whether position ids are Qwen's multi-row M-RoPE ids (``[3, B, L]``).
         vision_markers: whether each media's placeholders are wrapped in vision start / end tokens.
-        token_types: whether the model needs ``mm_token_type_ids`` (0 text, 1 image, 2 video).
+        token_types: whether batches carry ``mm_token_type_ids`` (0 text, 1 image, 2 video): the model needs
+            them (Qwen-VL), or the family reads them (InternVL, whose model sees a video's frames as images:
+            :meth:`media_mask` tells the two apart by them; the engine passes the model only the arguments its
+            forward names).
         seconds_per_grid: the model types that also take ``second_per_grid_ts`` per video (Qwen2.5-VL).
         unused_tower_heads: whether the tower's final norm and pooling head never reach the loss.
         encoders: per media kind, in the order the model encodes them, ``(kind, tower, output)``: the module
             (path on the inner model) that takes the kind's pixels (one time step per row, or per
-            ``rows_per_step`` rows), and the module whose output holds its features, one row per step (LLaVA
-            families' projector) or per token (Qwen-VL's ``visual``). Each step is encoded independently of
-            the others, which lets the engine skip the steps whose every token is elided. Empty where the
-            tower mixes steps (the engine then encodes every step).
+            ``rows_per_step`` rows), and the module whose output holds its features, one row per row of the
+            tower's input (LLaVA families' projector) or per token (Qwen-VL's ``visual``). Each step is encoded
+            independently of the others, which lets the engine skip the steps whose every token is elided. Empty
+            where the tower mixes steps (the engine then encodes every step).
         frames_alone: whether the model encodes every frame of a ``[N, T, 3, H, W]`` video tensor on its
             own, so clips of different lengths can be passed as one ``[1, sum(T), 3, H, W]`` tensor.
         recurrent: whether the decoder has recurrent (linear-attention / state-space) layers, whose state
@@ -291,6 +308,7 @@ class Family:
     anyres_images: bool = False
     image_sizes_key: str | None = None
     video_processor: str = ""
+    processor_class: str = ""
     mrope: bool = False
     vision_markers: bool = False
     token_types: bool = False
@@ -353,6 +371,44 @@ class Family:
             return torch.zeros_like(input_ids, dtype=torch.bool)
         return input_ids == token
 
+    def media_mask(self, config: Any, batch: Mapping[str, Any], kind: str) -> Tensor:
+        """The placeholder positions of the batch's media of ``kind`` as the data tells the kinds apart.
+
+        By default :meth:`placeholder_mask` of the batch's ``input_ids`` (each kind has its own placeholder id).
+        A family whose model takes two kinds through one placeholder id (InternVL: a video's frames are images
+        to its model) tells them apart by the batch's other keys. The visual-token policy reads this; the engine
+        and the model read :meth:`placeholder_mask` (the model's own view).
+
+        Returns:
+            bool ``[B, L]``.
+        """
+        return self.placeholder_mask(config, batch["input_ids"], kind)
+
+    def tail_tokens(self, config: Any, kind: str) -> int:
+        """Placeholder tokens every media of ``kind`` has after its steps (:attr:`MediaSteps.tail`): 0 by default.
+
+        LLaVA-OneVision appends one newline feature to every video.
+        """
+        return 0
+
+    def media_expansion(
+        self, kind: str, steps: int, tokens_per_step: int, token_id: int
+    ) -> tuple[int | str, ...] | None:
+        """What replaces one media's placeholder in the text, as its transformers processor writes it.
+
+        Args:
+            kind: ``"image"`` or ``"video"``.
+            steps: the media's tiles (an image) or frames (a video).
+            tokens_per_step: placeholder tokens per tile or frame.
+            token_id: the placeholder id.
+
+        Returns:
+            Token ids (int) and text to tokenize (str), in order
+            (:attr:`~regate_lightning.data.vision.ProcessedMedia.expansion`); None where a media is a run of
+            placeholders (the default).
+        """
+        return None
+
     def media_per_row(self, config: Any, input_ids: Tensor, kind: str) -> Tensor:
         """Media items of ``kind`` per row (int64 ``[B]``): by default the contiguous runs of its placeholders."""
         return count_runs(self.placeholder_mask(config, input_ids, kind))
@@ -362,6 +418,9 @@ class Family:
 
     def media_steps(self, config: Any, batch: Mapping[str, Any], kind: str) -> list[MediaSteps]:
         """How the batch's media of ``kind`` divide into time steps, without reading their pixel values.
+
+        This is the model's view (what its tower encodes for ``kind``, in placeholder order of
+        :meth:`placeholder_mask`), which the engine reads to skip steps.
 
         Returns:
             One :class:`MediaSteps` per media, in placeholder order (empty if the batch has none).
@@ -398,6 +457,15 @@ class Family:
             for i in range(count):
                 items[i][key] = value[i : i + 1]
         return items
+
+    def media_items(self, config: Any, batch: Mapping[str, Any], kind: str, count: int) -> list[dict[str, Tensor]]:
+        """:meth:`split_media` with the model config at hand, for layouts that need it to be cut.
+
+        LLaVA-OneVision's concatenated anyres tiles are cut by the config's ``image_grid_pinpoints``. By default
+        :meth:`split_media`; callers that have the config (the media-reliance swap, the tests' references) call
+        this.
+        """
+        return self.split_media(batch, kind, count)
 
     # ----------------------------------------------------------------------------------------------
     # The engine: what the decoder receives on a shortened sequence, what the tower returns for skipped steps.

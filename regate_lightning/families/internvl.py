@@ -1,0 +1,381 @@
+"""InternVL (``InternVLForConditionalGeneration``: the InternVL3 / InternVL3.5 ``-HF`` checkpoints).
+
+**Tiles.** The checkpoint's image processor (``GotOcr2ImageProcessor``, with ``crop_to_patches=True`` as
+``InternVLProcessor`` calls it) cuts an image into a grid of ``S x S`` tiles whose aspect ratio is closest to
+the image's, between ``min_patches`` and ``max_patches`` tiles, plus a thumbnail of the whole image when there
+are several. Every tile is one row of ``pixel_values`` ``[tiles, 3, S, S]``.
+
+**Tokens.** ``InternVLVisionModel`` encodes every tile alone (CLS token first, dropped under
+``vision_feature_select_strategy="default"``), the model pixel-shuffles the ``S / P`` x ``S / P`` patch features
+by ``downsample_ratio`` ``r`` (each token concatenates ``1 / r`` x ``1 / r`` neighbouring patches) and projects
+them: ``(S / P) ** 2 * r ** 2`` tokens per tile (256 for ``S = 448, P = 14, r = 0.5``). An image is written
+``<img>`` + ``<IMG_CONTEXT>`` x ``tiles * T`` + ``</img>`` (``InternVLProcessor.replace_image_token``).
+
+**Videos.** A video is one tile per frame (``InternVLVideoProcessor`` resizes frames to ``S x S``), written
+``Frame1: <img>...</img>\\nFrame2: <img>...</img>`` (``InternVLProcessor.replace_video_token``); its frames
+join the images in ``pixel_values`` in text order. To the model, a video's frames are images: one key, one
+placeholder id. The data's batches therefore carry ``mm_token_type_ids`` (2 on a video's placeholders) and
+``video_num_frames`` (frames per video), which the model never reads (the engine passes it only what its
+forward names); :meth:`InternVLFamily.media_mask` and :meth:`InternVLFamily.media_regions` read them, so
+visual-token elision sees videos with frames.
+
+**Steps skipped.** Every tile and frame is encoded alone, so the engine does not encode a tile or frame
+whose every token is elided (:meth:`InternVLFamily.media_steps`: each ``<img>`` span, in ``pixel_values``
+order, with one step per tile).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from regate_lightning.families.base import (
+    DEFAULT_VOCAB,
+    TILES,
+    Family,
+    MediaRegions,
+    MediaSteps,
+    ModelParts,
+    RandomMedia,
+    find_module,
+    frame_regions,
+    text_config,
+)
+from regate_lightning.keys import (
+    INPUT_IDS,
+    MM_TOKEN_TYPE_IDS,
+    PIXEL_VALUES,
+    TEXT_TYPE,
+    VIDEO_NUM_FRAMES,
+    VIDEO_TYPE,
+)
+
+IMAGE_START = "<img>"
+"""Text before a tile span (the tokenizer's ``start_image_token`` in every InternVL ``-HF`` checkpoint)."""
+IMAGE_END = "</img>"
+"""Text after a tile span (``end_image_token``)."""
+
+IMAGE_SIZE = 32
+"""Tile side of the tiny test models."""
+PATCH_SIZE = 8
+"""Patch side of the tiny test models (4 x 4 patches, 2 x 2 tokens per tile after the pixel shuffle)."""
+
+
+def square_side(value: Any) -> int:
+    """One side of a square size given as an int or a ``(height, width)`` pair.
+
+    Raises:
+        ValueError: a size that is not square.
+    """
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or int(value[0]) != int(value[1]):
+            raise ValueError(f"InternVL's tower takes square tiles, got image/patch size {value}")
+        return int(value[0])
+    return int(value)
+
+
+def spans(ids: Tensor, token_id: int) -> list[tuple[int, int, int]]:
+    """The runs of ``token_id`` in ``ids`` (``[B, L]``), row by row: ``(row, start, length)``.
+
+    Example:
+        >>> spans(torch.tensor([[0, 7, 7, 0, 7], [7, 0, 0, 0, 0]]), 7)
+        [(0, 1, 2), (0, 4, 1), (1, 0, 1)]
+    """
+    hits = ids == token_id
+    starts = hits & ~torch.nn.functional.pad(hits, (1, 0))[:, :-1]
+    ends = hits & ~torch.nn.functional.pad(hits, (0, 1))[:, 1:]
+    out = []
+    for (row, start), (_, end) in zip(starts.nonzero().tolist(), ends.nonzero().tolist(), strict=True):
+        out.append((row, start, end - start + 1))
+    return out
+
+
+@dataclass(frozen=True)
+class InternVLFamily(Family):
+    """The rules of InternVL (see the module docstring)."""
+
+    def tile_side(self, config: Any) -> int:
+        """The tower's tile side ``S``."""
+        return square_side(config.vision_config.image_size)
+
+    def shuffle(self, config: Any) -> int:
+        """Patches per side merged into one token by the pixel shuffle (``1 / downsample_ratio``).
+
+        Raises:
+            ValueError: a ratio whose inverse is no whole number.
+        """
+        ratio = float(config.downsample_ratio)
+        merge = round(1 / ratio)
+        if merge < 1 or abs(merge * ratio - 1) > 1e-6:
+            raise ValueError(f"InternVL's downsample_ratio must be 1 / k for a whole k, got {ratio}")
+        return merge
+
+    def tile_tokens(self, config: Any) -> int:
+        """Placeholder tokens per tile or frame: ``(S / P) ** 2 * downsample_ratio ** 2``.
+
+        Raises:
+            ValueError: a tower whose patch grid does not divide by the pixel shuffle, or a strategy that keeps
+                the CLS token (the model then cannot form its square grid of features).
+        """
+        side, patch = self.tile_side(config), square_side(config.vision_config.patch_size)
+        merge = self.shuffle(config)
+        if side % patch or (side // patch) % merge:
+            raise ValueError(
+                f"InternVL: {side // patch if side % patch == 0 else side / patch} patches a side do not divide "
+                f"into {merge} x {merge} tokens"
+            )
+        if getattr(config, "vision_feature_select_strategy", "default") != "default":
+            raise ValueError("InternVL needs vision_feature_select_strategy='default' (the CLS token is dropped)")
+        return (side // patch // merge) ** 2
+
+    # ----------------------------------------------------------------------------------------------
+    # What the family takes.
+
+    def media_token_id(self, config: Any, kind: str) -> int | None:
+        """The ``<IMG_CONTEXT>`` id for images; None for videos, whose frames the model takes as images."""
+        return int(config.image_token_id) if kind == "image" else None
+
+    def media_keys(self, kind: str) -> tuple[str, ...]:
+        """Pixels; videos also their frame counts (``video_num_frames``)."""
+        return (PIXEL_VALUES, VIDEO_NUM_FRAMES) if kind == "video" else (PIXEL_VALUES,)
+
+    def media_mask(self, config: Any, batch: Mapping[str, Any], kind: str) -> Tensor:
+        """``<IMG_CONTEXT>`` positions of images or of videos, told apart by ``mm_token_type_ids``.
+
+        Without ``mm_token_type_ids`` every placeholder is an image's (as the model sees them).
+        """
+        context = batch[INPUT_IDS] == int(config.image_token_id)
+        types = batch.get(MM_TOKEN_TYPE_IDS)
+        if types is None:
+            return context if kind == "image" else torch.zeros_like(context)
+        video = types.to(context.device) == VIDEO_TYPE
+        return context & (video if kind == "video" else ~video)
+
+    def media_expansion(self, kind: str, steps: int, tokens_per_step: int, token_id: int) -> tuple[int | str, ...]:
+        """``<img>`` span of an image's tiles, or ``Frame{i}: <img>...</img>`` lines of a video's frames.
+
+        Example:
+            >>> FAMILY.media_expansion("video", 2, 1, 9)
+            ('Frame1: <img>', 9, '</img>\\nFrame2: <img>', 9, '</img>')
+        """
+        if kind == "image":
+            return (IMAGE_START, *[token_id] * (steps * tokens_per_step), IMAGE_END)
+        out: list[int | str] = []
+        for i in range(steps):
+            out += [f"{IMAGE_END}\nFrame{i + 1}: {IMAGE_START}" if i else f"Frame1: {IMAGE_START}"]
+            out += [token_id] * tokens_per_step
+        return (*out, IMAGE_END)
+
+    # ----------------------------------------------------------------------------------------------
+    # Spans, steps and regions.
+
+    def _spans(self, config: Any, batch: Mapping[str, Any]) -> list[tuple[int, int, int, bool]]:
+        """Every ``<IMG_CONTEXT>`` span in ``pixel_values`` order: ``(row, start, tiles, is_video_frame)``.
+
+        Raises:
+            ValueError: a span whose length is no whole number of tiles.
+        """
+        per_tile = self.tile_tokens(config)
+        types = batch.get(MM_TOKEN_TYPE_IDS)
+        out = []
+        for row, start, length in spans(batch[INPUT_IDS], int(config.image_token_id)):
+            if length % per_tile:
+                raise ValueError(
+                    f"internvl: a run of {length} <IMG_CONTEXT> tokens is no whole number of {per_tile}-token tiles"
+                )
+            video = types is not None and int(types[row, start]) == VIDEO_TYPE
+            out.append((row, start, length // per_tile, video))
+        return out
+
+    def _tiles(self, config: Any, batch: Mapping[str, Any]) -> tuple[Tensor, list[tuple[int, int, int, bool]]]:
+        """``pixel_values`` and the spans, checked against each other."""
+        pixels = batch[PIXEL_VALUES]
+        found = self._spans(config, batch)
+        total = sum(s[2] for s in found)
+        if pixels.dim() != 4 or pixels.shape[0] != total:
+            raise ValueError(
+                f"internvl: `{PIXEL_VALUES}` has shape {tuple(pixels.shape)} but the text's <img> spans hold "
+                f"{total} tiles"
+            )
+        return pixels, found
+
+    def media_steps(self, config: Any, batch: Mapping[str, Any], kind: str) -> list[MediaSteps]:
+        """The model's view: every ``<img>`` span (an image, or one frame of a video), one step per tile.
+
+        The model has one kind of media, images, so ``"image"`` lists every tile and frame in ``pixel_values``
+        order and ``"video"`` nothing (see :meth:`~regate_lightning.families.Family.media_steps`).
+        """
+        if kind != "image" or batch.get(PIXEL_VALUES) is None:
+            return []
+        per_tile = self.tile_tokens(config)
+        return [MediaSteps(tiles, per_tile, 1) for _, _, tiles, _ in self._spans(config, batch)]
+
+    def media_regions(self, config: Any, batch: Mapping[str, Any], kind: str) -> list[MediaRegions]:
+        """A token is one ``1/r x 1/r`` block of patches of its tile (the pixel shuffle's order, row by row).
+
+        An image is one media whose steps are its tiles (the thumbnail last); a video one media whose steps
+        are its frames, grouped by ``video_num_frames``.
+
+        Raises:
+            ValueError: pixels that do not match the spans, or video frames that ``video_num_frames`` does not
+                account for.
+        """
+        if batch.get(PIXEL_VALUES) is None:
+            return []
+        pixels, found = self._tiles(config, batch)
+        side, patch = self.tile_side(config), square_side(config.vision_config.patch_size)
+        merge = self.shuffle(config)
+        cells = frame_regions(kind, pixels.unsqueeze(0), patch * merge, side // patch // merge)[0].regions
+        chunks = cells.split([s[2] for s in found])
+        if kind == "image":
+            return [MediaRegions("image", chunk) for chunk, s in zip(chunks, found, strict=True) if not s[3]]
+        frames = [chunk for chunk, s in zip(chunks, found, strict=True) if s[3]]
+        if not frames:
+            return []
+        counts = batch.get(VIDEO_NUM_FRAMES)
+        if counts is None or int(counts.sum()) != len(frames) or any(c.shape[0] != 1 for c in frames):
+            given = None if counts is None else counts.tolist()
+            raise ValueError(
+                f"internvl: the batch has {len(frames)} video frame spans but `{VIDEO_NUM_FRAMES}` is {given}; "
+                "regate_lightning.data writes one count per video (a frame is one tile)"
+            )
+        grouped = torch.cat(frames).split([int(c) for c in counts.tolist()])
+        return [MediaRegions("video", g) for g in grouped]
+
+    def split_media(self, batch: Mapping[str, Any], kind: str, count: int) -> list[dict[str, Tensor]]:
+        """The model's media (every ``<img>`` span: an image's tiles, or one frame) cut from ``pixel_values``.
+
+        The spans are the runs of media positions in ``mm_token_type_ids`` (the config, which names the
+        placeholder id, is not at hand here); every tile has the same number of tokens, so a span holds
+        ``length * tiles / placeholders`` tiles.
+
+        Raises:
+            ValueError: a batch without ``mm_token_type_ids``, or spans that do not match ``count`` or the pixels.
+        """
+        pixels = batch.get(PIXEL_VALUES)
+        if count == 0 or kind != "image" or pixels is None:
+            return []
+        types = batch.get(MM_TOKEN_TYPE_IDS)
+        if types is None:
+            raise ValueError(f"internvl: cutting `{PIXEL_VALUES}` into media needs `{MM_TOKEN_TYPE_IDS}`")
+        lengths = [n for _, _, n in spans((types != TEXT_TYPE).long(), 1)]
+        total = sum(lengths)
+        if len(lengths) != count or total % pixels.shape[0] or any(n % (total // pixels.shape[0]) for n in lengths):
+            raise ValueError(
+                f"internvl: {len(lengths)} media spans of {lengths} tokens do not cut {pixels.shape[0]} tiles into "
+                f"the text's {count} media"
+            )
+        per_tile = total // pixels.shape[0]
+        return [{PIXEL_VALUES: chunk} for chunk in pixels.split([n // per_tile for n in lengths])]
+
+    def media_items(self, config: Any, batch: Mapping[str, Any], kind: str, count: int) -> list[dict[str, Tensor]]:
+        """The model's media (every ``<img>`` span) cut from ``pixel_values`` by the config's tile rule.
+
+        Raises:
+            ValueError: ``count`` differs from the text's spans, or the pixels from their tiles.
+        """
+        if count == 0 or kind != "image" or batch.get(PIXEL_VALUES) is None:
+            return []
+        pixels, found = self._tiles(config, batch)
+        if len(found) != count:
+            raise ValueError(f"internvl: the text has {len(found)} <img> spans, the caller counted {count}")
+        return [{PIXEL_VALUES: chunk} for chunk in pixels.split([s[2] for s in found])]
+
+    # ----------------------------------------------------------------------------------------------
+    # Parts the training never reaches; random batches.
+
+    def unused_vision_modules(self, parts: ModelParts) -> list[nn.Module]:
+        """The tower's layers after ``vision_feature_layer`` and its final norm, when the layer is not the last."""
+        layer = getattr(parts.model.config, "vision_feature_layer", -1)
+        tower = find_module(parts.inner, "vision_tower")
+        if not isinstance(layer, int) or layer == -1 or tower is None:
+            return []
+        layers = tower.encoder.layer
+        first = layer % (len(layers) + 1)
+        found = list(layers[first:])
+        if not isinstance(tower.layernorm, nn.Identity):
+            found.append(tower.layernorm)
+        return found
+
+    def random_media(self, config: Any, num_frames: int, generator: torch.Generator) -> RandomMedia:
+        """A video of ``num_frames`` one-tile frames: ``<img>`` / ``</img>`` stand-ins around each frame's span.
+
+        The tiny models' vocabulary holds ``<img>``, ``</img>`` and the frame separator at its top (the ids
+        under the placeholder, which random text never uses).
+        """
+        side = self.tile_side(config)
+        per_tile = self.tile_tokens(config)
+        token = int(config.image_token_id)
+        start, end, separator = token - 1, token - 2, token - 3
+        ids: list[int] = []
+        types: list[int] = []
+        for i in range(num_frames):
+            head = [separator, start] if i else [start]
+            ids += [*head, *[token] * per_tile, end]
+            types += [TEXT_TYPE] * len(head) + [VIDEO_TYPE] * per_tile + [TEXT_TYPE]
+        pixels = torch.randn((num_frames, 3, side, side), generator=generator)
+        tensors = {PIXEL_VALUES: pixels, VIDEO_NUM_FRAMES: torch.tensor([num_frames])}
+        return RandomMedia(ids, types, tensors, "video")
+
+
+def tiny_config(
+    vocab_size: int = DEFAULT_VOCAB,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    image_size: int = IMAGE_SIZE,
+    text_model_type: str = "qwen2",
+    image_token_id: int | None = None,
+) -> Any:
+    """A tiny ``InternVLConfig``: ``image_size / 8`` patches a side, pixel-shuffled by 0.5.
+
+    Args:
+        vocab_size: vocabulary (the placeholder id at its top).
+        hidden_size: the text model's hidden size.
+        num_layers: decoder layers.
+        image_size: tile side (a multiple of 16).
+        text_model_type: the text backbone, ``"qwen2"`` (InternVL3) or ``"qwen3"`` (most InternVL3.5 sizes).
+        image_token_id: the ``<IMG_CONTEXT>`` id (default: the last id of the vocabulary).
+
+    Raises:
+        ValueError: an unknown ``text_model_type``.
+    """
+    from transformers import InternVLConfig
+
+    if text_model_type not in ("qwen2", "qwen3"):
+        raise ValueError(f"`text_model_type` must be 'qwen2' or 'qwen3', got {text_model_type!r}")
+    text = {"model_type": text_model_type, **text_config(vocab_size, hidden_size, num_layers)}
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": image_size,
+        "patch_size": PATCH_SIZE,
+    }
+    return InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=vocab_size - 1 if image_token_id is None else image_token_id,
+        image_seq_length=(image_size // PATCH_SIZE // 2) ** 2,
+    )
+
+
+FAMILY = InternVLFamily(
+    "internvl",
+    classes=("InternVLForConditionalGeneration",),
+    model_types=("internvl",),
+    towers=("vision_tower",),
+    projectors=("multi_modal_projector",),
+    placeholders=TILES,
+    image_key=PIXEL_VALUES,
+    video_key=PIXEL_VALUES,
+    video_processor="InternVLVideoProcessor",
+    processor_class="InternVLProcessor",
+    token_types=True,
+    encoders=(("image", "vision_tower", "multi_modal_projector"),),
+    tiny={"InternVLForConditionalGeneration": tiny_config},
+)
