@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from regate_lightning.families import ModelParts
-from regate_lightning.keys import ANSWER_IDX, IMAGE, INPUT_IDS, OPTION_IDX, VIDEO
+from regate_lightning.keys import ANSWER_IDX, IMAGE, IMAGE_SIZES, INPUT_IDS, OPTION_IDX, VIDEO
 
 __all__ = ["MediaSwap", "answer_rows", "media_runs", "swap_media"]
 
@@ -52,9 +52,13 @@ def media_runs(input_ids: Tensor, token_id: int) -> Tensor:
 
 
 def _signature(item: dict[str, Tensor]) -> tuple:
-    """Items with equal signatures can replace each other: same shapes and grids."""
+    """Items with equal signatures can replace each other: same shapes, grids and anyres image sizes.
+
+    An anyres image's token count follows from its original size (LLaVA-NeXT, LLaVA-OneVision), not from its
+    tiles' shape alone.
+    """
     return tuple(
-        (key, tuple(t.shape), tuple(t.flatten().tolist()) if key.endswith("grid_thw") else None)
+        (key, tuple(t.shape), tuple(t.flatten().tolist()) if key.endswith("grid_thw") or key == IMAGE_SIZES else None)
         for key, t in sorted(item.items())
     )
 

@@ -48,6 +48,7 @@ from regate_lightning.keys import ATTENTION_MASK, IMAGE_SIZES, INPUT_IDS, LABELS
 from regate_lightning.targets import candidate_mask
 from regate_lightning.teacher import Teacher, text_mask
 from regate_lightning.testing import random_batch, tiny
+from regate_lightning.testing.batches import media_layout
 from regate_lightning.visual import TemporalSelection, UniformSelection, VisualElisionPolicy, temporal_change
 
 TOL = 1e-5
@@ -186,6 +187,7 @@ def test_images_need_the_checkpoints_processor(model):
     spec = VisionSpec.from_model(model)
     assert "anyres-max tiling" in spec.accepts("image") and spec.tokens_per_video == 1
     assert spec.process_video(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).num_tokens == 2 * 4 + 1
+    assert media_layout(model, 2)[:2] == (model.config.video_token_id, 2 * 4 + 1), "random batches count the same"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -232,7 +234,9 @@ def test_whole_frames_elided_are_not_encoded_and_the_newline_stays(model, select
     assert out.skipped_steps == 4 and rows == [4]
     assert max_abs_diff(out.token_loss.detach(), masked.detach()) < TOL
     assert skipped.keys() == full.keys()
-    assert max(float((skipped[n] - full[n]).abs().max()) for n in full) < TOL
+    worst = max(float((skipped[n] - full[n]).abs().max()) for n in full)
+    print(f"max|grad diff| llava_onevision/skipped frames ({selection}): {worst:.2e}")
+    assert worst < TOL
 
 
 def test_an_elided_newline_or_video_equals_the_model(model):
@@ -353,3 +357,34 @@ def test_builtin_video_rules_equal_llava_onevision_video_processor(folder, tmp_p
         decoded = sample_video(write_video(tmp_path / f"v{i}.mp4", num_frames=frames, seed=i), frames).frames
         a, b = transformers_side.video(decoded), builtin.video(decoded)
         assert parity_diff(a.values, b.values, "video llava_onevision built-in vs LlavaOnevisionVideoProcessor") <= 1e-5
+
+
+def test_the_media_gap_swaps_only_images_of_one_size(folder, tmp_path):
+    """An anyres image's count follows from its size: 60 x 90 and 50 x 90 both make 7 tiles but 44 and 52 tokens,
+    so only the two images of one size swap; the swapped rows run (the model checks the counts)."""
+    import numpy as np
+
+    from regate_lightning.reliance import swap_media
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(60, 90), (50, 90), (60, 90)]):
+        paths.append(tmp_path / f"s{i}.png")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    module, batch = first_batch(str(folder), image_records(tmp_path, paths))
+    batch = {k: v for k, v in batch.items() if not k.startswith("_")}
+    assert FAMILY.image_tiles(module.hf_model.config, batch) == [7, 7, 7]
+    [swap] = swap_media(batch, resolve(module.hf_model))
+    assert swap.kind == "image" and swap.rows.tolist() == [0, 2]
+    assert not torch.equal(swap.own[PIXEL_VALUES], swap.swapped[PIXEL_VALUES])
+    run_model(module, swap.swapped)
+
+
+def test_clips_of_different_lengths_are_refused_naming_num_frames():
+    """One newline per entry of pixel_values_videos: clips cannot be joined frame-wise (frames_alone is off)."""
+    from regate_lightning.data.vision import join_media
+
+    assert not FAMILY.frames_alone
+    clips = [torch.zeros(1, 2, 3, 32, 32), torch.zeros(1, 3, 3, 32, 32)]
+    with pytest.raises(ValueError, match=r"of \[2, 3\] frames.*sample a fixed `num_frames`"):
+        join_media(PIXEL_VALUES_VIDEOS, clips, ())

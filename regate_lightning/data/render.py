@@ -31,7 +31,9 @@ and media items at the markers' places; one newline right after a marker is drop
 writes its own separator), and each media token the template writes is expanded to the media's count
 of placeholder ids, the k-th image token to the k-th image and the k-th video token to the k-th video
 (what transformers' processors do after ``apply_chat_template``). The template's own text around the
-media (Qwen's vision start / end) stays as it wrote it. :attr:`ChatRenderer.template_media` tells which
+media (Qwen's vision start / end) stays as it wrote it. A kind the model takes without a placeholder id of its
+own (InternVL's videos, whose frames are images to the model) is recognised by the tokenizer's own token for it
+(``tokenizer.video_token``), which the family's expansion replaces. :attr:`ChatRenderer.template_media` tells which
 mode is in use.
 """
 

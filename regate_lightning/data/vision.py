@@ -564,6 +564,12 @@ def join_media(key: str, parts: list[torch.Tensor], frame_keys: tuple[str, ...] 
         return torch.cat(parts)
     if key in frame_keys and all(p.dim() == 5 for p in parts) and len({tuple(p.shape[2:]) for p in parts}) == 1:
         return torch.cat([p.flatten(0, 1) for p in parts]).unsqueeze(0)
+    if all(p.dim() == 5 for p in parts) and len({tuple(p.shape[2:]) for p in parts}) == 1:
+        raise ValueError(
+            f"cannot batch `{key}` of {sorted({int(p.shape[1]) for p in parts})} frames: this family's model adds "
+            "features per video (LLaVA-OneVision's newline), so clips of different frame counts cannot be joined; "
+            "sample a fixed `num_frames` (uniform sampling, no `fps`) or use batch_size 1"
+        )
     raise ValueError(
         f"cannot batch `{key}` of shapes {sorted(shapes)}: every image and frame of a batch must have one size "
         "(set `frame_size`, or the tower's image size)"

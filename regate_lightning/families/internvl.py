@@ -136,8 +136,16 @@ class InternVLFamily(Family):
     # What the family takes.
 
     def media_token_id(self, config: Any, kind: str) -> int | None:
-        """The ``<IMG_CONTEXT>`` id for images; None for videos, whose frames the model takes as images."""
-        return int(config.image_token_id) if kind == "image" else None
+        """The ``<IMG_CONTEXT>`` id, for images and for a video's frames alike."""
+        return int(config.image_token_id)
+
+    def placeholder_mask(self, config: Any, input_ids: Tensor, kind: str) -> Tensor:
+        """The model's view: every ``<IMG_CONTEXT>`` is an image's (a video's frames are images to it); no video.
+
+        :meth:`media_mask` tells the data's videos apart.
+        """
+        context = input_ids == int(config.image_token_id)
+        return context if kind == "image" else torch.zeros_like(context)
 
     def media_keys(self, kind: str) -> tuple[str, ...]:
         """Pixels; videos also their frame counts (``video_num_frames``)."""
