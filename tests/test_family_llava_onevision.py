@@ -388,3 +388,31 @@ def test_clips_of_different_lengths_are_refused_naming_num_frames():
     clips = [torch.zeros(1, 2, 3, 32, 32), torch.zeros(1, 3, 3, 32, 32)]
     with pytest.raises(ValueError, match=r"of \[2, 3\] frames.*sample a fixed `num_frames`"):
         join_media(PIXEL_VALUES_VIDEOS, clips, ())
+
+
+def test_a_multi_image_sample_with_batch_num_images(model):
+    """The model's multi-image mode (``batch_num_images``): one tile and one newline per image; an image elided whole
+    is not encoded, and the step equals the unmodified model."""
+    config = model.config
+    count = image_tokens((60, 90), PINPOINTS, 32, 8, config.vision_aspect_ratio, tiles=1)
+    assert count == 16 + 1
+    ids = [1, *[config.image_token_id] * count, 5, *[config.image_token_id] * count, *range(10, 30), 2]
+    input_ids = torch.tensor([ids])
+    labels = torch.full_like(input_ids, -100)
+    labels[0, -21:] = input_ids[0, -21:]
+    batch = {
+        INPUT_IDS: input_ids,
+        ATTENTION_MASK: torch.ones_like(input_ids),
+        LABELS: labels,
+        PIXEL_VALUES: torch.randn(2, 3, 32, 32),
+        IMAGE_SIZES: torch.tensor([[60, 90], [50, 90]]),
+        "batch_num_images": torch.tensor([2]),
+    }
+    steps = FAMILY.media_steps(config, batch, "image")
+    assert [(s.steps, s.tokens_per_step, s.rows_per_step) for s in steps] == [(1, 17, 1)] * 2
+    keep = torch.ones_like(input_ids, dtype=torch.bool)
+    keep[0, 1 : 1 + count] = False
+    with torch.no_grad():
+        out = forward_active(model, batch, keep)
+        assert out.skipped_steps == 1
+        assert max_abs_diff(out.token_loss, token_losses_4d(model, batch, keep)) < TOL
