@@ -76,6 +76,7 @@ def save_cache(
     fingerprint: dict[str, Any],
     samples: torch.Tensor | None = None,
     base: ReferenceCache | None = None,
+    data_keys: torch.Tensor | None = None,
 ) -> int:
     """Write the complete reference losses of ``bank`` to ``path`` atomically.
 
@@ -87,6 +88,8 @@ def save_cache(
         base: an opened cache whose samples are kept where ``bank`` has not registered them (``fit`` reads
             its cache lazily, so the samples it has not met yet are only in the file); its fingerprint
             must be ``fingerprint``.
+        data_keys: integer ``[K]``: the keys of the samples the training data hold now; the others (records
+            removed, or edited to another identity) are left out. None keeps every sample.
 
     Returns:
         The number of samples written.
@@ -98,6 +101,10 @@ def save_cache(
         sample_idx, counts, digests = sample_idx[keep], counts[keep], digests[keep]
     if base is not None and len(base):
         sample_idx, counts, digests, ref = _merge((sample_idx, counts, digests, ref), base, bank)
+    if data_keys is not None:
+        live = torch.isin(sample_idx, data_keys.to(device="cpu", dtype=torch.int64))
+        ref = ref[torch.repeat_interleave(live, counts)]
+        sample_idx, counts, digests = sample_idx[live], counts[live], digests[live]
     payload = {
         "version": CACHE_VERSION,
         "fingerprint": fingerprint,

@@ -148,7 +148,8 @@ class ReGATECallback(Callback):
         self.store_device = store_device
         self.totals = dict.fromkeys(TOTALS, 0)
         self._restored: dict[str, Any] | None = None
-        self._warned_replaced = False
+        self._replaced_run = 0  # samples of this fit whose stored values were dropped, over all ranks
+        self._first_replaced = ""  # the first of them, by name
         self.cache_samples = 0
         self._plan: StepPlan | None = None
         self._gather: Gather | None = None
@@ -189,12 +190,21 @@ class ReGATECallback(Callback):
         if self._restored is not None:
             self._apply_state(self._restored)
             self._restored = None
+        self._replaced_run, self._first_replaced = 0, ""
         if self.ref_cache:
             self.policy.cache = open_cache(self.ref_cache, self.policy.fingerprint)
             if self.policy.cache is not None:
+                keys = data_keys(trainer.datamodule)
+                gone = 0 if keys is None else int((~torch.isin(self.policy.cache.sample_idx, keys)).sum())
                 rank_zero_info(
                     f"ReGATE: {self.ref_cache} holds reference losses of {len(self.policy.cache)} samples (each "
                     "read when training first meets it)"
+                    + (
+                        f"; {gone} of them belong to no record of the training data now (removed, or edited to "
+                        "another id or line) and are left out when the cache is written again"
+                        if gone
+                        else ""
+                    )
                 )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -231,20 +241,22 @@ class ReGATECallback(Callback):
         plan.apply(batch)
         self.cache_samples += plan.cached
         if plan.replaced:
-            self._report_replaced(plan.replaced)
+            self._report_replaced(plan, trainer.datamodule)
         self._plan = self.last_plan = plan
 
-    def _report_replaced(self, replaced: int) -> None:
-        """Count restored entries that belonged to other content; say so in the log the first time."""
-        if not self._warned_replaced:
-            self._warned_replaced = True
+    def _report_replaced(self, plan: StepPlan, datamodule: Any) -> None:
+        """Count restored entries that belonged to other content; name the first in the log the first time."""
+        if not self._first_replaced:
+            self._first_replaced = sample_name(datamodule, int(plan.replaced_keys[0]))
+            more = f" and {plan.replaced - 1} more sample(s) of this step" if plan.replaced > 1 else ""
             rank_zero_warn(
-                f"ReGATE: {replaced} sample(s) of this step had stored values (from the checkpoint or `ref_cache`) "
-                "made from other content (the record changed, or another record now has its id): they were "
-                f"dropped, the teacher scores those samples again and their EMA restarts. Counted in "
-                f"`{REPLACED_SAMPLES}`."
+                f"ReGATE: {self._first_replaced}{more} had stored values (from the checkpoint or `ref_cache`) made "
+                "from other content (the record changed, or another record now has its id): they were dropped, the "
+                f"teacher scores such samples again and their EMA restarts. Counted over the run in "
+                f"`{REPLACED_SAMPLES}` and reported when fitting ends."
             )
-        self.totals[REPLACED] += replaced
+        self._replaced_run += plan.replaced
+        self.totals[REPLACED] += plan.replaced
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -299,10 +311,22 @@ class ReGATECallback(Callback):
         """Write the reference cache once more at the end of fitting, and close the file read at the start."""
         self._write_cache(trainer)
         self.policy.cache = None
+        if self._replaced_run:
+            rank_zero_warn(
+                f"ReGATE: in this fit {self._replaced_run} sample(s) had stored values made from other content, the "
+                f"first {self._first_replaced}; they were scored again (`{REPLACED_SAMPLES}`)"
+            )
 
     def _write_cache(self, trainer: pl.Trainer) -> None:
+        """Write ``ref_cache`` (rank 0) with the samples of the training data as it is now (none of removed records)."""
         if self.ref_cache and self.policy.bank is not None and trainer.is_global_zero:
-            written = save_cache(self.ref_cache, self.policy.bank, self.policy.fingerprint, base=self.policy.cache)
+            written = save_cache(
+                self.ref_cache,
+                self.policy.bank,
+                self.policy.fingerprint,
+                base=self.policy.cache,
+                data_keys=data_keys(trainer.datamodule),
+            )
             rank_zero_info(f"ReGATE: wrote reference losses of {written} samples to {self.ref_cache}")
 
     # ---------------------------------------------------------------------------------------------
@@ -348,6 +372,18 @@ class ReGATECallback(Callback):
         if state["bank"] is not None:
             self.bank.load_state_dict(state["bank"])
         self.totals.update(state["totals"])
+
+
+def data_keys(datamodule: Any) -> torch.Tensor | None:
+    """int64 ``[N]``: the data module's training sample keys (its ``sample_keys()``), or None without one."""
+    keys = getattr(datamodule, "sample_keys", None)
+    return torch.tensor(keys(), dtype=torch.int64) if callable(keys) else None
+
+
+def sample_name(datamodule: Any, key: int) -> str:
+    """The record behind a sample key, by the data module's ``sample_name`` (``"id r1"``), else the key."""
+    name = getattr(datamodule, "sample_name", None)
+    return str(name(key)) if callable(name) else f"sample_idx {key}"
 
 
 def step_outputs(outputs: Any, keys: tuple[str, ...]) -> dict[str, Any]:

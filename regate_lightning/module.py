@@ -28,6 +28,7 @@ from regate_lightning.families import parameter_parts, resolve, unused_vision_mo
 from regate_lightning.keys import (
     DATA_SKIPPED,
     DATA_SKIPPED_EPOCH,
+    DATA_TRUNCATED,
     IMAGE,
     INPUT_IDS,
     KEEP_MASK,
@@ -314,11 +315,13 @@ class MLLMModule(pl.LightningModule):
         return report(stage, self.current_epoch) if callable(report) else None
 
     def on_train_epoch_end(self) -> None:
-        """Report the inputs the data skipped (``on_error="skip"``) by reason; log this epoch's and the total."""
+        """Report the inputs the data skipped (``on_error="skip"``) by reason; log this epoch's and the total, and
+        the records cut to ``max_length`` so far."""
         report = self._report_skips(TRAIN)
         if report is not None:
             self.log(DATA_SKIPPED_EPOCH, float(sum(report.period.values())))
             self.log(DATA_SKIPPED, float(sum(report.total.values())))
+            self.log(DATA_TRUNCATED, float(getattr(report, "truncated", 0)))
 
     def _log_skipped_questions(self, stage: str) -> None:
         report = self._report_skips(VAL)  # the validation data serve the test stage too
