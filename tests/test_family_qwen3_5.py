@@ -451,3 +451,42 @@ def test_score_and_fit_write_the_same_reference_losses(tmp_path):
     err = float((a["ref"] - b["ref"]).abs().max())
     print(f"max|diff| qwen3_5 reference losses, score vs fit: {err:.2e}")
     assert err < 1e-6
+
+
+def test_the_data_pipeline_refuses_videos_until_it_writes_their_timestamps(dense):
+    from regate_lightning.data.vision import VisionSpec
+
+    spec = VisionSpec.from_model(dense)
+    frames = torch.randint(0, 256, (4, 3, *spec.size), dtype=torch.uint8)
+    assert "timestamp" in spec.accepts("video") and spec.accepts("image") == ""
+    with pytest.raises(ValueError, match="each temporal patch's timestamp"):
+        spec.process_video(frames)
+    image = spec.process_image(frames[0])  # an image: one run of placeholders between vision start / end
+    ids = torch.tensor([[1, *spec.placeholder_ids("image", image.num_tokens), 5, 6, 7, 2]])
+    types = (ids == dense.config.image_token_id).long()
+    batch = {INPUT_IDS: ids, ATTENTION_MASK: torch.ones_like(ids), MM_TOKEN_TYPE_IDS: types, LABELS: ids.clone()}
+    with torch.no_grad():
+        assert torch.isfinite(forward_active(dense, {**batch, **image.tensors}).loss)
+
+
+def test_lora_adapts_the_gated_delta_net_layers_and_the_elided_step_stays_exact():
+    from regate_lightning import MLLMModule
+    from regate_lightning.module import LoraOptions
+
+    module = MLLMModule(tiny.tiny_model(DENSE), lora=LoraOptions(r=4, alpha=8, dropout=0.0))
+    adapted = {n.split(".lora_")[0] for n, p in module.named_parameters() if p.requires_grad}
+    for layer in range(3):
+        for name in ("in_proj_qkv", "in_proj_z", "out_proj"):
+            assert any(n.endswith(f"layers.{layer}.linear_attn.{name}") for n in adapted), (layer, name)
+    assert not any(".visual." in n for n in adapted)
+    model = module.hf_model.eval()
+    for n, p in module.named_parameters():  # nonzero adapters, so that they change the outputs
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    batch = random_batch(model, batch_size=2, ragged=True, num_frames=4, seed=13)
+    keep = partial_mask(batch, equal_rows=False)
+    with torch.no_grad():
+        err = max_abs_diff(
+            forward_active(module.model, batch, keep).token_loss, token_losses_shortened(module.model, batch, keep)
+        )
+    assert err < TOL

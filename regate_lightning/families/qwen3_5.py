@@ -58,6 +58,13 @@ from regate_lightning.keys import (
 TIMESTAMP_TOKENS = 4
 """Text tokens that stand for one temporal patch's timestamp (``<1.5 seconds>``) in random batches."""
 
+VIDEO_REFUSAL = (
+    "Qwen3.5 videos need each temporal patch's timestamp in the placeholder text (the Qwen3-VL processor's "
+    "layout), which regate_lightning.data does not write yet; a video written as one run of placeholders would "
+    "not match the model's position ids. Use images, or skip video records (on_error='skip')"
+)
+"""Why the data pipeline refuses Qwen3.5 videos until the shared Qwen3-VL data side writes their timestamps."""
+
 
 def interleaved_mrope_section(rotary_dim: int) -> list[int]:
     """M-RoPE sections (temporal, height, width) of an interleaved layout, in Qwen3.5's proportions.
@@ -294,6 +301,7 @@ FAMILY = Qwen3_5Family(
     video_key=PIXEL_VALUES_VIDEOS,
     grid_keys=(IMAGE_GRID_THW, VIDEO_GRID_THW),
     video_processor="Qwen3VLVideoProcessor",
+    video_refusal=VIDEO_REFUSAL,
     mrope=True,
     vision_markers=True,
     token_types=True,
