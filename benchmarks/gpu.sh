@@ -3,7 +3,8 @@
 # elision and both, at 39 % and 24 % answer shares, each step profiled and compared with the profile's
 # cost model, peak memory per variant; the policy's time per step with a score store of 1M samples x 100
 # candidates), then the strategy checks (benchmarks/gpu_strategies.py: FSDP, and DeepSpeed ZeRO-2/3 when
-# deepspeed imports). Meant to finish in about 8 minutes (GPU_TOTAL_S).
+# deepspeed imports); between them, a Qwen3.5-0.8B-shaped step (part 1b: the hybrid gated delta-net decoder,
+# GPU_QWEN3_5_S seconds kept for it). Meant to finish in about 8 minutes (GPU_TOTAL_S).
 #
 #   bash benchmarks/gpu.sh                 # results in $OUT (default ./gpu_results)
 #   bash benchmarks/gpu.sh --batch-size 1  # extra arguments go to benchmarks/gpu_throughput.py
@@ -23,6 +24,7 @@ export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:T
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 TOTAL_S="${GPU_TOTAL_S:-480}"
+QWEN3_5_S="${GPU_QWEN3_5_S:-100}"  # part 1b's share of the budget (0 skips it)
 start=$(date +%s)
 
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -47,7 +49,7 @@ echo "== 1. throughput and profile (benchmarks/gpu_throughput.py) =="
 # One process per part: no allocator state carried over. Headline first; the last part is the first to go.
 # a1024-store: the policy's time per step with a store of 1M samples x 100 candidates (issue 13, < 1 %).
 for part in ${GPU_PARTS:-a1024 a1024-store a512 a1024-frames a1024-frames-noskip a1024-more}; do
-left=$(( TOTAL_S - 90 - ($(date +%s) - start) ))  # keep 90 s for the strategy checks
+left=$(( TOTAL_S - 90 - QWEN3_5_S - ($(date +%s) - start) ))  # keep 90 s for the strategy checks, and part 1b's
 if [ "$left" -lt 30 ]; then echo "throughput $part: skipped (time budget)"; continue; fi
 limit=$(( left < ${THROUGHPUT_TIMEOUT_S:-110} ? left : ${THROUGHPUT_TIMEOUT_S:-110} ))
 timeout --kill-after=10 "$limit" "$PY" benchmarks/gpu_throughput.py --out "$OUT" --only "$part" "$@" \
@@ -56,6 +58,23 @@ status=${PIPESTATUS[0]}
 [ "$status" -eq 124 ] && echo "throughput $part: stopped by the time limit (partial results in $OUT)"
 echo "throughput $part exit status: $status"
 done
+
+# Part 1b: the Qwen3.5-0.8B-shaped step (hybrid decoder: 18 gated delta-net and 6 full-attention layers), its
+# headline part only by default (GPU_QWEN3_5_PARTS="a1024 a1024-frames" adds whole-frame elision).
+if [ "$QWEN3_5_S" -gt 0 ]; then
+  echo
+  echo "== 1b. Qwen3.5-shaped step (benchmarks/gpu_throughput.py --family qwen3_5) =="
+  for part in ${GPU_QWEN3_5_PARTS:-a1024}; do
+  left=$(( TOTAL_S - 90 - ($(date +%s) - start) ))
+  if [ "$left" -lt 30 ]; then echo "qwen3_5 $part: skipped (time budget)"; continue; fi
+  limit=$(( left < QWEN3_5_S ? left : QWEN3_5_S ))
+  timeout --kill-after=10 "$limit" "$PY" benchmarks/gpu_throughput.py --family qwen3_5 --out "$OUT" --only "$part" \
+    2>&1 | tee -a "$OUT/gpu_throughput_qwen3_5.log"
+  status=${PIPESTATUS[0]}
+  [ "$status" -eq 124 ] && echo "qwen3_5 $part: stopped by the time limit (partial results in $OUT)"
+  echo "qwen3_5 $part exit status: $status"
+  done
+fi
 
 if [ -f benchmarks/gpu_strategies.py ]; then
   left=$(( TOTAL_S - ($(date +%s) - start) ))

@@ -47,7 +47,20 @@ from regate_lightning.keys import (
 )
 from regate_lightning.reliance import answer_rows, swap_media
 
-DECODER_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DECODER_LINEAR_NAMES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    # The gated delta-net layers of a hybrid decoder (Qwen3.5): query/key/value and gate in, and out.
+    "in_proj_qkv",
+    "in_proj_z",
+    "out_proj",
+)
+"""The decoder's linear layers that LoRA adapts by default (:class:`LoraOptions`)."""
 
 
 @dataclass
@@ -58,8 +71,8 @@ class LoraOptions:
         r: rank of the adapters.
         alpha: scaling numerator (``lora_alpha``).
         dropout: dropout on the adapter input.
-        target_modules: module names or a regex; None = the decoder's attention and MLP projections
-            (never the vision tower).
+        target_modules: module names or a regex; None = the decoder's attention and MLP projections, and the
+            gated delta-net projections of a hybrid decoder (:data:`DECODER_LINEAR_NAMES`; never the vision tower).
         modules_to_save: modules trained in full beside the adapters, e.g. ``["multi_modal_projector"]``.
     """
 
