@@ -26,6 +26,8 @@ _EXPORTS: dict[str, str] = {
             "tiny_video_llava",
             "tiny_qwen2_vl",
             "tiny_qwen2_5_vl",
+            "tiny_model",
+            "tiny_classes",
             "byte_tokenizer",
         )
     },
