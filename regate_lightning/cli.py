@@ -15,12 +15,15 @@ never runs the teacher (see ``docs/scoring.md``).
 
 from __future__ import annotations
 
+import re
 import sys
 import traceback
 import warnings
+from datetime import timedelta
 from typing import Any, NoReturn
 
 import torch
+from jsonargparse.typing import register_type, timedelta_deserializer
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -34,6 +37,28 @@ DESCRIPTION = (
     "PyTorch Lightning. `fit`, `validate`, `test` and `predict` are LightningCLI's; `score` runs the ReGATE "
     "teacher offline. Each takes a recipe: --config recipes/<name>.yaml."
 )
+
+
+def duration(value: Any) -> timedelta:
+    """A duration in a recipe (e.g. the strategy's ``timeout``): seconds, or ``"h:m:s"`` / ``"d days, h:m:s"``.
+
+    jsonargparse reads a ``timedelta`` only from ``"h:m:s"``; ``timeout: 600`` or ``--...timeout=600`` is what a
+    user writes first.
+
+    Example:
+        >>> [duration(v).total_seconds() for v in (600, "90.5", "1:30:00", "1 day, 0:00:00")]
+        [600.0, 90.5, 5400.0, 86400.0]
+    """
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d*)?\s*", value):
+        return timedelta(seconds=float(value))
+    return timedelta_deserializer(value)
+
+
+register_type(timedelta, serializer=str, deserializer=duration)
 
 
 def refused_value(error: BaseException) -> tuple[str, BaseException] | None:

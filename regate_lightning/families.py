@@ -108,6 +108,9 @@ class Family:
             own (tower, resampler and projector per frame, features in frame order), so clips of different
             lengths can be passed as one ``[1, sum(T), 3, H, W]`` tensor with the same features in the same
             order (checked against per-sample runs in ``tests/test_data_collate.py``).
+        media_only: ``(kind, path)`` pairs: a module or parameter (path on the inner model) that only batches
+            holding media of ``kind`` use (Video-LLaVA's ``image_tower``, LLaVA-NeXT-Video's ``image_newline``),
+            so that it gets no gradient in a batch without that kind (:func:`media_only_parameters`).
     """
 
     name: str
@@ -131,6 +134,7 @@ class Family:
     unused_tower_heads: bool = False
     encoders: tuple[tuple[str, str, str], ...] = ()
     frames_alone: bool = False
+    media_only: tuple[tuple[str, str], ...] = ()
 
     @property
     def multimodal(self) -> bool:
@@ -391,6 +395,7 @@ FAMILIES: dict[str, Family] = {
             unused_tower_heads=True,
             encoders=(("video", "vision_tower", "multi_modal_projector"),),
             frames_alone=True,
+            media_only=(("image", "image_newline"), ("video", "vision_resampler")),
         ),
         Family(
             VIDEO_LLAVA,
@@ -409,6 +414,7 @@ FAMILIES: dict[str, Family] = {
                 ("video", "video_tower", "multi_modal_projector"),
             ),
             frames_alone=True,
+            media_only=(("image", "image_tower"), ("video", "video_tower")),
         ),
         Family(
             QWEN2_VL,
@@ -617,9 +623,10 @@ def parameter_parts(parts: ModelParts) -> dict[str, list[nn.Parameter]]:
 def unused_vision_modules(parts: ModelParts) -> list[nn.Module]:
     """Vision-tower modules that never reach the loss in this family.
 
-    LLaVA-family models read the tower's hidden states, so CLIP's ``post_layernorm`` and SigLIP's
-    pooling ``head`` get no gradient; under DDP such parameters stop training with "parameters that
-    were not used" unless ``find_unused_parameters`` is on. :class:`~regate_lightning.MLLMModule`
+    LLaVA-family models read the tower's hidden states (``vision_feature_layer``), so CLIP's
+    ``post_layernorm``, SigLIP's pooling ``head`` and every encoder layer after the deepest selected hidden
+    state (the last layer under LLaVA's usual ``vision_feature_layer=-2``) get no gradient; under plain DDP
+    such parameters stop training with "parameters that were not used". :class:`~regate_lightning.MLLMModule`
     freezes them (their values do not affect any output).
     """
     if not parts.family.unused_tower_heads:
@@ -633,4 +640,46 @@ def unused_vision_modules(parts: ModelParts) -> list[nn.Module]:
             for n in ("post_layernorm", "head")
             if isinstance(getattr(vision_model, n, None), nn.Module)
         ]
+        found += layers_after_feature_layer(vision_model, getattr(parts.model.config, "vision_feature_layer", -1))
     return found
+
+
+def layers_after_feature_layer(vision_model: nn.Module, feature_layer: int | list[int]) -> list[nn.Module]:
+    """The encoder layers of a CLIP/SigLIP tower that come after every hidden state the model reads.
+
+    ``hidden_states[k]`` is the output of the first ``k`` of the tower's ``N`` layers (``k = 0``: the
+    embeddings), so with the deepest selected index ``K`` (negative indices counted from ``N + 1``) the
+    layers ``K .. N - 1`` never reach the features: LLaVA's ``vision_feature_layer=-2`` leaves the last one.
+
+    Args:
+        vision_model: the tower's transformer (with ``encoder.layers``).
+        feature_layer: the config's ``vision_feature_layer`` (an index or a list of indices).
+
+    Returns:
+        The unused layers (empty for a tower without ``encoder.layers``).
+    """
+    layers = getattr(getattr(vision_model, "encoder", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        return []
+    states = len(layers) + 1
+    indices = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
+    deepest = max(int(i) % states for i in indices)
+    return list(layers)[deepest:]
+
+
+def media_only_parameters(parts: ModelParts) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """The named parameters that only batches holding media of one kind use, by kind (:attr:`Family.media_only`).
+
+    Returns:
+        ``{kind: [(name, parameter), ...]}`` with the parameters' names in ``parts.model``; kinds without
+        such parameters are absent.
+    """
+    names = {id(p): n for n, p in parts.model.named_parameters()}
+    out: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    for kind, path in parts.family.media_only:
+        head, _, last = path.rpartition(".")
+        owner = find_module(parts.inner, head) if head else parts.inner
+        found = getattr(owner, last, None) if owner is not None else None
+        params = [found] if isinstance(found, nn.Parameter) else list(found.parameters()) if found is not None else []
+        out.setdefault(kind, []).extend((names.get(id(p), path), p) for p in params)
+    return {kind: params for kind, params in out.items() if params}

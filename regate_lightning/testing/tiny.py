@@ -150,15 +150,20 @@ def llava_next_video_config(
     video_token_id: int | None = None,
     image_token_id: int | None = None,
     spatial_pool_stride: int = 2,
+    vision_feature_layer: int = -1,
 ) -> LlavaNextVideoConfig:
-    """A LLaVA-NeXT-Video config: pooled frames (2x2 by default), placeholders at the top of the vocabulary."""
+    """A LLaVA-NeXT-Video config: pooled frames (2x2 by default), placeholders at the top of the vocabulary.
+
+    ``vision_feature_layer=-1`` reads the tower's last hidden state; released checkpoints use -2 (the last
+    tower layer then never reaches the loss, see :func:`~regate_lightning.families.unused_vision_modules`).
+    """
     vocab = text["vocab_size"]
     return LlavaNextVideoConfig(
         vision_config=vision,
         text_config=LlamaConfig(**text),
         video_token_index=vocab - 2 if video_token_id is None else video_token_id,
         image_token_index=vocab - 1 if image_token_id is None else image_token_id,
-        vision_feature_layer=-1,
+        vision_feature_layer=vision_feature_layer,
         image_grid_pinpoints=[[vision.image_size, vision.image_size]],
         spatial_pool_stride=spatial_pool_stride,
     )
@@ -239,14 +244,19 @@ def tiny_llava_next_video(
     video_token_id: int | None = None,
     image_token_id: int | None = None,
     seed: int = 0,
+    vision_feature_layer: int = -1,
 ) -> LlavaNextVideoForConditionalGeneration:
     """A tiny ``LlavaNextVideoForConditionalGeneration``.
 
     A video of T frames gives ``T * (image_size / 8 / 2) ** 2`` video tokens (2x2 average pooling).
+    ``vision_feature_layer=-2`` reads the tower as released LLaVA-NeXT-Video checkpoints do.
     """
     torch.manual_seed(seed)
     text = text_config(vocab_size, hidden_size, num_layers)
-    cfg = llava_next_video_config(clip_vision_config(image_size), text, video_token_id, image_token_id)
+    vision = clip_vision_config(image_size)
+    cfg = llava_next_video_config(
+        vision, text, video_token_id, image_token_id, vision_feature_layer=vision_feature_layer
+    )
     return _finish(LlavaNextVideoForConditionalGeneration(cfg), seed)
 
 
