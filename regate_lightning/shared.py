@@ -130,7 +130,7 @@ def agree_on_file(strategy: Strategy, path: str | Path, summary: str | None, wha
     raise SharedFileError(
         f"the {what} {path} is not the same on every rank ({lines}). Each rank reads it from its own file "
         f"system, so the folder {folder} must hold the same file for every node: {share} (docs/scale.md, "
-        "'What must be shared')"
+        "'Several nodes: what runs where, and what must be shared')"
     )
 
 
