@@ -154,6 +154,18 @@ def local_score(f: Folders) -> dict[str, Any]:
     return run_score(f.local / "scored.pt")
 
 
+def local_score_again(f: Folders) -> dict[str, Any]:
+    """Item 1: score again when only node 0 still holds the cache: the ranks share what they read, the teacher
+    runs on no sample, and node 1 gets the whole file back."""
+    if f.local.name == "node1":
+        (f.local / "scored.pt").rename(f.local / "scored_before.pt")
+    out = run_score(f.local / "scored.pt")
+    if f.local.name == "node1":
+        (f.local / "scored_before.pt").unlink()
+        out["files"] = sorted(p.name for p in f.local.iterdir())
+    return out
+
+
 def local_fit_cached(f: Folders) -> dict[str, Any]:
     """Items 2 and 6: a fit on node-local folders from each node's copy of the scored cache."""
     return fit(ref_cache=f.local / "scored.pt")
@@ -277,6 +289,7 @@ def hang(f: Folders) -> dict[str, Any]:
 
 SCENARIOS: dict[str, Callable[[Folders], dict[str, Any]]] = {
     "local_score": local_score,
+    "local_score_again": local_score_again,
     "local_fit_cached": local_fit_cached,
     "split_cache": split_cache,
     "local_fit": local_fit,

@@ -38,6 +38,7 @@ SAMPLES = scale_worker.NUM_SAMPLES
 EXACT = ("ref", "offset", "length")  # what the frozen teacher fixes, whatever the strategy's numerics
 ORDER = [
     "local_score",
+    "local_score_again",
     "local_fit_cached",
     "split_cache",
     "local_fit",
@@ -150,6 +151,10 @@ def test_score_on_node_local_folders_gives_every_node_the_whole_cache(nodes):
         assert record["cache"]["sample_idx"].tolist() == list(range(SAMPLES))
         assert_same_cache(record["cache"], shared[0]["cache"])  # the same file as on a shared folder
     assert shared[0]["files"].count("scored.pt") == 1 and not [f for f in shared[0]["files"] if ".part" in f]
+    # Node 1 lost its copy: scoring again runs the teacher on nothing and gives node 1 the file back.
+    for record in ok(nodes, "local_score_again"):
+        assert (record["num_samples"], record["scored"], record["files"]) == (SAMPLES, 0, ["scored.pt"]), record
+        assert_same_cache(record["cache"], shared[0]["cache"])
 
 
 def test_a_fit_reads_each_nodes_copy_of_the_cache(nodes):

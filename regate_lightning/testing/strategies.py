@@ -39,6 +39,8 @@ class CPUFSDPStrategy(FSDPStrategy):
         super().__init__(**kwargs)
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
+        """Lightning's wrapping (``FSDPStrategy._setup_model``) with ``device_id`` the CPU."""
+        from lightning.fabric.strategies.fsdp import _move_torchmetrics_to_device, _setup_activation_checkpointing
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         wrapped = FullyShardedDataParallel(
@@ -49,6 +51,8 @@ class CPUFSDPStrategy(FSDPStrategy):
             device_id=torch.device("cpu"),
             **self.kwargs,
         )
+        _move_torchmetrics_to_device(wrapped, self.root_device)
+        _setup_activation_checkpointing(wrapped, self._activation_checkpointing_kwargs)
         return wrapped
 
 
