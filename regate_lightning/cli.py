@@ -29,9 +29,11 @@ import re
 import sys
 import traceback
 import warnings
+from datetime import timedelta
 from typing import Any, NoReturn
 
 import torch
+from jsonargparse.typing import register_type, timedelta_deserializer
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -148,6 +150,28 @@ class ReGATEArgumentParser(LightningArgumentParser):
         if line is not None:
             exit_with_error(line)
         super().error(message, ex)
+
+
+def duration(value: Any) -> timedelta:
+    """A duration in a recipe (e.g. the strategy's ``timeout``): seconds, or ``"h:m:s"`` / ``"d days, h:m:s"``.
+
+    jsonargparse reads a ``timedelta`` only from ``"h:m:s"``; ``timeout: 600`` or ``--...timeout=600`` is what a
+    user writes first.
+
+    Example:
+        >>> [duration(v).total_seconds() for v in (600, "90.5", "1:30:00", "1 day, 0:00:00")]
+        [600.0, 90.5, 5400.0, 86400.0]
+    """
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d*)?\s*", value):
+        return timedelta(seconds=float(value))
+    return timedelta_deserializer(value)
+
+
+register_type(timedelta, serializer=str, deserializer=duration)
 
 
 def refused_value(error: BaseException) -> tuple[str, BaseException] | None:

@@ -194,6 +194,24 @@ def unused_vision_modules(parts: ModelParts) -> list[nn.Module]:
     return parts.family.unused_vision_modules(parts)
 
 
+def media_only_parameters(parts: ModelParts) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """The named parameters that only batches holding media of one kind use, by kind (:attr:`Family.media_only`).
+
+    Returns:
+        ``{kind: [(name, parameter), ...]}`` with the parameters' names in ``parts.model``; kinds without
+        such parameters are absent.
+    """
+    names = {id(p): n for n, p in parts.model.named_parameters()}
+    out: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    for kind, path in parts.family.media_only:
+        head, _, last = path.rpartition(".")
+        owner = find_module(parts.inner, head) if head else parts.inner
+        found = getattr(owner, last, None) if owner is not None else None
+        params = [found] if isinstance(found, nn.Parameter) else list(found.parameters()) if found is not None else []
+        out.setdefault(kind, []).extend((names.get(id(p), path), p) for p in params)
+    return {kind: params for kind, params in out.items() if params}
+
+
 __all__ = [
     "CAUSAL_LM",
     "CLS_TOWERS",
@@ -222,6 +240,7 @@ __all__ = [
     "family_of",
     "family_of_class",
     "find_module",
+    "media_only_parameters",
     "parameter_parts",
     "patch_grid",
     "resolve",

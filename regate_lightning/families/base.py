@@ -272,6 +272,9 @@ class Family:
             tower mixes steps (the engine then encodes every step).
         frames_alone: whether the model encodes every frame of a ``[N, T, 3, H, W]`` video tensor on its
             own, so clips of different lengths can be passed as one ``[1, sum(T), 3, H, W]`` tensor.
+        media_only: ``(kind, path)`` pairs: a module or parameter (path on the inner model) that only batches
+            holding media of ``kind`` use (Video-LLaVA's ``image_tower``, LLaVA-NeXT-Video's ``image_newline``),
+            so that it gets no gradient in a batch without that kind (``families.media_only_parameters``).
         recurrent: whether the decoder has recurrent (linear-attention / state-space) layers, whose state
             runs over the sequence in order: elided positions never enter it, and a 4-D attention mask
             cannot stand in for elision there.
@@ -301,6 +304,7 @@ class Family:
     unused_tower_heads: bool = False
     encoders: tuple[tuple[str, str, str], ...] = ()
     frames_alone: bool = False
+    media_only: tuple[tuple[str, str], ...] = ()
     recurrent: bool = False
     tiny: Mapping[str, Callable[..., Any]] = field(default_factory=dict, compare=False, repr=False)
 
