@@ -342,7 +342,9 @@ class _SkipHooks:
             )
         pixels = pixels[skip.rows.to(pixels.device)]
         args, kwargs = ((pixels, *args[1:]), dict(kwargs)) if args else (args, {**kwargs, "pixel_values": pixels})
-        kwargs.update({k: v.to(pixels.device) for k, v in skip.tower_kwargs.items()})
+        kwargs.update(
+            {k: v.to(pixels.device) if isinstance(v, torch.Tensor) else v for k, v in skip.tower_kwargs.items()}
+        )
         self.pending = skip
         return args, kwargs
 

@@ -198,7 +198,7 @@ def _per_item(media: tuple[MediaRegions, ...], positions: Tensor) -> tuple[Media
 
 def placeholder_positions(family: Family, config: Any, batch: Mapping[str, Any], kind: str) -> Tensor:
     """The attended placeholder positions of ``kind`` (bool ``[B, L]``; all False if the family takes none)."""
-    positions = family.placeholder_mask(config, batch[INPUT_IDS], kind)
+    positions = family.media_positions(config, batch, kind)
     attention = batch.get(ATTENTION_MASK)
     return positions if attention is None else positions & attention.bool()
 

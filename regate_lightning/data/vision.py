@@ -42,6 +42,7 @@ from regate_lightning.families import (
     GRID,
     NO_CLS_TOWERS,
     PATCHES,
+    TILES,
     Family,
     config_of,
     family_of,
@@ -49,8 +50,10 @@ from regate_lightning.families import (
     tower_has_cls,
 )
 from regate_lightning.keys import (
+    FRAME_INDEX,
     IMAGE_GRID_THW,
     IMAGE_SIZES,
+    PIXEL_ATTENTION_MASK,
     PIXEL_VALUES,
     PIXEL_VALUES_VIDEOS,
     SECOND_PER_GRID_TS,
@@ -153,6 +156,10 @@ class VisionSpec:
         tower_size: LLaVA families: the vision tower's ``image_size``.
         image_grid_pinpoints: LLaVA-NeXT: the model config's anyres resolutions.
         processor: the checkpoint's processor, or None on the built-in path.
+        tile_tokens: SmolVLM: placeholder tokens per tile or video frame.
+        template_tokens: ``(kind, token)`` pairs: the token a checkpoint's chat template writes for a media of
+            ``kind`` where it is not the placeholder itself (SmolVLM2 writes ``<video>`` for a video), which the
+            media's expansion replaces.
     """
 
     family: str
@@ -176,6 +183,8 @@ class VisionSpec:
     tower_size: int = 0
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
     processor: CheckpointProcessor | None = None
+    tile_tokens: int = 0
+    template_tokens: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_model(
@@ -223,6 +232,8 @@ class VisionSpec:
         vocab = int(config.get_text_config().vocab_size)
         if family.placeholders == GRID:
             return cls._grid(family, config, vocab, size, mean, std, checkpoint)
+        if family.placeholders == TILES:
+            return cls._tiles(family, config, vocab, size, mean, std, checkpoint)
         vision = config.vision_config
         siglip = getattr(vision, "model_type", "") in NO_CLS_TOWERS
         side = int(vision.image_size)
@@ -310,6 +321,55 @@ class VisionSpec:
             processor=checkpoint,
         )
 
+    @classmethod
+    def _tiles(
+        cls,
+        family: Family,
+        config: Any,
+        vocab: int,
+        size: tuple[int, int] | None,
+        mean: tuple[float, float, float] | None,
+        std: tuple[float, float, float] | None,
+        checkpoint: CheckpointProcessor | None,
+    ) -> VisionSpec:
+        """SmolVLM: every tile and frame ``S x S`` (the tower's ``image_size``), ``tile_tokens`` placeholders each."""
+        from regate_lightning.families.smolvlm import VIDEO_TOKEN, tile_tokens
+
+        side = int(config.vision_config.image_size)
+        if size is not None and tuple(size) != (side, side):
+            raise ValueError(
+                f"`frame_size` {list(size)} cannot be used with {family.name}: its tiles and frames are {side} x "
+                f"{side}; set frame_size: [{side}, {side}] or leave it unset"
+            )
+        tokens = tile_tokens(config)
+        if checkpoint is not None:
+            _check_tile_processor(checkpoint, side)
+            mean, std = _checkpoint_mean_std(checkpoint)
+        else:
+            size = (side, side)
+        image_id = int(config.image_token_id)
+        return cls(
+            family=family.name,
+            size=tuple(size) if size is not None else None,  # type: ignore[arg-type]
+            mean=_triple(mean or SIGLIP_MEAN),
+            std=_triple(std or SIGLIP_STD),
+            vocab_size=vocab,
+            image_token_id=image_id,
+            video_token_id=image_id,  # every frame is an <image> to the model
+            patch_size=int(config.vision_config.patch_size),
+            image_key=family.image_key,
+            video_key=family.video_key,
+            tower_size=side,
+            processor=checkpoint,
+            tile_tokens=tokens,
+            template_tokens=(("video", VIDEO_TOKEN),),
+        )
+
+    @property
+    def is_tiles(self) -> bool:
+        """Whether media are SmolVLM's tiles and frames (one ``<image>`` run each, expansions with markers)."""
+        return FAMILIES[self.family].placeholders == TILES
+
     @property
     def is_qwen(self) -> bool:
         """Whether the family counts placeholders by grid (Qwen2-VL / Qwen2.5-VL: patches, grids, markers)."""
@@ -372,6 +432,8 @@ class VisionSpec:
         reason = self.accepts("image")
         if reason:
             raise ValueError(reason)
+        if self.is_tiles:
+            return self._tile_image(image)
         if self.processor is not None:
             return self._from_checkpoint("image", self.processor.image(image, resize=self.size is None))
         self._check_size(image)
@@ -385,13 +447,22 @@ class VisionSpec:
         assert self.image_key is not None
         return ProcessedMedia("image", {self.image_key: pixels.unsqueeze(0)}, self.tokens_per_image)
 
-    def process_video(self, frames: torch.Tensor, sampled_fps: float | None = None) -> ProcessedMedia:
+    def process_video(
+        self,
+        frames: torch.Tensor,
+        sampled_fps: float | None = None,
+        times: torch.Tensor | None = None,
+        duration: float | None = None,
+    ) -> ProcessedMedia:
         """Turn one decoded video into the model's tensors.
 
         Args:
             frames: uint8 ``[T, 3, H, W]``: already at :attr:`size` when it is set, else as decoded.
             sampled_fps: frames per second of ``frames`` (Qwen2.5-VL's temporal position spacing);
                 ``None`` gives HF's default of one second per temporal patch.
+            times: float ``[T]``, each frame's time in seconds (SmolVLM's per-frame timestamps); None: frame
+                ``i`` at ``i / sampled_fps`` (``i`` seconds without a rate).
+            duration: the clip's length in seconds (SmolVLM's intro); None: ``T / sampled_fps``.
 
         Returns:
             The tensors and the token count.
@@ -399,6 +470,8 @@ class VisionSpec:
         reason = self.accepts("video")
         if reason:
             raise ValueError(reason)
+        if self.is_tiles:
+            return self._tile_video(frames, sampled_fps, times, duration)
         if self.processor is not None:
             media = self._from_checkpoint("video", self.processor.video(frames, resize=self.size is None))
         else:
@@ -420,6 +493,60 @@ class VisionSpec:
             seconds = self.temporal_patch_size / sampled_fps if sampled_fps else 1.0
             media.tensors[SECOND_PER_GRID_TS] = torch.tensor([seconds], dtype=torch.float32)
         return media
+
+    def _tile_image(self, image: torch.Tensor) -> ProcessedMedia:
+        """SmolVLM: the checkpoint's image processor splits the image into tiles plus the global image (its text
+        names each tile's row and column); the built-in path makes it one global image of :attr:`size`."""
+        from regate_lightning.families.smolvlm import image_expansion
+
+        if self.processor is not None:
+            pixels = self.processor.image(image, resize=self.size is None)
+            rows, cols = pixels.rows_cols or (0, 0)
+            values, mask = pixels.values, pixels.mask
+        else:
+            self._check_size(image)
+            values = normalize(image, self.mean, self.std)[None, None]
+            rows, cols, mask = 0, 0, None
+        assert self.image_token_id is not None
+        expansion = image_expansion(rows, cols, self.tile_tokens, self.image_token_id)
+        return ProcessedMedia(
+            "image", self._tile_tensors(values, mask, video=False), self._tile_count(values), expansion
+        )
+
+    def _tile_video(
+        self, frames: torch.Tensor, sampled_fps: float | None, times: torch.Tensor | None, duration: float | None
+    ) -> ProcessedMedia:
+        """SmolVLM2: every frame one global image, after its timestamp (transformers' processor's text)."""
+        from regate_lightning.families.smolvlm import video_expansion
+
+        if self.processor is not None:
+            pixels = self.processor.video(frames, resize=self.size is None)
+            values, mask = pixels.values, pixels.mask
+        else:
+            self._check_size(frames)
+            values, mask = normalize(frames, self.mean, self.std).unsqueeze(1), None
+        count = frames.shape[0]
+        rate = sampled_fps or 1.0
+        stamps = [float(t) for t in times] if times is not None else [i / rate for i in range(count)]
+        assert self.image_token_id is not None
+        expansion = video_expansion(
+            stamps, duration if duration is not None else count / rate, self.tile_tokens, self.image_token_id
+        )
+        return ProcessedMedia(
+            "video", self._tile_tensors(values, mask, video=True), self._tile_count(values), expansion
+        )
+
+    def _tile_count(self, values: torch.Tensor) -> int:
+        return int(values.shape[0]) * self.tile_tokens
+
+    @staticmethod
+    def _tile_tensors(values: torch.Tensor, mask: torch.Tensor | None, video: bool) -> dict[str, torch.Tensor]:
+        """``pixel_values`` ``[n, 1, 3, S, S]``, ``pixel_attention_mask`` ``[n, 1, S, S]`` and the frame index."""
+        count = int(values.shape[0])
+        if mask is None:
+            mask = torch.ones(count, 1, *values.shape[-2:], dtype=torch.int64)
+        index = torch.arange(count) if video else torch.full((count,), -1, dtype=torch.int64)
+        return {PIXEL_VALUES: values, PIXEL_ATTENTION_MASK: mask, FRAME_INDEX: index}
 
     def _from_checkpoint(self, kind: str, pixels: Pixels) -> ProcessedMedia:
         """The family's keys and placeholder count of media processed by the checkpoint's processor."""
@@ -500,6 +627,20 @@ def _checkpoint_mean_std(
 ) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     source = checkpoint.image_processor or checkpoint.video_settings
     return _triple(list(source.image_mean)), _triple(list(source.image_std))
+
+
+def _check_tile_processor(checkpoint: CheckpointProcessor, side: int) -> None:
+    """Refuse SmolVLM processor settings whose tiles are not the tower's ``side x side`` images."""
+    for where, found in (("image", checkpoint.image_processor), ("video", checkpoint.video_overrides or None)):
+        if found is None:
+            continue
+        max_size = found.get("max_image_size") if isinstance(found, dict) else getattr(found, "max_image_size", None)
+        edge = (max_size or {}).get("longest_edge")
+        if edge is not None and int(edge) != side:
+            raise ValueError(
+                f"{checkpoint.source}: the {where} processor's max_image_size {max_size} makes tiles of {edge} pixels, "
+                f"but the model's vision tower takes {side} x {side} (vision_config.image_size); they must be equal"
+            )
 
 
 def _check_grid_processor(checkpoint: CheckpointProcessor, patch: int, merge: int, temporal: int) -> None:

@@ -353,6 +353,15 @@ class Family:
             return torch.zeros_like(input_ids, dtype=torch.bool)
         return input_ids == token
 
+    def media_positions(self, config: Any, batch: Mapping[str, Any], kind: str) -> Tensor:
+        """The placeholder positions of the batch's media of ``kind`` (bool ``[B, L]``).
+
+        By default :meth:`placeholder_mask` of the batch's ``input_ids``. A family whose media kinds share one
+        placeholder token (SmolVLM: every image tile and video frame is an ``<image>``) tells them apart here from
+        the rest of the batch; the visual-token policy reads the positions of each kind through this method.
+        """
+        return self.placeholder_mask(config, batch["input_ids"], kind)
+
     def media_per_row(self, config: Any, input_ids: Tensor, kind: str) -> Tensor:
         """Media items of ``kind`` per row (int64 ``[B]``): by default the contiguous runs of its placeholders."""
         return count_runs(self.placeholder_mask(config, input_ids, kind))
@@ -426,7 +435,7 @@ class Family:
         """
         return kwargs
 
-    def skip_tower_kwargs(self, batch: Mapping[str, Any], kind: str, keep: list[Tensor]) -> dict[str, Tensor]:
+    def skip_tower_kwargs(self, batch: Mapping[str, Any], kind: str, keep: list[Tensor]) -> dict[str, Any]:
         """The tower's arguments beside the pixels when it encodes only the kept steps of ``kind``.
 
         Args:
@@ -435,7 +444,8 @@ class Family:
             keep: per media of ``kind``, bool ``[steps]``: the steps that are encoded.
 
         Returns:
-            Keyword arguments that replace the model's own in the tower call (none by default).
+            Keyword arguments that replace the model's own in the tower call (none by default); tensors are moved
+            to the pixels' device, other values (None) passed as they are.
         """
         return {}
 
