@@ -295,10 +295,10 @@ def plan_step_skips(parts: ModelParts, batch: Mapping[str, Any], active: torch.T
         if not media:
             continue
         flags = active[family.placeholder_mask(config, batch[INPUT_IDS], kind)]
-        sizes = [m.steps * m.tokens_per_step for m in media]
+        sizes = [m.num_placeholders for m in media]
         if flags.numel() != sum(sizes):
             return []  # the model itself will refuse the batch, naming the counts
-        keep = [f.view(m.steps, m.tokens_per_step).any(1) for f, m in zip(flags.split(sizes), media, strict=True)]
+        keep = [m.steps_with_a_token(f) for f, m in zip(flags.split(sizes), media, strict=True)]
         steps = torch.cat(keep)
         if bool(steps.all()):
             continue

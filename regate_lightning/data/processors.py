@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from regate_lightning.data.errors import DataError
 from regate_lightning.data.video import CLIP_MEAN, CLIP_STD
-from regate_lightning.families import GRID, TILES, Family, unwrap
+from regate_lightning.families import GRID, MERGED, TILES, Family, unwrap
 
 DEFAULT_NUM_FRAMES = 8
 """Frames per video when neither the user nor the checkpoint says (uniform sampling)."""
@@ -83,6 +83,18 @@ VIDEO_PROCESSOR_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "LlavaNextVideoVideoProcessor": _LLAVA_VIDEO_DEFAULTS,
     "VideoLlavaVideoProcessor": _LLAVA_VIDEO_DEFAULTS,
+    "VideoLlama3VideoProcessor": {
+        **_CLIP_BICUBIC,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "size": {"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768},
+        "patch_size": 14,
+        "temporal_patch_size": 1,
+        "merge_size": 2,
+        "min_frames": 4,
+        "max_frames": 180,
+        "use_token_compression": True,
+    },
     "SmolVLMVideoProcessor": {
         "do_resize": True,
         "resample": 1,  # LANCZOS
@@ -212,11 +224,12 @@ class VideoSettings:
     max_frames: int | None = None
     cap_pixels_per_frame: bool = False
     max_video_tokens: int = 0
+    use_token_compression: bool = False
 
     @property
     def smart_resize(self) -> bool:
         """Whether frames are resized by Qwen's ``smart_resize`` (pixels between min and max, aspect kept)."""
-        return self.processor_class == "Qwen2VLVideoProcessor"
+        return self.processor_class in ("Qwen2VLVideoProcessor", "VideoLlama3VideoProcessor")
 
     @classmethod
     def resolve(cls, source: str, processor_class: str, found: dict[str, Any]) -> VideoSettings:
@@ -235,7 +248,7 @@ class VideoSettings:
         merged = {**VIDEO_PROCESSOR_DEFAULTS[processor_class], **{k: v for k, v in found.items() if v is not None}}
         square = bool(merged.get("default_to_square", True))
         size = dict(get_size_dict(merged["size"], default_to_square=square))
-        if processor_class == "Qwen2VLVideoProcessor":  # Qwen2VLVideoProcessor.__init__'s backward compatibility
+        if processor_class in ("Qwen2VLVideoProcessor", "VideoLlama3VideoProcessor"):  # __init__'s compatibility
             if found.get("min_pixels") is not None:
                 size["shortest_edge"] = int(found["min_pixels"])
             if found.get("max_pixels") is not None:
@@ -265,6 +278,7 @@ class VideoSettings:
             max_frames=int(max_frames) if max_frames is not None else None,
             cap_pixels_per_frame=bool(merged.get("cap_pixels_per_frame")),
             max_video_tokens=int(merged.get("max_video_tokens", 0) or 0),
+            use_token_compression=bool(merged.get("use_token_compression", False)),
         )
 
     def output_size(self, height: int, width: int, num_frames: int) -> tuple[int, int]:
@@ -278,6 +292,12 @@ class VideoSettings:
             ValueError: a frame whose aspect ratio exceeds 200 (Qwen's ``smart_resize``); settings the
                 built-in path lacks are refused earlier, by :meth:`check_builtin`.
         """
+        if self.processor_class == "VideoLlama3VideoProcessor":  # its own smart_resize, max pixels per frame
+            from transformers.models.video_llama_3.image_processing_pil_video_llama_3 import smart_resize as vl3_resize
+
+            factor = self.patch_size * self.merge_size
+            pixels = self.size["longest_edge"] // num_frames
+            return tuple(vl3_resize(height, width, factor, self.size["shortest_edge"], pixels))  # type: ignore[return-value]
         if self.smart_resize:
             from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
@@ -457,6 +477,8 @@ class Pixels:
         mask: SmolVLM: int64 ``[n, 1, S, S]``, the processor's ``pixel_attention_mask`` of its ``n`` tiles or
             frames (``values`` is then ``[n, 1, 3, S, S]``); else None.
         rows_cols: SmolVLM image: the ``(rows, cols)`` of sub-images it was split into (``(0, 0)``: not split).
+        merge_sizes: VideoLLaMA3: int64 ``[1]``, the media's merge size; else None.
+        compression: VideoLLaMA3 video: bool ``[t * h * w / m ** 2]``, the tokens its compression keeps; else None.
     """
 
     values: torch.Tensor
@@ -464,6 +486,8 @@ class Pixels:
     image_size: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     rows_cols: tuple[int, int] | None = None
+    merge_sizes: torch.Tensor | None = None
+    compression: torch.Tensor | None = None
 
 
 class CheckpointProcessor:
@@ -601,7 +625,12 @@ class CheckpointProcessor:
         if "image_sizes" in out:  # LLaVA-NeXT anyres: [1, tiles, 3, S, S] -> [tiles, 3, S, S]
             return Pixels(values[0], image_size=out["image_sizes"].to(torch.int64))
         grid = out.get("image_grid_thw")
-        return Pixels(values, grid=grid.to(torch.int64) if grid is not None else None)
+        merge = out.get("image_merge_sizes")
+        return Pixels(
+            values,
+            grid=grid.to(torch.int64) if grid is not None else None,
+            merge_sizes=merge.to(torch.int64) if merge is not None else None,
+        )
 
     def video(self, frames: torch.Tensor, resize: bool = True) -> Pixels:
         """Run the checkpoint's video processor (or the built-in copy of its rules) on sampled frames.
@@ -636,8 +665,12 @@ class CheckpointProcessor:
                     f"the checkpoint's video processor refuses this video ({err})", "unsupported_media"
                 ) from err
             grid = out.get("video_grid_thw")
+            merge, kept = out.get("video_merge_sizes"), out.get("video_compression_mask")
             return Pixels(
-                out["pixel_values_videos"].to(torch.float32), grid=grid.to(torch.int64) if grid is not None else None
+                out["pixel_values_videos"].to(torch.float32),
+                grid=grid.to(torch.int64) if grid is not None else None,
+                merge_sizes=merge.to(torch.int64) if merge is not None else None,
+                compression=kept.bool() if kept is not None else None,
             )
         x = frames
         if resize and settings.do_resize:
@@ -649,11 +682,17 @@ class CheckpointProcessor:
         if settings.do_center_crop and settings.crop_size:
             x = center_crop(x, settings.crop_size)
         pixels = rescale_and_normalize(x, settings)
-        if grid_family:
+        if grid_family or self.family.placeholders == MERGED:
             patches, grid = qwen_patchify(
                 pixels, settings.patch_size, settings.temporal_patch_size, settings.merge_size
             )
-            return Pixels(patches, grid=grid.unsqueeze(0))
+            if self.family.placeholders != MERGED:
+                return Pixels(patches, grid=grid.unsqueeze(0))
+            from regate_lightning.families.video_llama_3 import compression_mask
+
+            merge = torch.tensor([settings.merge_size])
+            kept = compression_mask(patches, grid.unsqueeze(0), merge) if settings.use_token_compression else None
+            return Pixels(patches, grid=grid.unsqueeze(0), merge_sizes=merge, compression=kept)
         return Pixels(pixels.unsqueeze(0))
 
     def _tile_video(self, frames: torch.Tensor, resize: bool) -> Pixels:

@@ -40,6 +40,7 @@ from regate_lightning.data.video import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP
 from regate_lightning.families import (
     FAMILIES,
     GRID,
+    MERGED,
     NO_CLS_TOWERS,
     PATCHES,
     TILES,
@@ -52,12 +53,15 @@ from regate_lightning.families import (
 from regate_lightning.keys import (
     FRAME_INDEX,
     IMAGE_GRID_THW,
+    IMAGE_MERGE_SIZES,
     IMAGE_SIZES,
     PIXEL_ATTENTION_MASK,
     PIXEL_VALUES,
     PIXEL_VALUES_VIDEOS,
     SECOND_PER_GRID_TS,
+    VIDEO_COMPRESSION_MASK,
     VIDEO_GRID_THW,
+    VIDEO_MERGE_SIZES,
 )
 
 
@@ -157,6 +161,8 @@ class VisionSpec:
         image_grid_pinpoints: LLaVA-NeXT: the model config's anyres resolutions.
         processor: the checkpoint's processor, or None on the built-in path.
         tile_tokens: SmolVLM: placeholder tokens per tile or video frame.
+        image_merge: VideoLLaMA3: the merge size of images (built-in path; the checkpoint's processor says its own).
+        compression: VideoLLaMA3: whether videos are compressed on the built-in path (the video processor's default).
         template_tokens: ``(kind, token)`` pairs: the token a checkpoint's chat template writes for a media of
             ``kind`` where it is not the placeholder itself (SmolVLM2 writes ``<video>`` for a video), which the
             media's expansion replaces.
@@ -185,6 +191,8 @@ class VisionSpec:
     processor: CheckpointProcessor | None = None
     tile_tokens: int = 0
     template_tokens: tuple[tuple[str, str], ...] = ()
+    image_merge: int = 1
+    compression: bool = False
 
     @classmethod
     def from_model(
@@ -234,6 +242,8 @@ class VisionSpec:
             return cls._grid(family, config, vocab, size, mean, std, checkpoint)
         if family.placeholders == TILES:
             return cls._tiles(family, config, vocab, size, mean, std, checkpoint)
+        if family.placeholders == MERGED:
+            return cls._merged(family, config, vocab, size, mean, std, checkpoint)
         vision = config.vision_config
         siglip = getattr(vision, "model_type", "") in NO_CLS_TOWERS
         side = int(vision.image_size)
@@ -365,6 +375,64 @@ class VisionSpec:
             template_tokens=(("video", VIDEO_TOKEN),),
         )
 
+    @classmethod
+    def _merged(
+        cls,
+        family: Family,
+        config: Any,
+        vocab: int,
+        size: tuple[int, int] | None,
+        mean: tuple[float, float, float] | None,
+        std: tuple[float, float, float] | None,
+        checkpoint: CheckpointProcessor | None,
+    ) -> VisionSpec:
+        """VideoLLaMA3: patch grids per media; on the built-in path its processors' defaults (image merge 1, video
+        merge 2, compression on, mean / std 0.5), every image and frame ``4 * patch * 2`` pixels a side."""
+        from regate_lightning.families.video_llama_3 import IMAGE_MERGE, VIDEO_MERGE
+
+        patch = int(config.vision_config.patch_size)
+        factor = patch * VIDEO_MERGE
+        if size is not None and (size[0] % factor or size[1] % factor or min(size) < factor):
+            raise ValueError(
+                f"`frame_size` {list(size)} cannot be used with {family.name}: height and width must be positive "
+                f"multiples of patch_size * video merge size = {factor} (e.g. [{4 * factor}, {4 * factor}])"
+            )
+        video_merge, compression = VIDEO_MERGE, True
+        if checkpoint is not None:
+            for where, found in (("image", checkpoint.image_processor), ("video", checkpoint.video_settings)):
+                if found is not None and int(found.patch_size) != patch:
+                    raise ValueError(
+                        f"{checkpoint.source}: the {where} processor's patch_size {found.patch_size} differs from the "
+                        f"model's vision_config.patch_size {patch}; fix the checkpoint's processor config"
+                    )
+            mean, std = _checkpoint_mean_std(checkpoint)
+            if checkpoint.video_settings is not None:
+                video_merge = checkpoint.video_settings.merge_size
+                compression = checkpoint.video_settings.use_token_compression
+        elif size is None:
+            size = (4 * factor, 4 * factor)
+        return cls(
+            family=family.name,
+            size=(int(size[0]), int(size[1])) if size is not None else None,
+            mean=_triple(mean or SIGLIP_MEAN),
+            std=_triple(std or SIGLIP_STD),
+            vocab_size=vocab,
+            image_token_id=int(config.image_token_id),
+            video_token_id=int(config.video_token_id),
+            patch_size=patch,
+            merge_size=video_merge,
+            image_key=family.image_key,
+            video_key=family.video_key,
+            processor=checkpoint,
+            image_merge=IMAGE_MERGE,
+            compression=compression,
+        )
+
+    @property
+    def is_merged(self) -> bool:
+        """Whether media are VideoLLaMA3's patch grids with a merge size per media."""
+        return FAMILIES[self.family].placeholders == MERGED
+
     @property
     def is_tiles(self) -> bool:
         """Whether media are SmolVLM's tiles and frames (one ``<image>`` run each, expansions with markers)."""
@@ -434,6 +502,8 @@ class VisionSpec:
             raise ValueError(reason)
         if self.is_tiles:
             return self._tile_image(image)
+        if self.is_merged:
+            return self._merged_media("image", image.unsqueeze(0), None, None, None)
         if self.processor is not None:
             return self._from_checkpoint("image", self.processor.image(image, resize=self.size is None))
         self._check_size(image)
@@ -472,6 +542,8 @@ class VisionSpec:
             raise ValueError(reason)
         if self.is_tiles:
             return self._tile_video(frames, sampled_fps, times, duration)
+        if self.is_merged:
+            return self._merged_media("video", frames, sampled_fps, times, duration)
         if self.processor is not None:
             media = self._from_checkpoint("video", self.processor.video(frames, resize=self.size is None))
         else:
@@ -535,6 +607,54 @@ class VisionSpec:
         return ProcessedMedia(
             "video", self._tile_tensors(values, mask, video=True), self._tile_count(values), expansion
         )
+
+    def _merged_media(
+        self,
+        kind: str,
+        frames: torch.Tensor,
+        sampled_fps: float | None,
+        times: torch.Tensor | None,
+        duration: float | None,
+    ) -> ProcessedMedia:
+        """VideoLLaMA3: patches, grid and merge size (and a video's compression mask); a video's text names each
+        frame's time before its kept tokens (transformers' ``VideoLlama3Processor.replace_video_token``)."""
+        from regate_lightning.families.video_llama_3 import compression_mask, video_expansion
+
+        image = kind == "image"
+        if self.processor is not None:
+            pixels = (
+                self.processor.image(frames[0], resize=self.size is None)
+                if image
+                else self.processor.video(frames, resize=self.size is None)
+            )
+            values, grid = pixels.values, pixels.grid
+            merge = pixels.merge_sizes if pixels.merge_sizes is not None else torch.tensor([self.merge_size])
+            kept = pixels.compression
+        else:
+            self._check_size(frames)
+            merge = torch.tensor([self.image_merge if image else self.merge_size])
+            values, grid = qwen_patchify(normalize(frames, self.mean, self.std), self.patch_size, 1, int(merge))
+            grid = grid.unsqueeze(0)
+            kept = compression_mask(values, grid, merge) if not image and self.compression else None
+        assert grid is not None
+        tokens = int(grid.prod()) // int(merge) ** 2
+        if image:
+            keys = {PIXEL_VALUES: values, IMAGE_GRID_THW: grid, IMAGE_MERGE_SIZES: merge}
+            return ProcessedMedia("image", keys, tokens)
+        if kept is None:
+            kept = torch.ones(tokens, dtype=torch.bool)
+        count = frames.shape[0]
+        rate = sampled_fps or 1.0
+        stamps = [float(t) for t in times] if times is not None else [i / rate for i in range(count)]
+        per_frame = [int(n) for n in kept.view(int(grid[0, 0]), -1).sum(1)]
+        assert self.video_token_id is not None
+        keys = {
+            PIXEL_VALUES_VIDEOS: values,
+            VIDEO_GRID_THW: grid,
+            VIDEO_MERGE_SIZES: merge,
+            VIDEO_COMPRESSION_MASK: kept,
+        }
+        return ProcessedMedia("video", keys, int(kept.sum()), video_expansion(stamps, per_frame, self.video_token_id))
 
     def _tile_count(self, values: torch.Tensor) -> int:
         return int(values.shape[0]) * self.tile_tokens

@@ -19,6 +19,8 @@ family (module)        classes                                         placehold
                        ``Qwen2_5_VLForConditionalGeneration``          wrapped in vision start ... end
 ``smolvlm``            ``SmolVLMForConditionalGeneration``             per tile or frame:
                                                                        ``(S / P) ** 2 / scale ** 2``
+``video_llama_3``      ``VideoLlama3ForConditionalGeneration``         ``h * w / m ** 2`` per frame, ``m`` per
+                                                                       media; videos compressed
 =====================  ==============================================  ======================================
 
 ``docs/models.md`` has the support table (what is exact, what is tested) and "Adding a family".
@@ -35,6 +37,7 @@ from regate_lightning.families.base import (
     CLS_TOWERS,
     GRID,
     MEDIA_KINDS,
+    MERGED,
     NO_CLS_TOWERS,
     NONE,
     PATCHES,
@@ -52,7 +55,7 @@ from regate_lightning.families.base import (
     unwrap,
 )
 
-FAMILY_MODULES = ("llava", "llava_next_video", "video_llava", "qwen2_vl", "smolvlm")
+FAMILY_MODULES = ("llava", "llava_next_video", "video_llava", "qwen2_vl", "smolvlm", "video_llama_3")
 """The modules of this package that declare a family (each as ``FAMILY``), in the order they are listed."""
 
 # Family names (the values of ``Family.name``), for the code that names a family.
@@ -61,6 +64,7 @@ LLAVA_NEXT_VIDEO = "llava_next_video"
 VIDEO_LLAVA = "video_llava"
 QWEN2_VL = "qwen2_vl"
 SMOLVLM = "smolvlm"
+VIDEO_LLAMA_3 = "video_llama_3"
 CAUSAL_LM = "causal_lm"
 
 
@@ -202,6 +206,7 @@ __all__ = [
     "LLAVA",
     "LLAVA_NEXT_VIDEO",
     "MEDIA_KINDS",
+    "MERGED",
     "NONE",
     "NO_CLS_TOWERS",
     "PARTS",
@@ -211,6 +216,7 @@ __all__ = [
     "SMOLVLM",
     "TEXT_ONLY",
     "TILES",
+    "VIDEO_LLAMA_3",
     "VIDEO_LLAVA",
     "Family",
     "MediaRegions",

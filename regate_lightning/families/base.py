@@ -27,6 +27,9 @@ GRID = "grid"
 """Qwen-VL families: one token per ``merge x merge`` patches of the media's ``(t, h, w)`` grid."""
 TILES = "tiles"
 """A fixed number of tokens per image tile or frame after a pixel-shuffle / pooling connector (InternVL, SmolVLM)."""
+MERGED = "merged"
+"""VideoLLaMA3: one token per ``merge x merge`` patches of each frame's ``(h, w)`` grid, with a merge size per media
+(its processors: 1 for images, 2 for videos), and videos pruned by the processor's compression mask."""
 NONE = "none"
 """A text-only model."""
 
@@ -147,11 +150,30 @@ class MediaSteps:
         tokens_per_step: placeholder tokens per step.
         rows_per_step: rows of the vision tower's input per step (1 for a LLaVA family's frame, ``h * w``
             patches for Qwen-VL).
+        placeholders: the placeholder tokens of each step where some of a step's tokens have none (VideoLLaMA3's
+            compression keeps only the video tokens that changed); None: ``tokens_per_step`` each. The tower's
+            output still has ``tokens_per_step`` rows per step.
     """
 
     steps: int
     tokens_per_step: int
     rows_per_step: int
+    placeholders: tuple[int, ...] | None = None
+
+    @property
+    def num_placeholders(self) -> int:
+        """Placeholder tokens of the media."""
+        return sum(self.placeholders) if self.placeholders is not None else self.steps * self.tokens_per_step
+
+    def steps_with_a_token(self, flags: Tensor) -> Tensor:
+        """Which steps keep at least one of their placeholders (bool ``[steps]``).
+
+        Args:
+            flags: bool ``[num_placeholders]``, the media's placeholders that are kept, in order.
+        """
+        if self.placeholders is None:
+            return flags.view(self.steps, self.tokens_per_step).any(1)
+        return torch.stack([part.any() for part in flags.split(list(self.placeholders))])
 
 
 @dataclass(frozen=True)
@@ -167,11 +189,16 @@ class MediaRegions:
         regions: float ``[T, N, D]``: per time step, the ``D`` pixel values (normalised, as the model sees
             them) of each of its ``N`` spatial tokens.
         lead: whether every time step starts with one token that stands for the whole frame (CLS).
+        present: bool ``[T, N]``: the spatial tokens that have a placeholder, where the model's own pruning removed
+            others (VideoLLaMA3's compression); None: all. Scores are computed on the whole grid (a token is
+            compared with the same region of the previous step, whether or not that one has a placeholder) and
+            read at the present tokens (:meth:`flat`).
     """
 
     kind: str
     regions: torch.Tensor
     lead: bool = False
+    present: torch.Tensor | None = None
 
     @property
     def steps(self) -> int:
@@ -180,13 +207,24 @@ class MediaRegions:
 
     @property
     def tokens_per_step(self) -> int:
-        """Placeholder tokens per time step: ``N``, plus one with a whole-frame token."""
+        """Tokens per time step of the grid: ``N``, plus one with a whole-frame token."""
         return int(self.regions.shape[1]) + int(self.lead)
 
     @property
     def num_tokens(self) -> int:
         """Placeholder tokens of the media."""
-        return self.steps * self.tokens_per_step
+        if self.present is None:
+            return self.steps * self.tokens_per_step
+        return int(self.present.sum()) + self.steps * int(self.lead)
+
+    def flat(self, grid: torch.Tensor) -> torch.Tensor:
+        """Per-token values on the grid (``[T, tokens_per_step]``) in the media's token order, present tokens only."""
+        if self.present is None:
+            return grid.flatten()
+        present = self.present.to(grid.device)
+        if self.lead:
+            present = torch.cat([present.new_ones(self.steps, 1), present], dim=1)
+        return grid[present]
 
 
 @dataclass(frozen=True)
