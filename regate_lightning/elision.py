@@ -211,7 +211,9 @@ class _GatherHook:
                 positions = positions.expand(rows, batch, length)
         kwargs["inputs_embeds"] = gather_positions(embeds, self.index, seq_dim=1)
         kwargs["position_ids"] = gather_positions(positions, self.index, seq_dim=-1)
-        kwargs[ATTENTION_MASK] = self.valid.long()
+        kwargs[ATTENTION_MASK] = self.parts.family.decoder_mask(
+            kwargs.get(ATTENTION_MASK), self.index, self.valid, length
+        )
         if kwargs.get("cache_position") is not None:
             kwargs["cache_position"] = torch.arange(self.index.shape[1], device=embeds.device)
         full = _full_length_tensors(kwargs, batch, length)

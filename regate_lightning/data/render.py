@@ -48,7 +48,7 @@ import torch
 from regate_lightning.data.conversations import IMAGE_MARKER, VIDEO_MARKER, Turn
 from regate_lightning.data.errors import DataError
 from regate_lightning.data.vision import ProcessedMedia, VisionSpec, join_media
-from regate_lightning.keys import IGNORE_INDEX, IMAGE_TYPE, TEXT_TYPE, VIDEO_TYPE
+from regate_lightning.keys import IGNORE_INDEX, IMAGE_TYPE, MM_TOKEN_TYPE_IDS, TEXT_TYPE, VIDEO_TYPE
 
 FALLBACK_CHAT_TEMPLATE = (
     "{% if bos_token %}{{ bos_token }}{% endif %}"
@@ -79,7 +79,8 @@ class Sample:
             :func:`~regate_lightning.data.vision.join_media`.
         sample_idx: the sample's stable key (``batch["sample_idx"]``; see :data:`~regate_lightning.keys.SAMPLE_IDX`).
         visual_end: every visual token (and Qwen's vision-end token) is at a position ``< visual_end``.
-        emit_token_types: whether the model takes ``mm_token_type_ids`` (Qwen2-VL families).
+        emit_token_types: whether the model takes the token types (Qwen2-VL families, Gemma 3).
+        token_types_key: the batch key of the token types (``mm_token_type_ids``; Gemma 3's ``token_type_ids``).
         extras: further int64 ``[B]`` batch entries (e.g. ``option_idx`` for multiple choice).
         index: the record's index in its dataset (skips are counted once per record by it); -1 if none.
         source: where the record comes from (``file:line (id ...)``), for messages.
@@ -93,6 +94,7 @@ class Sample:
     sample_idx: int
     visual_end: int = 0
     emit_token_types: bool = False
+    token_types_key: str = MM_TOKEN_TYPE_IDS
     extras: dict[str, int] = field(default_factory=dict)
     index: int = -1
     source: str = ""
@@ -380,6 +382,7 @@ class ChatRenderer:
             sample_idx=int(sample_idx),
             visual_end=visual_end,
             emit_token_types=self.spec.token_types,
+            token_types_key=self.spec.token_types_key,
             index=index,
             source=source,
             frame_keys=self.spec.frame_keys,

@@ -39,6 +39,7 @@ from regate_lightning.data.processors import CheckpointProcessor, Pixels, checkp
 from regate_lightning.data.video import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, normalize
 from regate_lightning.families import (
     FAMILIES,
+    FIXED,
     GRID,
     MERGED,
     NO_CLS_TOWERS,
@@ -244,6 +245,8 @@ class VisionSpec:
             return cls._tiles(family, config, vocab, size, mean, std, checkpoint)
         if family.placeholders == MERGED:
             return cls._merged(family, config, vocab, size, mean, std, checkpoint)
+        if family.placeholders == FIXED:
+            return cls._fixed(family, config, vocab, size, mean, std, checkpoint)
         vision = config.vision_config
         siglip = getattr(vision, "model_type", "") in NO_CLS_TOWERS
         side = int(vision.image_size)
@@ -428,6 +431,56 @@ class VisionSpec:
             compression=compression,
         )
 
+    @classmethod
+    def _fixed(
+        cls,
+        family: Family,
+        config: Any,
+        vocab: int,
+        size: tuple[int, int] | None,
+        mean: tuple[float, float, float] | None,
+        std: tuple[float, float, float] | None,
+        checkpoint: CheckpointProcessor | None,
+    ) -> VisionSpec:
+        """Gemma 3: every image (and crop) ``S x S``, ``mm_tokens_per_image`` placeholders between its markers."""
+        from regate_lightning.families.gemma3 import BOI_TOKEN, image_tokens
+
+        side = int(config.vision_config.image_size)
+        if size is not None and tuple(size) != (side, side):
+            raise ValueError(
+                f"`frame_size` {list(size)} cannot be used with {family.name}: its vision tower takes {side} x {side} "
+                f"images only; set frame_size: [{side}, {side}] or leave it unset"
+            )
+        if checkpoint is not None:
+            found = _height_width(getattr(checkpoint.image_processor, "size", None) or {})
+            if found != (side, side):
+                raise ValueError(
+                    f"{checkpoint.source}: the image processor makes {found} images but the vision tower takes "
+                    f"{side} x {side}; fix size in its preprocessor_config.json"
+                )
+            mean, std = _checkpoint_mean_std(checkpoint)
+        else:
+            size = (side, side)
+        return cls(
+            family=family.name,
+            size=tuple(size) if size is not None else None,  # type: ignore[arg-type]
+            mean=_triple(mean or SIGLIP_MEAN),
+            std=_triple(std or SIGLIP_STD),
+            vocab_size=vocab,
+            image_token_id=int(config.image_token_id),
+            tokens_per_image=image_tokens(config),
+            patch_size=int(config.vision_config.patch_size),
+            image_key=family.image_key,
+            tower_size=side,
+            processor=checkpoint,
+            template_tokens=(("image", BOI_TOKEN),),
+        )
+
+    @property
+    def is_fixed(self) -> bool:
+        """Whether images are Gemma 3's: a fixed token count each, the processor's text around them."""
+        return FAMILIES[self.family].placeholders == FIXED
+
     @property
     def is_merged(self) -> bool:
         """Whether media are VideoLLaMA3's patch grids with a merge size per media."""
@@ -445,8 +498,13 @@ class VisionSpec:
 
     @property
     def token_types(self) -> bool:
-        """Whether the model needs ``mm_token_type_ids`` beside ``input_ids``."""
+        """Whether the model needs the token types (``mm_token_type_ids``, Gemma 3's ``token_type_ids``)."""
         return FAMILIES[self.family].token_types
+
+    @property
+    def token_types_key(self) -> str:
+        """The batch key of the token types."""
+        return FAMILIES[self.family].token_types_key
 
     @property
     def frame_keys(self) -> tuple[str, ...]:
@@ -504,6 +562,8 @@ class VisionSpec:
             return self._tile_image(image)
         if self.is_merged:
             return self._merged_media("image", image.unsqueeze(0), None, None, None)
+        if self.is_fixed:
+            return self._fixed_image(image)
         if self.processor is not None:
             return self._from_checkpoint("image", self.processor.image(image, resize=self.size is None))
         self._check_size(image)
@@ -655,6 +715,21 @@ class VisionSpec:
             VIDEO_COMPRESSION_MASK: kept,
         }
         return ProcessedMedia("video", keys, int(kept.sum()), video_expansion(stamps, per_frame, self.video_token_id))
+
+    def _fixed_image(self, image: torch.Tensor) -> ProcessedMedia:
+        """Gemma 3: the image (and any pan-and-scan crops the checkpoint's processor makes), each
+        ``tokens_per_image`` placeholders in the processor's text (``Gemma3Processor.replace_image_token``)."""
+        from regate_lightning.families.gemma3 import image_expansion
+
+        if self.processor is not None:
+            values = self.processor.image(image, resize=self.size is None).values
+        else:
+            self._check_size(image)
+            values = normalize(image, self.mean, self.std).unsqueeze(0)
+        assert self.image_key is not None and self.image_token_id is not None
+        crops = int(values.shape[0]) - 1
+        expansion = image_expansion(crops, self.tokens_per_image, self.image_token_id)
+        return ProcessedMedia("image", {self.image_key: values}, (crops + 1) * self.tokens_per_image, expansion)
 
     def _tile_count(self, values: torch.Tensor) -> int:
         return int(values.shape[0]) * self.tile_tokens

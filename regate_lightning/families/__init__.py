@@ -21,6 +21,8 @@ family (module)        classes                                         placehold
                                                                        ``(S / P) ** 2 / scale ** 2``
 ``video_llama_3``      ``VideoLlama3ForConditionalGeneration``         ``h * w / m ** 2`` per frame, ``m`` per
                                                                        media; videos compressed
+``gemma3``             ``Gemma3ForConditionalGeneration``              ``mm_tokens_per_image`` per image or crop,
+                                                                       bidirectional within an image
 =====================  ==============================================  ======================================
 
 ``docs/models.md`` has the support table (what is exact, what is tested) and "Adding a family".
@@ -35,6 +37,7 @@ from torch import nn
 
 from regate_lightning.families.base import (
     CLS_TOWERS,
+    FIXED,
     GRID,
     MEDIA_KINDS,
     MERGED,
@@ -55,7 +58,7 @@ from regate_lightning.families.base import (
     unwrap,
 )
 
-FAMILY_MODULES = ("llava", "llava_next_video", "video_llava", "qwen2_vl", "smolvlm", "video_llama_3")
+FAMILY_MODULES = ("llava", "llava_next_video", "video_llava", "qwen2_vl", "smolvlm", "video_llama_3", "gemma3")
 """The modules of this package that declare a family (each as ``FAMILY``), in the order they are listed."""
 
 # Family names (the values of ``Family.name``), for the code that names a family.
@@ -63,6 +66,7 @@ LLAVA = "llava"
 LLAVA_NEXT_VIDEO = "llava_next_video"
 VIDEO_LLAVA = "video_llava"
 QWEN2_VL = "qwen2_vl"
+GEMMA3 = "gemma3"
 SMOLVLM = "smolvlm"
 VIDEO_LLAMA_3 = "video_llama_3"
 CAUSAL_LM = "causal_lm"
@@ -202,6 +206,8 @@ __all__ = [
     "CLS_TOWERS",
     "FAMILIES",
     "FAMILY_MODULES",
+    "FIXED",
+    "GEMMA3",
     "GRID",
     "LLAVA",
     "LLAVA_NEXT_VIDEO",

@@ -27,6 +27,9 @@ GRID = "grid"
 """Qwen-VL families: one token per ``merge x merge`` patches of the media's ``(t, h, w)`` grid."""
 TILES = "tiles"
 """A fixed number of tokens per image tile or frame after a pixel-shuffle / pooling connector (InternVL, SmolVLM)."""
+FIXED = "fixed"
+"""Gemma 3: a fixed number of tokens per image (``mm_tokens_per_image``, the tower's patches average-pooled),
+wrapped in begin / end of image tokens; image tokens attend to each other both ways."""
 MERGED = "merged"
 """VideoLLaMA3: one token per ``merge x merge`` patches of each frame's ``(h, w)`` grid, with a merge size per media
 (its processors: 1 for images, 2 for videos), and videos pruned by the processor's compression mask."""
@@ -297,7 +300,8 @@ class Family:
         video_processor: the transformers video processor class of the family, ``""`` without videos.
         mrope: whether position ids are Qwen's multi-row M-RoPE ids (``[3, B, L]``).
         vision_markers: whether each media's placeholders are wrapped in vision start / end tokens.
-        token_types: whether the model needs ``mm_token_type_ids`` (0 text, 1 image, 2 video).
+        token_types: whether the model needs the media type of every position (0 text, 1 image, 2 video).
+        token_types_key: the batch key it reads them from (``mm_token_type_ids``; Gemma 3's ``token_type_ids``).
         seconds_per_grid: the model types that also take ``second_per_grid_ts`` per video (Qwen2.5-VL).
         unused_tower_heads: whether the tower's final norm and pooling head never reach the loss.
         encoders: per media kind, in the order the model encodes them, ``(kind, tower, output)``: the module
@@ -332,6 +336,7 @@ class Family:
     mrope: bool = False
     vision_markers: bool = False
     token_types: bool = False
+    token_types_key: str = "mm_token_type_ids"
     seconds_per_grid: tuple[str, ...] = ()
     unused_tower_heads: bool = False
     encoders: tuple[tuple[str, str, str], ...] = ()
@@ -453,6 +458,26 @@ class Family:
         """Rows of the position ids the decoder takes: 1 (``[B, L]``) or 3 (M-RoPE ``[3, B, L]``)."""
         return 3 if self.mrope else 1
 
+    def decoder_mask(self, mask: Any, index: Tensor, valid: Tensor, length: int) -> Any:
+        """The attention mask the decoder gets on the shortened sequence.
+
+        By default the 2-D mask of the kept positions (``valid``), from which the decoder builds its causal mask
+        (the model's own ``attention_mask`` is then a 2-D padding mask, which ``valid`` already accounts for). A
+        model that builds the decoder's masks itself before calling it (Gemma 3: a dict of 4-D masks per layer
+        type, with image tokens attending to each other both ways) gets its own masks restricted to the kept
+        queries and keys (:func:`gather_mask`).
+
+        Args:
+            mask: the ``attention_mask`` the model passes to its decoder on the full sequence.
+            index: int64 ``[B, L']``, the kept positions of each row, right-padded with 0.
+            valid: bool ``[B, L']``, the real entries of ``index``.
+            length: ``L``, the full sequence length.
+
+        Returns:
+            The decoder's ``attention_mask``.
+        """
+        return valid.long()
+
     def shorten_decoder_inputs(
         self, kwargs: dict[str, Any], index: Tensor, valid: Tensor, length: int
     ) -> dict[str, Any]:
@@ -512,6 +537,13 @@ class Family:
     # ----------------------------------------------------------------------------------------------
     # Random batches (tests, the debug recipes, benchmarks).
 
+    def init_tiny(self, model: nn.Module) -> None:
+        """Set weights that a tiny random model needs beyond its class's initialisation (none by default).
+
+        Called by :func:`regate_lightning.testing.tiny.tiny_model` right after building, under its seed. Gemma 3's
+        class starts its projector at zero, which would make every image token carry nothing.
+        """
+
     def random_media(self, config: Any, num_frames: int, generator: torch.Generator) -> RandomMedia:
         """One sample's media in the family's layout: a video of ``num_frames`` frames, or an image.
 
@@ -519,6 +551,49 @@ class Family:
             ValueError: the family takes no media, or cannot take ``num_frames``.
         """
         raise ValueError(f"no random media layout for family {self.name!r}")
+
+
+def gather_mask(mask: Tensor | None, index: Tensor, valid: Tensor, length: int) -> Tensor:
+    """A full-length 4-D attention mask restricted to the kept queries and keys of each row.
+
+    Kept query ``i`` attends kept key ``j`` exactly when the full mask lets position ``index[i]`` attend
+    ``index[j]`` (bidirectional blocks, sliding windows over the original positions and padding all carry over);
+    padded slots attend to nothing but themselves.
+
+    Args:
+        mask: bool or additive float ``[B or 1, H or 1, L, L]``; None for a plain causal mask.
+        index: int64 ``[B, L']``.
+        valid: bool ``[B, L']``.
+        length: ``L``.
+
+    Returns:
+        The mask ``[B, H or 1, L', L']`` of ``mask``'s dtype.
+
+    Raises:
+        ValueError: a mask that is not ``[., ., L, L]``.
+
+    Example:
+        >>> full = torch.ones(3, 3, dtype=torch.bool).tril()[None, None]
+        >>> full[..., 1, 2] = True  # position 1 sees position 2 (a bidirectional block)
+        >>> gather_mask(full, torch.tensor([[1, 2]]), torch.tensor([[True, True]]), 3)[0, 0].int().tolist()
+        [[1, 1], [1, 1]]
+    """
+    if mask is None:
+        mask = torch.ones(length, length, dtype=torch.bool, device=index.device).tril()[None, None]
+    if mask.dim() != 4 or tuple(mask.shape[-2:]) != (length, length):
+        raise ValueError(f"a decoder mask of shape {tuple(mask.shape)} is not [B, H, {length}, {length}]")
+    batch, short = index.shape
+    mask = mask.expand(batch, *mask.shape[1:])
+    heads = mask.shape[1]
+    index = index.to(mask.device)
+    valid = valid.to(mask.device)
+    rows = mask.gather(2, index[:, None, :, None].expand(batch, heads, short, length))
+    out = rows.gather(3, index[:, None, None, :].expand(batch, heads, short, short))
+    keys = valid[:, None, None, :]
+    alone = torch.eye(short, dtype=torch.bool, device=mask.device)[None, None] & ~valid[:, None, :, None]
+    if out.dtype == torch.bool:
+        return (out & keys) | alone
+    return out.masked_fill(~keys, torch.finfo(out.dtype).min).masked_fill(alone, 0.0)
 
 
 def scatter_rows(features: Tensor, keep: Tensor) -> Tensor:
