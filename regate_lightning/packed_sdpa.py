@@ -7,9 +7,8 @@ variable-length path costs ``sum(L_i ** 2) / 2`` instead, but it needs a CUDA bu
 ``torch.nn.attention.varlen`` is CUDA-only too. ``sdpa_varlen`` is transformers' own
 ``sdpa_attention_forward`` called once per sample of the row, causal, on that sample's slice, with the sample
 boundaries a packed step passes to every attention layer (``cu_seq_lens_q``, as FlashAttention-2 reads them):
-what FlashAttention-2 computes, on any device. Measured on the 2-core CPU (4 heads of 64, 8 samples of 300 to
-1200 tokens, forward and backward of one attention): 3.0 s with the block-diagonal mask, 0.43 s per sample,
-1.5 s for the same samples padded to the longest (docs/elision.md).
+what FlashAttention-2 computes, on any device. On the 2-core CPU a packed training step on the block-diagonal
+mask took 3.9x the time of one on ``sdpa_varlen`` (``benchmarks/packing.py``, docs/results.md).
 
 Called without ``cu_seq_lens_q`` (a padded batch, validation) it is ``sdpa_attention_forward`` itself, with
 SDPA's mask rule, so a model switched to it computes what it computed before on every other path.
