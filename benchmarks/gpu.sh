@@ -2,9 +2,10 @@
 # The prepared GPU check, in one call: elision throughput at ~2B scale on one GPU (ReGATE, visual-token
 # elision and both, at 39 % and 24 % answer shares, each step profiled and compared with the profile's
 # cost model, peak memory per variant; the policy's time per step with a score store of 1M samples x 100
-# candidates), then the strategy checks (benchmarks/gpu_strategies.py: FSDP, and DeepSpeed ZeRO-2/3 when
-# deepspeed imports); between them, a Qwen3.5-0.8B-shaped step (part 1b: the hybrid gated delta-net decoder,
-# GPU_QWEN3_5_S seconds kept for it). Meant to finish in about 8 minutes (GPU_TOTAL_S).
+# candidates); a Qwen3.5-0.8B-shaped step (part 1b: the hybrid gated delta-net decoder, GPU_QWEN3_5_S
+# seconds, 0 skips it); packed vs padded steps on a LLaVA-Video-178K-shaped length mix (part 2:
+# benchmarks/packing.py, PACKING_TIMEOUT_S, 0 skips it); then the strategy checks (benchmarks/gpu_strategies.py:
+# FSDP, and DeepSpeed ZeRO-2/3 when deepspeed imports). Meant to finish in about 8 minutes (GPU_TOTAL_S).
 #
 #   bash benchmarks/gpu.sh                 # results in $OUT (default ./gpu_results)
 #   bash benchmarks/gpu.sh --batch-size 1  # extra arguments go to benchmarks/gpu_throughput.py
@@ -48,8 +49,9 @@ echo
 echo "== 1. throughput and profile (benchmarks/gpu_throughput.py) =="
 # One process per part: no allocator state carried over. Headline first; the last part is the first to go.
 # a1024-store: the policy's time per step with a store of 1M samples x 100 candidates (issue 13, < 1 %).
+PACKING_S="${PACKING_TIMEOUT_S:-120}"
 for part in ${GPU_PARTS:-a1024 a1024-store a512 a1024-frames a1024-frames-noskip a1024-more}; do
-left=$(( TOTAL_S - 90 - QWEN3_5_S - ($(date +%s) - start) ))  # keep 90 s for the strategy checks, and part 1b's
+left=$(( TOTAL_S - 90 - QWEN3_5_S - PACKING_S - ($(date +%s) - start) ))  # keep time for parts 1b, 2 and 3
 if [ "$left" -lt 30 ]; then echo "throughput $part: skipped (time budget)"; continue; fi
 limit=$(( left < ${THROUGHPUT_TIMEOUT_S:-110} ? left : ${THROUGHPUT_TIMEOUT_S:-110} ))
 timeout --kill-after=10 "$limit" "$PY" benchmarks/gpu_throughput.py --out "$OUT" --only "$part" "$@" \
@@ -65,7 +67,7 @@ if [ "$QWEN3_5_S" -gt 0 ]; then
   echo
   echo "== 1b. Qwen3.5-shaped step (benchmarks/gpu_throughput.py --family qwen3_5) =="
   for part in ${GPU_QWEN3_5_PARTS:-a1024}; do
-  left=$(( TOTAL_S - 90 - ($(date +%s) - start) ))
+  left=$(( TOTAL_S - 90 - PACKING_S - ($(date +%s) - start) ))
   if [ "$left" -lt 30 ]; then echo "qwen3_5 $part: skipped (time budget)"; continue; fi
   limit=$(( left < QWEN3_5_S ? left : QWEN3_5_S ))
   timeout --kill-after=10 "$limit" "$PY" benchmarks/gpu_throughput.py --family qwen3_5 --out "$OUT" --only "$part" \
@@ -76,11 +78,21 @@ if [ "$QWEN3_5_S" -gt 0 ]; then
   done
 fi
 
+if [ "$PACKING_S" -gt 0 ]; then
+  echo
+  echo "== 2. packed vs padded steps (benchmarks/packing.py, limit ${PACKING_S} s) =="
+  # Qwen2-VL-2B's text backbone, bf16, batches of 8 clips of 5-60 s (32 tokens per frame): baseline and ReGATE,
+  # padded and packed (FlashAttention-2 where flash_attn imports, else sdpa_varlen); packing.json in $OUT.
+  timeout --kill-after=10 "$PACKING_S" "$PY" benchmarks/packing.py --device cuda --dtype bfloat16 --preset gpu \
+    --batches 3 --repeats 3 --out "$OUT" 2>&1 | tee "$OUT/packing.log"
+  echo "packing exit status: ${PIPESTATUS[0]}"
+fi
+
 if [ -f benchmarks/gpu_strategies.py ]; then
   left=$(( TOTAL_S - ($(date +%s) - start) ))
   [ "$left" -lt 60 ] && left=60
   echo
-  echo "== 2. strategies (benchmarks/gpu_strategies.py, limit ${left} s) =="
+  echo "== 3. strategies (benchmarks/gpu_strategies.py, limit ${left} s) =="
   timeout --kill-after=10 "$left" "$PY" benchmarks/gpu_strategies.py 2>&1 | tee "$OUT/gpu_strategies.log"
   echo "strategies exit status: ${PIPESTATUS[0]}"
 fi

@@ -42,6 +42,9 @@ _EXPORTS: dict[str, str] = {
     "Teacher": "regate_lightning.teacher",
     "ElidedOutput": "regate_lightning.elision",
     "forward_active": "regate_lightning.elision",
+    "pack_layout": "regate_lightning.elision",
+    "packing_refusal": "regate_lightning.elision",
+    "PACKED_SDPA": "regate_lightning.packed_sdpa",
     "FAMILIES": "regate_lightning.families",
     "resolve": "regate_lightning.families",
     # The functional core.

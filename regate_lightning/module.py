@@ -24,7 +24,7 @@ from torchmetrics import MeanMetric
 from transformers import AutoConfig, PreTrainedModel
 
 from regate_lightning._imports import import_object, is_dotted_path
-from regate_lightning.elision import ElidedOutput, forward_active
+from regate_lightning.elision import ElidedOutput, forward_active, packing_refusal
 from regate_lightning.evaluation import OPTION_SCORES, ChoiceAccuracy, choose_options
 from regate_lightning.families import (
     media_only_parameters,
@@ -54,6 +54,7 @@ from regate_lightning.keys import (
     option_loss_metric,
     skipped_questions_metric,
 )
+from regate_lightning.packed_sdpa import use_packed_sdpa
 from regate_lightning.reliance import answer_rows, swap_media
 from regate_lightning.shared import check_checkpoint, resuming_from
 
@@ -178,6 +179,11 @@ class MLLMModule(pl.LightningModule):
         warmup_ratio: fraction of the optimizer steps that warm the learning rate up (``lr_schedule``).
         media_gap: at validation, also run the correct answers with another sample's media and log the
             loss difference as ``val/video_gap`` / ``val/image_gap`` (see :mod:`regate_lightning.reliance`).
+        packed: run each training batch as one packed row: the kept positions of every sample back to back,
+            each attending to itself only, no padding computed (``forward_active(..., packed=True)``; exact).
+            A decoder on ``sdpa`` switches to ``sdpa_varlen`` (:mod:`regate_lightning.packed_sdpa`: SDPA per
+            sample instead of one block-diagonal mask; the same results). Refused for decoders with recurrent
+            layers. Validation runs padded rows.
     """
 
     def __init__(
@@ -199,6 +205,7 @@ class MLLMModule(pl.LightningModule):
         lr_schedule: str | None = None,
         warmup_ratio: float = 0.0,
         media_gap: bool = True,
+        packed: bool = False,
     ) -> None:
         super().__init__()
         # Every check that needs no model runs before the model is loaded: a typo must not cost a download.
@@ -218,6 +225,11 @@ class MLLMModule(pl.LightningModule):
         self.save_hyperparameters(ignore=ignored)
         net = load_model(model, model_kwargs)
         parts = resolve(net)  # refuses unsupported classes before anything else happens
+        refusal = packing_refusal(parts) if packed else None
+        if refusal is not None:
+            raise ValueError(f"`packed`: {refusal}")
+        if packed:
+            use_packed_sdpa(parts.decoder)
         net.config.use_cache = False
         never = unused_vision_modules(parts)
         for module in never:
@@ -254,6 +266,7 @@ class MLLMModule(pl.LightningModule):
         self.lr_schedule = lr_schedule
         self.warmup_ratio = float(warmup_ratio)
         self.media_gap = media_gap
+        self.packed = packed
         self.gaps = nn.ModuleDict({kind: MeanMetric() for kind in MEDIA_KINDS})
         trainable = {part: any(p.requires_grad for p in ps) for part, ps in parameter_parts(resolve(net)).items()}
         for part in self.part_lrs:
@@ -292,8 +305,8 @@ class MLLMModule(pl.LightningModule):
         return unwrap(self.model)
 
     def run(self, batch: dict[str, Any]) -> ElidedOutput:
-        """Forward on the positions ``batch[KEEP_MASK]`` keeps (all when absent)."""
-        return forward_active(self.model, batch, batch.get(KEEP_MASK))
+        """Forward on the positions ``batch[KEEP_MASK]`` keeps (all when absent), packed with ``packed``."""
+        return forward_active(self.model, batch, batch.get(KEEP_MASK), packed=self.packed)
 
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> dict[str, Any] | None:
         """One step; returns ``loss`` and the detached per-position ``token_loss`` [B, L].

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks` is a folder of the repository, not an installed package
@@ -244,3 +245,60 @@ def test_qwen3_5_benchmarks_smoke(tmp_path):
     swept = shape_for_share(model, length=300, answer_share=0.5, prompt_len=4, batch_size=1, frame_grid=(8, 8))
     assert swept.length == 300 and swept.visual_tokens % 16 == 0 and abs(swept.answer_share - 0.5) < 0.05
     assert make_batch(model, swept, frame_grid=(8, 8))["input_ids"].shape == (1, 300)
+
+
+def test_packing_smoke(tmp_path):
+    """benchmarks/packing.py at smoke size, in this process: the four steps (and the block-mask one) and the tables."""
+    from benchmarks.packing import BLOCK_MASK, VARIANTS, kept_tokens, main
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--smoke", "--block-mask", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads((tmp_path / "packing.json").read_text())
+    steps = result["steps"]["variants"]
+    assert list(steps) == [*VARIANTS, BLOCK_MASK]
+    for name in ("packed", "regate_packed", BLOCK_MASK):
+        assert steps[name]["padding"] == 0.0 and steps[name]["positions_per_step"] == steps[name]["active_per_step"]
+    assert steps["padded"]["padding"] > 0.1, "random batches of a mixed set are padded"
+    assert steps["padded"]["active_per_step"] == steps["packed"]["active_per_step"]
+    assert steps["regate_packed"]["active_per_step"] < steps["packed"]["active_per_step"]
+    assert steps["regate_packed"]["active_per_step"] == steps["regate_padded"]["active_per_step"]
+    rows = {(r["batching"], r["regate"]): r for r in result["batching"]}
+    assert (
+        rows[("random, 4 per batch", False)]["padded_padding"]
+        > rows[("length-grouped, 4 per batch", False)]["padded_padding"]
+    )
+    assert {t["target"] for t in result["targets"]} == {
+        "padding < 2% of computed positions when packed",
+        "ReGATE-packed / baseline-packed within 10% of the token-count ideal",
+    }
+    # The table's ReGATE count is what the policy kept on the timed batches (the same samples, regenerated).
+    from benchmarks.packing import PRESETS, SampleShape, generate
+
+    samples = generate(PRESETS["smoke"][1], 200, seed=0)
+    order = torch.randperm(200, generator=torch.Generator().manual_seed(1)).tolist()
+    timed = [samples[i] for i in order[:8]]
+    assert sum(kept_tokens(s, 0.5) for s in timed) / 2 == steps["regate_packed"]["active_per_step"]
+    assert kept_tokens(SampleShape(10.0, 100, 20, 11, "open-ended"), 0.5) == 133 - 5  # 11 candidates, 6 kept
+
+
+def test_packing_gpu_arguments():
+    """The arguments benchmarks/gpu.sh passes to benchmarks/packing.py parse, and it runs them."""
+    import shlex
+
+    from benchmarks.packing import PRESETS, parser
+
+    script = (ROOT / "benchmarks" / "gpu.sh").read_text()
+    line = next(line for line in script.replace("\\\n", " ").splitlines() if "timeout" in line and "packing.py" in line)
+    args = shlex.split(line.split("benchmarks/packing.py", 1)[1].split("2>&1")[0].replace('"$OUT"', "out"))
+    parsed = parser().parse_args(args)
+    assert (parsed.device, parsed.dtype, parsed.preset, parsed.batches, parsed.repeats) == (
+        "cuda",
+        "bfloat16",
+        "gpu",
+        3,
+        3,
+    )
+    assert PRESETS["gpu"][0].hidden_size == 1536 and PRESETS["gpu"][0].num_layers == 28

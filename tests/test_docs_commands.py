@@ -296,6 +296,7 @@ CHECKS: dict[str, Any] = {
     "regate-lightning --help": Run(_lists_score),
     "regate-lightning score --help": Run(),
     "regate-lightning fit --config recipes/debug_regate.yaml": Run(),
+    "regate-lightning fit --config recipes/debug_packed.yaml": Run(),
     # Bring your own data, and scoring (in this order: `fit` reads what `score` wrote).
     "regate-lightning fit --config recipes/own_data.yaml --print_config": Run(),
     "regate-lightning score --config recipes/own_data.yaml": Run(),
@@ -318,6 +319,10 @@ CHECKS: dict[str, Any] = {
     "python benchmarks/throughput.py --threads 1 --out docs/results/throughput_cpu": Args(
         "tests/test_benchmarks_smoke.py::test_throughput_smoke"
     ),
+    "python benchmarks/packing.py --block-mask --out docs/results/packing_cpu": Args(
+        "tests/test_benchmarks_smoke.py::test_packing_smoke"
+    ),
+    "python benchmarks/packing.py --smoke": Args("tests/test_benchmarks_smoke.py::test_packing_smoke"),
     "REGATE_LIGHTNING_CACHE=/tmp/tta_cache python benchmarks/time_to_accuracy.py --jobs 2 --variants baseline "
     "regate ema_only ref_only random adaptive visual_temporal_0.5 visual_random_0.5 visual_temporal_0.25 "
     "visual_random_0.25 regate+visual_temporal_0.5 regate+visual_random_0.5 regate+visual_temporal_0.25 "

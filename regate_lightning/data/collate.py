@@ -211,15 +211,20 @@ class NonEmptyDataLoader(DataLoader):
     """A ``DataLoader`` that leaves out the batches its collator returned as ``None`` (every sample skipped).
 
     It takes ``DataLoader``'s arguments, so Lightning re-creates it with a distributed sampler as it does
-    any ``DataLoader``. Its length is the number of batches before any is left out.
+    any ``DataLoader``. Its length is the number of batches before any is left out; :attr:`batches_read` counts
+    the batches of the current iteration read so far, those left out included.
 
     Raises:
         RuntimeError: (while iterating) an empty batch under several processes, where one rank cannot
             leave out a step that the others take.
     """
 
+    batches_read = 0
+
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        self.batches_read = 0
         for batch in super().__iter__():
+            self.batches_read += 1
             if batch is not None:
                 yield batch
             elif (

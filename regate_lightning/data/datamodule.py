@@ -39,6 +39,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from regate_lightning._imports import import_object, is_dotted_path
+from regate_lightning.data.batching import ResumableDataLoader, check_batching, make_batch_sampler, sample_lengths
 from regate_lightning.data.collate import Collator, NonEmptyDataLoader
 from regate_lightning.data.conversations import ChoiceRecord, read_choice_records
 from regate_lightning.data.datasets import ConversationDataset, FrameSampling, MediaCache, MultipleChoiceDataset
@@ -150,6 +151,14 @@ class ConversationDataModule(pl.LightningDataModule):
             (counted, logged, and reported at every epoch end: per epoch and in total).
         list_options: list the lettered options in the multiple-choice question.
         system_prompt: a system turn for conversations that have none.
+        batching: how training samples form batches: ``"random"`` (``batch_size`` random samples),
+            ``"length_grouped"`` (``batch_size`` samples of similar length) or ``"token_budget"`` (as many
+            samples as fit ``max_tokens``); both length-aware ones are DDP-aware and resume mid-epoch
+            (:mod:`regate_lightning.data.batching`). They need every sample's length: ``setup`` loads each
+            training sample once for it (media decoded, in ``num_workers`` workers).
+        max_tokens: ``"token_budget"``: the most padded positions (samples x longest) in one batch of one rank;
+            ``batch_size`` then caps the samples per batch.
+        group_size: ``"length_grouped"``: batches sorted together (a larger group: more alike lengths).
     """
 
     def __init__(
@@ -171,8 +180,12 @@ class ConversationDataModule(pl.LightningDataModule):
         on_error: str = "raise",
         list_options: bool = False,
         system_prompt: str | None = None,
+        batching: str = "random",
+        max_tokens: int | None = None,
+        group_size: int = 50,
     ) -> None:
         super().__init__()
+        check_batching(batching, max_tokens, group_size)
         for name, value in (("batch_size", batch_size), ("val_batch_questions", val_batch_questions)):
             if value < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {value}")
@@ -202,6 +215,10 @@ class ConversationDataModule(pl.LightningDataModule):
         self.on_error = on_error
         self.list_options = list_options
         self.system_prompt = system_prompt
+        self.batching = batching
+        self.max_tokens = max_tokens
+        self.group_size = group_size
+        self.train_lengths: list[int] | None = None
         self.counter = SkipCounter()
         self.val_counter = SkipCounter()
         self._marks = {TRAIN: self.counter.snapshot(), VAL: self.val_counter.snapshot()}
@@ -289,6 +306,8 @@ class ConversationDataModule(pl.LightningDataModule):
             self.counter,
             media_cache=self.media_cache,
         )
+        if self.batching != "random":
+            self.train_lengths = sample_lengths(self.train_set, self.max_length, self.num_workers)
         files = self.val_files()
         if files:
             records: list[ChoiceRecord] = []
@@ -320,7 +339,23 @@ class ConversationDataModule(pl.LightningDataModule):
         return Collator(self.tokenizer, max_length=self.max_length, overlong=self.overlong, counter=counter)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches; a batch whose every sample was skipped is left out."""
+        """Shuffled training batches (of ``batching``); a batch whose every sample was skipped is left out."""
+        if self.train_lengths is not None:
+            sampler = make_batch_sampler(
+                self.batching,
+                self.train_lengths,
+                self.batch_size,
+                self.max_tokens,
+                self.group_size,
+                seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),  # seed_everything's, as Lightning's samplers
+            )
+            return ResumableDataLoader(
+                self.train_set,
+                batch_sampler=sampler,
+                num_workers=self.num_workers,
+                collate_fn=self._collator(self.counter),
+                persistent_workers=self.num_workers > 0,
+            )
         return NonEmptyDataLoader(
             self.train_set,
             batch_size=self.batch_size,

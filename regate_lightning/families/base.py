@@ -494,6 +494,11 @@ class Family:
         A family whose decoder takes more per-position inputs (Qwen3-VL's DeepStack features) gathers them
         here; the engine refuses any other argument that still has the full length.
 
+        On a packed step (``forward_active(..., packed=True)``) the same method serves one row: the engine has
+        flattened every ``[B, L, ...]`` argument row by row to ``[1, B * L, ...]`` (the order in which the model
+        filled per-position features), ``index`` is ``[1, T]`` into those ``B * L`` positions, ``valid`` is all
+        True and ``length`` is ``B * L``; the attention mask is the engine's and must stay as it is.
+
         Args:
             kwargs: the decoder's keyword arguments (a copy the method may change).
             index: int64 ``[B, L']``, the kept positions of each row, right-padded with 0.
