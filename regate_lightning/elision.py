@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regate_lightning.families import MEDIA_KINDS, ModelParts, find_module, resolve
+from regate_lightning.families import MEDIA_KINDS, Family, ModelParts, find_module, resolve
 from regate_lightning.keys import (
     ATTENTION_MASK,
     IGNORE_INDEX,
@@ -305,10 +305,17 @@ def packing_refusal(parts: ModelParts) -> str | None:
     Returns:
         A one-line reason naming the model, the layer types and the fix, or None.
     """
+    name = type(parts.model).__name__
+    if type(parts.family).decoder_mask is not Family.decoder_mask:
+        return (
+            f"{name} cannot run packed sequences: the model builds its decoder's attention masks itself (the "
+            f"{parts.family.name} family's Family.decoder_mask: e.g. image tokens that attend to each other both "
+            "ways), which a packed row's sample-confined mask would replace; set `packed: false` (padded rows are "
+            "exact for it)"
+        )
     config = parts.decoder.config if hasattr(parts.decoder, "config") else parts.model.config
     types = set(getattr(config, "layer_types", None) or ())
     other = sorted(types - set(ATTENTION_LAYER_TYPES))
-    name = type(parts.model).__name__
     if parts.family.recurrent or other:
         what = f"layer types {other}" if other else "recurrent layers"
         return (
