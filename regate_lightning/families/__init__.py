@@ -17,6 +17,9 @@ family (module)        classes                                         placehold
 ``video_llava``        ``VideoLlavaForConditionalGeneration``          image: as llava; frame: ``(S / P) ** 2 + CLS``
 ``qwen2_vl``           ``Qwen2VLForConditionalGeneration``,            ``t * h * w / merge ** 2`` per media,
                        ``Qwen2_5_VLForConditionalGeneration``          wrapped in vision start ... end
+``qwen3_vl``           ``Qwen3VLForConditionalGeneration``,            image: as qwen2_vl; video: per temporal
+                       ``Qwen3VLMoeForConditionalGeneration``          patch ``<t seconds>`` + start, ``h * w /
+                                                                       merge ** 2`` pads, end; all in start/end
 =====================  ==============================================  ======================================
 
 ``docs/models.md`` has the support table (what is exact, what is tested) and "Adding a family".
@@ -50,7 +53,7 @@ from regate_lightning.families.base import (
     unwrap,
 )
 
-FAMILY_MODULES = ("llava", "llava_next_video", "video_llava", "qwen2_vl")
+FAMILY_MODULES = ("llava", "llava_next_video", "video_llava", "qwen2_vl", "qwen3_vl")
 """The modules of this package that declare a family (each as ``FAMILY``), in the order they are listed."""
 
 # Family names (the values of ``Family.name``), for the code that names a family.
@@ -58,6 +61,7 @@ LLAVA = "llava"
 LLAVA_NEXT_VIDEO = "llava_next_video"
 VIDEO_LLAVA = "video_llava"
 QWEN2_VL = "qwen2_vl"
+QWEN3_VL = "qwen3_vl"
 CAUSAL_LM = "causal_lm"
 
 
@@ -205,6 +209,7 @@ __all__ = [
     "PATCHES",
     "POOLED",
     "QWEN2_VL",
+    "QWEN3_VL",
     "TEXT_ONLY",
     "TILES",
     "VIDEO_LLAVA",
