@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from regate_lightning.families import FAMILIES as REGISTRY
-from regate_lightning.families import GRID, LLAVA_NEXT_VIDEO, QWEN2_VL, resolve
+from regate_lightning.families import GRID, LLAVA_NEXT_VIDEO, QWEN2_VL, QWEN3_VL, resolve
 
-FAMILIES = (QWEN2_VL, LLAVA_NEXT_VIDEO)
+FAMILIES = (QWEN2_VL, LLAVA_NEXT_VIDEO, QWEN3_VL)
 """The families the benchmarks build (names of :data:`regate_lightning.families.FAMILIES`)."""
 
 
@@ -39,8 +39,10 @@ class ModelSpec:
     """Sizes of a random-initialised multimodal model.
 
     Attributes:
-        family: ``"qwen2_vl"`` (Qwen2-VL, M-RoPE, video through the Qwen2-VL vision tower) or
-            ``"llava_next_video"`` (LLaMA decoder, CLIP tower, 2x2-pooled frames).
+        family: ``"qwen2_vl"`` (Qwen2-VL, M-RoPE, video through the Qwen2-VL vision tower),
+            ``"llava_next_video"`` (LLaMA decoder, CLIP tower, 2x2-pooled frames) or ``"qwen3_vl"`` (Qwen3-VL:
+            interleaved M-RoPE, DeepStack features from the tower into the first decoder layers, a timestamp
+            before every temporal patch).
         vocab_size: vocabulary of the language model; the last four ids are the media placeholders.
         hidden_size: hidden size of the language model.
         num_layers: decoder layers.
@@ -51,7 +53,11 @@ class ModelSpec:
         vision_width: hidden size of the vision tower.
         vision_heads: attention heads of the vision tower.
         patch_size: patch side of the vision tower, in pixels.
-        image_size: frame side in pixels (``llava_next_video`` only; Qwen2-VL frames are set per batch).
+        image_size: frame side in pixels (``llava_next_video`` only; Qwen frames are set per batch).
+        deepstack: ``qwen3_vl``: the tower blocks whose features feed the first decoder layers (default: three
+            blocks at a quarter, half and three quarters of the depth, as Qwen3-VL-2B's 5, 11, 17 of 24; the
+            first ``depth`` blocks for a tower of fewer than 4).
+        tie_embeddings: share the input embeddings with the LM head (Qwen3-VL-2B does).
     """
 
     family: str = QWEN2_VL
@@ -66,6 +72,21 @@ class ModelSpec:
     vision_heads: int = 4
     patch_size: int = 8
     image_size: int = 64
+    deepstack: tuple[int, ...] | None = None
+    tie_embeddings: bool = False
+
+    def deepstack_indexes(self) -> list[int]:
+        """The tower blocks that feed DeepStack (``qwen3_vl``).
+
+        Example:
+            >>> ModelSpec(vision_depth=24).deepstack_indexes(), ModelSpec(vision_depth=2).deepstack_indexes()
+            ([5, 11, 17], [0, 1])
+        """
+        if self.deepstack is not None:
+            return list(self.deepstack)
+        if self.vision_depth < 4:
+            return list(range(self.vision_depth))
+        return [(i + 1) * self.vision_depth // 4 - 1 for i in range(3)]
 
     def check(self) -> None:
         """Raise a clear error for sizes the model classes would reject later, less clearly."""
@@ -77,8 +98,12 @@ class ModelSpec:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.vision_width % self.vision_heads:
             raise ValueError(f"vision_width {self.vision_width} is not a multiple of vision_heads {self.vision_heads}")
-        if self.family == QWEN2_VL and (self.hidden_size // self.num_heads) % 2:
-            raise ValueError("qwen2_vl needs an even head dimension (M-RoPE sections)")
+        if self.family in (QWEN2_VL, QWEN3_VL) and (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(f"{self.family} needs an even head dimension (M-RoPE sections)")
+        if self.family == QWEN3_VL and not all(0 <= i < self.vision_depth for i in self.deepstack_indexes()):
+            raise ValueError(
+                f"deepstack {self.deepstack_indexes()} must be blocks of the {self.vision_depth}-block tower"
+            )
         if self.family == LLAVA_NEXT_VIDEO and self.image_size % (2 * self.patch_size):
             raise ValueError(f"image_size {self.image_size} must be a multiple of 2 * patch_size {self.patch_size}")
 
@@ -99,6 +124,25 @@ QWEN2_VL_2B_LIKE = ModelSpec(
 """Text backbone of Qwen2-VL-2B (hidden 1536, 28 layers, 12/2 heads, MLP 8960, vocabulary 151936) with a
 vision tower of half the real depth (16 of 32 blocks, width 1280)."""
 
+QWEN3_VL_2B_LIKE = ModelSpec(
+    family=QWEN3_VL,
+    vocab_size=151936,
+    hidden_size=2048,
+    num_layers=28,
+    num_heads=16,
+    num_kv_heads=8,
+    intermediate_size=6144,
+    vision_depth=24,
+    vision_width=1024,
+    vision_heads=16,
+    patch_size=16,
+    deepstack=(5, 11, 17),
+    tie_embeddings=True,
+)
+"""The published sizes of Qwen3-VL-2B-Instruct: text hidden 2048, 28 layers, 16/8 heads (head 128), MLP 6144,
+vocabulary 151936, tied embeddings; vision tower 24 blocks of width 1024 (MLP 4096, 16 heads), patch 16,
+DeepStack from blocks 5, 11 and 17."""
+
 
 def model_config(spec: ModelSpec) -> Any:
     """The transformers config of ``spec`` (placeholder ids are the last ids of the vocabulary)."""
@@ -114,6 +158,22 @@ def model_config(spec: ModelSpec) -> Any:
         intermediate_size=spec.intermediate_size,
         max_positions=32768,
     )
+    if spec.family == QWEN3_VL:
+        from transformers import Qwen3VLConfig
+
+        from regate_lightning.families.qwen3_vl import qwen3_vl_kwargs, qwen3_vl_vision
+
+        vision3 = qwen3_vl_vision(
+            spec.hidden_size,
+            depth=spec.vision_depth,
+            hidden_size=spec.vision_width,
+            num_heads=spec.vision_heads,
+            patch_size=spec.patch_size,
+            deepstack=spec.deepstack_indexes(),
+            num_position_embeddings=2304,
+            intermediate_size=4 * spec.vision_width,
+        )
+        return Qwen3VLConfig(vision_config=vision3, tie_word_embeddings=spec.tie_embeddings, **qwen3_vl_kwargs(text))
     if spec.family == QWEN2_VL:
         from transformers import Qwen2VLConfig
 
@@ -198,14 +258,15 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 @dataclass
 class Shape:
-    """A sequence shape: per row ``[bos] [visual] [prompt] [answer]`` (Qwen2-VL adds two vision markers).
+    """A sequence shape: per row ``[bos] [visual] [prompt] [answer]`` (Qwen adds two vision markers, Qwen3-VL a
+    timestamp and two markers per temporal patch).
 
     Attributes:
         batch_size: rows.
         visual_tokens: placeholder tokens of the video (rounded to whole frames by :func:`make_batch`).
         prompt_len: text tokens between the video and the answer.
         answer_len: supervised answer tokens (the last one is ``eos``).
-        overhead: other positions: ``bos`` and, for Qwen2-VL, the vision start/end markers.
+        overhead: other positions: ``bos`` and the media's markers and timestamps (:func:`media_overhead`).
     """
 
     batch_size: int
@@ -235,9 +296,29 @@ def _frame_unit(model: nn.Module) -> tuple[int, int]:
     return unit, tokens
 
 
-def media_overhead(model: nn.Module) -> int:
-    """Non-media, non-text positions around the video: bos, plus Qwen2-VL's vision start/end markers."""
-    return 1 + (2 if resolve(model).family.vision_markers else 0)
+def _layout_overhead(model: nn.Module, steps: int) -> int:
+    """Positions of a random video of ``steps`` time steps that are not its placeholders."""
+    parts = resolve(model)
+    family, config = parts.family, parts.model.config
+    unit, _ = _frame_unit(model)
+    media = family.random_media(config, steps * unit, torch.Generator().manual_seed(0))
+    token = family.media_token_id(config, media.kind)
+    return sum(1 for i in media.ids if i != token)
+
+
+def media_overhead(model: nn.Module, steps: int = 1) -> int:
+    """Positions of a row that are neither placeholders nor prompt or answer text, for a video of ``steps`` time
+    steps: ``bos``, Qwen's vision start / end, and Qwen3-VL's timestamp and markers per temporal patch."""
+    one, two = _layout_overhead(model, 1), _layout_overhead(model, 2)
+    return 1 + one + (two - one) * (steps - 1)
+
+
+def tokens_per_step(model: nn.Module, frame_grid: tuple[int, int] | None = None) -> int:
+    """Placeholder tokens of one time step (a frame; a Qwen temporal patch of ``frame_grid`` patches)."""
+    if frame_grid is None:
+        return _frame_unit(model)[1]
+    merge = _merge(model)
+    return frame_grid[0] * frame_grid[1] // (merge * merge)
 
 
 def visual_granularity(model: nn.Module, frame_grid: tuple[int, int] | None = None) -> int:
@@ -245,9 +326,7 @@ def visual_granularity(model: nn.Module, frame_grid: tuple[int, int] | None = No
     _, tokens = _frame_unit(model)
     if frame_grid is None:
         return tokens
-    merge = _merge(model)
-    per_unit = frame_grid[0] * frame_grid[1] // (merge * merge)
-    return math.lcm(tokens, per_unit)
+    return math.lcm(tokens, tokens_per_step(model, frame_grid))
 
 
 def _merge(model: nn.Module) -> int:
@@ -264,67 +343,73 @@ def shape_for_share(
 ) -> Shape:
     """A shape of about ``length`` tokens whose answer is ``answer_share`` of it; the video fills the rest.
 
-    The video is rounded to whole frames; the answer then takes whatever makes the length exact.
+    The video is rounded to whole frames (with their timestamps and markers); the answer then takes whatever
+    makes the length exact.
     """
-    overhead = media_overhead(model)
     step = visual_granularity(model, frame_grid)
+    steps_per_granule = step // tokens_per_step(model, frame_grid)
+    base = media_overhead(model, 0)
+    per_granule = step + (media_overhead(model, 1) - base) * steps_per_granule
     answer = max(2, round(answer_share * length))
-    visual = max(step, round((length - answer - prompt_len - overhead) / step) * step)
+    granules = max(1, round((length - answer - prompt_len - base) / per_granule))
+    visual = granules * step
+    overhead = media_overhead(model, granules * steps_per_granule)
     answer = max(2, length - overhead - visual - prompt_len)
     return Shape(batch_size, visual, prompt_len, answer, overhead)
 
 
-def fixed_shape(model: nn.Module, batch_size: int, visual_tokens: int, prompt_len: int, answer_len: int) -> Shape:
-    """A shape with the given token counts and the model's own overhead positions."""
-    return Shape(batch_size, visual_tokens, prompt_len, answer_len, media_overhead(model))
+def fixed_shape(
+    model: nn.Module,
+    batch_size: int,
+    visual_tokens: int,
+    prompt_len: int,
+    answer_len: int,
+    frame_grid: tuple[int, int] | None = None,
+) -> Shape:
+    """A shape with the given token counts and the model's own overhead positions (for frames of ``frame_grid``)."""
+    steps = max(1, visual_tokens // tokens_per_step(model, frame_grid))
+    return Shape(batch_size, visual_tokens, prompt_len, answer_len, media_overhead(model, steps))
 
 
 def make_batch(model: nn.Module, shape: Shape, seed: int = 0, frame_grid: tuple[int, int] | None = None) -> dict:
     """A random batch of ``shape`` that ``model`` accepts (on CPU, float32 pixels).
 
     Args:
-        model: a Qwen2-VL or LLaVA-NeXT-Video model.
+        model: a model of one of :data:`FAMILIES`.
         shape: the sequence shape; ``visual_tokens`` must be a multiple of :func:`visual_granularity`.
         seed: batch seed; also offsets ``sample_idx`` so that different seeds are different samples.
-        frame_grid: Qwen2-VL only: ``(height, width)`` of a frame in patches (multiples of the merge
-            size). The default is the 8x8-patch frames of ``random_batch``; a realistic video (e.g.
-            24x32 patches = 336x448 pixels at patch 14) gives fewer, larger frames of the same token count.
+        frame_grid: Qwen only: ``(height, width)`` of a frame in patches (multiples of the merge size). The
+            default is the 8x8-patch frames of ``random_batch``; a realistic video (e.g. 24x32 patches = 336x448
+            pixels at patch 14) gives fewer, larger frames of the same token count.
 
     Returns:
         The model's keys plus ``labels`` and ``sample_idx``.
     """
     from regate_lightning.testing.batches import random_batch
 
-    unit, per_unit = _frame_unit(model)
+    parts = resolve(model)
+    if frame_grid is not None:
+        if parts.family.placeholders != GRID:
+            raise ValueError("`frame_grid` applies to grid families (qwen2_vl, qwen3_vl) only")
+        merge = _merge(model)
+        if frame_grid[0] % merge or frame_grid[1] % merge:
+            raise ValueError(f"frame_grid {frame_grid} must be multiples of the merge size {merge}")
+    unit, _ = _frame_unit(model)
     granularity = visual_granularity(model, frame_grid)
     if shape.visual_tokens <= 0 or shape.visual_tokens % granularity:
         raise ValueError(f"visual_tokens must be a positive multiple of {granularity}, got {shape.visual_tokens}")
-    if shape.overhead != media_overhead(model):
-        raise ValueError(f"shape.overhead {shape.overhead} does not match the model's {media_overhead(model)}")
-    frames = unit * shape.visual_tokens // per_unit
-    batch = random_batch(
+    steps = shape.visual_tokens // tokens_per_step(model, frame_grid)
+    if shape.overhead != media_overhead(model, steps):
+        raise ValueError(f"shape.overhead {shape.overhead} does not match the model's {media_overhead(model, steps)}")
+    return random_batch(
         model,
         batch_size=shape.batch_size,
         prompt_len=shape.prompt_len,
         answer_len=shape.answer_len,
-        num_frames=frames,
+        num_frames=unit * steps,
         seed=seed,
+        frame_grid=frame_grid,
     )
-    parts = resolve(model)
-    if frame_grid is not None:
-        if parts.family.placeholders != GRID:
-            raise ValueError("`frame_grid` applies to grid families (qwen2_vl) only")
-        merge = _merge(model)
-        height, width = frame_grid
-        if height % merge or width % merge:
-            raise ValueError(f"frame_grid {frame_grid} must be multiples of the merge size {merge}")
-        temporal = shape.visual_tokens * merge * merge // (height * width)
-        patches = temporal * height * width
-        gen = torch.Generator().manual_seed(seed + 7919)
-        dim = batch["pixel_values_videos"].shape[-1]
-        batch["pixel_values_videos"] = torch.randn(shape.batch_size * patches, dim, generator=gen)
-        batch["video_grid_thw"] = torch.tensor([[temporal, height, width]] * shape.batch_size, dtype=torch.long)
-    return batch
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 # The prepared GPU check, in one call: elision throughput at ~2B scale on one GPU (ReGATE, visual-token
 # elision and both, at 39 % and 24 % answer shares, each step profiled and compared with the profile's
 # cost model, peak memory per variant; the policy's time per step with a score store of 1M samples x 100
-# candidates), then the strategy checks (benchmarks/gpu_strategies.py: FSDP, and DeepSpeed ZeRO-2/3 when
+# candidates; the headline part again on a Qwen3-VL-2B-shaped model), then the strategy checks (benchmarks/gpu_strategies.py: FSDP, and DeepSpeed ZeRO-2/3 when
 # deepspeed imports). Meant to finish in about 8 minutes (GPU_TOTAL_S).
 #
 #   bash benchmarks/gpu.sh                 # results in $OUT (default ./gpu_results)
@@ -46,12 +46,17 @@ echo
 echo "== 1. throughput and profile (benchmarks/gpu_throughput.py) =="
 # One process per part: no allocator state carried over. Headline first; the last part is the first to go.
 # a1024-store: the policy's time per step with a store of 1M samples x 100 candidates (issue 13, < 1 %).
-for part in ${GPU_PARTS:-a1024 a1024-store a512 a1024-frames a1024-frames-noskip a1024-more}; do
+# FAMILY:PART runs PART on another family's model with 5 timed pairs per variant (gpu_throughput.py --family):
+# qwen3_vl:a1024 is the headline on Qwen3-VL-2B's published sizes (DeepStack, a timestamp per temporal patch).
+for part in ${GPU_PARTS:-a1024 a1024-store qwen3_vl:a1024 a512 a1024-frames a1024-frames-noskip a1024-more}; do
 left=$(( TOTAL_S - 90 - ($(date +%s) - start) ))  # keep 90 s for the strategy checks
 if [ "$left" -lt 30 ]; then echo "throughput $part: skipped (time budget)"; continue; fi
 limit=$(( left < ${THROUGHPUT_TIMEOUT_S:-110} ? left : ${THROUGHPUT_TIMEOUT_S:-110} ))
-timeout --kill-after=10 "$limit" "$PY" benchmarks/gpu_throughput.py --out "$OUT" --only "$part" "$@" \
-  2>&1 | tee -a "$OUT/gpu_throughput.log"
+name="$part"
+family=()
+case "$part" in *:*) name="${part#*:}"; family=(--family "${part%%:*}" --repeats 5) ;; esac
+timeout --kill-after=10 "$limit" "$PY" benchmarks/gpu_throughput.py --out "$OUT" --only "$name" \
+  ${family[@]+"${family[@]}"} "$@" 2>&1 | tee -a "$OUT/gpu_throughput.log"
 status=${PIPESTATUS[0]}
 [ "$status" -eq 124 ] && echo "throughput $part: stopped by the time limit (partial results in $OUT)"
 echo "throughput $part exit status: $status"

@@ -25,6 +25,11 @@ Parts after the first run only if the time budget (``--budget-s``) allows. On a 
 a part is retried once at half the batch size. Results go to ``$OUT/gpu_throughput.json`` (``$OUT``
 defaults to ``./gpu_results``), rewritten after every part, and the tables are printed at the end.
 
+``--family qwen3_vl`` runs the same parts on a model of Qwen3-VL-2B-Instruct's published sizes (text: hidden
+2048, 28 layers, 16/8 heads, MLP 6144, vocabulary 151936, tied embeddings; vision tower: 24 blocks of width
+1024, patch 16, DeepStack from blocks 5, 11, 17), each row ``[bos] <video 1536 tokens: 16 frames of 384x512,
+each temporal patch after its timestamp> [prompt 64] [answer]``; its files carry ``-qwen3_vl``.
+
 ``--smoke`` runs the same code on the CPU with a tiny model (a few seconds), for the test suite;
 ``--cpu`` runs the same parts on the CPU at a small size (a Qwen2-VL with a 4-layer, 512-wide decoder
 and a 3-block, 256-wide tower; a quarter of the sequence; batch 1), the CPU stand-in of the GPU table.
@@ -50,7 +55,9 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` and `regate_
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
+    FAMILIES,
     QWEN2_VL_2B_LIKE,
+    QWEN3_VL_2B_LIKE,
     ModelSpec,
     build_model,
     count_parameters,
@@ -147,20 +154,22 @@ class Config:
 
     @property
     def tag(self) -> str:
-        """Suffix of the output files: empty for the default parts, ``-<names>`` for a selection."""
+        """Suffix of the output files: empty for the default parts, ``-<names>`` for a selection; a family other
+        than Qwen2-VL's goes first (``-qwen3_vl``)."""
         names = [p.name for p in self.parts]
-        return "" if set(names) == {p.name for p in self.defaults().parts} else "-" + "-".join(names)
+        family = "" if self.spec.family == QWEN2_VL_2B_LIKE.family else f"-{self.spec.family}"
+        return family + ("" if set(names) == {p.name for p in self.defaults().parts} else "-" + "-".join(names))
 
     @property
     def prefix(self) -> str:
         """Prefix of the output files: ``cpu`` for the small CPU stand-in, ``gpu`` otherwise (the smoke run too)."""
-        return "cpu" if self.device == "cpu" and self.spec != SMOKE_SPEC else "gpu"
+        return "cpu" if self.device == "cpu" and not _is_smoke(self.spec) else "gpu"
 
     def defaults(self) -> Config:
         """The configuration of the same kind (GPU, CPU stand-in or smoke) with its default parts."""
         if self.device != "cpu":
             return Config(spec=self.spec)
-        return Config.smoke() if self.spec == SMOKE_SPEC else Config.cpu()
+        return Config.smoke() if _is_smoke(self.spec) else Config.cpu()
 
     @staticmethod
     def smoke() -> Config:
@@ -197,6 +206,15 @@ class Config:
         )
 
 
+def _is_smoke(spec: ModelSpec) -> bool:
+    """Whether ``spec`` is the smoke model (of any family)."""
+    return replace(spec, family=SMOKE_SPEC.family) == SMOKE_SPEC
+
+
+GPU_SPECS = {"qwen2_vl": QWEN2_VL_2B_LIKE, "qwen3_vl": QWEN3_VL_2B_LIKE}
+"""The models of the GPU run by ``--family``: Qwen2-VL-2B-shaped (a half-depth tower), Qwen3-VL-2B's sizes. With
+``--smoke`` / ``--cpu`` the family's small stand-in (the same small sizes, the family's own layers)."""
+
 CPU_VISUAL_SPEC = replace(CPU_SPEC, vision_depth=3, vision_width=256, vision_heads=4)
 """The CPU stand-in's model: ``CPU_SPEC``'s decoder (hidden 512, 4 layers, vocabulary 4096) with a tower of
 3 blocks of width 256, so that the tower's share of a step is about the 2B model's (a third)."""
@@ -216,7 +234,9 @@ def run_part(bench: Bench, config: Config, part: Part, index: int) -> dict[str, 
     """Run one part; on CUDA out-of-memory retry once at half the batch size."""
     batch_size = config.batch_size
     while True:
-        shape = fixed_shape(bench.model, batch_size, config.visual_tokens, config.prompt_len, part.answer_len)
+        shape = fixed_shape(
+            bench.model, batch_size, config.visual_tokens, config.prompt_len, part.answer_len, config.frame_grid
+        )
         _log(
             f"  part {part.name}: B={shape.batch_size} L={shape.length} (video {shape.visual_tokens}, prompt "
             f"{shape.prompt_len}, answer {shape.answer_len} = {shape.answer_share:.0%}), "
@@ -357,6 +377,12 @@ def parser() -> argparse.ArgumentParser:
         "carrying allocator state between parts); results go to gpu_throughput-<names>.json",
     )
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, same code path (seconds)")
+    ap.add_argument(
+        "--family",
+        default="qwen2_vl",
+        choices=[f for f in FAMILIES if f in GPU_SPECS],
+        help="qwen2_vl: the Qwen2-VL-2B-shaped model (default); qwen3_vl: Qwen3-VL-2B's published sizes",
+    )
     ap.add_argument("--cpu", action="store_true", help="the same parts on the CPU at a small size (minutes)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads with --smoke / --cpu (default 1)")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default $OUT, else ./gpu_results)")
@@ -374,7 +400,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     """The run's configuration: the GPU defaults, or a CPU stand-in (smoke, small), with overrides."""
     if args.smoke and args.cpu:
         raise SystemExit("--smoke and --cpu are two different CPU runs: give one")
-    config = Config.smoke() if args.smoke else Config.cpu() if args.cpu else Config(spec=QWEN2_VL_2B_LIKE)
+    config = Config.smoke() if args.smoke else Config.cpu() if args.cpu else Config(spec=GPU_SPECS[args.family])
+    if args.family != config.spec.family:
+        config = replace(config, spec=replace(config.spec, family=args.family))
     spec_overrides = {k: getattr(args, k) for k in ("num_layers", "vision_depth") if getattr(args, k) is not None}
     overrides = {
         k: getattr(args, k) for k in ("batch_size", "repeats", "budget_s", "attn", "dtype") if getattr(args, k)

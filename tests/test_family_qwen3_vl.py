@@ -202,6 +202,19 @@ def test_a_video_is_one_item_although_its_patches_are_separate_runs(model):
     assert family.media_per_row(model.config, bare, "video").tolist() == [2]  # no markers: by runs
 
 
+def test_the_media_gap_swaps_whole_videos(model):
+    """The media gap (reliance.py) swaps each row's one video, all its temporal patches, with the next row's."""
+    from regate_lightning.reliance import swap_media
+
+    batch = random_batch(model, batch_size=3, num_frames=4, seed=1)
+    (swap,) = swap_media(batch, resolve(model))
+    assert swap.rows.tolist() == [0, 1, 2]
+    rows = batch["pixel_values_videos"].chunk(3)
+    assert torch.equal(swap.swapped["pixel_values_videos"], torch.cat([rows[1], rows[2], rows[0]]))
+    with torch.no_grad():
+        assert torch.isfinite(forward_active(model, swap.swapped).loss)
+
+
 def test_tower_and_projector_parts():
     tower, projector = vision_parts(resolve(tiny.tiny_model(QWEN3)))
     names = {type(m).__name__ for m in projector}
@@ -598,3 +611,50 @@ def test_builtin_video_path_equals_qwen3vl_video_processor(qwen3_folder, tmp_pat
         a, b = hf.video(frames), ours.video(frames)
         assert torch.equal(a.grid, b.grid)
         assert parity_diff(a.values, b.values, "video qwen3_vl built-in vs Qwen3VLVideoProcessor") <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# The benchmarks' Qwen3-VL model: shapes with a timestamp per temporal patch, the GPU part at smoke size.
+
+
+def test_benchmark_shapes_count_the_timestamps():
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.common import ModelSpec, build_model, fixed_shape, make_batch, media_overhead, shape_for_share
+
+    model = build_model(
+        ModelSpec(family="qwen3_vl", vocab_size=256, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64)
+    )
+    assert media_overhead(model, 0) == 3 and media_overhead(model, 4) == 3 + 4 * 6  # bos, markers; per patch 6
+    shape = fixed_shape(model, batch_size=2, visual_tokens=32, prompt_len=4, answer_len=10, frame_grid=(4, 8))
+    batch = make_batch(model, shape, frame_grid=(4, 8))  # 8 tokens per temporal patch: 4 patches
+    assert batch["video_grid_thw"].tolist() == [[4, 4, 8], [4, 4, 8]]
+    assert batch[INPUT_IDS].shape == (2, shape.length) == (2, 3 + 4 * 6 + 32 + 4 + 10)
+    assert family_of(model).media_per_row(model.config, batch[INPUT_IDS], "video").tolist() == [1, 1]
+    assert forward_active(model, batch).num_tokens == 2 * shape.length
+    swept = shape_for_share(model, length=300, answer_share=0.5, prompt_len=4, batch_size=1)
+    assert swept.length == 300 and swept.visual_tokens % 16 == 0 and abs(swept.answer_share - 0.5) < 0.05
+    assert make_batch(model, swept)[INPUT_IDS].shape == (1, 300)
+
+
+def test_gpu_part_runs_at_smoke_size(tmp_path):
+    import sys
+    from dataclasses import replace
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.common import QWEN3_VL_2B_LIKE, model_config
+    from benchmarks.gpu_throughput import config_from_args, parser, run
+
+    gpu = config_from_args(parser().parse_args(["--family", "qwen3_vl", "--only", "a1024", "--repeats", "5"]))
+    assert gpu.spec == QWEN3_VL_2B_LIKE and gpu.repeats == 5 and gpu.tag == "-qwen3_vl-a1024"
+    config = model_config(QWEN3_VL_2B_LIKE)
+    assert config.vision_config.deepstack_visual_indexes == [5, 11, 17] and config.tie_word_embeddings
+    assert config.text_config.rope_parameters["mrope_section"] == [24, 20, 20]
+    smoke = config_from_args(parser().parse_args(["--smoke", "--family", "qwen3_vl", "--only", "a48"]))
+    result = run(replace(smoke, repeats=1), tmp_path)
+    assert result["errors"] == [] and result["model"]["family"] == "qwen3_vl"
+    assert (tmp_path / "gpu_throughput-qwen3_vl-a48.json").exists()
+    [shape] = result["shapes"]
+    assert [r["variant_short"] for r in shape["regate"]] == ["p=0.5", "v=0.5", "p=0.5+v=0.5"]
+    assert all(0 < r["ideal_ratio"] < 1 for r in shape["regate"])

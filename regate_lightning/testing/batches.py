@@ -66,6 +66,7 @@ def random_batch(
     num_frames: int = 2,
     seed: int = 0,
     ragged: bool = False,
+    frame_grid: tuple[int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """A random batch that ``model`` accepts, with labels on the answers.
 
@@ -77,6 +78,7 @@ def random_batch(
         num_frames: frames per video for video families.
         seed: generator seed; the same seed gives the same batch.
         ragged: if True, row ``i`` has ``i * 3`` fewer answer tokens, right-padded.
+        frame_grid: grid families: ``(height, width)`` of a frame in patches (default: the family's small frame).
 
     Returns:
         The model's keys plus ``labels`` and ``sample_idx``.
@@ -88,7 +90,8 @@ def random_batch(
     gen = torch.Generator().manual_seed(seed)
     low, high = 3, vocab - 8  # keep clear of pad/bos/eos and of the placeholder ids at the top
     family = parts.family
-    media = [family.random_media(cfg, num_frames, gen) for _ in range(batch_size)] if family.multimodal else []
+    grid = {} if frame_grid is None else {"frame_grid": frame_grid}
+    media = [family.random_media(cfg, num_frames, gen, **grid) for _ in range(batch_size)] if family.multimodal else []
     block = media[0].ids if media else []
     head = 1 + len(block) + prompt_len
     length = head + answer_len
