@@ -453,7 +453,8 @@ class VisionSpec:
         elif len(frame_seconds) != num_frames:
             raise ValueError(f"`frame_seconds` has {len(frame_seconds)} times for {num_frames} frames")
         assert self.video_token_id is not None
-        ids = (self.video_token_id, self.vision_start_token_id or -1, self.vision_end_token_id or -1)
+        start, end = self.vision_start_token_id, self.vision_end_token_id
+        ids = (self.video_token_id, -1 if start is None else start, -1 if end is None else end)
         t, h, w = (int(v) for v in grid[0])
         expansion = FAMILIES[self.family].video_expansion(
             ids, t, h * w // self.merge_size**2, self.temporal_patch_size, frame_seconds
