@@ -146,6 +146,15 @@ def test_deepstack_features_follow_the_kept_positions(model):
     assert [f.shape[0] for f in seen["deepstack_visual_embeds"]] == [int((visual & active).sum())] * depth
 
 
+def test_text_only_rows_elide_exactly(model):
+    """A batch without media: no DeepStack inputs, 1-D positions made 3-row by the engine, as the decoder would."""
+    batch = random_batch(tiny.tiny_llama(), batch_size=2, ragged=True)
+    batch[MM_TOKEN_TYPE_IDS] = torch.zeros_like(batch[INPUT_IDS])
+    keep = partial_mask(batch, equal_rows=False)
+    with torch.no_grad():
+        assert max_abs_diff(forward_active(model, batch, keep).token_loss, token_losses_4d(model, batch, keep)) < TOL
+
+
 def test_a_family_that_leaves_deepstack_at_full_length_is_refused(model, monkeypatch):
     """Without the family's ``shorten_decoder_inputs`` the engine refuses ``visual_pos_masks`` by name (a naive
     registry entry met HF's ``IndexError: The shape of the mask [2, 34] ... does not match``)."""

@@ -68,9 +68,6 @@ from regate_lightning.keys import (
 PATCH_SIZE = 16
 """Patch side of the tiny test models (the checkpoints' own)."""
 
-DEFAULT_VIDEO_FPS = 24.0
-"""Frames per second ``Qwen3VLProcessor.replace_video_token`` assumes for a video whose metadata has none."""
-
 DEEPSTACK_EMBEDS = "deepstack_visual_embeds"
 """The decoder's keyword argument of DeepStack features: a list of ``[visual tokens, hidden]`` tensors."""
 VISUAL_POS_MASKS = "visual_pos_masks"
