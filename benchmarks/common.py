@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from regate_lightning.families import FAMILIES as REGISTRY
-from regate_lightning.families import GRID, LLAVA_NEXT_VIDEO, QWEN2_VL, QWEN3_VL, resolve
+from regate_lightning.families import GRID, LLAVA_NEXT_VIDEO, QWEN2_VL, QWEN3_5, QWEN3_VL, resolve
 
-FAMILIES = (QWEN2_VL, LLAVA_NEXT_VIDEO, QWEN3_VL)
+FAMILIES = (QWEN2_VL, LLAVA_NEXT_VIDEO, QWEN3_5, QWEN3_VL)
 """The families the benchmarks build (names of :data:`regate_lightning.families.FAMILIES`)."""
 
 
@@ -39,10 +39,8 @@ class ModelSpec:
     """Sizes of a random-initialised multimodal model.
 
     Attributes:
-        family: ``"qwen2_vl"`` (Qwen2-VL, M-RoPE, video through the Qwen2-VL vision tower),
-            ``"llava_next_video"`` (LLaMA decoder, CLIP tower, 2x2-pooled frames) or ``"qwen3_vl"`` (Qwen3-VL:
-            interleaved M-RoPE, DeepStack features from the tower into the first decoder layers, a timestamp
-            before every temporal patch).
+        family: ``"qwen2_vl"`` (Qwen2-VL, M-RoPE, video through the Qwen2-VL vision tower) or
+            ``"llava_next_video"`` (LLaMA decoder, CLIP tower, 2x2-pooled frames).
         vocab_size: vocabulary of the language model; the last four ids are the media placeholders.
         hidden_size: hidden size of the language model.
         num_layers: decoder layers.
@@ -53,11 +51,16 @@ class ModelSpec:
         vision_width: hidden size of the vision tower.
         vision_heads: attention heads of the vision tower.
         patch_size: patch side of the vision tower, in pixels.
-        image_size: frame side in pixels (``llava_next_video`` only; Qwen frames are set per batch).
+        image_size: frame side in pixels (``llava_next_video`` only; Qwen2-VL frames are set per batch).
+        head_dim: ``qwen3_5``: head dimension of the full-attention layers (0: ``hidden_size // num_heads``).
+        linear_key_heads: ``qwen3_5``: key heads of the gated delta-net layers (0: ``num_heads``).
+        linear_value_heads: ``qwen3_5``: value heads of the gated delta-net layers (0: ``num_heads``).
+        linear_head_dim: ``qwen3_5``: key and value head dimension of the gated delta-net layers (0: the
+            full-attention head dimension).
         deepstack: ``qwen3_vl``: the tower blocks whose features feed the first decoder layers (default: three
             blocks at a quarter, half and three quarters of the depth, as Qwen3-VL-2B's 5, 11, 17 of 24; the
             first ``depth`` blocks for a tower of fewer than 4).
-        tie_embeddings: share the input embeddings with the LM head (Qwen3-VL-2B does).
+        tie_embeddings: ``qwen3_vl``: share the input embeddings with the LM head (Qwen3-VL-2B does).
     """
 
     family: str = QWEN2_VL
@@ -72,6 +75,10 @@ class ModelSpec:
     vision_heads: int = 4
     patch_size: int = 8
     image_size: int = 64
+    head_dim: int = 0
+    linear_key_heads: int = 0
+    linear_value_heads: int = 0
+    linear_head_dim: int = 0
     deepstack: tuple[int, ...] | None = None
     tie_embeddings: bool = False
 
@@ -106,6 +113,12 @@ class ModelSpec:
             )
         if self.family == LLAVA_NEXT_VIDEO and self.image_size % (2 * self.patch_size):
             raise ValueError(f"image_size {self.image_size} must be a multiple of 2 * patch_size {self.patch_size}")
+        if self.family == QWEN3_5:
+            keys, values = self.linear_key_heads or self.num_heads, self.linear_value_heads or self.num_heads
+            if values % keys:
+                raise ValueError(f"linear_value_heads {values} is not a multiple of linear_key_heads {keys}")
+            if (self.head_dim or self.hidden_size // self.num_heads) % 8:
+                raise ValueError("qwen3_5 needs a head dimension that is a multiple of 8 (a quarter of it rotates)")
 
 
 QWEN2_VL_2B_LIKE = ModelSpec(
@@ -149,6 +162,8 @@ def model_config(spec: ModelSpec) -> Any:
     from regate_lightning.testing.tiny import clip_vision_config, llava_next_video_config, qwen_vl_kwargs, text_config
 
     spec.check()
+    if spec.family == QWEN3_5:
+        return qwen3_5_model_config(spec)
     text = text_config(
         spec.vocab_size,
         spec.hidden_size,
@@ -198,6 +213,92 @@ def model_config(spec: ModelSpec) -> Any:
         intermediate_size=4 * spec.vision_width,
     )
     return llava_next_video_config(vision_cfg, text)
+
+
+# Qwen3.5 (hybrid decoder: three gated delta-net layers to one full-attention layer) -----------------------
+
+QWEN3_5_08B_LIKE = ModelSpec(
+    family=QWEN3_5,
+    vocab_size=248320,
+    hidden_size=1024,
+    num_layers=24,
+    num_heads=8,
+    num_kv_heads=2,
+    intermediate_size=3584,
+    vision_depth=12,
+    vision_width=768,
+    vision_heads=12,
+    patch_size=16,
+    head_dim=256,
+    linear_key_heads=16,
+    linear_value_heads=16,
+    linear_head_dim=128,
+)
+"""Qwen3.5-0.8B's published sizes: text hidden 1024, 24 layers (18 gated delta-net, 6 full attention), 8 / 2
+heads of 256, gated delta-net 16 / 16 heads of 128, MLP 3584, vocabulary 248320, tied embeddings; vision tower
+12 blocks of width 768 (12 heads, MLP 3072), patch 16, merged into width 1024."""
+
+QWEN3_5_CPU_SPEC = ModelSpec(
+    family=QWEN3_5,
+    vocab_size=4096,
+    hidden_size=512,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=1792,
+    vision_depth=2,
+    vision_width=64,
+    vision_heads=4,
+    patch_size=8,
+    head_dim=128,
+    linear_key_heads=8,
+    linear_value_heads=8,
+    linear_head_dim=64,
+)
+"""The CPU benchmark's Qwen3.5-shaped model: Qwen3.5-0.8B's proportions at the CPU model's hidden 512 and 4
+layers (3 gated delta-net, 1 full attention; query and linear-attention widths twice the hidden size, MLP 3.5
+times), vocabulary 4096, the CPU model's 2-block, 64-wide tower."""
+
+
+def qwen3_5_model_config(spec: ModelSpec) -> Any:
+    """The ``Qwen3_5Config`` of a ``qwen3_5`` spec (the default ``layer_types``: every fourth layer full attention)."""
+    from transformers import Qwen3_5Config
+
+    from regate_lightning.families.qwen3_5 import qwen3_5_kwargs
+    from regate_lightning.testing.tiny import text_config
+
+    text = text_config(
+        spec.vocab_size,
+        spec.hidden_size,
+        spec.num_layers,
+        num_heads=spec.num_heads,
+        num_kv_heads=spec.num_kv_heads,
+        intermediate_size=spec.intermediate_size,
+        max_positions=32768,
+        tie_word_embeddings=True,
+    )
+    vision = {
+        "depth": spec.vision_depth,
+        "hidden_size": spec.vision_width,
+        "intermediate_size": 4 * spec.vision_width,
+        "num_heads": spec.vision_heads,
+        "out_hidden_size": spec.hidden_size,
+        "patch_size": spec.patch_size,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+        "num_position_embeddings": 2304,
+    }
+    head_dim = spec.head_dim or spec.hidden_size // spec.num_heads
+    kwargs = qwen3_5_kwargs(
+        text,
+        vision,
+        head_dim=head_dim,
+        linear_heads=(spec.linear_key_heads or spec.num_heads, spec.linear_value_heads or spec.num_heads),
+        linear_head_dim=spec.linear_head_dim or head_dim,
+        rope_theta=10_000_000.0,
+    )
+    return Qwen3_5Config(**kwargs, tie_word_embeddings=True)
 
 
 def build_model(
@@ -258,15 +359,15 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 @dataclass
 class Shape:
-    """A sequence shape: per row ``[bos] [visual] [prompt] [answer]`` (Qwen adds two vision markers, Qwen3-VL a
-    timestamp and two markers per temporal patch).
+    """A sequence shape: per row ``[bos] [visual] [prompt] [answer]`` (Qwen2-VL adds two vision markers).
 
     Attributes:
         batch_size: rows.
         visual_tokens: placeholder tokens of the video (rounded to whole frames by :func:`make_batch`).
         prompt_len: text tokens between the video and the answer.
         answer_len: supervised answer tokens (the last one is ``eos``).
-        overhead: other positions: ``bos`` and the media's markers and timestamps (:func:`media_overhead`).
+        overhead: other positions: ``bos`` and, for Qwen2-VL, the vision start/end markers; for Qwen3.5 also
+            each temporal patch's timestamp text and markers (:func:`media_overhead`).
     """
 
     batch_size: int
@@ -296,29 +397,46 @@ def _frame_unit(model: nn.Module) -> tuple[int, int]:
     return unit, tokens
 
 
-def _layout_overhead(model: nn.Module, steps: int) -> int:
-    """Positions of a random video of ``steps`` time steps that are not its placeholders."""
+def media_overhead(
+    model: nn.Module, visual_tokens: int | None = None, frame_grid: tuple[int, int] | None = None
+) -> int:
+    """Non-media, non-text positions around the video: bos, plus Qwen2-VL's vision start/end markers.
+
+    With ``visual_tokens``, also the text that a family writes per media step (Qwen3.5: each temporal patch's
+    timestamp and vision start / end, :func:`step_text`) for a video of that many placeholders, its frames
+    ``frame_grid`` patches (the family's random frames when None).
+    """
+    fixed = 1 + (2 if resolve(model).family.vision_markers else 0)
+    if visual_tokens is None:
+        return fixed
+    per_step, text = step_text(model, frame_grid)
+    return fixed + visual_tokens // per_step * text
+
+
+def step_text(model: nn.Module, frame_grid: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(placeholders, other positions) of one media step in the family's random video layout.
+
+    The other positions are those a family writes around each step besides the video's own markers: 0 for
+    Qwen2-VL and the LLaVA families, a timestamp and vision start / end per temporal patch for Qwen3.5.
+
+    Args:
+        model: a supported multimodal model.
+        frame_grid: ``(height, width)`` of a frame in patches for a family whose random media take it.
+    """
+    import inspect
+
+    from regate_lightning.testing.batches import media_layout
+
     parts = resolve(model)
     family, config = parts.family, parts.model.config
-    unit, _ = _frame_unit(model)
-    media = family.random_media(config, steps * unit, torch.Generator().manual_seed(0))
-    token = family.media_token_id(config, media.kind)
-    return sum(1 for i in media.ids if i != token)
-
-
-def media_overhead(model: nn.Module, steps: int = 1) -> int:
-    """Positions of a row that are neither placeholders nor prompt or answer text, for a video of ``steps`` time
-    steps: ``bos``, Qwen's vision start / end, and Qwen3-VL's timestamp and markers per temporal patch."""
-    one, two = _layout_overhead(model, 1), _layout_overhead(model, 2)
-    return 1 + one + (two - one) * (steps - 1)
-
-
-def tokens_per_step(model: nn.Module, frame_grid: tuple[int, int] | None = None) -> int:
-    """Placeholder tokens of one time step (a frame; a Qwen temporal patch of ``frame_grid`` patches)."""
-    if frame_grid is None:
-        return _frame_unit(model)[1]
-    merge = _merge(model)
-    return frame_grid[0] * frame_grid[1] // (merge * merge)
+    unit, tokens = _frame_unit(model)
+    if family.placeholders != GRID or "grid" not in inspect.signature(family.random_media).parameters:
+        return tokens, 0
+    token, _, _ = media_layout(model, unit)
+    kwargs = {} if frame_grid is None else {"grid": frame_grid}
+    media = family.random_media(config, unit, torch.Generator().manual_seed(0), **kwargs)
+    count = sum(1 for i in media.ids if i == token)
+    return count, len(media.ids) - count - (2 if family.vision_markers else 0)
 
 
 def visual_granularity(model: nn.Module, frame_grid: tuple[int, int] | None = None) -> int:
@@ -326,7 +444,9 @@ def visual_granularity(model: nn.Module, frame_grid: tuple[int, int] | None = No
     _, tokens = _frame_unit(model)
     if frame_grid is None:
         return tokens
-    return math.lcm(tokens, tokens_per_step(model, frame_grid))
+    merge = _merge(model)
+    per_unit = frame_grid[0] * frame_grid[1] // (merge * merge)
+    return math.lcm(tokens, per_unit)
 
 
 def _merge(model: nn.Module) -> int:
@@ -343,17 +463,15 @@ def shape_for_share(
 ) -> Shape:
     """A shape of about ``length`` tokens whose answer is ``answer_share`` of it; the video fills the rest.
 
-    The video is rounded to whole frames (with their timestamps and markers); the answer then takes whatever
-    makes the length exact.
+    The video is rounded to whole frames; the answer then takes whatever makes the length exact.
     """
+    overhead = media_overhead(model)
     step = visual_granularity(model, frame_grid)
-    steps_per_granule = step // tokens_per_step(model, frame_grid)
-    base = media_overhead(model, 0)
-    per_granule = step + (media_overhead(model, 1) - base) * steps_per_granule
     answer = max(2, round(answer_share * length))
-    granules = max(1, round((length - answer - prompt_len - base) / per_granule))
-    visual = granules * step
-    overhead = media_overhead(model, granules * steps_per_granule)
+    per_step, text = step_text(model, frame_grid)
+    positions = step + step // per_step * text  # of one granule of video, with the text written per media step
+    visual = max(step, round((length - answer - prompt_len - overhead) / positions) * step)
+    overhead = media_overhead(model, visual, frame_grid)
     answer = max(2, length - overhead - visual - prompt_len)
     return Shape(batch_size, visual, prompt_len, answer, overhead)
 
@@ -366,50 +484,71 @@ def fixed_shape(
     answer_len: int,
     frame_grid: tuple[int, int] | None = None,
 ) -> Shape:
-    """A shape with the given token counts and the model's own overhead positions (for frames of ``frame_grid``)."""
-    steps = max(1, visual_tokens // tokens_per_step(model, frame_grid))
-    return Shape(batch_size, visual_tokens, prompt_len, answer_len, media_overhead(model, steps))
+    """A shape with the given token counts and the model's own overhead positions (``frame_grid``: the frames'
+    size in patches, for a family that writes text per media step)."""
+    return Shape(batch_size, visual_tokens, prompt_len, answer_len, media_overhead(model, visual_tokens, frame_grid))
 
 
 def make_batch(model: nn.Module, shape: Shape, seed: int = 0, frame_grid: tuple[int, int] | None = None) -> dict:
     """A random batch of ``shape`` that ``model`` accepts (on CPU, float32 pixels).
 
     Args:
-        model: a model of one of :data:`FAMILIES`.
+        model: a Qwen2-VL or LLaVA-NeXT-Video model.
         shape: the sequence shape; ``visual_tokens`` must be a multiple of :func:`visual_granularity`.
         seed: batch seed; also offsets ``sample_idx`` so that different seeds are different samples.
-        frame_grid: Qwen only: ``(height, width)`` of a frame in patches (multiples of the merge size). The
-            default is the 8x8-patch frames of ``random_batch``; a realistic video (e.g. 24x32 patches = 336x448
-            pixels at patch 14) gives fewer, larger frames of the same token count.
+        frame_grid: grid families only: ``(height, width)`` of a frame in patches (multiples of the merge
+            size). The default is the 8x8-patch frames of ``random_batch``; a realistic video (e.g.
+            24x32 patches = 336x448 pixels at patch 14) gives fewer, larger frames of the same token count.
+            A family that writes text per media step (Qwen3.5) lays its random video out at that size.
 
     Returns:
         The model's keys plus ``labels`` and ``sample_idx``.
     """
     from regate_lightning.testing.batches import random_batch
 
-    parts = resolve(model)
-    if frame_grid is not None:
-        if parts.family.placeholders != GRID:
-            raise ValueError("`frame_grid` applies to grid families (qwen2_vl, qwen3_vl) only")
-        merge = _merge(model)
-        if frame_grid[0] % merge or frame_grid[1] % merge:
-            raise ValueError(f"frame_grid {frame_grid} must be multiples of the merge size {merge}")
-    unit, _ = _frame_unit(model)
+    unit, per_unit = _frame_unit(model)
     granularity = visual_granularity(model, frame_grid)
     if shape.visual_tokens <= 0 or shape.visual_tokens % granularity:
         raise ValueError(f"visual_tokens must be a positive multiple of {granularity}, got {shape.visual_tokens}")
-    steps = shape.visual_tokens // tokens_per_step(model, frame_grid)
-    if shape.overhead != media_overhead(model, steps):
-        raise ValueError(f"shape.overhead {shape.overhead} does not match the model's {media_overhead(model, steps)}")
-    return random_batch(
+    expected = media_overhead(model, shape.visual_tokens, frame_grid)
+    if shape.overhead != expected:
+        raise ValueError(f"shape.overhead {shape.overhead} does not match the model's {expected}")
+    if frame_grid is not None and step_text(model, frame_grid)[1]:
+        # Text per media step (Qwen3.5's timestamps): the placeholders are laid out by the frames' own grid.
+        per_step = step_text(model, frame_grid)[0]
+        return random_batch(
+            model,
+            batch_size=shape.batch_size,
+            prompt_len=shape.prompt_len,
+            answer_len=shape.answer_len,
+            num_frames=unit * shape.visual_tokens // per_step,
+            seed=seed,
+            frame_grid=frame_grid,
+        )
+    frames = unit * shape.visual_tokens // per_unit
+    batch = random_batch(
         model,
         batch_size=shape.batch_size,
         prompt_len=shape.prompt_len,
         answer_len=shape.answer_len,
-        num_frames=unit * steps,
+        num_frames=frames,
         seed=seed,
-        frame_grid=frame_grid,
     )
+    parts = resolve(model)
+    if frame_grid is not None:
+        if parts.family.placeholders != GRID:
+            raise ValueError("`frame_grid` applies to grid families (qwen2_vl) only")
+        merge = _merge(model)
+        height, width = frame_grid
+        if height % merge or width % merge:
+            raise ValueError(f"frame_grid {frame_grid} must be multiples of the merge size {merge}")
+        temporal = shape.visual_tokens * merge * merge // (height * width)
+        patches = temporal * height * width
+        gen = torch.Generator().manual_seed(seed + 7919)
+        dim = batch["pixel_values_videos"].shape[-1]
+        batch["pixel_values_videos"] = torch.randn(shape.batch_size * patches, dim, generator=gen)
+        batch["video_grid_thw"] = torch.tensor([[temporal, height, width]] * shape.batch_size, dtype=torch.long)
+    return batch
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:

@@ -25,14 +25,23 @@ Parts after the first run only if the time budget (``--budget-s``) allows. On a 
 a part is retried once at half the batch size. Results go to ``$OUT/gpu_throughput.json`` (``$OUT``
 defaults to ``./gpu_results``), rewritten after every part, and the tables are printed at the end.
 
-``--family qwen3_vl`` runs the same parts on a model of Qwen3-VL-2B-Instruct's published sizes (text: hidden
-2048, 28 layers, 16/8 heads, MLP 6144, vocabulary 151936, tied embeddings; vision tower: 24 blocks of width
-1024, patch 16, DeepStack from blocks 5, 11, 17), each row ``[bos] <video 1536 tokens: 16 frames of 384x512,
-each temporal patch after its timestamp> [prompt 64] [answer]``; its files carry ``-qwen3_vl``.
-
 ``--smoke`` runs the same code on the CPU with a tiny model (a few seconds), for the test suite;
 ``--cpu`` runs the same parts on the CPU at a small size (a Qwen2-VL with a 4-layer, 512-wide decoder
 and a 3-block, 256-wide tower; a quarter of the sequence; batch 1), the CPU stand-in of the GPU table.
+
+``--family qwen3_5`` measures a Qwen3.5-0.8B-shaped model instead (:data:`benchmarks.common.QWEN3_5_08B_LIKE`:
+the hybrid decoder, 18 gated delta-net and 6 full-attention layers; the published sizes of the text model and
+the vision tower), bf16, batch 2, rows ``[bos] <video 1536 tokens: 8 temporal patches of 384x512 pixels, each
+with its timestamp> [prompt 64] [answer 1024]``. Parts: ``a1024`` (p=0.5, v=0.5, p=0.5+v=0.5, one profiled
+step each) and ``a1024-frames`` (whole temporal patches elided). Results go to ``gpu_qwen3_5_throughput*.json``.
+Without the ``flash-linear-attention`` and ``causal-conv1d`` kernels, transformers runs its PyTorch fallback of
+the gated delta rule (the log says which ran).
+
+``--family qwen3_vl`` measures a model of Qwen3-VL-2B-Instruct's published sizes
+(:data:`benchmarks.common.QWEN3_VL_2B_LIKE`: text hidden 2048, 28 layers, 16/8 heads, MLP 6144, vocabulary 151936,
+tied embeddings; tower 24 blocks of width 1024, patch 16, DeepStack from blocks 5, 11, 17), bf16, batch 2, rows
+``[bos] <video 1536 tokens: 8 temporal patches of 384x512 pixels, each after its timestamp> [prompt 64]
+[answer 1024]``, with the same two parts. Results go to ``gpu_qwen3_vl_throughput*.json``.
 """
 
 from __future__ import annotations
@@ -55,8 +64,8 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` and `regate_
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
-    FAMILIES,
     QWEN2_VL_2B_LIKE,
+    QWEN3_5_08B_LIKE,
     QWEN3_VL_2B_LIKE,
     ModelSpec,
     build_model,
@@ -76,6 +85,7 @@ from benchmarks.throughput import (  # noqa: E402
     plot,
     set_step_skip,
 )
+from regate_lightning.families import QWEN2_VL, QWEN3_5, QWEN3_VL  # noqa: E402
 from regate_lightning.visual import as_visual_selection  # noqa: E402
 
 P, V, PV = Variant(regate=0.5), Variant(visual=0.5), Variant(regate=0.5, visual=0.5)
@@ -154,22 +164,25 @@ class Config:
 
     @property
     def tag(self) -> str:
-        """Suffix of the output files: empty for the default parts, ``-<names>`` for a selection; a family other
-        than Qwen2-VL's goes first (``-qwen3_vl``)."""
+        """Suffix of the output files: empty for the default parts, ``-<names>`` for a selection."""
         names = [p.name for p in self.parts]
-        family = "" if self.spec.family == QWEN2_VL_2B_LIKE.family else f"-{self.spec.family}"
-        return family + ("" if set(names) == {p.name for p in self.defaults().parts} else "-" + "-".join(names))
+        return "" if set(names) == {p.name for p in self.defaults().parts} else "-" + "-".join(names)
 
     @property
     def prefix(self) -> str:
-        """Prefix of the output files: ``cpu`` for the small CPU stand-in, ``gpu`` otherwise (the smoke run too)."""
-        return "cpu" if self.device == "cpu" and not _is_smoke(self.spec) else "gpu"
+        """Prefix of the output files: ``cpu`` for the small CPU stand-in, ``gpu`` otherwise (the smoke run too);
+        ``gpu_qwen3_5`` / ``gpu_qwen3_vl`` for the Qwen3.5- / Qwen3-VL-shaped runs (their smoke runs too)."""
+        if self.spec.family in (QWEN3_5, QWEN3_VL):
+            return f"gpu_{self.spec.family}"
+        return "cpu" if self.device == "cpu" and self.spec != SMOKE_SPEC else "gpu"
 
     def defaults(self) -> Config:
         """The configuration of the same kind (GPU, CPU stand-in or smoke) with its default parts."""
+        if self.spec.family in (QWEN3_5, QWEN3_VL):
+            return Config.shaped(self.spec.family, smoke=self.device == "cpu")
         if self.device != "cpu":
             return Config(spec=self.spec)
-        return Config.smoke() if _is_smoke(self.spec) else Config.cpu()
+        return Config.smoke() if self.spec == SMOKE_SPEC else Config.cpu()
 
     @staticmethod
     def smoke() -> Config:
@@ -205,15 +218,29 @@ class Config:
             parts=parts_for(256, 128, 3),
         )
 
+    @staticmethod
+    def qwen3_5(smoke: bool = False) -> Config:
+        """The Qwen3.5-0.8B-shaped step (see the module docstring); ``smoke``: the same parts on the CPU, tiny."""
+        return Config.shaped(QWEN3_5, smoke)
 
-def _is_smoke(spec: ModelSpec) -> bool:
-    """Whether ``spec`` is the smoke model (of any family)."""
-    return replace(spec, family=SMOKE_SPEC.family) == SMOKE_SPEC
+    @staticmethod
+    def shaped(family: str, smoke: bool = False) -> Config:
+        """The step of a model of a released checkpoint's sizes (:data:`SHAPED`; see the module docstring):
+        parts ``a1024`` and ``a1024-frames``, 5 pairs; ``smoke``: the same parts on the CPU, tiny."""
+        answer = 48 if smoke else 1024
+        parts = (
+            Part(f"a{answer}", answer, (P, V, PV), profile_repeats=1, optional=False),
+            Part(f"a{answer}-frames", answer, (Variant(visual=0.5), PV), "temporal_frames", profile_repeats=1),
+        )
+        if not smoke:
+            return Config(spec=SHAPED[family], repeats=5, warmup=1, frame_grid=(24, 32), parts=parts)
+        spec = replace(SMOKE_SPEC, family=family)
+        return replace(Config.smoke(), spec=spec, visual_tokens=32, frame_grid=(4, 8), parts=parts)
 
 
-GPU_SPECS = {"qwen2_vl": QWEN2_VL_2B_LIKE, "qwen3_vl": QWEN3_VL_2B_LIKE}
-"""The models of the GPU run by ``--family``: Qwen2-VL-2B-shaped (a half-depth tower), Qwen3-VL-2B's sizes. With
-``--smoke`` / ``--cpu`` the family's small stand-in (the same small sizes, the family's own layers)."""
+SHAPED = {QWEN3_5: QWEN3_5_08B_LIKE, QWEN3_VL: QWEN3_VL_2B_LIKE}
+"""The models of ``--family``: Qwen3.5-0.8B's and Qwen3-VL-2B-Instruct's published sizes."""
+
 
 CPU_VISUAL_SPEC = replace(CPU_SPEC, vision_depth=3, vision_width=256, vision_heads=4)
 """The CPU stand-in's model: ``CPU_SPEC``'s decoder (hidden 512, 4 layers, vocabulary 4096) with a tower of
@@ -294,6 +321,14 @@ def estimate_s(config: Config, part: Part, step_s: float) -> float:
     return steps * step_s
 
 
+def linear_attention_kernels() -> dict[str, bool]:
+    """Whether the packages of the fused gated delta-net kernels import (``fla``: flash-linear-attention, the
+    chunked delta rule; ``causal_conv1d``); without them transformers runs its PyTorch fallbacks."""
+    import importlib.util
+
+    return {name: importlib.util.find_spec(name) is not None for name in ("fla", "causal_conv1d")}
+
+
 def run(config: Config, out_dir: Path) -> dict[str, Any]:
     """Run every part that fits the budget; write the JSON after each; return the result."""
     started = time.perf_counter()
@@ -317,6 +352,8 @@ def run(config: Config, out_dir: Path) -> dict[str, Any]:
 
     try:
         result["environment"] = environment(device)
+        if config.spec.family == QWEN3_5:  # which gated delta-net kernels transformers finds (else its fallback)
+            result["environment"]["linear_attention_kernels"] = linear_attention_kernels()
         _log("environment: " + ", ".join(f"{k}={v}" for k, v in result["environment"].items()))
     except Exception as error:  # report and go on: the versions are nice to have, not needed
         result["errors"].append({"part": "environment", "error": repr(error)})
@@ -379,9 +416,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, same code path (seconds)")
     ap.add_argument(
         "--family",
-        default="qwen2_vl",
-        choices=[f for f in FAMILIES if f in GPU_SPECS],
-        help="qwen2_vl: the Qwen2-VL-2B-shaped model (default); qwen3_vl: Qwen3-VL-2B's published sizes",
+        default=QWEN2_VL,
+        choices=[QWEN2_VL, QWEN3_5, QWEN3_VL],
+        help="qwen2_vl (the Qwen2-VL-2B-shaped parts), qwen3_5 (the Qwen3.5-0.8B-shaped parts) or qwen3_vl (the "
+        "Qwen3-VL-2B-shaped parts)",
     )
     ap.add_argument("--cpu", action="store_true", help="the same parts on the CPU at a small size (minutes)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads with --smoke / --cpu (default 1)")
@@ -400,9 +438,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
     """The run's configuration: the GPU defaults, or a CPU stand-in (smoke, small), with overrides."""
     if args.smoke and args.cpu:
         raise SystemExit("--smoke and --cpu are two different CPU runs: give one")
-    config = Config.smoke() if args.smoke else Config.cpu() if args.cpu else Config(spec=GPU_SPECS[args.family])
-    if args.family != config.spec.family:
-        config = replace(config, spec=replace(config.spec, family=args.family))
+    config = Config.smoke() if args.smoke else Config.cpu() if args.cpu else Config(spec=QWEN2_VL_2B_LIKE)
+    if args.family in SHAPED:
+        if args.cpu:
+            raise SystemExit(f"--family {args.family} has no --cpu configuration: use --smoke, or throughput.py")
+        config = Config.shaped(args.family, smoke=args.smoke)
     spec_overrides = {k: getattr(args, k) for k in ("num_layers", "vision_depth") if getattr(args, k) is not None}
     overrides = {
         k: getattr(args, k) for k in ("batch_size", "repeats", "budget_s", "attn", "dtype") if getattr(args, k)

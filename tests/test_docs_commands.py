@@ -336,10 +336,20 @@ CHECKS: dict[str, Any] = {
         "tests/test_time_to_accuracy_smoke.py::test_time_to_accuracy_smoke"
     ),
     "python benchmarks/gpu_throughput.py --cpu --repeats 7 --out docs/results/throughput_cpu_visual": Args(GPU_SMOKE),
-    "python benchmarks/throughput.py --threads 1 --family qwen3_vl --answer-shares 0.25,0.5 --keep-ratios 0.5 "
-    "--visual-keeps 0.5 --both 0.5:0.5 --repeats 5 --out docs/results/throughput_cpu_qwen3_vl": Args(QWEN3_SMOKE),
-    "python benchmarks/gpu_throughput.py --family qwen3_vl --only a1024 --repeats 5": Args(QWEN3_SMOKE),
-    "GPU_PARTS=qwen3_vl:a1024 bash benchmarks/gpu.sh": Script(covered_by=QWEN3_SMOKE),
+    # Qwen3.5-shaped throughput (docs/results.md): the CPU row, and gpu.sh's part 1b.
+    "python benchmarks/throughput.py --family qwen3_5 --threads 1 --frame-grid 16,16 --answer-shares 0.25,0.5 "
+    "--keep-ratios 0.5 --visual-keeps 0.5 --both 0.5:0.5 --repeats 7 --out docs/results/throughput_cpu_qwen3_5": Args(
+        "tests/test_benchmarks_smoke.py::test_qwen3_5_benchmarks_smoke"
+    ),
+    "python benchmarks/gpu_throughput.py --family qwen3_5 --only a1024": Args(
+        "tests/test_benchmarks_smoke.py::test_qwen3_5_benchmarks_smoke"
+    ),
+    # Qwen3-VL-shaped throughput (docs/results.md): the CPU row, and gpu.sh's part 1c.
+    "python benchmarks/throughput.py --family qwen3_vl --threads 1 --frame-grid 16,16 --answer-shares 0.25,0.5 "
+    "--keep-ratios 0.5 --visual-keeps 0.5 --both 0.5:0.5 --repeats 7 --out docs/results/throughput_cpu_qwen3_vl": Args(
+        QWEN3_SMOKE
+    ),
+    "python benchmarks/gpu_throughput.py --family qwen3_vl --only a1024": Args(QWEN3_SMOKE),
     # Wheels for the next GPU lending (docs/scale.md): not downloaded here.
     "mkdir -p .whl": Run(),
     ".venv/bin/python -m pip wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8": Wheels(),

@@ -635,7 +635,8 @@ def test_benchmark_shapes_count_the_timestamps():
     model = build_model(
         ModelSpec(family="qwen3_vl", vocab_size=256, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64)
     )
-    assert media_overhead(model, 0) == 3 and media_overhead(model, 4) == 3 + 4 * 6  # bos, markers; per patch 6
+    # bos and the video's markers; per temporal patch of 16 tokens, its timestamp (4) and markers (2)
+    assert media_overhead(model) == 3 and media_overhead(model, 64) == 3 + 4 * 6
     shape = fixed_shape(model, batch_size=2, visual_tokens=32, prompt_len=4, answer_len=10, frame_grid=(4, 8))
     batch = make_batch(model, shape, frame_grid=(4, 8))  # 8 tokens per temporal patch: 4 patches
     assert batch["video_grid_thw"].tolist() == [[4, 4, 8], [4, 4, 8]]
@@ -655,15 +656,16 @@ def test_gpu_part_runs_at_smoke_size(tmp_path):
     from benchmarks.common import QWEN3_VL_2B_LIKE, model_config
     from benchmarks.gpu_throughput import config_from_args, parser, run
 
-    gpu = config_from_args(parser().parse_args(["--family", "qwen3_vl", "--only", "a1024", "--repeats", "5"]))
-    assert gpu.spec == QWEN3_VL_2B_LIKE and gpu.repeats == 5 and gpu.tag == "-qwen3_vl-a1024"
+    gpu = config_from_args(parser().parse_args(["--family", "qwen3_vl", "--only", "a1024"]))
+    assert gpu.spec == QWEN3_VL_2B_LIKE and gpu.repeats == 5 and gpu.frame_grid == (24, 32)
+    assert [p.name for p in gpu.parts] == ["a1024"] and gpu.prefix == "gpu_qwen3_vl" and gpu.tag == "-a1024"
     config = model_config(QWEN3_VL_2B_LIKE)
     assert config.vision_config.deepstack_visual_indexes == [5, 11, 17] and config.tie_word_embeddings
     assert config.text_config.rope_parameters["mrope_section"] == [24, 20, 20]
     smoke = config_from_args(parser().parse_args(["--smoke", "--family", "qwen3_vl", "--only", "a48"]))
     result = run(replace(smoke, repeats=1), tmp_path)
     assert result["errors"] == [] and result["model"]["family"] == "qwen3_vl"
-    assert (tmp_path / "gpu_throughput-qwen3_vl-a48.json").exists()
+    assert (tmp_path / "gpu_qwen3_vl_throughput-a48.json").exists()
     [shape] = result["shapes"]
     assert [r["variant_short"] for r in shape["regate"]] == ["p=0.5", "v=0.5", "p=0.5+v=0.5"]
     assert all(0 < r["ideal_ratio"] < 1 for r in shape["regate"])

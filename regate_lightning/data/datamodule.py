@@ -59,6 +59,11 @@ class DataFile:
 
     In a recipe: ``{path: mvbench/json/action_sequence.json, media_root: mvbench/video/star/Charades_v1_480}``.
 
+    A ``DataFile`` is path-like (``os.fspath`` gives its ``path``). That also tells the recipe parser
+    (jsonargparse) that ``train_file`` and ``val_file`` name files: a string there stays the file's path,
+    where the parser would otherwise read a JSON or YAML file it names as the value itself (a task file of N
+    questions became N copies of its path).
+
     Attributes:
         path: the annotation file.
         media_root: folder of its relative media paths; default the data module's ``media_root``, else the
@@ -71,6 +76,10 @@ class DataFile:
     media_root: str | None = None
     task: str | None = None
 
+    def __fspath__(self) -> str:
+        """The annotation file's path."""
+        return self.path
+
 
 @dataclass(frozen=True)
 class SkipReport:
@@ -79,14 +88,21 @@ class SkipReport:
     Attributes:
         period: skips since the stage's previous report (one training epoch, one validation run).
         total: every record skipped so far, each once (those dropped while reading the file included).
+        truncated: records cut to ``max_length`` so far (``overlong="truncate"``, training only), each once.
     """
 
     period: dict[str, int]
     total: dict[str, int]
+    truncated: int = 0
 
 
-def _as_file(value: str | DataFile | dict[str, Any], default_root: str | None) -> DataFile:
-    file = DataFile(**value) if isinstance(value, dict) else value if isinstance(value, DataFile) else DataFile(value)
+def _as_file(value: str | os.PathLike[str] | DataFile | dict[str, Any], default_root: str | None) -> DataFile:
+    if isinstance(value, dict):
+        file = DataFile(**value)
+    elif isinstance(value, DataFile):
+        file = value
+    else:
+        file = DataFile(os.fspath(value) if isinstance(value, os.PathLike) else value)
     if not isinstance(file.path, str) or not file.path:
         raise ValueError(f"a data file needs a `path`, got {value!r}")
     return file if file.media_root is not None else dataclasses.replace(file, media_root=default_root)
@@ -108,7 +124,8 @@ class ConversationDataModule(pl.LightningDataModule):
         train_file: conversations (JSON list or JSONL; LLaVA or HF ``messages`` format): a path or a
             :class:`DataFile` (path and media folder).
         val_file: multiple-choice questions for validation (see ``read_choice_records``): a path, a
-            :class:`DataFile`, a list of them (e.g. MVBench's 20 task files), or None.
+            :class:`DataFile`, a list of them (e.g. MVBench's 20 task files), or None. One path is one file,
+            also on the command line and in YAML (the parser does not read the file it names).
         media_root: folder of relative media paths of files without their own; default each file's folder.
         tokenizer: the tokenizer (and chat template) to use instead of the student checkpoint's: HF id,
             local folder, or dotted path of a factory (``regate_lightning.testing.byte_tokenizer`` for the
@@ -344,7 +361,7 @@ class ConversationDataModule(pl.LightningDataModule):
         counter = self.counter if stage == TRAIN else self.val_counter
         period = counter.since(self._marks[stage])
         self._marks[stage] = counter.snapshot()
-        report = SkipReport(period=period, total=counter.records())
+        report = SkipReport(period=period, total=counter.records(), truncated=counter.truncated())
         dataset = self.train_set if stage == TRAIN else self.val_set
         what = "training samples" if stage == TRAIN else "validation questions"
         when = f"epoch {epoch}" if epoch is not None else ("this epoch" if stage == TRAIN else "this validation run")
@@ -366,6 +383,16 @@ class ConversationDataModule(pl.LightningDataModule):
                 "the records"
             )
         return report
+
+    def sample_keys(self) -> list[int]:
+        """The ``sample_idx`` of every training record now in the data (after ``setup``), in file order.
+
+        A reference cache written by ``fit`` or ``score`` keeps only these: entries of records that were
+        removed, or edited to another identity, are dropped (:func:`~regate_lightning.cache.save_cache`).
+        """
+        if self.train_set is None:
+            raise RuntimeError("the training records are known after `setup`")
+        return list(self.train_set.keys)
 
     def sample_name(self, key: int) -> str:
         """The record identity behind a training ``sample_idx`` (e.g. ``"id train-00089"``)."""

@@ -20,6 +20,9 @@ family (module)        classes                                         placehold
 ``qwen3_vl``           ``Qwen3VLForConditionalGeneration``,            image: as qwen2_vl; video: per temporal
                        ``Qwen3VLMoeForConditionalGeneration``          patch ``<t seconds>`` + start, ``h * w /
                                                                        merge ** 2`` pads, end; all in start/end
+``qwen3_5``            ``Qwen3_5ForConditionalGeneration``,            as qwen2_vl; a video: per temporal
+                       ``Qwen3_5MoeForConditionalGeneration``          patch its timestamp, then its tokens
+                                                                       in vision start ... end
 =====================  ==============================================  ======================================
 
 ``docs/models.md`` has the support table (what is exact, what is tested) and "Adding a family".
@@ -53,7 +56,7 @@ from regate_lightning.families.base import (
     unwrap,
 )
 
-FAMILY_MODULES = ("llava", "llava_next_video", "video_llava", "qwen2_vl", "qwen3_vl")
+FAMILY_MODULES = ("llava", "llava_next_video", "video_llava", "qwen2_vl", "qwen3_vl", "qwen3_5")
 """The modules of this package that declare a family (each as ``FAMILY``), in the order they are listed."""
 
 # Family names (the values of ``Family.name``), for the code that names a family.
@@ -62,6 +65,7 @@ LLAVA_NEXT_VIDEO = "llava_next_video"
 VIDEO_LLAVA = "video_llava"
 QWEN2_VL = "qwen2_vl"
 QWEN3_VL = "qwen3_vl"
+QWEN3_5 = "qwen3_5"
 CAUSAL_LM = "causal_lm"
 
 
@@ -194,6 +198,24 @@ def unused_vision_modules(parts: ModelParts) -> list[nn.Module]:
     return parts.family.unused_vision_modules(parts)
 
 
+def media_only_parameters(parts: ModelParts) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """The named parameters that only batches holding media of one kind use, by kind (:attr:`Family.media_only`).
+
+    Returns:
+        ``{kind: [(name, parameter), ...]}`` with the parameters' names in ``parts.model``; kinds without
+        such parameters are absent.
+    """
+    names = {id(p): n for n, p in parts.model.named_parameters()}
+    out: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    for kind, path in parts.family.media_only:
+        head, _, last = path.rpartition(".")
+        owner = find_module(parts.inner, head) if head else parts.inner
+        found = getattr(owner, last, None) if owner is not None else None
+        params = [found] if isinstance(found, nn.Parameter) else list(found.parameters()) if found is not None else []
+        out.setdefault(kind, []).extend((names.get(id(p), path), p) for p in params)
+    return {kind: params for kind, params in out.items() if params}
+
+
 __all__ = [
     "CAUSAL_LM",
     "CLS_TOWERS",
@@ -209,6 +231,7 @@ __all__ = [
     "PATCHES",
     "POOLED",
     "QWEN2_VL",
+    "QWEN3_5",
     "QWEN3_VL",
     "TEXT_ONLY",
     "TILES",
@@ -222,6 +245,7 @@ __all__ = [
     "family_of",
     "family_of_class",
     "find_module",
+    "media_only_parameters",
     "parameter_parts",
     "patch_grid",
     "resolve",

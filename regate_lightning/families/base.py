@@ -253,6 +253,8 @@ class Family:
         grid_keys: batch keys of the image and video grids (``(t, h, w)`` per media), for :data:`GRID`.
         image_refusal: why images are refused on the built-in path (a model without processor configs)
             where the HF class takes them, else ``""``.
+        video_refusal: why the data pipeline refuses videos (built-in path and checkpoint processor alike)
+            where the HF class takes them but their placeholder text is not written yet, else ``""``.
         anyres_images: whether images are tiled by ``image_grid_pinpoints`` (LLaVA-NeXT "anyres"); only
             through the checkpoint's own image processor.
         image_sizes_key: batch key of the anyres images' original sizes, None without anyres images.
@@ -270,6 +272,9 @@ class Family:
             tower mixes steps (the engine then encodes every step).
         frames_alone: whether the model encodes every frame of a ``[N, T, 3, H, W]`` video tensor on its
             own, so clips of different lengths can be passed as one ``[1, sum(T), 3, H, W]`` tensor.
+        media_only: ``(kind, path)`` pairs: a module or parameter (path on the inner model) that only batches
+            holding media of ``kind`` use (Video-LLaVA's ``image_tower``, LLaVA-NeXT-Video's ``image_newline``),
+            so that it gets no gradient in a batch without that kind (``families.media_only_parameters``).
         recurrent: whether the decoder has recurrent (linear-attention / state-space) layers, whose state
             runs over the sequence in order: elided positions never enter it, and a 4-D attention mask
             cannot stand in for elision there.
@@ -288,6 +293,7 @@ class Family:
     video_key: str | None = None
     grid_keys: tuple[str, str] | None = None
     image_refusal: str = ""
+    video_refusal: str = ""
     anyres_images: bool = False
     image_sizes_key: str | None = None
     video_processor: str = ""
@@ -298,6 +304,7 @@ class Family:
     unused_tower_heads: bool = False
     encoders: tuple[tuple[str, str, str], ...] = ()
     frames_alone: bool = False
+    media_only: tuple[tuple[str, str], ...] = ()
     recurrent: bool = False
     tiny: Mapping[str, Callable[..., Any]] = field(default_factory=dict, compare=False, repr=False)
 
@@ -495,7 +502,7 @@ class Family:
     # Random batches (tests, the debug recipes, benchmarks).
 
     def random_media(
-        self, config: Any, num_frames: int, generator: torch.Generator, frame_grid: tuple[int, int] | None = None
+        self, config: Any, num_frames: int, generator: torch.Generator, grid: tuple[int, int] | None = None
     ) -> RandomMedia:
         """One sample's media in the family's layout: a video of ``num_frames`` frames, or an image.
 
@@ -503,11 +510,11 @@ class Family:
             config: the model's config.
             num_frames: frames of the video (video families).
             generator: the random generator of the pixels.
-            frame_grid: grid families: ``(height, width)`` of a frame in patches (default: the family's own
-                small frame); families without grids refuse it.
+            grid: grid families: ``(height, width)`` of a frame in patches (default: the family's own small
+                frame); families without grids do not take it.
 
         Raises:
-            ValueError: the family takes no media, or cannot take ``num_frames`` or ``frame_grid``.
+            ValueError: the family takes no media, or cannot take ``num_frames`` or ``grid``.
         """
         raise ValueError(f"no random media layout for family {self.name!r}")
 

@@ -217,14 +217,14 @@ class Qwen3VLFamily(QwenVLFamily):
     # Random batches.
 
     def random_media(
-        self, config: Any, num_frames: int, generator: torch.Generator, frame_grid: tuple[int, int] | None = None
+        self, config: Any, num_frames: int, generator: torch.Generator, grid: tuple[int, int] | None = None
     ) -> RandomMedia:
         """A video of ``num_frames`` frames in the layout of :meth:`video_expansion` (frames at 2 fps).
 
         Each timestamp is :data:`RANDOM_TIMESTAMP_TOKENS` text ids (random batches have no tokenizer); the
         video is wrapped in vision start / end, as the checkpoints' chat template writes it.
         """
-        grid, pixels = self.random_video(config, num_frames, generator, frame_grid)
+        grid, pixels = self.random_video(config, num_frames, generator, grid)
         merge = self.merge_size(config)
         token = int(config.video_token_id)
         start, end = self.marker_token_ids(config)

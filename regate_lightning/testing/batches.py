@@ -78,7 +78,8 @@ def random_batch(
         num_frames: frames per video for video families.
         seed: generator seed; the same seed gives the same batch.
         ragged: if True, row ``i`` has ``i * 3`` fewer answer tokens, right-padded.
-        frame_grid: grid families: ``(height, width)`` of a frame in patches (default: the family's small frame).
+        frame_grid: ``(height, width)`` of a frame in patches, for a family whose random media take a ``grid``
+            (the Qwen-VL families); the family's default frames when None.
 
     Returns:
         The model's keys plus ``labels`` and ``sample_idx``.
@@ -90,7 +91,7 @@ def random_batch(
     gen = torch.Generator().manual_seed(seed)
     low, high = 3, vocab - 8  # keep clear of pad/bos/eos and of the placeholder ids at the top
     family = parts.family
-    grid = {} if frame_grid is None else {"frame_grid": frame_grid}
+    grid = {} if frame_grid is None else {"grid": frame_grid}
     media = [family.random_media(cfg, num_frames, gen, **grid) for _ in range(batch_size)] if family.multimodal else []
     block = media[0].ids if media else []
     head = 1 + len(block) + prompt_len

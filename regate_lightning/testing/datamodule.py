@@ -12,7 +12,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from regate_lightning.keys import SAMPLE_IDX
+from regate_lightning.families import resolve
+from regate_lightning.keys import IMAGE, SAMPLE_IDX, VIDEO
 from regate_lightning.testing.batches import random_batch
 
 
@@ -84,6 +85,20 @@ class RandomDataModule(pl.LightningDataModule):
         shape = {"prompt_len": hp.prompt_len, "answer_len": hp.answer_len, "num_frames": hp.num_frames}
         self.train_set = _RandomSamples(model, hp.num_samples, hp.seed, **shape)
         self.val_set = _RandomSamples(model, max(2, hp.num_samples // 4), hp.seed + 1, **shape)
+
+    @property
+    def media_kinds(self) -> tuple[str, ...] | None:
+        """What every training batch holds: one video per sample for a family that takes videos, else one image
+        (:func:`~regate_lightning.testing.media_layout`); None before ``setup`` and for a text-only student.
+
+        :class:`~regate_lightning.MLLMModule` freezes the parameters only the other kind would use.
+        """
+        if self.trainer is None or self.trainer.lightning_module is None:
+            return None
+        family = resolve(self.trainer.lightning_module.model).family
+        if not family.multimodal:
+            return None
+        return (VIDEO,) if family.video_key is not None else (IMAGE,)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches."""
