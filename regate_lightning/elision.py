@@ -211,7 +211,9 @@ class _GatherHook:
                 positions = positions.expand(rows, batch, length)
         kwargs["inputs_embeds"] = gather_positions(embeds, self.index, seq_dim=1)
         kwargs["position_ids"] = gather_positions(positions, self.index, seq_dim=-1)
-        kwargs[ATTENTION_MASK] = self.valid.long()
+        kwargs[ATTENTION_MASK] = self.parts.family.decoder_mask(
+            kwargs.get(ATTENTION_MASK), self.index, self.valid, length
+        )
         if kwargs.get("cache_position") is not None:
             kwargs["cache_position"] = torch.arange(self.index.shape[1], device=embeds.device)
         full = _full_length_tensors(kwargs, batch, length)
@@ -295,10 +297,10 @@ def plan_step_skips(parts: ModelParts, batch: Mapping[str, Any], active: torch.T
         if not media:
             continue
         flags = active[family.placeholder_mask(config, batch[INPUT_IDS], kind)]
-        sizes = [m.steps * m.tokens_per_step for m in media]
+        sizes = [m.num_placeholders for m in media]
         if flags.numel() != sum(sizes):
             return []  # the model itself will refuse the batch, naming the counts
-        keep = [f.view(m.steps, m.tokens_per_step).any(1) for f, m in zip(flags.split(sizes), media, strict=True)]
+        keep = [m.steps_with_a_token(f) for f, m in zip(flags.split(sizes), media, strict=True)]
         steps = torch.cat(keep)
         if bool(steps.all()):
             continue
@@ -342,7 +344,9 @@ class _SkipHooks:
             )
         pixels = pixels[skip.rows.to(pixels.device)]
         args, kwargs = ((pixels, *args[1:]), dict(kwargs)) if args else (args, {**kwargs, "pixel_values": pixels})
-        kwargs.update({k: v.to(pixels.device) for k, v in skip.tower_kwargs.items()})
+        kwargs.update(
+            {k: v.to(pixels.device) if isinstance(v, torch.Tensor) else v for k, v in skip.tower_kwargs.items()}
+        )
         self.pending = skip
         return args, kwargs
 

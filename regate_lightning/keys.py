@@ -38,6 +38,19 @@ VIDEO_GRID_THW = "video_grid_thw"
 IMAGE_SIZES = "image_sizes"
 """int64 [N, 2]; the original (H, W) of each LLaVA-NeXT anyres image (its tiles depend on it)."""
 SECOND_PER_GRID_TS = "second_per_grid_ts"
+PIXEL_ATTENTION_MASK = "pixel_attention_mask"
+"""SmolVLM: int64 [N, 1, H, W]; 1 on the real pixels of each image tile or video frame, 0 on padding."""
+FRAME_INDEX = "frame_index"
+"""SmolVLM: int64 [N]; per tile or frame of ``pixel_values``, its frame number in its video (0 = a video's first
+frame), -1 for an image's tile. SmolVLM's model takes images and video frames alike, behind one placeholder
+token; this package's data records which are frames of which video (the model ignores the key)."""
+IMAGE_MERGE_SIZES = "image_merge_sizes"
+VIDEO_MERGE_SIZES = "video_merge_sizes"
+VIDEO_COMPRESSION_MASK = "video_compression_mask"
+"""VideoLLaMA3: bool [sum of video tokens before compression]; the video tokens its processor keeps (the model
+drops the others' features before placing them; they have no placeholder)."""
+TOKEN_TYPE_IDS = "token_type_ids"
+"""Gemma 3: int64 [B, L]; 1 at image placeholders (its image tokens attend to each other both ways), else 0."""
 
 # Multiple-choice evaluation batches (one row per option; int64 [B]).
 QUESTION_IDX = "question_idx"

@@ -198,7 +198,7 @@ def _per_item(media: tuple[MediaRegions, ...], positions: Tensor) -> tuple[Media
 
 def placeholder_positions(family: Family, config: Any, batch: Mapping[str, Any], kind: str) -> Tensor:
     """The attended placeholder positions of ``kind`` (bool ``[B, L]``; all False if the family takes none)."""
-    positions = family.placeholder_mask(config, batch[INPUT_IDS], kind)
+    positions = family.media_positions(config, batch, kind)
     attention = batch.get(ATTENTION_MASK)
     return positions if attention is None else positions & attention.bool()
 
@@ -233,6 +233,11 @@ def temporal_change(media: MediaRegions) -> Tensor:
         >>> (temporal_change(MediaRegions("video", x)) * x.std()).round().tolist()  # in pixel units
         [inf, inf, 0.0, 2.0]
     """
+    return media.flat(temporal_change_grid(media))
+
+
+def temporal_change_grid(media: MediaRegions) -> Tensor:
+    """:func:`temporal_change` of every token of the media's grid, present or not (float32 ``[T, N + lead]``)."""
     x = media.regions.float()
     scale = x.std().clamp(min=SCALE_EPS) if x.numel() > 1 else x.new_tensor(1.0)
     change = torch.full(x.shape[:2], float("inf"), dtype=torch.float32, device=x.device)
@@ -240,7 +245,7 @@ def temporal_change(media: MediaRegions) -> Tensor:
         change[1:] = (x[1:] - x[:-1]).abs().mean(dim=2) / scale
     if media.lead:
         change = torch.cat([change.mean(dim=1, keepdim=True), change], dim=1)
-    return change.flatten()
+    return change
 
 
 def even_spread_ranks(steps: int) -> Tensor:
@@ -352,11 +357,10 @@ class TemporalSelection(ScoredSelection):
 
     def score(self, media: MediaRegions) -> Tensor:
         """See :func:`temporal_change`; with ``whole_frames`` the step's mean for each of its tokens."""
-        change = temporal_change(media)
         if not self.whole_frames:
-            return change
-        per_step = change.view(media.steps, media.tokens_per_step)
-        return per_step.mean(dim=1, keepdim=True).expand_as(per_step).flatten()
+            return temporal_change(media)
+        per_step = temporal_change_grid(media)
+        return media.flat(per_step.mean(dim=1, keepdim=True).expand_as(per_step))
 
 
 class UniformSelection(ScoredSelection):
@@ -372,7 +376,7 @@ class UniformSelection(ScoredSelection):
     def score(self, media: MediaRegions) -> Tensor:
         """Minus the frame's rank in the even-spread order, for every token of the frame."""
         ranks = even_spread_ranks(media.steps).to(media.regions.device)
-        return (-ranks.float()).repeat_interleave(media.tokens_per_step)
+        return media.flat((-ranks.float())[:, None].expand(media.steps, media.tokens_per_step))
 
 
 class RandomSelection(VisualSelection):

@@ -48,7 +48,6 @@ from regate_lightning.keys import (
     IGNORE_INDEX,
     INPUT_IDS,
     LABELS,
-    MM_TOKEN_TYPE_IDS,
     SAMPLE_IDX,
 )
 
@@ -198,7 +197,7 @@ class Collator:
             types[row, :n] = s.token_types
         batch = {INPUT_IDS: input_ids, ATTENTION_MASK: attention, LABELS: labels}
         if any(s.emit_token_types for s in samples):
-            batch[MM_TOKEN_TYPE_IDS] = types
+            batch[next(s.token_types_key for s in samples if s.emit_token_types)] = types
         frame_keys = tuple(k for s in samples for k in s.frame_keys)
         for key in dict.fromkeys(k for s in samples for k in s.media):
             batch[key] = join_media(key, [s.media[key] for s in samples if key in s.media], frame_keys)

@@ -46,9 +46,12 @@ from regate_lightning.data.processors import CheckpointProcessor, Pixels, checkp
 from regate_lightning.data.video import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, normalize
 from regate_lightning.families import (
     FAMILIES,
+    FIXED,
     GRID,
+    MERGED,
     NO_CLS_TOWERS,
     PATCHES,
+    TILES,
     Family,
     config_of,
     family_of,
@@ -56,12 +59,17 @@ from regate_lightning.families import (
     tower_has_cls,
 )
 from regate_lightning.keys import (
+    FRAME_INDEX,
     IMAGE_GRID_THW,
+    IMAGE_MERGE_SIZES,
     IMAGE_SIZES,
+    PIXEL_ATTENTION_MASK,
     PIXEL_VALUES,
     PIXEL_VALUES_VIDEOS,
     SECOND_PER_GRID_TS,
+    VIDEO_COMPRESSION_MASK,
     VIDEO_GRID_THW,
+    VIDEO_MERGE_SIZES,
 )
 
 DEFAULT_VIDEO_FPS = 24.0
@@ -164,6 +172,12 @@ class VisionSpec:
         tower_size: LLaVA families: the vision tower's ``image_size``.
         image_grid_pinpoints: LLaVA-NeXT: the model config's anyres resolutions.
         processor: the checkpoint's processor, or None on the built-in path.
+        tile_tokens: SmolVLM: placeholder tokens per tile or video frame.
+        image_merge: VideoLLaMA3: the merge size of images (built-in path; the checkpoint's processor says its own).
+        compression: VideoLLaMA3: whether videos are compressed on the built-in path (the video processor's default).
+        template_tokens: ``(kind, token)`` pairs: the token a checkpoint's chat template writes for a media of
+            ``kind`` where it is not the placeholder itself (SmolVLM2 writes ``<video>`` for a video), which the
+            media's expansion replaces.
     """
 
     family: str
@@ -187,6 +201,10 @@ class VisionSpec:
     tower_size: int = 0
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
     processor: CheckpointProcessor | None = None
+    tile_tokens: int = 0
+    template_tokens: tuple[tuple[str, str], ...] = ()
+    image_merge: int = 1
+    compression: bool = False
 
     @classmethod
     def from_model(
@@ -234,6 +252,12 @@ class VisionSpec:
         vocab = int(config.get_text_config().vocab_size)
         if family.placeholders == GRID:
             return cls._grid(family, config, vocab, size, mean, std, checkpoint)
+        if family.placeholders == TILES:
+            return cls._tiles(family, config, vocab, size, mean, std, checkpoint)
+        if family.placeholders == MERGED:
+            return cls._merged(family, config, vocab, size, mean, std, checkpoint)
+        if family.placeholders == FIXED:
+            return cls._fixed(family, config, vocab, size, mean, std, checkpoint)
         vision = config.vision_config
         siglip = getattr(vision, "model_type", "") in NO_CLS_TOWERS
         side = int(vision.image_size)
@@ -321,6 +345,163 @@ class VisionSpec:
             processor=checkpoint,
         )
 
+    @classmethod
+    def _tiles(
+        cls,
+        family: Family,
+        config: Any,
+        vocab: int,
+        size: tuple[int, int] | None,
+        mean: tuple[float, float, float] | None,
+        std: tuple[float, float, float] | None,
+        checkpoint: CheckpointProcessor | None,
+    ) -> VisionSpec:
+        """SmolVLM: every tile and frame ``S x S`` (the tower's ``image_size``), ``tile_tokens`` placeholders each."""
+        from regate_lightning.families.smolvlm import VIDEO_TOKEN, tile_tokens
+
+        side = int(config.vision_config.image_size)
+        if size is not None and tuple(size) != (side, side):
+            raise ValueError(
+                f"`frame_size` {list(size)} cannot be used with {family.name}: its tiles and frames are {side} x "
+                f"{side}; set frame_size: [{side}, {side}] or leave it unset"
+            )
+        tokens = tile_tokens(config)
+        if checkpoint is not None:
+            _check_tile_processor(checkpoint, side)
+            mean, std = _checkpoint_mean_std(checkpoint)
+        else:
+            size = (side, side)
+        image_id = int(config.image_token_id)
+        return cls(
+            family=family.name,
+            size=tuple(size) if size is not None else None,  # type: ignore[arg-type]
+            mean=_triple(mean or SIGLIP_MEAN),
+            std=_triple(std or SIGLIP_STD),
+            vocab_size=vocab,
+            image_token_id=image_id,
+            video_token_id=image_id,  # every frame is an <image> to the model
+            patch_size=int(config.vision_config.patch_size),
+            image_key=family.image_key,
+            video_key=family.video_key,
+            tower_size=side,
+            processor=checkpoint,
+            tile_tokens=tokens,
+            template_tokens=(("video", VIDEO_TOKEN),),
+        )
+
+    @classmethod
+    def _merged(
+        cls,
+        family: Family,
+        config: Any,
+        vocab: int,
+        size: tuple[int, int] | None,
+        mean: tuple[float, float, float] | None,
+        std: tuple[float, float, float] | None,
+        checkpoint: CheckpointProcessor | None,
+    ) -> VisionSpec:
+        """VideoLLaMA3: patch grids per media; on the built-in path its processors' defaults (image merge 1, video
+        merge 2, compression on, mean / std 0.5), every image and frame ``4 * patch * 2`` pixels a side."""
+        from regate_lightning.families.video_llama_3 import IMAGE_MERGE, VIDEO_MERGE
+
+        patch = int(config.vision_config.patch_size)
+        factor = patch * VIDEO_MERGE
+        if size is not None and (size[0] % factor or size[1] % factor or min(size) < factor):
+            raise ValueError(
+                f"`frame_size` {list(size)} cannot be used with {family.name}: height and width must be positive "
+                f"multiples of patch_size * video merge size = {factor} (e.g. [{4 * factor}, {4 * factor}])"
+            )
+        video_merge, compression = VIDEO_MERGE, True
+        if checkpoint is not None:
+            for where, found in (("image", checkpoint.image_processor), ("video", checkpoint.video_settings)):
+                if found is not None and int(found.patch_size) != patch:
+                    raise ValueError(
+                        f"{checkpoint.source}: the {where} processor's patch_size {found.patch_size} differs from the "
+                        f"model's vision_config.patch_size {patch}; fix the checkpoint's processor config"
+                    )
+            mean, std = _checkpoint_mean_std(checkpoint)
+            if checkpoint.video_settings is not None:
+                video_merge = checkpoint.video_settings.merge_size
+                compression = checkpoint.video_settings.use_token_compression
+        elif size is None:
+            size = (4 * factor, 4 * factor)
+        return cls(
+            family=family.name,
+            size=(int(size[0]), int(size[1])) if size is not None else None,
+            mean=_triple(mean or SIGLIP_MEAN),
+            std=_triple(std or SIGLIP_STD),
+            vocab_size=vocab,
+            image_token_id=int(config.image_token_id),
+            video_token_id=int(config.video_token_id),
+            patch_size=patch,
+            merge_size=video_merge,
+            image_key=family.image_key,
+            video_key=family.video_key,
+            processor=checkpoint,
+            image_merge=IMAGE_MERGE,
+            compression=compression,
+        )
+
+    @classmethod
+    def _fixed(
+        cls,
+        family: Family,
+        config: Any,
+        vocab: int,
+        size: tuple[int, int] | None,
+        mean: tuple[float, float, float] | None,
+        std: tuple[float, float, float] | None,
+        checkpoint: CheckpointProcessor | None,
+    ) -> VisionSpec:
+        """Gemma 3: every image (and crop) ``S x S``, ``mm_tokens_per_image`` placeholders between its markers."""
+        from regate_lightning.families.gemma3 import BOI_TOKEN, image_tokens
+
+        side = int(config.vision_config.image_size)
+        if size is not None and tuple(size) != (side, side):
+            raise ValueError(
+                f"`frame_size` {list(size)} cannot be used with {family.name}: its vision tower takes {side} x {side} "
+                f"images only; set frame_size: [{side}, {side}] or leave it unset"
+            )
+        if checkpoint is not None:
+            found = _height_width(getattr(checkpoint.image_processor, "size", None) or {})
+            if found != (side, side):
+                raise ValueError(
+                    f"{checkpoint.source}: the image processor makes {found} images but the vision tower takes "
+                    f"{side} x {side}; fix size in its preprocessor_config.json"
+                )
+            mean, std = _checkpoint_mean_std(checkpoint)
+        else:
+            size = (side, side)
+        return cls(
+            family=family.name,
+            size=tuple(size) if size is not None else None,  # type: ignore[arg-type]
+            mean=_triple(mean or SIGLIP_MEAN),
+            std=_triple(std or SIGLIP_STD),
+            vocab_size=vocab,
+            image_token_id=int(config.image_token_id),
+            tokens_per_image=image_tokens(config),
+            patch_size=int(config.vision_config.patch_size),
+            image_key=family.image_key,
+            tower_size=side,
+            processor=checkpoint,
+            template_tokens=(("image", BOI_TOKEN),),
+        )
+
+    @property
+    def is_fixed(self) -> bool:
+        """Whether images are Gemma 3's: a fixed token count each, the processor's text around them."""
+        return FAMILIES[self.family].placeholders == FIXED
+
+    @property
+    def is_merged(self) -> bool:
+        """Whether media are VideoLLaMA3's patch grids with a merge size per media."""
+        return FAMILIES[self.family].placeholders == MERGED
+
+    @property
+    def is_tiles(self) -> bool:
+        """Whether media are SmolVLM's tiles and frames (one ``<image>`` run each, expansions with markers)."""
+        return FAMILIES[self.family].placeholders == TILES
+
     @property
     def is_qwen(self) -> bool:
         """Whether the family counts placeholders by grid (Qwen2-VL / Qwen2.5-VL: patches, grids, markers)."""
@@ -328,8 +509,13 @@ class VisionSpec:
 
     @property
     def token_types(self) -> bool:
-        """Whether the model needs ``mm_token_type_ids`` beside ``input_ids``."""
+        """Whether the model needs the token types (``mm_token_type_ids``, Gemma 3's ``token_type_ids``)."""
         return FAMILIES[self.family].token_types
+
+    @property
+    def token_types_key(self) -> str:
+        """The batch key of the token types."""
+        return FAMILIES[self.family].token_types_key
 
     @property
     def frame_keys(self) -> tuple[str, ...]:
@@ -385,6 +571,12 @@ class VisionSpec:
         reason = self.accepts("image")
         if reason:
             raise ValueError(reason)
+        if self.is_tiles:
+            return self._tile_image(image)
+        if self.is_merged:
+            return self._merged_media("image", image.unsqueeze(0), None, None, None)
+        if self.is_fixed:
+            return self._fixed_image(image)
         if self.processor is not None:
             return self._from_checkpoint("image", self.processor.image(image, resize=self.size is None))
         self._check_size(image)
@@ -402,6 +594,8 @@ class VisionSpec:
         self,
         frames: torch.Tensor,
         sampled_fps: float | None = None,
+        times: torch.Tensor | None = None,
+        duration: float | None = None,
         frame_seconds: Sequence[float] | None = None,
     ) -> ProcessedMedia:
         """Turn one decoded video into the model's tensors.
@@ -410,9 +604,14 @@ class VisionSpec:
             frames: uint8 ``[T, 3, H, W]``: already at :attr:`size` when it is set, else as decoded.
             sampled_fps: frames per second of ``frames`` (Qwen2.5-VL's temporal position spacing);
                 ``None`` gives HF's default of one second per temporal patch.
-            frame_seconds: each frame's time in its source video (frame index / source fps), for families
-                that write timestamps (Qwen3-VL); ``None`` gives transformers' default for a video without
-                metadata: frames ``0 .. T - 1`` at :data:`DEFAULT_VIDEO_FPS`.
+            times: float ``[T]``, each frame's time in seconds (SmolVLM's per-frame timestamps); None: frame
+                ``i`` at ``i / sampled_fps`` (``i`` seconds without a rate).
+            duration: the clip's length in seconds (SmolVLM's intro); None: ``T / sampled_fps``.
+            frame_seconds: each frame's index in its source video divided by the source's frame rate, as
+                transformers' ``VideoMetadata`` gives them to ``Qwen3VLProcessor`` (Qwen3-VL's timestamps; equal
+                to ``times`` for a clip of constant frame rate up to rounding, which the timestamps' one decimal
+                can show); ``None`` gives transformers' default for a video without metadata: frames
+                ``0 .. T - 1`` at :data:`DEFAULT_VIDEO_FPS`.
 
         Returns:
             The tensors, the token count and, for a family whose video is more than one run of placeholders,
@@ -421,6 +620,10 @@ class VisionSpec:
         reason = self.accepts("video")
         if reason:
             raise ValueError(reason)
+        if self.is_tiles:
+            return self._tile_video(frames, sampled_fps, times, duration)
+        if self.is_merged:
+            return self._merged_media("video", frames, sampled_fps, times, duration)
         if self.processor is not None:
             media = self._from_checkpoint("video", self.processor.video(frames, resize=self.size is None))
         else:
@@ -462,6 +665,123 @@ class VisionSpec:
             ids, t, h * w // self.merge_size**2, self.temporal_patch_size, frame_seconds
         )
         return media if expansion is None else replace(media, expansion=expansion)
+
+    def _tile_image(self, image: torch.Tensor) -> ProcessedMedia:
+        """SmolVLM: the checkpoint's image processor splits the image into tiles plus the global image (its text
+        names each tile's row and column); the built-in path makes it one global image of :attr:`size`."""
+        from regate_lightning.families.smolvlm import image_expansion
+
+        if self.processor is not None:
+            pixels = self.processor.image(image, resize=self.size is None)
+            rows, cols = pixels.rows_cols or (0, 0)
+            values, mask = pixels.values, pixels.mask
+        else:
+            self._check_size(image)
+            values = normalize(image, self.mean, self.std)[None, None]
+            rows, cols, mask = 0, 0, None
+        assert self.image_token_id is not None
+        expansion = image_expansion(rows, cols, self.tile_tokens, self.image_token_id)
+        return ProcessedMedia(
+            "image", self._tile_tensors(values, mask, video=False), self._tile_count(values), expansion
+        )
+
+    def _tile_video(
+        self, frames: torch.Tensor, sampled_fps: float | None, times: torch.Tensor | None, duration: float | None
+    ) -> ProcessedMedia:
+        """SmolVLM2: every frame one global image, after its timestamp (transformers' processor's text)."""
+        from regate_lightning.families.smolvlm import video_expansion
+
+        if self.processor is not None:
+            pixels = self.processor.video(frames, resize=self.size is None)
+            values, mask = pixels.values, pixels.mask
+        else:
+            self._check_size(frames)
+            values, mask = normalize(frames, self.mean, self.std).unsqueeze(1), None
+        count = frames.shape[0]
+        rate = sampled_fps or 1.0
+        stamps = [float(t) for t in times] if times is not None else [i / rate for i in range(count)]
+        assert self.image_token_id is not None
+        expansion = video_expansion(
+            stamps, duration if duration is not None else count / rate, self.tile_tokens, self.image_token_id
+        )
+        return ProcessedMedia(
+            "video", self._tile_tensors(values, mask, video=True), self._tile_count(values), expansion
+        )
+
+    def _merged_media(
+        self,
+        kind: str,
+        frames: torch.Tensor,
+        sampled_fps: float | None,
+        times: torch.Tensor | None,
+        duration: float | None,
+    ) -> ProcessedMedia:
+        """VideoLLaMA3: patches, grid and merge size (and a video's compression mask); a video's text names each
+        frame's time before its kept tokens (transformers' ``VideoLlama3Processor.replace_video_token``)."""
+        from regate_lightning.families.video_llama_3 import compression_mask, video_expansion
+
+        image = kind == "image"
+        if self.processor is not None:
+            pixels = (
+                self.processor.image(frames[0], resize=self.size is None)
+                if image
+                else self.processor.video(frames, resize=self.size is None)
+            )
+            values, grid = pixels.values, pixels.grid
+            merge = pixels.merge_sizes if pixels.merge_sizes is not None else torch.tensor([self.merge_size])
+            kept = pixels.compression
+        else:
+            self._check_size(frames)
+            merge = torch.tensor([self.image_merge if image else self.merge_size])
+            values, grid = qwen_patchify(normalize(frames, self.mean, self.std), self.patch_size, 1, int(merge))
+            grid = grid.unsqueeze(0)
+            kept = compression_mask(values, grid, merge) if not image and self.compression else None
+        assert grid is not None
+        tokens = int(grid.prod()) // int(merge) ** 2
+        if image:
+            keys = {PIXEL_VALUES: values, IMAGE_GRID_THW: grid, IMAGE_MERGE_SIZES: merge}
+            return ProcessedMedia("image", keys, tokens)
+        if kept is None:
+            kept = torch.ones(tokens, dtype=torch.bool)
+        count = frames.shape[0]
+        rate = sampled_fps or 1.0
+        stamps = [float(t) for t in times] if times is not None else [i / rate for i in range(count)]
+        per_frame = [int(n) for n in kept.view(int(grid[0, 0]), -1).sum(1)]
+        assert self.video_token_id is not None
+        keys = {
+            PIXEL_VALUES_VIDEOS: values,
+            VIDEO_GRID_THW: grid,
+            VIDEO_MERGE_SIZES: merge,
+            VIDEO_COMPRESSION_MASK: kept,
+        }
+        return ProcessedMedia("video", keys, int(kept.sum()), video_expansion(stamps, per_frame, self.video_token_id))
+
+    def _fixed_image(self, image: torch.Tensor) -> ProcessedMedia:
+        """Gemma 3: the image (and any pan-and-scan crops the checkpoint's processor makes), each
+        ``tokens_per_image`` placeholders in the processor's text (``Gemma3Processor.replace_image_token``)."""
+        from regate_lightning.families.gemma3 import image_expansion
+
+        if self.processor is not None:
+            values = self.processor.image(image, resize=self.size is None).values
+        else:
+            self._check_size(image)
+            values = normalize(image, self.mean, self.std).unsqueeze(0)
+        assert self.image_key is not None and self.image_token_id is not None
+        crops = int(values.shape[0]) - 1
+        expansion = image_expansion(crops, self.tokens_per_image, self.image_token_id)
+        return ProcessedMedia("image", {self.image_key: values}, (crops + 1) * self.tokens_per_image, expansion)
+
+    def _tile_count(self, values: torch.Tensor) -> int:
+        return int(values.shape[0]) * self.tile_tokens
+
+    @staticmethod
+    def _tile_tensors(values: torch.Tensor, mask: torch.Tensor | None, video: bool) -> dict[str, torch.Tensor]:
+        """``pixel_values`` ``[n, 1, 3, S, S]``, ``pixel_attention_mask`` ``[n, 1, S, S]`` and the frame index."""
+        count = int(values.shape[0])
+        if mask is None:
+            mask = torch.ones(count, 1, *values.shape[-2:], dtype=torch.int64)
+        index = torch.arange(count) if video else torch.full((count,), -1, dtype=torch.int64)
+        return {PIXEL_VALUES: values, PIXEL_ATTENTION_MASK: mask, FRAME_INDEX: index}
 
     def _from_checkpoint(self, kind: str, pixels: Pixels) -> ProcessedMedia:
         """The family's keys and placeholder count of media processed by the checkpoint's processor."""
@@ -542,6 +862,20 @@ def _checkpoint_mean_std(
 ) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     source = checkpoint.image_processor or checkpoint.video_settings
     return _triple(list(source.image_mean)), _triple(list(source.image_std))
+
+
+def _check_tile_processor(checkpoint: CheckpointProcessor, side: int) -> None:
+    """Refuse SmolVLM processor settings whose tiles are not the tower's ``side x side`` images."""
+    for where, found in (("image", checkpoint.image_processor), ("video", checkpoint.video_overrides or None)):
+        if found is None:
+            continue
+        max_size = found.get("max_image_size") if isinstance(found, dict) else getattr(found, "max_image_size", None)
+        edge = (max_size or {}).get("longest_edge")
+        if edge is not None and int(edge) != side:
+            raise ValueError(
+                f"{checkpoint.source}: the {where} processor's max_image_size {max_size} makes tiles of {edge} pixels, "
+                f"but the model's vision tower takes {side} x {side} (vision_config.image_size); they must be equal"
+            )
 
 
 def _check_grid_processor(checkpoint: CheckpointProcessor, patch: int, merge: int, temporal: int) -> None:

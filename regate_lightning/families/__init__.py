@@ -23,6 +23,12 @@ family (module)        classes                                         placehold
 ``qwen3_5``            ``Qwen3_5ForConditionalGeneration``,            as qwen2_vl; a video: per temporal
                        ``Qwen3_5MoeForConditionalGeneration``          patch its timestamp, then its tokens
                                                                        in vision start ... end
+``smolvlm``            ``SmolVLMForConditionalGeneration``             per tile or frame:
+                                                                       ``(S / P) ** 2 / scale ** 2``
+``video_llama_3``      ``VideoLlama3ForConditionalGeneration``         ``h * w / m ** 2`` per frame, ``m`` per
+                                                                       media; videos compressed
+``gemma3``             ``Gemma3ForConditionalGeneration``              ``mm_tokens_per_image`` per image or crop,
+                                                                       bidirectional within an image
 =====================  ==============================================  ======================================
 
 ``docs/models.md`` has the support table (what is exact, what is tested) and "Adding a family".
@@ -37,8 +43,10 @@ from torch import nn
 
 from regate_lightning.families.base import (
     CLS_TOWERS,
+    FIXED,
     GRID,
     MEDIA_KINDS,
+    MERGED,
     NO_CLS_TOWERS,
     NONE,
     PATCHES,
@@ -56,7 +64,17 @@ from regate_lightning.families.base import (
     unwrap,
 )
 
-FAMILY_MODULES = ("llava", "llava_next_video", "video_llava", "qwen2_vl", "qwen3_vl", "qwen3_5")
+FAMILY_MODULES = (
+    "llava",
+    "llava_next_video",
+    "video_llava",
+    "qwen2_vl",
+    "qwen3_vl",
+    "qwen3_5",
+    "smolvlm",
+    "video_llama_3",
+    "gemma3",
+)
 """The modules of this package that declare a family (each as ``FAMILY``), in the order they are listed."""
 
 # Family names (the values of ``Family.name``), for the code that names a family.
@@ -66,6 +84,9 @@ VIDEO_LLAVA = "video_llava"
 QWEN2_VL = "qwen2_vl"
 QWEN3_VL = "qwen3_vl"
 QWEN3_5 = "qwen3_5"
+GEMMA3 = "gemma3"
+SMOLVLM = "smolvlm"
+VIDEO_LLAMA_3 = "video_llama_3"
 CAUSAL_LM = "causal_lm"
 
 
@@ -221,10 +242,13 @@ __all__ = [
     "CLS_TOWERS",
     "FAMILIES",
     "FAMILY_MODULES",
+    "FIXED",
+    "GEMMA3",
     "GRID",
     "LLAVA",
     "LLAVA_NEXT_VIDEO",
     "MEDIA_KINDS",
+    "MERGED",
     "NONE",
     "NO_CLS_TOWERS",
     "PARTS",
@@ -233,8 +257,10 @@ __all__ = [
     "QWEN2_VL",
     "QWEN3_5",
     "QWEN3_VL",
+    "SMOLVLM",
     "TEXT_ONLY",
     "TILES",
+    "VIDEO_LLAMA_3",
     "VIDEO_LLAVA",
     "Family",
     "MediaRegions",

@@ -27,6 +27,12 @@ GRID = "grid"
 """Qwen-VL families: one token per ``merge x merge`` patches of the media's ``(t, h, w)`` grid."""
 TILES = "tiles"
 """A fixed number of tokens per image tile or frame after a pixel-shuffle / pooling connector (InternVL, SmolVLM)."""
+FIXED = "fixed"
+"""Gemma 3: a fixed number of tokens per image (``mm_tokens_per_image``, the tower's patches average-pooled),
+wrapped in begin / end of image tokens; image tokens attend to each other both ways."""
+MERGED = "merged"
+"""VideoLLaMA3: one token per ``merge x merge`` patches of each frame's ``(h, w)`` grid, with a merge size per media
+(its processors: 1 for images, 2 for videos), and videos pruned by the processor's compression mask."""
 NONE = "none"
 """A text-only model."""
 
@@ -147,11 +153,30 @@ class MediaSteps:
         tokens_per_step: placeholder tokens per step.
         rows_per_step: rows of the vision tower's input per step (1 for a LLaVA family's frame, ``h * w``
             patches for Qwen-VL).
+        placeholders: the placeholder tokens of each step where some of a step's tokens have none (VideoLLaMA3's
+            compression keeps only the video tokens that changed); None: ``tokens_per_step`` each. The tower's
+            output still has ``tokens_per_step`` rows per step.
     """
 
     steps: int
     tokens_per_step: int
     rows_per_step: int
+    placeholders: tuple[int, ...] | None = None
+
+    @property
+    def num_placeholders(self) -> int:
+        """Placeholder tokens of the media."""
+        return sum(self.placeholders) if self.placeholders is not None else self.steps * self.tokens_per_step
+
+    def steps_with_a_token(self, flags: Tensor) -> Tensor:
+        """Which steps keep at least one of their placeholders (bool ``[steps]``).
+
+        Args:
+            flags: bool ``[num_placeholders]``, the media's placeholders that are kept, in order.
+        """
+        if self.placeholders is None:
+            return flags.view(self.steps, self.tokens_per_step).any(1)
+        return torch.stack([part.any() for part in flags.split(list(self.placeholders))])
 
 
 @dataclass(frozen=True)
@@ -167,11 +192,16 @@ class MediaRegions:
         regions: float ``[T, N, D]``: per time step, the ``D`` pixel values (normalised, as the model sees
             them) of each of its ``N`` spatial tokens.
         lead: whether every time step starts with one token that stands for the whole frame (CLS).
+        present: bool ``[T, N]``: the spatial tokens that have a placeholder, where the model's own pruning removed
+            others (VideoLLaMA3's compression); None: all. Scores are computed on the whole grid (a token is
+            compared with the same region of the previous step, whether or not that one has a placeholder) and
+            read at the present tokens (:meth:`flat`).
     """
 
     kind: str
     regions: torch.Tensor
     lead: bool = False
+    present: torch.Tensor | None = None
 
     @property
     def steps(self) -> int:
@@ -180,13 +210,24 @@ class MediaRegions:
 
     @property
     def tokens_per_step(self) -> int:
-        """Placeholder tokens per time step: ``N``, plus one with a whole-frame token."""
+        """Tokens per time step of the grid: ``N``, plus one with a whole-frame token."""
         return int(self.regions.shape[1]) + int(self.lead)
 
     @property
     def num_tokens(self) -> int:
         """Placeholder tokens of the media."""
-        return self.steps * self.tokens_per_step
+        if self.present is None:
+            return self.steps * self.tokens_per_step
+        return int(self.present.sum()) + self.steps * int(self.lead)
+
+    def flat(self, grid: torch.Tensor) -> torch.Tensor:
+        """Per-token values on the grid (``[T, tokens_per_step]``) in the media's token order, present tokens only."""
+        if self.present is None:
+            return grid.flatten()
+        present = self.present.to(grid.device)
+        if self.lead:
+            present = torch.cat([present.new_ones(self.steps, 1), present], dim=1)
+        return grid[present]
 
 
 @dataclass(frozen=True)
@@ -261,7 +302,8 @@ class Family:
         video_processor: the transformers video processor class of the family, ``""`` without videos.
         mrope: whether position ids are Qwen's multi-row M-RoPE ids (``[3, B, L]``).
         vision_markers: whether each media's placeholders are wrapped in vision start / end tokens.
-        token_types: whether the model needs ``mm_token_type_ids`` (0 text, 1 image, 2 video).
+        token_types: whether the model needs the media type of every position (0 text, 1 image, 2 video).
+        token_types_key: the batch key it reads them from (``mm_token_type_ids``; Gemma 3's ``token_type_ids``).
         seconds_per_grid: the model types that also take ``second_per_grid_ts`` per video (Qwen2.5-VL).
         unused_tower_heads: whether the tower's final norm and pooling head never reach the loss.
         encoders: per media kind, in the order the model encodes them, ``(kind, tower, output)``: the module
@@ -300,6 +342,7 @@ class Family:
     mrope: bool = False
     vision_markers: bool = False
     token_types: bool = False
+    token_types_key: str = "mm_token_type_ids"
     seconds_per_grid: tuple[str, ...] = ()
     unused_tower_heads: bool = False
     encoders: tuple[tuple[str, str, str], ...] = ()
@@ -359,6 +402,15 @@ class Family:
         if token is None:
             return torch.zeros_like(input_ids, dtype=torch.bool)
         return input_ids == token
+
+    def media_positions(self, config: Any, batch: Mapping[str, Any], kind: str) -> Tensor:
+        """The placeholder positions of the batch's media of ``kind`` (bool ``[B, L]``).
+
+        By default :meth:`placeholder_mask` of the batch's ``input_ids``. A family whose media kinds share one
+        placeholder token (SmolVLM: every image tile and video frame is an ``<image>``) tells them apart here from
+        the rest of the batch; the visual-token policy reads the positions of each kind through this method.
+        """
+        return self.placeholder_mask(config, batch["input_ids"], kind)
 
     def media_per_row(self, config: Any, input_ids: Tensor, kind: str) -> Tensor:
         """Media items of ``kind`` per row (int64 ``[B]``): by default the contiguous runs of its placeholders."""
@@ -443,6 +495,26 @@ class Family:
         """Rows of the position ids the decoder takes: 1 (``[B, L]``) or 3 (M-RoPE ``[3, B, L]``)."""
         return 3 if self.mrope else 1
 
+    def decoder_mask(self, mask: Any, index: Tensor, valid: Tensor, length: int) -> Any:
+        """The attention mask the decoder gets on the shortened sequence.
+
+        By default the 2-D mask of the kept positions (``valid``), from which the decoder builds its causal mask
+        (the model's own ``attention_mask`` is then a 2-D padding mask, which ``valid`` already accounts for). A
+        model that builds the decoder's masks itself before calling it (Gemma 3: a dict of 4-D masks per layer
+        type, with image tokens attending to each other both ways) gets its own masks restricted to the kept
+        queries and keys (:func:`gather_mask`).
+
+        Args:
+            mask: the ``attention_mask`` the model passes to its decoder on the full sequence.
+            index: int64 ``[B, L']``, the kept positions of each row, right-padded with 0.
+            valid: bool ``[B, L']``, the real entries of ``index``.
+            length: ``L``, the full sequence length.
+
+        Returns:
+            The decoder's ``attention_mask``.
+        """
+        return valid.long()
+
     def shorten_decoder_inputs(
         self, kwargs: dict[str, Any], index: Tensor, valid: Tensor, length: int
     ) -> dict[str, Any]:
@@ -463,7 +535,7 @@ class Family:
         """
         return kwargs
 
-    def skip_tower_kwargs(self, batch: Mapping[str, Any], kind: str, keep: list[Tensor]) -> dict[str, Tensor]:
+    def skip_tower_kwargs(self, batch: Mapping[str, Any], kind: str, keep: list[Tensor]) -> dict[str, Any]:
         """The tower's arguments beside the pixels when it encodes only the kept steps of ``kind``.
 
         Args:
@@ -472,7 +544,8 @@ class Family:
             keep: per media of ``kind``, bool ``[steps]``: the steps that are encoded.
 
         Returns:
-            Keyword arguments that replace the model's own in the tower call (none by default).
+            Keyword arguments that replace the model's own in the tower call (none by default); tensors are moved
+            to the pixels' device, other values (None) passed as they are.
         """
         return {}
 
@@ -501,6 +574,13 @@ class Family:
     # ----------------------------------------------------------------------------------------------
     # Random batches (tests, the debug recipes, benchmarks).
 
+    def init_tiny(self, model: nn.Module) -> None:
+        """Set weights that a tiny random model needs beyond its class's initialisation (none by default).
+
+        Called by :func:`regate_lightning.testing.tiny.tiny_model` right after building, under its seed. Gemma 3's
+        class starts its projector at zero, which would make every image token carry nothing.
+        """
+
     def random_media(
         self, config: Any, num_frames: int, generator: torch.Generator, grid: tuple[int, int] | None = None
     ) -> RandomMedia:
@@ -517,6 +597,49 @@ class Family:
             ValueError: the family takes no media, or cannot take ``num_frames`` or ``grid``.
         """
         raise ValueError(f"no random media layout for family {self.name!r}")
+
+
+def gather_mask(mask: Tensor | None, index: Tensor, valid: Tensor, length: int) -> Tensor:
+    """A full-length 4-D attention mask restricted to the kept queries and keys of each row.
+
+    Kept query ``i`` attends kept key ``j`` exactly when the full mask lets position ``index[i]`` attend
+    ``index[j]`` (bidirectional blocks, sliding windows over the original positions and padding all carry over);
+    padded slots attend to nothing but themselves.
+
+    Args:
+        mask: bool or additive float ``[B or 1, H or 1, L, L]``; None for a plain causal mask.
+        index: int64 ``[B, L']``.
+        valid: bool ``[B, L']``.
+        length: ``L``.
+
+    Returns:
+        The mask ``[B, H or 1, L', L']`` of ``mask``'s dtype.
+
+    Raises:
+        ValueError: a mask that is not ``[., ., L, L]``.
+
+    Example:
+        >>> full = torch.ones(3, 3, dtype=torch.bool).tril()[None, None]
+        >>> full[..., 1, 2] = True  # position 1 sees position 2 (a bidirectional block)
+        >>> gather_mask(full, torch.tensor([[1, 2]]), torch.tensor([[True, True]]), 3)[0, 0].int().tolist()
+        [[1, 1], [1, 1]]
+    """
+    if mask is None:
+        mask = torch.ones(length, length, dtype=torch.bool, device=index.device).tril()[None, None]
+    if mask.dim() != 4 or tuple(mask.shape[-2:]) != (length, length):
+        raise ValueError(f"a decoder mask of shape {tuple(mask.shape)} is not [B, H, {length}, {length}]")
+    batch, short = index.shape
+    mask = mask.expand(batch, *mask.shape[1:])
+    heads = mask.shape[1]
+    index = index.to(mask.device)
+    valid = valid.to(mask.device)
+    rows = mask.gather(2, index[:, None, :, None].expand(batch, heads, short, length))
+    out = rows.gather(3, index[:, None, None, :].expand(batch, heads, short, short))
+    keys = valid[:, None, None, :]
+    alone = torch.eye(short, dtype=torch.bool, device=mask.device)[None, None] & ~valid[:, None, :, None]
+    if out.dtype == torch.bool:
+        return (out & keys) | alone
+    return out.masked_fill(~keys, torch.finfo(out.dtype).min).masked_fill(alone, 0.0)
 
 
 def scatter_rows(features: Tensor, keep: Tensor) -> Tensor:

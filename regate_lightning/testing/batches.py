@@ -18,7 +18,6 @@ from regate_lightning.keys import (
     IGNORE_INDEX,
     INPUT_IDS,
     LABELS,
-    MM_TOKEN_TYPE_IDS,
     SAMPLE_IDX,
 )
 
@@ -125,5 +124,5 @@ def random_batch(
     for key in media[0].tensors if media else ():
         batch[key] = torch.cat([m.tensors[key] for m in media])
     if family.token_types:
-        batch[MM_TOKEN_TYPE_IDS] = types
+        batch[family.token_types_key] = types
     return batch

@@ -81,7 +81,9 @@ def tiny_model(name: str, seed: int = 0, **kwargs: Any) -> PreTrainedModel:
     cls = name if name in family.tiny else next(iter(family.tiny))
     config = family.tiny[cls](**kwargs)
     torch.manual_seed(seed)
-    return _finish(getattr(transformers, cls)(config))
+    model = getattr(transformers, cls)(config)
+    family.init_tiny(model)
+    return _finish(model)
 
 
 def tiny_llama(
