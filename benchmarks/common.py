@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from regate_lightning.families import FAMILIES as REGISTRY
-from regate_lightning.families import GRID, LLAVA_NEXT_VIDEO, QWEN2_VL, QWEN3_5, resolve
+from regate_lightning.families import GRID, LLAVA_NEXT_VIDEO, QWEN2_VL, QWEN3_5, QWEN3_VL, resolve
 
-FAMILIES = (QWEN2_VL, LLAVA_NEXT_VIDEO, QWEN3_5)
+FAMILIES = (QWEN2_VL, LLAVA_NEXT_VIDEO, QWEN3_5, QWEN3_VL)
 """The families the benchmarks build (names of :data:`regate_lightning.families.FAMILIES`)."""
 
 
@@ -57,6 +57,10 @@ class ModelSpec:
         linear_value_heads: ``qwen3_5``: value heads of the gated delta-net layers (0: ``num_heads``).
         linear_head_dim: ``qwen3_5``: key and value head dimension of the gated delta-net layers (0: the
             full-attention head dimension).
+        deepstack: ``qwen3_vl``: the tower blocks whose features feed the first decoder layers (default: three
+            blocks at a quarter, half and three quarters of the depth, as Qwen3-VL-2B's 5, 11, 17 of 24; the
+            first ``depth`` blocks for a tower of fewer than 4).
+        tie_embeddings: ``qwen3_vl``: share the input embeddings with the LM head (Qwen3-VL-2B does).
     """
 
     family: str = QWEN2_VL
@@ -75,6 +79,21 @@ class ModelSpec:
     linear_key_heads: int = 0
     linear_value_heads: int = 0
     linear_head_dim: int = 0
+    deepstack: tuple[int, ...] | None = None
+    tie_embeddings: bool = False
+
+    def deepstack_indexes(self) -> list[int]:
+        """The tower blocks that feed DeepStack (``qwen3_vl``).
+
+        Example:
+            >>> ModelSpec(vision_depth=24).deepstack_indexes(), ModelSpec(vision_depth=2).deepstack_indexes()
+            ([5, 11, 17], [0, 1])
+        """
+        if self.deepstack is not None:
+            return list(self.deepstack)
+        if self.vision_depth < 4:
+            return list(range(self.vision_depth))
+        return [(i + 1) * self.vision_depth // 4 - 1 for i in range(3)]
 
     def check(self) -> None:
         """Raise a clear error for sizes the model classes would reject later, less clearly."""
@@ -86,8 +105,12 @@ class ModelSpec:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.vision_width % self.vision_heads:
             raise ValueError(f"vision_width {self.vision_width} is not a multiple of vision_heads {self.vision_heads}")
-        if self.family == QWEN2_VL and (self.hidden_size // self.num_heads) % 2:
-            raise ValueError("qwen2_vl needs an even head dimension (M-RoPE sections)")
+        if self.family in (QWEN2_VL, QWEN3_VL) and (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(f"{self.family} needs an even head dimension (M-RoPE sections)")
+        if self.family == QWEN3_VL and not all(0 <= i < self.vision_depth for i in self.deepstack_indexes()):
+            raise ValueError(
+                f"deepstack {self.deepstack_indexes()} must be blocks of the {self.vision_depth}-block tower"
+            )
         if self.family == LLAVA_NEXT_VIDEO and self.image_size % (2 * self.patch_size):
             raise ValueError(f"image_size {self.image_size} must be a multiple of 2 * patch_size {self.patch_size}")
         if self.family == QWEN3_5:
@@ -114,6 +137,25 @@ QWEN2_VL_2B_LIKE = ModelSpec(
 """Text backbone of Qwen2-VL-2B (hidden 1536, 28 layers, 12/2 heads, MLP 8960, vocabulary 151936) with a
 vision tower of half the real depth (16 of 32 blocks, width 1280)."""
 
+QWEN3_VL_2B_LIKE = ModelSpec(
+    family=QWEN3_VL,
+    vocab_size=151936,
+    hidden_size=2048,
+    num_layers=28,
+    num_heads=16,
+    num_kv_heads=8,
+    intermediate_size=6144,
+    vision_depth=24,
+    vision_width=1024,
+    vision_heads=16,
+    patch_size=16,
+    deepstack=(5, 11, 17),
+    tie_embeddings=True,
+)
+"""The published sizes of Qwen3-VL-2B-Instruct: text hidden 2048, 28 layers, 16/8 heads (head 128), MLP 6144,
+vocabulary 151936, tied embeddings; vision tower 24 blocks of width 1024 (MLP 4096, 16 heads), patch 16,
+DeepStack from blocks 5, 11 and 17."""
+
 
 def model_config(spec: ModelSpec) -> Any:
     """The transformers config of ``spec`` (placeholder ids are the last ids of the vocabulary)."""
@@ -131,6 +173,22 @@ def model_config(spec: ModelSpec) -> Any:
         intermediate_size=spec.intermediate_size,
         max_positions=32768,
     )
+    if spec.family == QWEN3_VL:
+        from transformers import Qwen3VLConfig
+
+        from regate_lightning.families.qwen3_vl import qwen3_vl_kwargs, qwen3_vl_vision
+
+        vision3 = qwen3_vl_vision(
+            spec.hidden_size,
+            depth=spec.vision_depth,
+            hidden_size=spec.vision_width,
+            num_heads=spec.vision_heads,
+            patch_size=spec.patch_size,
+            deepstack=spec.deepstack_indexes(),
+            num_position_embeddings=2304,
+            intermediate_size=4 * spec.vision_width,
+        )
+        return Qwen3VLConfig(vision_config=vision3, tie_word_embeddings=spec.tie_embeddings, **qwen3_vl_kwargs(text))
     if spec.family == QWEN2_VL:
         from transformers import Qwen2VLConfig
 

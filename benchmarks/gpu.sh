@@ -2,10 +2,12 @@
 # The prepared GPU check, in one call: elision throughput at ~2B scale on one GPU (ReGATE, visual-token
 # elision and both, at 39 % and 24 % answer shares, each step profiled and compared with the profile's
 # cost model, peak memory per variant; the policy's time per step with a score store of 1M samples x 100
-# candidates); a Qwen3.5-0.8B-shaped step (part 1b: the hybrid gated delta-net decoder, GPU_QWEN3_5_S
+# candidates); a Qwen3.5-0.8B-shaped step (part 1b: the hybrid gated delta-net decoder, GPU_QWEN3_5_S seconds,
+# 0 skips it); a Qwen3-VL-2B-shaped step (part 1c: DeepStack, a timestamp per temporal patch; GPU_QWEN3_VL_S
 # seconds, 0 skips it); packed vs padded steps on a LLaVA-Video-178K-shaped length mix (part 2:
 # benchmarks/packing.py, PACKING_TIMEOUT_S, 0 skips it); then the strategy checks (benchmarks/gpu_strategies.py:
-# FSDP, and DeepSpeed ZeRO-2/3 when deepspeed imports). Meant to finish in about 8 minutes (GPU_TOTAL_S).
+# FSDP, and DeepSpeed ZeRO-2/3 when deepspeed imports). Meant to finish in about 8 minutes (GPU_TOTAL_S); part 1
+# gets what the later parts leave (about 140 s: its headline a1024 first).
 #
 #   bash benchmarks/gpu.sh                 # results in $OUT (default ./gpu_results)
 #   bash benchmarks/gpu.sh --batch-size 1  # extra arguments go to benchmarks/gpu_throughput.py
@@ -25,7 +27,8 @@ export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:T
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 TOTAL_S="${GPU_TOTAL_S:-480}"
-QWEN3_5_S="${GPU_QWEN3_5_S:-100}"  # part 1b's share of the budget (0 skips it)
+QWEN3_5_S="${GPU_QWEN3_5_S:-80}"  # part 1b's share of the budget (0 skips it)
+QWEN3_VL_S="${GPU_QWEN3_VL_S:-80}"  # part 1c's share of the budget (0 skips it)
 start=$(date +%s)
 
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -49,9 +52,9 @@ echo
 echo "== 1. throughput and profile (benchmarks/gpu_throughput.py) =="
 # One process per part: no allocator state carried over. Headline first; the last part is the first to go.
 # a1024-store: the policy's time per step with a store of 1M samples x 100 candidates (issue 13, < 1 %).
-PACKING_S="${PACKING_TIMEOUT_S:-120}"
+PACKING_S="${PACKING_TIMEOUT_S:-90}"
 for part in ${GPU_PARTS:-a1024 a1024-store a512 a1024-frames a1024-frames-noskip a1024-more}; do
-left=$(( TOTAL_S - 90 - QWEN3_5_S - PACKING_S - ($(date +%s) - start) ))  # keep time for parts 1b, 2 and 3
+left=$(( TOTAL_S - 90 - QWEN3_5_S - QWEN3_VL_S - PACKING_S - ($(date +%s) - start) ))  # keep time for 1b, 1c, 2, 3
 if [ "$left" -lt 30 ]; then echo "throughput $part: skipped (time budget)"; continue; fi
 limit=$(( left < ${THROUGHPUT_TIMEOUT_S:-110} ? left : ${THROUGHPUT_TIMEOUT_S:-110} ))
 timeout --kill-after=10 "$limit" "$PY" benchmarks/gpu_throughput.py --out "$OUT" --only "$part" "$@" \
@@ -67,7 +70,7 @@ if [ "$QWEN3_5_S" -gt 0 ]; then
   echo
   echo "== 1b. Qwen3.5-shaped step (benchmarks/gpu_throughput.py --family qwen3_5) =="
   for part in ${GPU_QWEN3_5_PARTS:-a1024}; do
-  left=$(( TOTAL_S - 90 - PACKING_S - ($(date +%s) - start) ))
+  left=$(( TOTAL_S - 90 - QWEN3_VL_S - PACKING_S - ($(date +%s) - start) ))
   if [ "$left" -lt 30 ]; then echo "qwen3_5 $part: skipped (time budget)"; continue; fi
   limit=$(( left < QWEN3_5_S ? left : QWEN3_5_S ))
   timeout --kill-after=10 "$limit" "$PY" benchmarks/gpu_throughput.py --family qwen3_5 --out "$OUT" --only "$part" \
@@ -75,6 +78,24 @@ if [ "$QWEN3_5_S" -gt 0 ]; then
   status=${PIPESTATUS[0]}
   [ "$status" -eq 124 ] && echo "qwen3_5 $part: stopped by the time limit (partial results in $OUT)"
   echo "qwen3_5 $part exit status: $status"
+  done
+fi
+
+# Part 1c: the Qwen3-VL-2B-shaped step (DeepStack features into the first 3 decoder layers, a timestamp before each
+# temporal patch), its headline part only by default (GPU_QWEN3_VL_PARTS="a1024 a1024-frames" adds whole-frame
+# elision).
+if [ "$QWEN3_VL_S" -gt 0 ]; then
+  echo
+  echo "== 1c. Qwen3-VL-shaped step (benchmarks/gpu_throughput.py --family qwen3_vl) =="
+  for part in ${GPU_QWEN3_VL_PARTS:-a1024}; do
+  left=$(( TOTAL_S - 90 - PACKING_S - ($(date +%s) - start) ))
+  if [ "$left" -lt 30 ]; then echo "qwen3_vl $part: skipped (time budget)"; continue; fi
+  limit=$(( left < QWEN3_VL_S ? left : QWEN3_VL_S ))
+  timeout --kill-after=10 "$limit" "$PY" benchmarks/gpu_throughput.py --family qwen3_vl --out "$OUT" --only "$part" \
+    2>&1 | tee -a "$OUT/gpu_throughput_qwen3_vl.log"
+  status=${PIPESTATUS[0]}
+  [ "$status" -eq 124 ] && echo "qwen3_vl $part: stopped by the time limit (partial results in $OUT)"
+  echo "qwen3_vl $part exit status: $status"
   done
 fi
 

@@ -36,6 +36,12 @@ with its timestamp> [prompt 64] [answer 1024]``. Parts: ``a1024`` (p=0.5, v=0.5,
 step each) and ``a1024-frames`` (whole temporal patches elided). Results go to ``gpu_qwen3_5_throughput*.json``.
 Without the ``flash-linear-attention`` and ``causal-conv1d`` kernels, transformers runs its PyTorch fallback of
 the gated delta rule (the log says which ran).
+
+``--family qwen3_vl`` measures a model of Qwen3-VL-2B-Instruct's published sizes
+(:data:`benchmarks.common.QWEN3_VL_2B_LIKE`: text hidden 2048, 28 layers, 16/8 heads, MLP 6144, vocabulary 151936,
+tied embeddings; tower 24 blocks of width 1024, patch 16, DeepStack from blocks 5, 11, 17), bf16, batch 2, rows
+``[bos] <video 1536 tokens: 8 temporal patches of 384x512 pixels, each after its timestamp> [prompt 64]
+[answer 1024]``, with the same two parts. Results go to ``gpu_qwen3_vl_throughput*.json``.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` and `regate_
 from benchmarks.common import (  # noqa: E402
     QWEN2_VL_2B_LIKE,
     QWEN3_5_08B_LIKE,
+    QWEN3_VL_2B_LIKE,
     ModelSpec,
     build_model,
     count_parameters,
@@ -78,7 +85,7 @@ from benchmarks.throughput import (  # noqa: E402
     plot,
     set_step_skip,
 )
-from regate_lightning.families import QWEN2_VL, QWEN3_5  # noqa: E402
+from regate_lightning.families import QWEN2_VL, QWEN3_5, QWEN3_VL  # noqa: E402
 from regate_lightning.visual import as_visual_selection  # noqa: E402
 
 P, V, PV = Variant(regate=0.5), Variant(visual=0.5), Variant(regate=0.5, visual=0.5)
@@ -164,15 +171,15 @@ class Config:
     @property
     def prefix(self) -> str:
         """Prefix of the output files: ``cpu`` for the small CPU stand-in, ``gpu`` otherwise (the smoke run too);
-        ``gpu_qwen3_5`` for the Qwen3.5-shaped run (its smoke run too)."""
-        if self.spec.family == QWEN3_5:
-            return "gpu_qwen3_5"
+        ``gpu_qwen3_5`` / ``gpu_qwen3_vl`` for the Qwen3.5- / Qwen3-VL-shaped runs (their smoke runs too)."""
+        if self.spec.family in (QWEN3_5, QWEN3_VL):
+            return f"gpu_{self.spec.family}"
         return "cpu" if self.device == "cpu" and self.spec != SMOKE_SPEC else "gpu"
 
     def defaults(self) -> Config:
         """The configuration of the same kind (GPU, CPU stand-in or smoke) with its default parts."""
-        if self.spec.family == QWEN3_5:
-            return Config.qwen3_5(smoke=self.device == "cpu")
+        if self.spec.family in (QWEN3_5, QWEN3_VL):
+            return Config.shaped(self.spec.family, smoke=self.device == "cpu")
         if self.device != "cpu":
             return Config(spec=self.spec)
         return Config.smoke() if self.spec == SMOKE_SPEC else Config.cpu()
@@ -214,15 +221,25 @@ class Config:
     @staticmethod
     def qwen3_5(smoke: bool = False) -> Config:
         """The Qwen3.5-0.8B-shaped step (see the module docstring); ``smoke``: the same parts on the CPU, tiny."""
+        return Config.shaped(QWEN3_5, smoke)
+
+    @staticmethod
+    def shaped(family: str, smoke: bool = False) -> Config:
+        """The step of a model of a released checkpoint's sizes (:data:`SHAPED`; see the module docstring):
+        parts ``a1024`` and ``a1024-frames``, 5 pairs; ``smoke``: the same parts on the CPU, tiny."""
         answer = 48 if smoke else 1024
         parts = (
             Part(f"a{answer}", answer, (P, V, PV), profile_repeats=1, optional=False),
             Part(f"a{answer}-frames", answer, (Variant(visual=0.5), PV), "temporal_frames", profile_repeats=1),
         )
         if not smoke:
-            return Config(spec=QWEN3_5_08B_LIKE, repeats=5, warmup=1, frame_grid=(24, 32), parts=parts)
-        spec = replace(SMOKE_SPEC, family=QWEN3_5)
+            return Config(spec=SHAPED[family], repeats=5, warmup=1, frame_grid=(24, 32), parts=parts)
+        spec = replace(SMOKE_SPEC, family=family)
         return replace(Config.smoke(), spec=spec, visual_tokens=32, frame_grid=(4, 8), parts=parts)
+
+
+SHAPED = {QWEN3_5: QWEN3_5_08B_LIKE, QWEN3_VL: QWEN3_VL_2B_LIKE}
+"""The models of ``--family``: Qwen3.5-0.8B's and Qwen3-VL-2B-Instruct's published sizes."""
 
 
 CPU_VISUAL_SPEC = replace(CPU_SPEC, vision_depth=3, vision_width=256, vision_heads=4)
@@ -400,8 +417,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--family",
         default=QWEN2_VL,
-        choices=[QWEN2_VL, QWEN3_5],
-        help="qwen2_vl (the Qwen2-VL-2B-shaped parts) or qwen3_5 (the Qwen3.5-0.8B-shaped parts)",
+        choices=[QWEN2_VL, QWEN3_5, QWEN3_VL],
+        help="qwen2_vl (the Qwen2-VL-2B-shaped parts), qwen3_5 (the Qwen3.5-0.8B-shaped parts) or qwen3_vl (the "
+        "Qwen3-VL-2B-shaped parts)",
     )
     ap.add_argument("--cpu", action="store_true", help="the same parts on the CPU at a small size (minutes)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads with --smoke / --cpu (default 1)")
@@ -421,10 +439,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if args.smoke and args.cpu:
         raise SystemExit("--smoke and --cpu are two different CPU runs: give one")
     config = Config.smoke() if args.smoke else Config.cpu() if args.cpu else Config(spec=QWEN2_VL_2B_LIKE)
-    if args.family == QWEN3_5:
+    if args.family in SHAPED:
         if args.cpu:
-            raise SystemExit("--family qwen3_5 has no --cpu configuration: use --smoke, or throughput.py")
-        config = Config.qwen3_5(smoke=args.smoke)
+            raise SystemExit(f"--family {args.family} has no --cpu configuration: use --smoke, or throughput.py")
+        config = Config.shaped(args.family, smoke=args.smoke)
     spec_overrides = {k: getattr(args, k) for k in ("num_layers", "vision_depth") if getattr(args, k) is not None}
     overrides = {
         k: getattr(args, k) for k in ("batch_size", "repeats", "budget_s", "attn", "dtype") if getattr(args, k)

@@ -887,7 +887,7 @@ def parser() -> argparse.ArgumentParser:
         help="fixed video length instead of the share sweep (with --answer-lens)",
     )
     s.add_argument("--answer-lens", type=_ints, default=[512], help="answer lengths with --visual-tokens")
-    s.add_argument("--frame-grid", default=None, help="qwen2_vl frame size in patches, e.g. 24,32")
+    s.add_argument("--frame-grid", default=None, help="Qwen frame size in patches, e.g. 24,32")
     r = ap.add_argument_group("measurement")
     r.add_argument("--keep-ratios", type=_floats, default=[0.25, 0.5, 0.75, 1.0], help="ReGATE p, alone")
     r.add_argument("--visual-keeps", type=_floats, default=[], help="visual-token elision keep ratios, alone")
@@ -954,7 +954,14 @@ def shapes_for(model: torch.nn.Module, settings: dict[str, Any]) -> list[Shape]:
     """The shapes of the sweep: by answer share at a fixed length, or a fixed video with several answers."""
     if settings["visual_tokens"] is not None:
         return [
-            fixed_shape(model, settings["batch_size"], settings["visual_tokens"], settings["prompt_len"], a)
+            fixed_shape(
+                model,
+                settings["batch_size"],
+                settings["visual_tokens"],
+                settings["prompt_len"],
+                a,
+                settings["frame_grid"],
+            )
             for a in settings["answer_lens"]
         ]
     return [

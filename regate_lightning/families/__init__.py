@@ -17,6 +17,9 @@ family (module)        classes                                         placehold
 ``video_llava``        ``VideoLlavaForConditionalGeneration``          image: as llava; frame: ``(S / P) ** 2 + CLS``
 ``qwen2_vl``           ``Qwen2VLForConditionalGeneration``,            ``t * h * w / merge ** 2`` per media,
                        ``Qwen2_5_VLForConditionalGeneration``          wrapped in vision start ... end
+``qwen3_vl``           ``Qwen3VLForConditionalGeneration``,            image: as qwen2_vl; video: per temporal
+                       ``Qwen3VLMoeForConditionalGeneration``          patch ``<t seconds>`` + start, ``h * w /
+                                                                       merge ** 2`` pads, end; all in start/end
 ``qwen3_5``            ``Qwen3_5ForConditionalGeneration``,            as qwen2_vl; a video: per temporal
                        ``Qwen3_5MoeForConditionalGeneration``          patch its timestamp, then its tokens
                                                                        in vision start ... end
@@ -66,6 +69,7 @@ FAMILY_MODULES = (
     "llava_next_video",
     "video_llava",
     "qwen2_vl",
+    "qwen3_vl",
     "qwen3_5",
     "smolvlm",
     "video_llama_3",
@@ -78,6 +82,7 @@ LLAVA = "llava"
 LLAVA_NEXT_VIDEO = "llava_next_video"
 VIDEO_LLAVA = "video_llava"
 QWEN2_VL = "qwen2_vl"
+QWEN3_VL = "qwen3_vl"
 QWEN3_5 = "qwen3_5"
 GEMMA3 = "gemma3"
 SMOLVLM = "smolvlm"
@@ -251,6 +256,7 @@ __all__ = [
     "POOLED",
     "QWEN2_VL",
     "QWEN3_5",
+    "QWEN3_VL",
     "SMOLVLM",
     "TEXT_ONLY",
     "TILES",

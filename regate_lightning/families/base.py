@@ -11,7 +11,7 @@ Nothing here imports transformers at import time (classes are named by string; c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -416,6 +416,36 @@ class Family:
         """Media items of ``kind`` per row (int64 ``[B]``): by default the contiguous runs of its placeholders."""
         return count_runs(self.placeholder_mask(config, input_ids, kind))
 
+    def video_expansion(
+        self,
+        token_ids: tuple[int, int, int],
+        steps: int,
+        tokens_per_step: int,
+        temporal_patch_size: int,
+        frame_seconds: Sequence[float],
+    ) -> tuple[int | str, ...] | None:
+        """What stands for one video in the text when it is more than one run of placeholders, else None.
+
+        The data side (:class:`~regate_lightning.data.vision.VisionSpec`) puts the result into
+        ``ProcessedMedia.expansion``: token ids (int) and text to tokenize (str), in order, exactly as the
+        family's transformers processor writes the video (its ``replace_video_token``), inside the media's own
+        vision start / end where the family has them. Qwen3-VL writes a timestamp and its own vision start /
+        end around every temporal patch (``families/qwen3_vl.py``). The generic rule: one run, None.
+
+        Args:
+            token_ids: ``(video placeholder, vision start, vision end)`` ids (the last two -1 where the family
+                has no markers).
+            steps: the video's time steps (Qwen: temporal patches, the grid's ``t``).
+            tokens_per_step: placeholders per step.
+            temporal_patch_size: frames per step.
+            frame_seconds: the time of each sampled frame in its source video, in seconds (frame index /
+                source fps), before any temporal padding.
+
+        Returns:
+            The expansion, or None for a run of ``steps * tokens_per_step`` placeholders.
+        """
+        return None
+
     # ----------------------------------------------------------------------------------------------
     # How media divide into steps and regions (skipping steps in the tower; visual-token elision).
 
@@ -556,11 +586,20 @@ class Family:
         class starts its projector at zero, which would make every image token carry nothing.
         """
 
-    def random_media(self, config: Any, num_frames: int, generator: torch.Generator) -> RandomMedia:
+    def random_media(
+        self, config: Any, num_frames: int, generator: torch.Generator, grid: tuple[int, int] | None = None
+    ) -> RandomMedia:
         """One sample's media in the family's layout: a video of ``num_frames`` frames, or an image.
 
+        Args:
+            config: the model's config.
+            num_frames: frames of the video (video families).
+            generator: the random generator of the pixels.
+            grid: grid families: ``(height, width)`` of a frame in patches (default: the family's own small
+                frame); families without grids do not take it.
+
         Raises:
-            ValueError: the family takes no media, or cannot take ``num_frames``.
+            ValueError: the family takes no media, or cannot take ``num_frames`` or ``grid``.
         """
         raise ValueError(f"no random media layout for family {self.name!r}")
 

@@ -78,7 +78,7 @@ def random_batch(
         seed: generator seed; the same seed gives the same batch.
         ragged: if True, row ``i`` has ``i * 3`` fewer answer tokens, right-padded.
         frame_grid: ``(height, width)`` of a frame in patches, for a family whose random media take a ``grid``
-            (Qwen3.5); the family's default frames when None.
+            (the Qwen-VL families); the family's default frames when None.
 
     Returns:
         The model's keys plus ``labels`` and ``sample_idx``.
