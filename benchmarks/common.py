@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from regate_lightning.families import FAMILIES as REGISTRY
-from regate_lightning.families import GRID, LLAVA_NEXT_VIDEO, QWEN2_VL, resolve
+from regate_lightning.families import GRID, LLAVA_NEXT_VIDEO, QWEN2_VL, QWEN3_5, QWEN3_VL, resolve
 
-FAMILIES = (QWEN2_VL, LLAVA_NEXT_VIDEO)
+FAMILIES = (QWEN2_VL, LLAVA_NEXT_VIDEO, QWEN3_5, QWEN3_VL)
 """The families the benchmarks build (names of :data:`regate_lightning.families.FAMILIES`)."""
 
 
@@ -52,6 +52,15 @@ class ModelSpec:
         vision_heads: attention heads of the vision tower.
         patch_size: patch side of the vision tower, in pixels.
         image_size: frame side in pixels (``llava_next_video`` only; Qwen2-VL frames are set per batch).
+        head_dim: ``qwen3_5``: head dimension of the full-attention layers (0: ``hidden_size // num_heads``).
+        linear_key_heads: ``qwen3_5``: key heads of the gated delta-net layers (0: ``num_heads``).
+        linear_value_heads: ``qwen3_5``: value heads of the gated delta-net layers (0: ``num_heads``).
+        linear_head_dim: ``qwen3_5``: key and value head dimension of the gated delta-net layers (0: the
+            full-attention head dimension).
+        deepstack: ``qwen3_vl``: the tower blocks whose features feed the first decoder layers (default: three
+            blocks at a quarter, half and three quarters of the depth, as Qwen3-VL-2B's 5, 11, 17 of 24; the
+            first ``depth`` blocks for a tower of fewer than 4).
+        tie_embeddings: ``qwen3_vl``: share the input embeddings with the LM head (Qwen3-VL-2B does).
     """
 
     family: str = QWEN2_VL
@@ -66,6 +75,25 @@ class ModelSpec:
     vision_heads: int = 4
     patch_size: int = 8
     image_size: int = 64
+    head_dim: int = 0
+    linear_key_heads: int = 0
+    linear_value_heads: int = 0
+    linear_head_dim: int = 0
+    deepstack: tuple[int, ...] | None = None
+    tie_embeddings: bool = False
+
+    def deepstack_indexes(self) -> list[int]:
+        """The tower blocks that feed DeepStack (``qwen3_vl``).
+
+        Example:
+            >>> ModelSpec(vision_depth=24).deepstack_indexes(), ModelSpec(vision_depth=2).deepstack_indexes()
+            ([5, 11, 17], [0, 1])
+        """
+        if self.deepstack is not None:
+            return list(self.deepstack)
+        if self.vision_depth < 4:
+            return list(range(self.vision_depth))
+        return [(i + 1) * self.vision_depth // 4 - 1 for i in range(3)]
 
     def check(self) -> None:
         """Raise a clear error for sizes the model classes would reject later, less clearly."""
@@ -77,10 +105,20 @@ class ModelSpec:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.vision_width % self.vision_heads:
             raise ValueError(f"vision_width {self.vision_width} is not a multiple of vision_heads {self.vision_heads}")
-        if self.family == QWEN2_VL and (self.hidden_size // self.num_heads) % 2:
-            raise ValueError("qwen2_vl needs an even head dimension (M-RoPE sections)")
+        if self.family in (QWEN2_VL, QWEN3_VL) and (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(f"{self.family} needs an even head dimension (M-RoPE sections)")
+        if self.family == QWEN3_VL and not all(0 <= i < self.vision_depth for i in self.deepstack_indexes()):
+            raise ValueError(
+                f"deepstack {self.deepstack_indexes()} must be blocks of the {self.vision_depth}-block tower"
+            )
         if self.family == LLAVA_NEXT_VIDEO and self.image_size % (2 * self.patch_size):
             raise ValueError(f"image_size {self.image_size} must be a multiple of 2 * patch_size {self.patch_size}")
+        if self.family == QWEN3_5:
+            keys, values = self.linear_key_heads or self.num_heads, self.linear_value_heads or self.num_heads
+            if values % keys:
+                raise ValueError(f"linear_value_heads {values} is not a multiple of linear_key_heads {keys}")
+            if (self.head_dim or self.hidden_size // self.num_heads) % 8:
+                raise ValueError("qwen3_5 needs a head dimension that is a multiple of 8 (a quarter of it rotates)")
 
 
 QWEN2_VL_2B_LIKE = ModelSpec(
@@ -99,12 +137,33 @@ QWEN2_VL_2B_LIKE = ModelSpec(
 """Text backbone of Qwen2-VL-2B (hidden 1536, 28 layers, 12/2 heads, MLP 8960, vocabulary 151936) with a
 vision tower of half the real depth (16 of 32 blocks, width 1280)."""
 
+QWEN3_VL_2B_LIKE = ModelSpec(
+    family=QWEN3_VL,
+    vocab_size=151936,
+    hidden_size=2048,
+    num_layers=28,
+    num_heads=16,
+    num_kv_heads=8,
+    intermediate_size=6144,
+    vision_depth=24,
+    vision_width=1024,
+    vision_heads=16,
+    patch_size=16,
+    deepstack=(5, 11, 17),
+    tie_embeddings=True,
+)
+"""The published sizes of Qwen3-VL-2B-Instruct: text hidden 2048, 28 layers, 16/8 heads (head 128), MLP 6144,
+vocabulary 151936, tied embeddings; vision tower 24 blocks of width 1024 (MLP 4096, 16 heads), patch 16,
+DeepStack from blocks 5, 11 and 17."""
+
 
 def model_config(spec: ModelSpec) -> Any:
     """The transformers config of ``spec`` (placeholder ids are the last ids of the vocabulary)."""
     from regate_lightning.testing.tiny import clip_vision_config, llava_next_video_config, qwen_vl_kwargs, text_config
 
     spec.check()
+    if spec.family == QWEN3_5:
+        return qwen3_5_model_config(spec)
     text = text_config(
         spec.vocab_size,
         spec.hidden_size,
@@ -114,6 +173,22 @@ def model_config(spec: ModelSpec) -> Any:
         intermediate_size=spec.intermediate_size,
         max_positions=32768,
     )
+    if spec.family == QWEN3_VL:
+        from transformers import Qwen3VLConfig
+
+        from regate_lightning.families.qwen3_vl import qwen3_vl_kwargs, qwen3_vl_vision
+
+        vision3 = qwen3_vl_vision(
+            spec.hidden_size,
+            depth=spec.vision_depth,
+            hidden_size=spec.vision_width,
+            num_heads=spec.vision_heads,
+            patch_size=spec.patch_size,
+            deepstack=spec.deepstack_indexes(),
+            num_position_embeddings=2304,
+            intermediate_size=4 * spec.vision_width,
+        )
+        return Qwen3VLConfig(vision_config=vision3, tie_word_embeddings=spec.tie_embeddings, **qwen3_vl_kwargs(text))
     if spec.family == QWEN2_VL:
         from transformers import Qwen2VLConfig
 
@@ -138,6 +213,92 @@ def model_config(spec: ModelSpec) -> Any:
         intermediate_size=4 * spec.vision_width,
     )
     return llava_next_video_config(vision_cfg, text)
+
+
+# Qwen3.5 (hybrid decoder: three gated delta-net layers to one full-attention layer) -----------------------
+
+QWEN3_5_08B_LIKE = ModelSpec(
+    family=QWEN3_5,
+    vocab_size=248320,
+    hidden_size=1024,
+    num_layers=24,
+    num_heads=8,
+    num_kv_heads=2,
+    intermediate_size=3584,
+    vision_depth=12,
+    vision_width=768,
+    vision_heads=12,
+    patch_size=16,
+    head_dim=256,
+    linear_key_heads=16,
+    linear_value_heads=16,
+    linear_head_dim=128,
+)
+"""Qwen3.5-0.8B's published sizes: text hidden 1024, 24 layers (18 gated delta-net, 6 full attention), 8 / 2
+heads of 256, gated delta-net 16 / 16 heads of 128, MLP 3584, vocabulary 248320, tied embeddings; vision tower
+12 blocks of width 768 (12 heads, MLP 3072), patch 16, merged into width 1024."""
+
+QWEN3_5_CPU_SPEC = ModelSpec(
+    family=QWEN3_5,
+    vocab_size=4096,
+    hidden_size=512,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=1792,
+    vision_depth=2,
+    vision_width=64,
+    vision_heads=4,
+    patch_size=8,
+    head_dim=128,
+    linear_key_heads=8,
+    linear_value_heads=8,
+    linear_head_dim=64,
+)
+"""The CPU benchmark's Qwen3.5-shaped model: Qwen3.5-0.8B's proportions at the CPU model's hidden 512 and 4
+layers (3 gated delta-net, 1 full attention; query and linear-attention widths twice the hidden size, MLP 3.5
+times), vocabulary 4096, the CPU model's 2-block, 64-wide tower."""
+
+
+def qwen3_5_model_config(spec: ModelSpec) -> Any:
+    """The ``Qwen3_5Config`` of a ``qwen3_5`` spec (the default ``layer_types``: every fourth layer full attention)."""
+    from transformers import Qwen3_5Config
+
+    from regate_lightning.families.qwen3_5 import qwen3_5_kwargs
+    from regate_lightning.testing.tiny import text_config
+
+    text = text_config(
+        spec.vocab_size,
+        spec.hidden_size,
+        spec.num_layers,
+        num_heads=spec.num_heads,
+        num_kv_heads=spec.num_kv_heads,
+        intermediate_size=spec.intermediate_size,
+        max_positions=32768,
+        tie_word_embeddings=True,
+    )
+    vision = {
+        "depth": spec.vision_depth,
+        "hidden_size": spec.vision_width,
+        "intermediate_size": 4 * spec.vision_width,
+        "num_heads": spec.vision_heads,
+        "out_hidden_size": spec.hidden_size,
+        "patch_size": spec.patch_size,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+        "num_position_embeddings": 2304,
+    }
+    head_dim = spec.head_dim or spec.hidden_size // spec.num_heads
+    kwargs = qwen3_5_kwargs(
+        text,
+        vision,
+        head_dim=head_dim,
+        linear_heads=(spec.linear_key_heads or spec.num_heads, spec.linear_value_heads or spec.num_heads),
+        linear_head_dim=spec.linear_head_dim or head_dim,
+        rope_theta=10_000_000.0,
+    )
+    return Qwen3_5Config(**kwargs, tie_word_embeddings=True)
 
 
 def build_model(
@@ -205,7 +366,8 @@ class Shape:
         visual_tokens: placeholder tokens of the video (rounded to whole frames by :func:`make_batch`).
         prompt_len: text tokens between the video and the answer.
         answer_len: supervised answer tokens (the last one is ``eos``).
-        overhead: other positions: ``bos`` and, for Qwen2-VL, the vision start/end markers.
+        overhead: other positions: ``bos`` and, for Qwen2-VL, the vision start/end markers; for Qwen3.5 also
+            each temporal patch's timestamp text and markers (:func:`media_overhead`).
     """
 
     batch_size: int
@@ -235,9 +397,46 @@ def _frame_unit(model: nn.Module) -> tuple[int, int]:
     return unit, tokens
 
 
-def media_overhead(model: nn.Module) -> int:
-    """Non-media, non-text positions around the video: bos, plus Qwen2-VL's vision start/end markers."""
-    return 1 + (2 if resolve(model).family.vision_markers else 0)
+def media_overhead(
+    model: nn.Module, visual_tokens: int | None = None, frame_grid: tuple[int, int] | None = None
+) -> int:
+    """Non-media, non-text positions around the video: bos, plus Qwen2-VL's vision start/end markers.
+
+    With ``visual_tokens``, also the text that a family writes per media step (Qwen3.5: each temporal patch's
+    timestamp and vision start / end, :func:`step_text`) for a video of that many placeholders, its frames
+    ``frame_grid`` patches (the family's random frames when None).
+    """
+    fixed = 1 + (2 if resolve(model).family.vision_markers else 0)
+    if visual_tokens is None:
+        return fixed
+    per_step, text = step_text(model, frame_grid)
+    return fixed + visual_tokens // per_step * text
+
+
+def step_text(model: nn.Module, frame_grid: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(placeholders, other positions) of one media step in the family's random video layout.
+
+    The other positions are those a family writes around each step besides the video's own markers: 0 for
+    Qwen2-VL and the LLaVA families, a timestamp and vision start / end per temporal patch for Qwen3.5.
+
+    Args:
+        model: a supported multimodal model.
+        frame_grid: ``(height, width)`` of a frame in patches for a family whose random media take it.
+    """
+    import inspect
+
+    from regate_lightning.testing.batches import media_layout
+
+    parts = resolve(model)
+    family, config = parts.family, parts.model.config
+    unit, tokens = _frame_unit(model)
+    if family.placeholders != GRID or "grid" not in inspect.signature(family.random_media).parameters:
+        return tokens, 0
+    token, _, _ = media_layout(model, unit)
+    kwargs = {} if frame_grid is None else {"grid": frame_grid}
+    media = family.random_media(config, unit, torch.Generator().manual_seed(0), **kwargs)
+    count = sum(1 for i in media.ids if i == token)
+    return count, len(media.ids) - count - (2 if family.vision_markers else 0)
 
 
 def visual_granularity(model: nn.Module, frame_grid: tuple[int, int] | None = None) -> int:
@@ -269,14 +468,25 @@ def shape_for_share(
     overhead = media_overhead(model)
     step = visual_granularity(model, frame_grid)
     answer = max(2, round(answer_share * length))
-    visual = max(step, round((length - answer - prompt_len - overhead) / step) * step)
+    per_step, text = step_text(model, frame_grid)
+    positions = step + step // per_step * text  # of one granule of video, with the text written per media step
+    visual = max(step, round((length - answer - prompt_len - overhead) / positions) * step)
+    overhead = media_overhead(model, visual, frame_grid)
     answer = max(2, length - overhead - visual - prompt_len)
     return Shape(batch_size, visual, prompt_len, answer, overhead)
 
 
-def fixed_shape(model: nn.Module, batch_size: int, visual_tokens: int, prompt_len: int, answer_len: int) -> Shape:
-    """A shape with the given token counts and the model's own overhead positions."""
-    return Shape(batch_size, visual_tokens, prompt_len, answer_len, media_overhead(model))
+def fixed_shape(
+    model: nn.Module,
+    batch_size: int,
+    visual_tokens: int,
+    prompt_len: int,
+    answer_len: int,
+    frame_grid: tuple[int, int] | None = None,
+) -> Shape:
+    """A shape with the given token counts and the model's own overhead positions (``frame_grid``: the frames'
+    size in patches, for a family that writes text per media step)."""
+    return Shape(batch_size, visual_tokens, prompt_len, answer_len, media_overhead(model, visual_tokens, frame_grid))
 
 
 def make_batch(model: nn.Module, shape: Shape, seed: int = 0, frame_grid: tuple[int, int] | None = None) -> dict:
@@ -286,9 +496,10 @@ def make_batch(model: nn.Module, shape: Shape, seed: int = 0, frame_grid: tuple[
         model: a Qwen2-VL or LLaVA-NeXT-Video model.
         shape: the sequence shape; ``visual_tokens`` must be a multiple of :func:`visual_granularity`.
         seed: batch seed; also offsets ``sample_idx`` so that different seeds are different samples.
-        frame_grid: Qwen2-VL only: ``(height, width)`` of a frame in patches (multiples of the merge
+        frame_grid: grid families only: ``(height, width)`` of a frame in patches (multiples of the merge
             size). The default is the 8x8-patch frames of ``random_batch``; a realistic video (e.g.
             24x32 patches = 336x448 pixels at patch 14) gives fewer, larger frames of the same token count.
+            A family that writes text per media step (Qwen3.5) lays its random video out at that size.
 
     Returns:
         The model's keys plus ``labels`` and ``sample_idx``.
@@ -299,8 +510,21 @@ def make_batch(model: nn.Module, shape: Shape, seed: int = 0, frame_grid: tuple[
     granularity = visual_granularity(model, frame_grid)
     if shape.visual_tokens <= 0 or shape.visual_tokens % granularity:
         raise ValueError(f"visual_tokens must be a positive multiple of {granularity}, got {shape.visual_tokens}")
-    if shape.overhead != media_overhead(model):
-        raise ValueError(f"shape.overhead {shape.overhead} does not match the model's {media_overhead(model)}")
+    expected = media_overhead(model, shape.visual_tokens, frame_grid)
+    if shape.overhead != expected:
+        raise ValueError(f"shape.overhead {shape.overhead} does not match the model's {expected}")
+    if frame_grid is not None and step_text(model, frame_grid)[1]:
+        # Text per media step (Qwen3.5's timestamps): the placeholders are laid out by the frames' own grid.
+        per_step = step_text(model, frame_grid)[0]
+        return random_batch(
+            model,
+            batch_size=shape.batch_size,
+            prompt_len=shape.prompt_len,
+            answer_len=shape.answer_len,
+            num_frames=unit * shape.visual_tokens // per_step,
+            seed=seed,
+            frame_grid=frame_grid,
+        )
     frames = unit * shape.visual_tokens // per_unit
     batch = random_batch(
         model,

@@ -2,8 +2,12 @@
 # The prepared GPU check, in one call: elision throughput at ~2B scale on one GPU (ReGATE, visual-token
 # elision and both, at 39 % and 24 % answer shares, each step profiled and compared with the profile's
 # cost model, peak memory per variant; the policy's time per step with a score store of 1M samples x 100
-# candidates), then the strategy checks (benchmarks/gpu_strategies.py: FSDP, and DeepSpeed ZeRO-2/3 when
-# deepspeed imports). Meant to finish in about 8 minutes (GPU_TOTAL_S).
+# candidates); a Qwen3.5-0.8B-shaped step (part 1b: the hybrid gated delta-net decoder, GPU_QWEN3_5_S seconds,
+# 0 skips it); a Qwen3-VL-2B-shaped step (part 1c: DeepStack, a timestamp per temporal patch; GPU_QWEN3_VL_S
+# seconds, 0 skips it); packed vs padded steps on a LLaVA-Video-178K-shaped length mix (part 2:
+# benchmarks/packing.py, PACKING_TIMEOUT_S, 0 skips it); then the strategy checks (benchmarks/gpu_strategies.py:
+# FSDP, and DeepSpeed ZeRO-2/3 when deepspeed imports). Meant to finish in about 8 minutes (GPU_TOTAL_S); part 1
+# gets what the later parts leave (about 140 s: its headline a1024 first).
 #
 #   bash benchmarks/gpu.sh                 # results in $OUT (default ./gpu_results)
 #   bash benchmarks/gpu.sh --batch-size 1  # extra arguments go to benchmarks/gpu_throughput.py
@@ -23,6 +27,8 @@ export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:T
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 TOTAL_S="${GPU_TOTAL_S:-480}"
+QWEN3_5_S="${GPU_QWEN3_5_S:-80}"  # part 1b's share of the budget (0 skips it)
+QWEN3_VL_S="${GPU_QWEN3_VL_S:-80}"  # part 1c's share of the budget (0 skips it)
 start=$(date +%s)
 
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -46,8 +52,9 @@ echo
 echo "== 1. throughput and profile (benchmarks/gpu_throughput.py) =="
 # One process per part: no allocator state carried over. Headline first; the last part is the first to go.
 # a1024-store: the policy's time per step with a store of 1M samples x 100 candidates (issue 13, < 1 %).
+PACKING_S="${PACKING_TIMEOUT_S:-90}"
 for part in ${GPU_PARTS:-a1024 a1024-store a512 a1024-frames a1024-frames-noskip a1024-more}; do
-left=$(( TOTAL_S - 90 - ($(date +%s) - start) ))  # keep 90 s for the strategy checks
+left=$(( TOTAL_S - 90 - QWEN3_5_S - QWEN3_VL_S - PACKING_S - ($(date +%s) - start) ))  # keep time for 1b, 1c, 2, 3
 if [ "$left" -lt 30 ]; then echo "throughput $part: skipped (time budget)"; continue; fi
 limit=$(( left < ${THROUGHPUT_TIMEOUT_S:-110} ? left : ${THROUGHPUT_TIMEOUT_S:-110} ))
 timeout --kill-after=10 "$limit" "$PY" benchmarks/gpu_throughput.py --out "$OUT" --only "$part" "$@" \
@@ -57,11 +64,56 @@ status=${PIPESTATUS[0]}
 echo "throughput $part exit status: $status"
 done
 
+# Part 1b: the Qwen3.5-0.8B-shaped step (hybrid decoder: 18 gated delta-net and 6 full-attention layers), its
+# headline part only by default (GPU_QWEN3_5_PARTS="a1024 a1024-frames" adds whole-frame elision).
+if [ "$QWEN3_5_S" -gt 0 ]; then
+  echo
+  echo "== 1b. Qwen3.5-shaped step (benchmarks/gpu_throughput.py --family qwen3_5) =="
+  for part in ${GPU_QWEN3_5_PARTS:-a1024}; do
+  left=$(( TOTAL_S - 90 - QWEN3_VL_S - PACKING_S - ($(date +%s) - start) ))
+  if [ "$left" -lt 30 ]; then echo "qwen3_5 $part: skipped (time budget)"; continue; fi
+  limit=$(( left < QWEN3_5_S ? left : QWEN3_5_S ))
+  timeout --kill-after=10 "$limit" "$PY" benchmarks/gpu_throughput.py --family qwen3_5 --out "$OUT" --only "$part" \
+    2>&1 | tee -a "$OUT/gpu_throughput_qwen3_5.log"
+  status=${PIPESTATUS[0]}
+  [ "$status" -eq 124 ] && echo "qwen3_5 $part: stopped by the time limit (partial results in $OUT)"
+  echo "qwen3_5 $part exit status: $status"
+  done
+fi
+
+# Part 1c: the Qwen3-VL-2B-shaped step (DeepStack features into the first 3 decoder layers, a timestamp before each
+# temporal patch), its headline part only by default (GPU_QWEN3_VL_PARTS="a1024 a1024-frames" adds whole-frame
+# elision).
+if [ "$QWEN3_VL_S" -gt 0 ]; then
+  echo
+  echo "== 1c. Qwen3-VL-shaped step (benchmarks/gpu_throughput.py --family qwen3_vl) =="
+  for part in ${GPU_QWEN3_VL_PARTS:-a1024}; do
+  left=$(( TOTAL_S - 90 - PACKING_S - ($(date +%s) - start) ))
+  if [ "$left" -lt 30 ]; then echo "qwen3_vl $part: skipped (time budget)"; continue; fi
+  limit=$(( left < QWEN3_VL_S ? left : QWEN3_VL_S ))
+  timeout --kill-after=10 "$limit" "$PY" benchmarks/gpu_throughput.py --family qwen3_vl --out "$OUT" --only "$part" \
+    2>&1 | tee -a "$OUT/gpu_throughput_qwen3_vl.log"
+  status=${PIPESTATUS[0]}
+  [ "$status" -eq 124 ] && echo "qwen3_vl $part: stopped by the time limit (partial results in $OUT)"
+  echo "qwen3_vl $part exit status: $status"
+  done
+fi
+
+if [ "$PACKING_S" -gt 0 ]; then
+  echo
+  echo "== 2. packed vs padded steps (benchmarks/packing.py, limit ${PACKING_S} s) =="
+  # Qwen2-VL-2B's text backbone, bf16, batches of 8 clips of 5-60 s (32 tokens per frame): baseline and ReGATE,
+  # padded and packed (FlashAttention-2 where flash_attn imports, else sdpa_varlen); packing.json in $OUT.
+  timeout --kill-after=10 "$PACKING_S" "$PY" benchmarks/packing.py --device cuda --dtype bfloat16 --preset gpu \
+    --batches 3 --repeats 3 --out "$OUT" 2>&1 | tee "$OUT/packing.log"
+  echo "packing exit status: ${PIPESTATUS[0]}"
+fi
+
 if [ -f benchmarks/gpu_strategies.py ]; then
   left=$(( TOTAL_S - ($(date +%s) - start) ))
   [ "$left" -lt 60 ] && left=60
   echo
-  echo "== 2. strategies (benchmarks/gpu_strategies.py, limit ${left} s) =="
+  echo "== 3. strategies (benchmarks/gpu_strategies.py, limit ${left} s) =="
   timeout --kill-after=10 "$left" "$PY" benchmarks/gpu_strategies.py 2>&1 | tee "$OUT/gpu_strategies.log"
   echo "strategies exit status: ${PIPESTATUS[0]}"
 fi

@@ -1,7 +1,8 @@
 """ReGATE under FSDP and DeepSpeed on one GPU: the strategy checks that ``benchmarks/gpu.sh`` runs.
 
-Neither strategy runs on a CPU (Lightning refuses ``FSDPStrategy`` without CUDA and torch's FSDP needs an
-accelerator; deepspeed is not installed on the CPU machines), so this is where they are checked. Each
+Lightning refuses both strategies without CUDA; the test suite runs them on two CPU processes through
+test-only subclasses (``regate_lightning.testing.strategies``, ``tests/test_scale.py``), and this script
+checks Lightning's own classes on a real GPU, with bf16 and the GPU's kernels. Each
 scenario fits a tiny LLaVA with ``ReGATECallback(teacher="student")`` for 3 optimizer steps (full,
 sparse, full) on one GPU and asserts:
 

@@ -28,6 +28,20 @@ defaults to ``./gpu_results``), rewritten after every part, and the tables are p
 ``--smoke`` runs the same code on the CPU with a tiny model (a few seconds), for the test suite;
 ``--cpu`` runs the same parts on the CPU at a small size (a Qwen2-VL with a 4-layer, 512-wide decoder
 and a 3-block, 256-wide tower; a quarter of the sequence; batch 1), the CPU stand-in of the GPU table.
+
+``--family qwen3_5`` measures a Qwen3.5-0.8B-shaped model instead (:data:`benchmarks.common.QWEN3_5_08B_LIKE`:
+the hybrid decoder, 18 gated delta-net and 6 full-attention layers; the published sizes of the text model and
+the vision tower), bf16, batch 2, rows ``[bos] <video 1536 tokens: 8 temporal patches of 384x512 pixels, each
+with its timestamp> [prompt 64] [answer 1024]``. Parts: ``a1024`` (p=0.5, v=0.5, p=0.5+v=0.5, one profiled
+step each) and ``a1024-frames`` (whole temporal patches elided). Results go to ``gpu_qwen3_5_throughput*.json``.
+Without the ``flash-linear-attention`` and ``causal-conv1d`` kernels, transformers runs its PyTorch fallback of
+the gated delta rule (the log says which ran).
+
+``--family qwen3_vl`` measures a model of Qwen3-VL-2B-Instruct's published sizes
+(:data:`benchmarks.common.QWEN3_VL_2B_LIKE`: text hidden 2048, 28 layers, 16/8 heads, MLP 6144, vocabulary 151936,
+tied embeddings; tower 24 blocks of width 1024, patch 16, DeepStack from blocks 5, 11, 17), bf16, batch 2, rows
+``[bos] <video 1536 tokens: 8 temporal patches of 384x512 pixels, each after its timestamp> [prompt 64]
+[answer 1024]``, with the same two parts. Results go to ``gpu_qwen3_vl_throughput*.json``.
 """
 
 from __future__ import annotations
@@ -51,6 +65,8 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` and `regate_
 
 from benchmarks.common import (  # noqa: E402
     QWEN2_VL_2B_LIKE,
+    QWEN3_5_08B_LIKE,
+    QWEN3_VL_2B_LIKE,
     ModelSpec,
     build_model,
     count_parameters,
@@ -69,6 +85,7 @@ from benchmarks.throughput import (  # noqa: E402
     plot,
     set_step_skip,
 )
+from regate_lightning.families import QWEN2_VL, QWEN3_5, QWEN3_VL  # noqa: E402
 from regate_lightning.visual import as_visual_selection  # noqa: E402
 
 P, V, PV = Variant(regate=0.5), Variant(visual=0.5), Variant(regate=0.5, visual=0.5)
@@ -153,11 +170,16 @@ class Config:
 
     @property
     def prefix(self) -> str:
-        """Prefix of the output files: ``cpu`` for the small CPU stand-in, ``gpu`` otherwise (the smoke run too)."""
+        """Prefix of the output files: ``cpu`` for the small CPU stand-in, ``gpu`` otherwise (the smoke run too);
+        ``gpu_qwen3_5`` / ``gpu_qwen3_vl`` for the Qwen3.5- / Qwen3-VL-shaped runs (their smoke runs too)."""
+        if self.spec.family in (QWEN3_5, QWEN3_VL):
+            return f"gpu_{self.spec.family}"
         return "cpu" if self.device == "cpu" and self.spec != SMOKE_SPEC else "gpu"
 
     def defaults(self) -> Config:
         """The configuration of the same kind (GPU, CPU stand-in or smoke) with its default parts."""
+        if self.spec.family in (QWEN3_5, QWEN3_VL):
+            return Config.shaped(self.spec.family, smoke=self.device == "cpu")
         if self.device != "cpu":
             return Config(spec=self.spec)
         return Config.smoke() if self.spec == SMOKE_SPEC else Config.cpu()
@@ -196,6 +218,29 @@ class Config:
             parts=parts_for(256, 128, 3),
         )
 
+    @staticmethod
+    def qwen3_5(smoke: bool = False) -> Config:
+        """The Qwen3.5-0.8B-shaped step (see the module docstring); ``smoke``: the same parts on the CPU, tiny."""
+        return Config.shaped(QWEN3_5, smoke)
+
+    @staticmethod
+    def shaped(family: str, smoke: bool = False) -> Config:
+        """The step of a model of a released checkpoint's sizes (:data:`SHAPED`; see the module docstring):
+        parts ``a1024`` and ``a1024-frames``, 5 pairs; ``smoke``: the same parts on the CPU, tiny."""
+        answer = 48 if smoke else 1024
+        parts = (
+            Part(f"a{answer}", answer, (P, V, PV), profile_repeats=1, optional=False),
+            Part(f"a{answer}-frames", answer, (Variant(visual=0.5), PV), "temporal_frames", profile_repeats=1),
+        )
+        if not smoke:
+            return Config(spec=SHAPED[family], repeats=5, warmup=1, frame_grid=(24, 32), parts=parts)
+        spec = replace(SMOKE_SPEC, family=family)
+        return replace(Config.smoke(), spec=spec, visual_tokens=32, frame_grid=(4, 8), parts=parts)
+
+
+SHAPED = {QWEN3_5: QWEN3_5_08B_LIKE, QWEN3_VL: QWEN3_VL_2B_LIKE}
+"""The models of ``--family``: Qwen3.5-0.8B's and Qwen3-VL-2B-Instruct's published sizes."""
+
 
 CPU_VISUAL_SPEC = replace(CPU_SPEC, vision_depth=3, vision_width=256, vision_heads=4)
 """The CPU stand-in's model: ``CPU_SPEC``'s decoder (hidden 512, 4 layers, vocabulary 4096) with a tower of
@@ -216,7 +261,9 @@ def run_part(bench: Bench, config: Config, part: Part, index: int) -> dict[str, 
     """Run one part; on CUDA out-of-memory retry once at half the batch size."""
     batch_size = config.batch_size
     while True:
-        shape = fixed_shape(bench.model, batch_size, config.visual_tokens, config.prompt_len, part.answer_len)
+        shape = fixed_shape(
+            bench.model, batch_size, config.visual_tokens, config.prompt_len, part.answer_len, config.frame_grid
+        )
         _log(
             f"  part {part.name}: B={shape.batch_size} L={shape.length} (video {shape.visual_tokens}, prompt "
             f"{shape.prompt_len}, answer {shape.answer_len} = {shape.answer_share:.0%}), "
@@ -274,6 +321,14 @@ def estimate_s(config: Config, part: Part, step_s: float) -> float:
     return steps * step_s
 
 
+def linear_attention_kernels() -> dict[str, bool]:
+    """Whether the packages of the fused gated delta-net kernels import (``fla``: flash-linear-attention, the
+    chunked delta rule; ``causal_conv1d``); without them transformers runs its PyTorch fallbacks."""
+    import importlib.util
+
+    return {name: importlib.util.find_spec(name) is not None for name in ("fla", "causal_conv1d")}
+
+
 def run(config: Config, out_dir: Path) -> dict[str, Any]:
     """Run every part that fits the budget; write the JSON after each; return the result."""
     started = time.perf_counter()
@@ -297,6 +352,8 @@ def run(config: Config, out_dir: Path) -> dict[str, Any]:
 
     try:
         result["environment"] = environment(device)
+        if config.spec.family == QWEN3_5:  # which gated delta-net kernels transformers finds (else its fallback)
+            result["environment"]["linear_attention_kernels"] = linear_attention_kernels()
         _log("environment: " + ", ".join(f"{k}={v}" for k, v in result["environment"].items()))
     except Exception as error:  # report and go on: the versions are nice to have, not needed
         result["errors"].append({"part": "environment", "error": repr(error)})
@@ -357,6 +414,13 @@ def parser() -> argparse.ArgumentParser:
         "carrying allocator state between parts); results go to gpu_throughput-<names>.json",
     )
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, same code path (seconds)")
+    ap.add_argument(
+        "--family",
+        default=QWEN2_VL,
+        choices=[QWEN2_VL, QWEN3_5, QWEN3_VL],
+        help="qwen2_vl (the Qwen2-VL-2B-shaped parts), qwen3_5 (the Qwen3.5-0.8B-shaped parts) or qwen3_vl (the "
+        "Qwen3-VL-2B-shaped parts)",
+    )
     ap.add_argument("--cpu", action="store_true", help="the same parts on the CPU at a small size (minutes)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads with --smoke / --cpu (default 1)")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default $OUT, else ./gpu_results)")
@@ -375,6 +439,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if args.smoke and args.cpu:
         raise SystemExit("--smoke and --cpu are two different CPU runs: give one")
     config = Config.smoke() if args.smoke else Config.cpu() if args.cpu else Config(spec=QWEN2_VL_2B_LIKE)
+    if args.family in SHAPED:
+        if args.cpu:
+            raise SystemExit(f"--family {args.family} has no --cpu configuration: use --smoke, or throughput.py")
+        config = Config.shaped(args.family, smoke=args.smoke)
     spec_overrides = {k: getattr(args, k) for k in ("num_layers", "vision_depth") if getattr(args, k) is not None}
     overrides = {
         k: getattr(args, k) for k in ("batch_size", "repeats", "budget_s", "attn", "dtype") if getattr(args, k)

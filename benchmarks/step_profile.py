@@ -237,7 +237,8 @@ def decoder_flops(model: nn.Module, batch_size: int, length: int) -> float:
     Per layer and row: ``2 * P_layer * L`` for the matrix products (``P_layer`` the layer's parameters)
     and ``2 * hidden * L**2`` for causal attention (``Q K^T`` and ``A V`` over the lower triangle). The
     backward pass costs about twice the forward in both parts, so ratios of this function are ratios of
-    the whole decoder's time when the step is compute-bound.
+    the whole decoder's time when the step is compute-bound. A hybrid decoder's linear-attention layers
+    (``layer_types`` ``"linear_attention"``, Qwen3.5's gated delta-net) have no quadratic part.
 
     Example:
         >>> from regate_lightning.testing import tiny_llama
@@ -249,6 +250,11 @@ def decoder_flops(model: nn.Module, batch_size: int, length: int) -> float:
     layers = parts.decoder.layers
     per_layer = sum(p.numel() for p in layers[0].parameters())
     hidden = int(parts.decoder.config.hidden_size)
+    kinds = getattr(parts.decoder.config, "layer_types", None)
+    if kinds is not None and "linear_attention" in kinds:  # hybrid: every layer's own parameters, attention where it is
+        params = sum(p.numel() for p in layers.parameters())
+        attention = sum(kind != "linear_attention" for kind in kinds[: len(layers)])
+        return float(batch_size * (2 * params * length + attention * 2 * hidden * length * length))
     return float(batch_size * len(layers) * (2 * per_layer * length + 2 * hidden * length * length))
 
 

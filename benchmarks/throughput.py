@@ -45,6 +45,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` and `regate_
 
 from benchmarks.common import (  # noqa: E402
     FAMILIES,
+    QWEN3_5_CPU_SPEC,
     ActivationMeter,
     ModelSpec,
     Shape,
@@ -91,6 +92,8 @@ CPU_SPEC = ModelSpec()
 """Default CPU model: Qwen2-VL with a 512-wide, 4-layer decoder (8/2 heads, MLP 1536, vocabulary 4096,
 16.6 M parameters) and a 2-layer, 64-wide vision tower: a step of one to two seconds at 1 x 1024 tokens
 on the 2-core development machines."""
+FAMILY_CPU_SPECS = {QWEN3_5_CPU_SPEC.family: QWEN3_5_CPU_SPEC}
+"""The default CPU model of a ``--family`` other than ``CPU_SPEC``'s (its sizes, overridable one by one)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -865,6 +868,13 @@ def parser() -> argparse.ArgumentParser:
         "image_size",
     ):
         m.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=f"default {getattr(CPU_SPEC, name)}")
+    for name in ("head_dim", "linear_key_heads", "linear_value_heads", "linear_head_dim"):  # qwen3_5's own sizes
+        m.add_argument(
+            "--" + name.replace("_", "-"),
+            type=int,
+            default=None,
+            help=f"qwen3_5: default {getattr(QWEN3_5_CPU_SPEC, name)}",
+        )
     s = ap.add_argument_group("sequence")
     s.add_argument("--batch-size", type=int, default=1)
     s.add_argument("--seq-len", type=int, default=1024, help="tokens per row in the answer-share sweep")
@@ -877,7 +887,7 @@ def parser() -> argparse.ArgumentParser:
         help="fixed video length instead of the share sweep (with --answer-lens)",
     )
     s.add_argument("--answer-lens", type=_ints, default=[512], help="answer lengths with --visual-tokens")
-    s.add_argument("--frame-grid", default=None, help="qwen2_vl frame size in patches, e.g. 24,32")
+    s.add_argument("--frame-grid", default=None, help="Qwen frame size in patches, e.g. 24,32")
     r = ap.add_argument_group("measurement")
     r.add_argument("--keep-ratios", type=_floats, default=[0.25, 0.5, 0.75, 1.0], help="ReGATE p, alone")
     r.add_argument("--visual-keeps", type=_floats, default=[], help="visual-token elision keep ratios, alone")
@@ -904,7 +914,7 @@ def parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> tuple[ModelSpec, dict[str, Any]]:
     """The model spec and run settings the arguments describe (``--smoke`` shrinks both)."""
-    base = SMOKE_SPEC if args.smoke else CPU_SPEC
+    base = SMOKE_SPEC if args.smoke else FAMILY_CPU_SPECS.get(args.family, CPU_SPEC)
     overrides = {k: getattr(args, k) for k in asdict(base) if k != "family" and getattr(args, k, None) is not None}
     spec = ModelSpec(**{**asdict(base), **overrides, "family": args.family})
     device = torch.device(args.device)
@@ -944,7 +954,14 @@ def shapes_for(model: torch.nn.Module, settings: dict[str, Any]) -> list[Shape]:
     """The shapes of the sweep: by answer share at a fixed length, or a fixed video with several answers."""
     if settings["visual_tokens"] is not None:
         return [
-            fixed_shape(model, settings["batch_size"], settings["visual_tokens"], settings["prompt_len"], a)
+            fixed_shape(
+                model,
+                settings["batch_size"],
+                settings["visual_tokens"],
+                settings["prompt_len"],
+                a,
+                settings["frame_grid"],
+            )
             for a in settings["answer_lens"]
         ]
     return [

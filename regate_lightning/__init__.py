@@ -9,7 +9,7 @@ core). Names are imported on first use, so that importing a core module (``regat
 
 from __future__ import annotations
 
-from regate_lightning._imports import lazy_exports
+from regate_lightning._imports import install_moved_modules, lazy_exports
 
 __version__ = "0.1.0"
 
@@ -42,6 +42,9 @@ _EXPORTS: dict[str, str] = {
     "Teacher": "regate_lightning.teacher",
     "ElidedOutput": "regate_lightning.elision",
     "forward_active": "regate_lightning.elision",
+    "pack_layout": "regate_lightning.elision",
+    "packing_refusal": "regate_lightning.elision",
+    "PACKED_SDPA": "regate_lightning.packed_sdpa",
     "FAMILIES": "regate_lightning.families",
     "resolve": "regate_lightning.families",
     # The functional core.
@@ -58,3 +61,5 @@ _EXPORTS: dict[str, str] = {
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+install_moved_modules()  # the modules of an earlier layout, at their old paths (with a warning)

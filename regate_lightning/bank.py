@@ -235,6 +235,8 @@ class ScoreBank(nn.Module):
         self._rows = 0  # registered samples (used rows)
         self.num_replaced = 0
         """Pending samples whose count or digest did not match their live data, reset since construction."""
+        self.replaced_keys = torch.zeros(0, dtype=torch.int64)
+        """int64 ``[R]``: the keys of the samples the latest such reset concerned (one :meth:`register` call)."""
         self.index = KeyIndex()
         self._located: tuple[Tensor, Tensor, tuple[int, ...], _Located] | None = None
         self.register_buffer("ema", torch.full((initial_capacity,), _NAN))
@@ -412,6 +414,7 @@ class ScoreBank(nn.Module):
             self._located = None  # those rows have new slots
         self.digest[rows] = digests
         self.num_replaced += rows.numel()
+        self.replaced_keys = self.keys[rows]
 
     def _allocate(self, rows: Tensor, counts: Tensor) -> None:
         total = int(counts.sum())

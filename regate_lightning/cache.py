@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,7 @@ __all__ = [
     "open_cache",
     "reference_fingerprint",
     "save_cache",
+    "share_complete",
     "write_atomic",
 ]
 
@@ -76,6 +78,7 @@ def save_cache(
     fingerprint: dict[str, Any],
     samples: torch.Tensor | None = None,
     base: ReferenceCache | None = None,
+    data_keys: torch.Tensor | None = None,
 ) -> int:
     """Write the complete reference losses of ``bank`` to ``path`` atomically.
 
@@ -87,6 +90,8 @@ def save_cache(
         base: an opened cache whose samples are kept where ``bank`` has not registered them (``fit`` reads
             its cache lazily, so the samples it has not met yet are only in the file); its fingerprint
             must be ``fingerprint``.
+        data_keys: integer ``[K]``: the keys of the samples the training data hold now; the others (records
+            removed, or edited to another identity) are left out. None keeps every sample.
 
     Returns:
         The number of samples written.
@@ -98,6 +103,10 @@ def save_cache(
         sample_idx, counts, digests = sample_idx[keep], counts[keep], digests[keep]
     if base is not None and len(base):
         sample_idx, counts, digests, ref = _merge((sample_idx, counts, digests, ref), base, bank)
+    if data_keys is not None:
+        live = torch.isin(sample_idx, data_keys.to(device="cpu", dtype=torch.int64))
+        ref = ref[torch.repeat_interleave(live, counts)]
+        sample_idx, counts, digests = sample_idx[live], counts[live], digests[live]
     payload = {
         "version": CACHE_VERSION,
         "fingerprint": fingerprint,
@@ -240,6 +249,20 @@ class ReferenceCache:
     def __len__(self) -> int:
         return self.sample_idx.numel()
 
+    def summary(self) -> str:
+        """What equal copies of this file have in common, in one line: its samples, fingerprint and keys.
+
+        A digest of the fingerprint and of the keys, counts and content digests (read at opening), not of
+        the losses: cheap at any size, and equal for a file and its copy on another node.
+        """
+        import hashlib
+        import json
+
+        digest = hashlib.sha256(json.dumps(self.fingerprint, sort_keys=True, default=str).encode())
+        for array in (self.sample_idx, self.counts, self.digests):
+            digest.update(array.numpy().tobytes())
+        return f"{len(self)} samples, {self.ref.numel()} losses, digest {digest.hexdigest()[:12]}"
+
     def read(self, sample_idx: torch.Tensor, counts: torch.Tensor, digests: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The cached losses of the given samples, where the file holds them for the same content.
 
@@ -363,3 +386,56 @@ def weights_digest(module: torch.nn.Module, samples: int = 4096) -> str:
         digest.update(name.encode())
         digest.update(flat[::step].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+Gather = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+"""Concatenates 1-D tensors across ranks in rank order (:data:`regate_lightning.policy.Gather`)."""
+
+
+def share_complete(bank: ScoreBank, gather: Gather, rank: int, chunk: int = CHUNK_SAMPLES) -> int:
+    """Give every rank the complete reference losses of every sample that any rank holds, each sent once.
+
+    After it, :func:`cached_samples` is the same on every rank (so any rank can write the whole cache file).
+    ``regate-lightning score`` calls it when it starts (so that no rank scores again what another rank's files
+    hold: on node-local folders the nodes see different files) and when it ends (so that every node can
+    write the complete file). Two kinds of collective: the keys of every rank (8 bytes a sample), then each
+    sample's count, digest and losses from the lowest rank that holds it, in rounds of ``chunk`` samples per
+    rank (every rank computes the same number of rounds from the keys).
+
+    Args:
+        bank: this rank's store.
+        gather: the cross-rank all-gather (one output per input, concatenated in rank order).
+        rank: this rank's index in the gather's order.
+        chunk: samples a rank sends per round: bounds each collective's buffers.
+
+    Returns:
+        The number of samples this rank received.
+    """
+    keys = torch.sort(bank.sample_keys().cpu()).values
+    keys = keys[bank.has_ref(keys).cpu()] if keys.numel() else keys
+    all_keys, lengths = (t.cpu() for t in gather([keys, torch.tensor([keys.numel()])]))
+    per_rank = all_keys.split(lengths.tolist())
+    owned, seen = [], torch.zeros(0, dtype=torch.int64)
+    for held in per_rank:  # a sample is sent by the lowest rank that holds it
+        new = held[~torch.isin(held, seen)]
+        owned.append(new)
+        seen = torch.cat([seen, new])
+    rounds = max((n.numel() + chunk - 1) // chunk for n in owned)
+    mine = owned[rank]
+    received = 0
+    for start in range(0, rounds * chunk, chunk):
+        send = mine[start : start + chunk]
+        counts = bank.candidate_counts(send).cpu() if send.numel() else torch.zeros(0, dtype=torch.int64)
+        digests = bank.digests(send).cpu() if send.numel() else torch.zeros(0, dtype=torch.int64)
+        ref = bank.get_ref(send, counts).float().cpu() if send.numel() else torch.zeros(0)
+        idx, counts, digests, ref = (t.cpu() for t in gather([send, counts, digests, ref]))
+        need = ~bank.has_ref(idx).cpu() if idx.numel() else torch.zeros(0, dtype=torch.bool)
+        if bool(need.any()):
+            payload = {
+                "sample_idx": idx[need],
+                "counts": counts[need],
+                "digests": digests[need],
+                "ref": ref[torch.repeat_interleave(need, counts)],
+            }
+            received += load_into(bank, payload)
+    return received

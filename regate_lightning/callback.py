@@ -9,7 +9,8 @@ The callback decides; the module executes. The decisions are the policy's
 3. ``on_train_batch_start``: ``policy.plan(batch, trainer.global_step)`` with the strategy's all-gather
    and the precision plugin's forward context, and writes ``batch["keep_mask"]`` in a sparse step;
 4. ``on_train_batch_end``: ``policy.observe(plan, token_loss)``; counts the step and logs;
-5. ``on_train_epoch_end`` / ``on_fit_end``: rank 0 writes the reference cache.
+5. ``on_train_epoch_end`` / ``on_fit_end``: the lowest rank of each file system writes the reference cache
+   (rank 0 alone on a shared folder; one rank per node on node-local folders).
 
 Under DDP every rank gathers the step's samples (in ``on_train_batch_start``) and the step's reference
 losses, student losses and counts (in ``on_train_batch_end``) from all ranks, one collective per hook
@@ -22,15 +23,17 @@ the very same computation.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from regate_lightning.bank import ScoreBank
-from regate_lightning.cache import open_cache, save_cache
+from regate_lightning.cache import ReferenceCache, open_cache, save_cache
 from regate_lightning.keys import (
     ACTIVE,
     ACTIVE_FRAC,
@@ -57,6 +60,13 @@ from regate_lightning.keys import (
 )
 from regate_lightning.policy import Gather, ReGATEPolicy, StepPlan
 from regate_lightning.selection import Fallback, Selection
+from regate_lightning.shared import (
+    agree_on_file,
+    check_checkpoint,
+    first_in_folder,
+    raise_together,
+    resuming_from,
+)
 from regate_lightning.strategies import check_strategy, check_unsharded
 from regate_lightning.sync import RaggedGather
 from regate_lightning.teacher import STUDENT, Teacher
@@ -87,8 +97,9 @@ class ReGATECallback(Callback):
             default the datamodule's ``tokenizer`` attribute is used.
         ref_cache: file of reference losses: opened at the start when it exists (memory-mapped; each
             sample's losses are read when training first meets it and its content matches), written
-            (atomically, by rank 0, with the cached samples not met yet) at the end of every training
-            epoch and of fitting.
+            (atomically, with the cached samples not met yet) at the end of every training epoch and of
+            fitting, by the lowest rank of each file system. Every rank must see the same file (or none):
+            the ranks compare it through the process group at the start and refuse to differ.
         selection: which candidates a sparse step keeps: ``"regate"`` (the top fused scores; also
             ``"topk"``), ``"random"`` (a control at the same keep count), ``"adaptive"`` (a keep count per
             sample from its scores), or a :class:`~regate_lightning.selection.Selection` (in YAML, a
@@ -148,8 +159,10 @@ class ReGATECallback(Callback):
         self.store_device = store_device
         self.totals = dict.fromkeys(TOTALS, 0)
         self._restored: dict[str, Any] | None = None
-        self._warned_replaced = False
+        self._replaced_run = 0  # samples of this fit whose stored values were dropped, over all ranks
+        self._first_replaced = ""  # the first of them, by name
         self.cache_samples = 0
+        self._writes_cache = True
         self._plan: StepPlan | None = None
         self._gather: Gather | None = None
         self.last_plan: StepPlan | None = None
@@ -189,13 +202,49 @@ class ReGATECallback(Callback):
         if self._restored is not None:
             self._apply_state(self._restored)
             self._restored = None
+        self._replaced_run, self._first_replaced = 0, ""
+        check_checkpoint(trainer.strategy, resuming_from(trainer))
         if self.ref_cache:
-            self.policy.cache = open_cache(self.ref_cache, self.policy.fingerprint)
-            if self.policy.cache is not None:
-                rank_zero_info(
-                    f"ReGATE: {self.ref_cache} holds reference losses of {len(self.policy.cache)} samples (each "
-                    "read when training first meets it)"
+            self.policy.cache = self._open_cache(trainer.strategy, trainer.datamodule)
+
+    def _open_cache(self, strategy: Strategy, datamodule: Any) -> ReferenceCache | None:
+        """Open ``ref_cache`` on every rank; refuse, on every rank, a cache that the ranks see differently.
+
+        Every rank reads the file from its own file system. The ranks compare what they opened (present or
+        not, fingerprint, samples) through the process group: one rank reading reference losses while
+        another runs its teacher would make their stores differ. They also settle which ranks write the
+        file at each epoch end (the lowest rank of each file system, :func:`~regate_lightning.shared.first_in_folder`).
+        """
+        assert self.ref_cache is not None
+        cache, error = None, None
+        try:
+            cache = open_cache(self.ref_cache, self.policy.fingerprint)
+        except ValueError as err:  # another setup's or a damaged file: every rank stops, not only this one
+            error = err
+        raise_together(strategy, error, f"opening the reference cache {self.ref_cache}")
+        agree_on_file(
+            strategy,
+            self.ref_cache,
+            None if cache is None else cache.summary(),
+            "reference cache (`ref_cache`)",
+            "put it on a file system every node mounts, copy the file to the same path on every node, or "
+            "delete it everywhere and let this run's teacher score the samples again",
+        )
+        self._writes_cache = first_in_folder(strategy, Path(self.ref_cache).parent)
+        if cache is not None:
+            keys = data_keys(datamodule)
+            gone = 0 if keys is None else int((~torch.isin(cache.sample_idx, keys)).sum())
+            rank_zero_info(
+                f"ReGATE: {self.ref_cache} holds reference losses of {len(cache)} samples (each read when training "
+                "first meets it)"
+                + (
+                    f"; {gone} of them belong to no record of the training data now (removed, or edited to "
+                    "another id or line) and are left out when the cache is written again"
+                    if gone
+                    else ""
                 )
+            )
+        return cache
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Place the teacher on the student's device and the store on ``store_device``.
@@ -231,20 +280,22 @@ class ReGATECallback(Callback):
         plan.apply(batch)
         self.cache_samples += plan.cached
         if plan.replaced:
-            self._report_replaced(plan.replaced)
+            self._report_replaced(plan, trainer.datamodule)
         self._plan = self.last_plan = plan
 
-    def _report_replaced(self, replaced: int) -> None:
-        """Count restored entries that belonged to other content; say so in the log the first time."""
-        if not self._warned_replaced:
-            self._warned_replaced = True
+    def _report_replaced(self, plan: StepPlan, datamodule: Any) -> None:
+        """Count restored entries that belonged to other content; name the first in the log the first time."""
+        if not self._first_replaced:
+            self._first_replaced = sample_name(datamodule, int(plan.replaced_keys[0]))
+            more = f" and {plan.replaced - 1} more sample(s) of this step" if plan.replaced > 1 else ""
             rank_zero_warn(
-                f"ReGATE: {replaced} sample(s) of this step had stored values (from the checkpoint or `ref_cache`) "
-                "made from other content (the record changed, or another record now has its id): they were "
-                f"dropped, the teacher scores those samples again and their EMA restarts. Counted in "
-                f"`{REPLACED_SAMPLES}`."
+                f"ReGATE: {self._first_replaced}{more} had stored values (from the checkpoint or `ref_cache`) made "
+                "from other content (the record changed, or another record now has its id): they were dropped, the "
+                f"teacher scores such samples again and their EMA restarts. Counted over the run in "
+                f"`{REPLACED_SAMPLES}` and reported when fitting ends."
             )
-        self.totals[REPLACED] += replaced
+        self._replaced_run += plan.replaced
+        self.totals[REPLACED] += plan.replaced
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -292,17 +343,30 @@ class ReGATECallback(Callback):
         pl_module.log_dict(metrics, batch_size=size)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Write the reference cache (rank 0) so that a later run need not run the teacher again."""
+        """Write the reference cache (see `_write_cache`) so that a later run need not run the teacher again."""
         self._write_cache(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the reference cache once more at the end of fitting, and close the file read at the start."""
         self._write_cache(trainer)
         self.policy.cache = None
+        if self._replaced_run:
+            rank_zero_warn(
+                f"ReGATE: in this fit {self._replaced_run} sample(s) had stored values made from other content, the "
+                f"first {self._first_replaced}; they were scored again (`{REPLACED_SAMPLES}`)"
+            )
 
     def _write_cache(self, trainer: pl.Trainer) -> None:
-        if self.ref_cache and self.policy.bank is not None and trainer.is_global_zero:
-            written = save_cache(self.ref_cache, self.policy.bank, self.policy.fingerprint, base=self.policy.cache)
+        """Every rank holds the same store: the lowest rank of each file system writes it there (see ``setup``),
+        with the samples of the training data as it is now (none of removed records)."""
+        if self.ref_cache and self.policy.bank is not None and self._writes_cache:
+            written = save_cache(
+                self.ref_cache,
+                self.policy.bank,
+                self.policy.fingerprint,
+                base=self.policy.cache,
+                data_keys=data_keys(trainer.datamodule),
+            )
             rank_zero_info(f"ReGATE: wrote reference losses of {written} samples to {self.ref_cache}")
 
     # ---------------------------------------------------------------------------------------------
@@ -348,6 +412,18 @@ class ReGATECallback(Callback):
         if state["bank"] is not None:
             self.bank.load_state_dict(state["bank"])
         self.totals.update(state["totals"])
+
+
+def data_keys(datamodule: Any) -> torch.Tensor | None:
+    """int64 ``[N]``: the data module's training sample keys (its ``sample_keys()``), or None without one."""
+    keys = getattr(datamodule, "sample_keys", None)
+    return torch.tensor(keys(), dtype=torch.int64) if callable(keys) else None
+
+
+def sample_name(datamodule: Any, key: int) -> str:
+    """The record behind a sample key, by the data module's ``sample_name`` (``"id r1"``), else the key."""
+    name = getattr(datamodule, "sample_name", None)
+    return str(name(key)) if callable(name) else f"sample_idx {key}"
 
 
 def step_outputs(outputs: Any, keys: tuple[str, ...]) -> dict[str, Any]:

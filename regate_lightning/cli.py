@@ -7,6 +7,14 @@ argument, not with the parser's trace. ReGATE is on when ``trainer.callbacks`` h
 ``ReGATECallback``; from the command line, ``--trainer.callbacks+=regate_lightning.ReGATECallback``
 adds it to any recipe without editing YAML.
 
+**Errors in one line.** Bad data under ``on_error: raise`` (a
+:class:`~regate_lightning.data.errors.DataError`: file, line or record, id, what is wrong and the fix) and a
+class path or dotted path that names nothing (with the closest existing path) end the command with one
+``regate-lightning: error: ...`` line on stderr instead of a traceback or a usage dump; set
+``REGATE_LIGHTNING_TRACEBACK=1`` to get the traceback as well. Modules of an earlier layout
+(``regate_lightning.tiny``, ``regate_lightning.data.debug``, ...) still import, with a warning that names
+the new path, and the data modules may be named by class name alone (``class_path: ConversationDataModule``).
+
 ``regate-lightning score --config recipe.yaml`` reads the same recipe (same classes, same
 overrides, plus ``--score.*`` options, see :class:`regate_lightning.score.ScoreOptions`) and runs the
 ReGATE teacher over the training set once, writing the callback's ``ref_cache`` file so that ``fit``
@@ -15,16 +23,33 @@ never runs the teacher (see ``docs/scoring.md``).
 
 from __future__ import annotations
 
+import importlib
+import os
+import re
 import sys
 import traceback
 import warnings
+from datetime import timedelta
 from typing import Any, NoReturn
 
 import torch
+from jsonargparse.typing import register_type, timedelta_deserializer
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from regate_lightning._imports import closest_path, new_path
+from regate_lightning.data.errors import DataError
 from regate_lightning.module import MLLMModule
+
+TRACEBACK_ENV = "REGATE_LIGHTNING_TRACEBACK"
+"""Set to 1 to see the traceback behind a one-line error of the command (bad data, a refused value)."""
+NAMED_CLASSES = (
+    "regate_lightning.callback",
+    "regate_lightning.visual_callback",
+    "regate_lightning.data.datamodule",
+    "regate_lightning.testing.datamodule",
+)
+"""Modules imported before a recipe is parsed, so that their classes may be named by class name alone."""
 
 SCORE = "score"
 """The subcommand that scores the training set offline."""
@@ -32,8 +57,121 @@ SCORE_HELP = "Run the ReGATE teacher over the training set once, offline, into t
 DESCRIPTION = (
     "regate-lightning: fine-tune multimodal LLMs with ReGATE (reference-guided adaptive token elision) on "
     "PyTorch Lightning. `fit`, `validate`, `test` and `predict` are LightningCLI's; `score` runs the ReGATE "
-    "teacher offline. Each takes a recipe: --config recipes/<name>.yaml."
+    "teacher offline. Each takes a recipe: --config recipes/<name>.yaml. Bad data, a refused value and a "
+    f"class path that names nothing end the command with one line; {TRACEBACK_ENV}=1 adds the traceback."
 )
+
+
+def show_traceback() -> bool:
+    """Whether :data:`TRACEBACK_ENV` asks for tracebacks instead of one-line errors."""
+    return os.environ.get(TRACEBACK_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def data_error_line(error: DataError) -> str:
+    """The one line of a data error: its own message, also when a DataLoader worker raised it.
+
+    torch re-raises a worker's exception in the main process with the worker's formatted traceback as its
+    message ("Caught DataError in DataLoader worker process 0. Original Traceback ..."); its last line is
+    the error's own.
+    """
+    message = str(error)
+    if "Original Traceback" in message:
+        last = message.rstrip().splitlines()[-1]
+        message = re.sub(r"^[\w.]*(DataError|MediaError): ", "", last)
+    return " ".join(message.split())
+
+
+_UNRESOLVED = (
+    re.compile(r"Problem with given class_path '(?P<path>[^']+)':\s*\n\s*(?P<why>[^\n]+)"),
+    re.compile(r"Expected a dot import path string: (?P<path>\S+)"),
+)
+
+
+def _resolves(path: str) -> bool:
+    """Whether ``path`` names an object (a dotted path; a short name never does on its own)."""
+    module, _, name = path.rpartition(".")
+    if not module:
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return hasattr(importlib.import_module(module), name)
+    except Exception:  # any failure to import means it does not resolve
+        return False
+
+
+def _subclass_paths(message: str) -> set[str]:
+    """The dotted paths of the imported subclasses of the base classes a parser message names."""
+    paths: set[str] = set()
+    for base_path in set(re.findall(r"<class '([\w.]+)'>", message)):
+        module, _, name = base_path.rpartition(".")
+        base = getattr(sys.modules.get(module), name, None)
+        stack = list(base.__subclasses__()) if isinstance(base, type) else []
+        while stack:
+            cls = stack.pop()
+            try:
+                paths.add(new_path(cls.__module__, cls.__qualname__))  # its package's export, if any
+            except Exception:  # a class of a module that cannot be re-imported: its own path
+                paths.add(f"{cls.__module__}.{cls.__qualname__}")
+            stack += cls.__subclasses__()
+    return paths
+
+
+def unresolved_class_path(message: str) -> str | None:
+    """One line for a parser error about a class path that names nothing, with the closest existing path.
+
+    Args:
+        message: the parser's error message (jsonargparse's, several lines).
+
+    Returns:
+        The line, or None when the message is about something else (a class path that resolves but whose
+        arguments are wrong, say).
+    """
+    for pattern in _UNRESOLVED:
+        found = pattern.search(message)
+        if found is None or _resolves(found["path"]):
+            continue
+        path = found["path"]
+        key = re.search(r'Parser key "([^"]+)"', message)
+        where = f"`{key[1]}`: " if key else ""
+        why = found.groupdict().get("why") or "no imported class has this name"
+        closest = closest_path(path, _subclass_paths(message))
+        hint = f"; closest existing path: {closest}" if closest else "; give the full dotted path of the class"
+        return f"{where}class path {path!r} cannot be resolved ({why.strip()}){hint}"
+    return None
+
+
+class ReGATEArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser; a class path that names nothing is one line (:func:`unresolved_class_path`)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        """One line for an unresolvable class path; jsonargparse's usage and message otherwise."""
+        line = unresolved_class_path(message) if self.exit_on_error and not show_traceback() else None
+        if line is not None:
+            exit_with_error(line)
+        super().error(message, ex)
+
+
+def duration(value: Any) -> timedelta:
+    """A duration in a recipe (e.g. the strategy's ``timeout``): seconds, or ``"h:m:s"`` / ``"d days, h:m:s"``.
+
+    jsonargparse reads a ``timedelta`` only from ``"h:m:s"``; ``timeout: 600`` or ``--...timeout=600`` is what a
+    user writes first.
+
+    Example:
+        >>> [duration(v).total_seconds() for v in (600, "90.5", "1:30:00", "1 day, 0:00:00")]
+        [600.0, 90.5, 5400.0, 86400.0]
+    """
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d*)?\s*", value):
+        return timedelta(seconds=float(value))
+    return timedelta_deserializer(value)
+
+
+register_type(timedelta, serializer=str, deserializer=duration)
 
 
 def refused_value(error: BaseException) -> tuple[str, BaseException] | None:
@@ -54,10 +192,14 @@ def refused_value(error: BaseException) -> tuple[str, BaseException] | None:
         if not isinstance(exc, (ValueError, TypeError)):
             continue
         for frame, _ in traceback.walk_tb(exc.__traceback__):
-            if frame.f_code.co_name == "default_class_instantiator" and "class_type" in frame.f_locals:
-                cls = frame.f_locals["class_type"]
+            # jsonargparse's instantiator (subclass mode) or LightningCLI's (the module, the trainer)
+            cls = frame.f_locals.get("class_type") if frame.f_code.co_name in _INSTANTIATORS else None
+            if isinstance(cls, type):
                 return f"{cls.__module__}.{cls.__qualname__}", exc
     return None
+
+
+_INSTANTIATORS = ("default_class_instantiator", "__call__")
 
 
 class ReGATECLI(LightningCLI):
@@ -92,7 +234,7 @@ class ReGATECLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, TypeError) as err:
             refused = refused_value(err)
-            if refused is None:
+            if refused is None or show_traceback():
                 raise
             exit_with_error(f"{refused[0]} refused its arguments: {refused[1]}")
 
@@ -147,7 +289,10 @@ def build_cli(
         cli_class: the LightningCLI class.
         kwargs: overrides of the LightningCLI arguments below.
     """
+    for module in NAMED_CLASSES:  # jsonargparse resolves a short class name among the imported subclasses
+        importlib.import_module(module)
     options: dict[str, Any] = {
+        "parser_class": ReGATEArgumentParser,
         "datamodule_class": None,
         "subclass_mode_data": True,
         "save_config_kwargs": {"overwrite": True},
@@ -190,12 +335,24 @@ def exit_with_error(message: str) -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``regate-lightning`` console script."""
+    """Entry point of the ``regate-lightning`` console script.
+
+    Bad data (:class:`~regate_lightning.data.errors.DataError`) ends it with one line on stderr and exit
+    status 1 (:data:`TRACEBACK_ENV` set: the exception propagates, traceback and all).
+    """
     args = sys.argv[1:] if argv is None else list(argv)
-    if args and args[0] == SCORE:
-        score_main(args[1:])
-    else:
-        build_cli(argv)
+    try:
+        if args and args[0] == SCORE:
+            score_main(args[1:])
+        else:
+            build_cli(argv)
+    except DataError as err:
+        if show_traceback():
+            raise
+        print(
+            f"regate-lightning: error: {data_error_line(err)} ({TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr
+        )
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

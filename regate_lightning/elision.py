@@ -21,6 +21,13 @@ tower passes it only the other steps' pixels (and, for Qwen2-VL, their grid), an
 module that outputs the features puts zeros in the skipped steps' rows, so that the model merges the
 features into its placeholders as usual; those zeros sit at elided positions, which the decoder never
 sees. The vision tower's forward and backward then cost what the kept steps cost.
+
+**Packed steps** (``forward_active(..., packed=True)``): instead of right-padding every row to the longest
+kept row, the kept positions of all rows run back to back as one row ``[1, T]`` (``T`` = the positions kept in
+the whole batch), each with its own original position ids, under an attention mask that confines every token
+to the earlier tokens of its own sample (built by transformers' own mask functions for the model's attention
+implementation), and with the variable-length arguments of FlashAttention-2 (``cu_seq_lens_q/k``,
+``max_length_q/k``). No padding position is computed. See :func:`pack_layout` and docs/elision.md.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regate_lightning.families import MEDIA_KINDS, ModelParts, find_module, resolve
+from regate_lightning.families import MEDIA_KINDS, Family, ModelParts, find_module, resolve
 from regate_lightning.keys import (
     ATTENTION_MASK,
     IGNORE_INDEX,
@@ -49,6 +56,7 @@ from regate_lightning.keys import (
     NUM_TOKENS,
     TOKEN_LOSS,
 )
+from regate_lightning.packed_sdpa import PACKED_SDPA, row_marker
 from regate_lightning.targets import shift_targets
 
 
@@ -63,7 +71,8 @@ class ElidedOutput:
         num_active: positions the decoder processed (padding excluded).
         num_tokens: non-padding positions of the batch.
         num_targets: supervised targets whose loss was computed.
-        decoder_length: sequence length the decoder actually ran on (``L'`` after gathering).
+        decoder_length: sequence length the decoder actually ran on (``L'`` after gathering; ``T``, every kept
+            position of the batch, on a packed step).
         skipped_steps: media steps (frames, temporal patches, images) the vision encoder did not encode,
             because the keep mask elides every one of their tokens.
         aux_loss: a mixture-of-experts decoder's load-balancing loss over the tokens its router saw (the kept,
@@ -194,24 +203,13 @@ class _GatherHook:
         self.decoder_length = -1
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict]:
-        kwargs = dict(kwargs)
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None:
-            input_ids = kwargs.pop(INPUT_IDS, None)
-            if input_ids is None and args:
-                input_ids, args = args[0], args[1:]
-            embeds = module.get_input_embeddings()(input_ids)
-        kwargs[INPUT_IDS] = None
+        args, kwargs, embeds, positions = _full_decoder_inputs(self.parts, module, args, kwargs)
         batch, length = embeds.shape[:2]
-        positions = kwargs.get("position_ids")
-        if positions is None:
-            positions = torch.arange(length, device=embeds.device).expand(batch, length)
-            rows = self.parts.family.position_rows()
-            if rows > 1:
-                positions = positions.expand(rows, batch, length)
         kwargs["inputs_embeds"] = gather_positions(embeds, self.index, seq_dim=1)
         kwargs["position_ids"] = gather_positions(positions, self.index, seq_dim=-1)
-        kwargs[ATTENTION_MASK] = self.valid.long()
+        kwargs[ATTENTION_MASK] = self.parts.family.decoder_mask(
+            kwargs.get(ATTENTION_MASK), self.index, self.valid, length
+        )
         if kwargs.get("cache_position") is not None:
             kwargs["cache_position"] = torch.arange(self.index.shape[1], device=embeds.device)
         full = _full_length_tensors(kwargs, batch, length)
@@ -219,6 +217,33 @@ class _GatherHook:
         _refuse_full_length(self.parts, kwargs, full, length, self.index.shape[1])
         self.decoder_length = self.index.shape[1]
         return args, kwargs
+
+
+def _full_decoder_inputs(
+    parts: ModelParts, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any], torch.Tensor, torch.Tensor]:
+    """The decoder's arguments with its input embeddings ``[B, L, H]`` and position ids over the full sequence.
+
+    The embeddings are computed from ``input_ids`` when the model passed ids (a causal LM); the position ids are
+    created as the decoder itself would (``arange``, ``[B, L]`` or ``[k, B, L]`` for M-RoPE) when the model passed
+    none. ``input_ids`` is set to None in the returned keyword arguments (a copy).
+    """
+    kwargs = dict(kwargs)
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None:
+        input_ids = kwargs.pop(INPUT_IDS, None)
+        if input_ids is None and args:
+            input_ids, args = args[0], args[1:]
+        embeds = module.get_input_embeddings()(input_ids)
+    kwargs[INPUT_IDS] = None
+    batch, length = embeds.shape[:2]
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        positions = torch.arange(length, device=embeds.device).expand(batch, length)
+        rows = parts.family.position_rows()
+        if rows > 1:
+            positions = positions.expand(rows, batch, length)
+    return args, kwargs, embeds, positions
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -251,6 +276,230 @@ def _refuse_full_length(parts: ModelParts, kwargs: dict[str, Any], full: set[int
 @contextmanager
 def _gathering(parts: ModelParts, index: torch.Tensor, valid: torch.Tensor) -> Iterator[_GatherHook]:
     hook = _GatherHook(parts, index, valid)
+    handle = parts.decoder.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield hook
+    finally:
+        handle.remove()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Packed steps: the kept positions of every row back to back in one row, attention confined to each sample.
+
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+"""The decoder layer types (a text config's ``layer_types``) a packed step supports: softmax attention, whose
+mask transformers builds per type; any other type (linear attention, state-space, convolution, chunked
+attention) carries state or blocks across positions that a packed row would share between samples."""
+
+
+def packing_refusal(parts: ModelParts) -> str | None:
+    """Why ``parts``' decoder cannot run packed sequences exactly, or None when it can.
+
+    A packed row holds several samples back to back. Softmax attention is confined to each sample by the mask
+    (:func:`packed_attention_mask`); a recurrent layer (the gated delta-net of Qwen3.5 and Qwen3-Next, Mamba
+    layers) carries its state, and its short convolution its window, from one position to the next. transformers'
+    torch path of those layers cannot keep the samples of a row apart (it refuses ``cu_seqlens`` unless the
+    flash-linear-attention kernels are installed, and its convolution then needs ``seq_idx`` too, which this
+    engine does not pass), so such a decoder is refused before any work.
+
+    Returns:
+        A one-line reason naming the model, the layer types and the fix, or None.
+    """
+    name = type(parts.model).__name__
+    if type(parts.family).decoder_mask is not Family.decoder_mask:
+        return (
+            f"{name} cannot run packed sequences: the model builds its decoder's attention masks itself (the "
+            f"{parts.family.name} family's Family.decoder_mask: e.g. image tokens that attend to each other both "
+            "ways), which a packed row's sample-confined mask would replace; set `packed: false` (padded rows are "
+            "exact for it)"
+        )
+    config = parts.decoder.config if hasattr(parts.decoder, "config") else parts.model.config
+    types = set(getattr(config, "layer_types", None) or ())
+    other = sorted(types - set(ATTENTION_LAYER_TYPES))
+    if parts.family.recurrent or other:
+        what = f"layer types {other}" if other else "recurrent layers"
+        return (
+            f"{name} cannot run packed sequences: its decoder has {what}, whose state runs from one position to "
+            "the next, and transformers' torch path of them cannot keep the samples of a packed row apart; set "
+            "`packed: false` (padded rows are exact for it)"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where the active positions of a ``[B, L]`` batch go in one packed row ``[1, T]``.
+
+    Attributes:
+        flat: int64 ``[T]``, the active positions in row-major order as indices into the flattened ``B * L``
+            positions (row ``flat // L``, position ``flat % L``).
+        rows: int64 ``[T]``, the batch row (sample) of each packed position.
+        positions: int64 ``[T]``, the original position of each packed position in its row.
+        cu_seqlens: int32 ``[S + 1]``, the cumulative lengths of the ``S`` samples that keep a position
+            (FlashAttention's ``cu_seqlens``).
+        max_length: the longest sample in the row.
+    """
+
+    flat: torch.Tensor
+    rows: torch.Tensor
+    positions: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_length: int
+
+    @property
+    def index(self) -> torch.Tensor:
+        """``flat`` as a ``[1, T]`` index into the flattened ``[1, B * L]`` batch."""
+        return self.flat[None]
+
+    @property
+    def length(self) -> int:
+        """``T``, the packed row's length."""
+        return int(self.flat.numel())
+
+
+def pack_layout(active: torch.Tensor) -> PackedLayout:
+    """The packed layout of the active positions of a batch (see :class:`PackedLayout`).
+
+    Args:
+        active: bool ``[B, L]``.
+
+    Returns:
+        The layout; a row with no active position is no sample of the packed row.
+
+    Example:
+        >>> layout = pack_layout(torch.tensor([[True, False, True], [False, True, False]]))
+        >>> layout.flat.tolist(), layout.rows.tolist(), layout.positions.tolist(), layout.cu_seqlens.tolist()
+        ([0, 2, 4], [0, 0, 1], [0, 2, 1], [0, 2, 3])
+    """
+    length = active.shape[1]
+    flat = active.reshape(-1).nonzero().flatten()
+    counts = active.sum(1)
+    counts = counts[counts > 0]
+    cu_seqlens = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+    return PackedLayout(
+        flat=flat,
+        rows=torch.div(flat, length, rounding_mode="floor"),
+        positions=flat % length,
+        cu_seqlens=cu_seqlens,
+        max_length=int(counts.max()) if counts.numel() else 0,
+    )
+
+
+def packed_attention_mask(config: Any, embeds: torch.Tensor, rows: torch.Tensor) -> Any:
+    """The decoder's attention mask for one packed row: causal, and within each sample only.
+
+    transformers' own mask builders (``create_causal_mask``, ``create_sliding_window_causal_mask``) make it for
+    the config's attention implementation, with its ``packed_sequence_mask_function`` over the samples' ids as
+    an extra condition: a 4-D boolean mask for SDPA, a 4-D additive mask for eager attention, a ``BlockMask``
+    for flex attention, and None for FlashAttention (which reads ``cu_seq_lens_q/k`` instead). The position ids
+    are not given to the builders: they would read every gap that elision leaves in them as a sample boundary.
+    For :data:`~regate_lightning.packed_sdpa.PACKED_SDPA`, which reads ``cu_seq_lens_q`` too, it is an all-True
+    marker of no memory (:func:`~regate_lightning.packed_sdpa.row_marker`).
+
+    Args:
+        config: the text decoder's config (its ``_attn_implementation``, ``layer_types``, ``sliding_window``).
+        embeds: the packed input embeddings ``[1, T, H]`` (their shape, dtype and device).
+        rows: int64 ``[T]``, the sample of each packed position.
+
+    Returns:
+        One mask, or a dict ``{layer type: mask}`` when the decoder has layers of several types (it indexes
+        the masks by each layer's type).
+    """
+    from transformers.masking_utils import (
+        create_causal_mask,
+        create_sliding_window_causal_mask,
+        packed_sequence_mask_function,
+    )
+
+    if config._attn_implementation == PACKED_SDPA:  # it reads the samples' boundaries from cu_seq_lens_q
+        return row_marker(embeds.shape[1], embeds.device)
+    same_sample = packed_sequence_mask_function(rows[None])
+    builders = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+    layer_types = getattr(config, "layer_types", None)
+    if not layer_types:  # one type for every layer: a sliding window where the config sets one (Mistral)
+        sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+        layer_types = ["sliding_attention" if sliding else "full_attention"]
+    kinds = [kind for kind in dict.fromkeys(layer_types) if kind in builders]  # others: see packing_refusal
+    masks = {kind: builders[kind](config, embeds, None, None, and_mask_function=same_sample) for kind in kinds}
+    if set(masks) == {"full_attention"} or not getattr(config, "layer_types", None):
+        return next(iter(masks.values()))
+    return masks
+
+
+class _PackHook:
+    """Forward pre-hook on the text decoder that runs the active positions of all rows as one packed row."""
+
+    def __init__(self, parts: ModelParts, layout: PackedLayout) -> None:
+        self.parts = parts
+        self.layout = layout
+        self.decoder_length = -1
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        args, kwargs, embeds, positions = _full_decoder_inputs(self.parts, module, args, kwargs)
+        batch, length = embeds.shape[:2]
+        flat_length = batch * length
+        index = self.layout.index.to(embeds.device)
+        packed = gather_positions(embeds.reshape(1, flat_length, *embeds.shape[2:]), index, seq_dim=1)
+        kwargs["inputs_embeds"] = packed
+        flat_positions = positions.reshape(*positions.shape[:-2], 1, flat_length)
+        kwargs["position_ids"] = gather_positions(flat_positions, index, seq_dim=-1)
+        config = getattr(module, "config", self.parts.model.config)
+        mask = packed_attention_mask(config, packed, self.layout.rows.to(embeds.device))
+        kwargs[ATTENTION_MASK] = mask
+        cu_seqlens = self.layout.cu_seqlens.to(embeds.device)
+        kwargs.update(
+            cu_seq_lens_q=cu_seqlens,
+            cu_seq_lens_k=cu_seqlens,
+            max_length_q=self.layout.max_length,
+            max_length_k=self.layout.max_length,
+        )
+        if kwargs.get("cache_position") is not None:
+            kwargs["cache_position"] = torch.arange(self.layout.length, device=embeds.device)
+        kwargs, full = _flatten_rows(kwargs, batch, length)
+        valid = torch.ones_like(index, dtype=torch.bool)
+        kwargs = self.parts.family.shorten_decoder_inputs(kwargs, index, valid, flat_length)
+        _refuse_full_length(self.parts, kwargs, full, flat_length, self.layout.length)
+        if kwargs.get(ATTENTION_MASK) is not mask:
+            raise RuntimeError(
+                f"the family {self.parts.family.name!r} replaces the decoder's attention mask in "
+                "Family.shorten_decoder_inputs, which a packed step builds itself (one row, each sample attending to "
+                "itself only); set `packed: false` for this family"
+            )
+        self.decoder_length = self.layout.length
+        return args, kwargs
+
+
+_OWN_INPUTS = ("inputs_embeds", "position_ids", ATTENTION_MASK)
+
+
+def _flatten_rows(kwargs: dict[str, Any], batch: int, length: int) -> tuple[dict[str, Any], set[int]]:
+    """The family's own per-position decoder inputs ``[B, L, ...]`` (tensors or list items) as ``[1, B * L, ...]``.
+
+    Row-major flattening keeps the order in which a model fills per-position features (DeepStack's visual
+    features follow the placeholders of the batch row by row), so a family's
+    :meth:`~regate_lightning.families.Family.shorten_decoder_inputs` gathers them with the packed index as it
+    gathers a padded batch.
+
+    Returns:
+        The keyword arguments and the ids of the flattened tensors (still at the full length ``B * L``).
+    """
+
+    def flat(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.dim() >= 2 and tuple(t.shape[:2]) == (batch, length):
+            return t.reshape(1, batch * length, *t.shape[2:])
+        return t
+
+    out = dict(kwargs)
+    for name, value in kwargs.items():
+        if name in _OWN_INPUTS:
+            continue
+        out[name] = type(value)(flat(v) for v in value) if isinstance(value, (list, tuple)) else flat(value)
+    return out, _full_length_tensors(out, 1, batch * length)
+
+
+@contextmanager
+def _packing(parts: ModelParts, layout: PackedLayout) -> Iterator[_PackHook]:
+    hook = _PackHook(parts, layout)
     handle = parts.decoder.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         yield hook
@@ -295,14 +544,10 @@ def plan_step_skips(parts: ModelParts, batch: Mapping[str, Any], active: torch.T
         if not media:
             continue
         flags = active[family.placeholder_mask(config, batch[INPUT_IDS], kind)]
-        sizes = [m.num_tokens for m in media]
+        sizes = [m.num_placeholders for m in media]
         if flags.numel() != sum(sizes):
             return []  # the model itself will refuse the batch, naming the counts
-        # A media's tail tokens (LLaVA-OneVision's video newline) come from no step: they never keep one.
-        keep = [
-            f[: m.steps * m.tokens_per_step].view(m.steps, m.tokens_per_step).any(1)
-            for f, m in zip(flags.split(sizes), media, strict=True)
-        ]
+        keep = [m.steps_with_a_token(f) for f, m in zip(flags.split(sizes), media, strict=True)]
         steps = torch.cat(keep)
         if bool(steps.all()):
             continue
@@ -346,7 +591,9 @@ class _SkipHooks:
             )
         pixels = pixels[skip.rows.to(pixels.device)]
         args, kwargs = ((pixels, *args[1:]), dict(kwargs)) if args else (args, {**kwargs, "pixel_values": pixels})
-        kwargs.update({k: v.to(pixels.device) for k, v in skip.tower_kwargs.items()})
+        kwargs.update(
+            {k: v.to(pixels.device) if isinstance(v, torch.Tensor) else v for k, v in skip.tower_kwargs.items()}
+        )
         self.pending = skip
         return args, kwargs
 
@@ -401,28 +648,37 @@ def check_keep_mask(keep_mask: torch.Tensor, input_ids: torch.Tensor) -> None:
         )
 
 
-def forward_active(model: nn.Module, batch: Mapping[str, Any], keep_mask: torch.Tensor | None = None) -> ElidedOutput:
+def forward_active(
+    model: nn.Module, batch: Mapping[str, Any], keep_mask: torch.Tensor | None = None, *, packed: bool = False
+) -> ElidedOutput:
     """Run ``model`` on the active positions of ``batch`` and compute the loss there.
 
     Active positions are those with ``attention_mask`` 1 and ``keep_mask`` True. Without a keep
     mask (or when it keeps every attended position) the model runs unchanged on the full batch,
-    which is the exact baseline.
+    which is the exact baseline. With ``packed`` the active positions of all rows run as one row
+    without padding (see :func:`pack_layout`), with or without a keep mask.
 
     Args:
         model: a supported HF model (see :mod:`regate_lightning.families`), optionally peft-wrapped.
         batch: the model's inputs (``input_ids``, ``attention_mask``, pixel values, grids, ...) and
             ``labels`` (int64 ``[B, L]``, -100 where unsupervised, *not* shifted).
         keep_mask: bool ``[B, L]`` or None.
+        packed: run the active positions of every row back to back in one row ``[1, T]``, each sample
+            attending to itself only, instead of right-padded rows.
 
     Returns:
         The loss, the per-position token losses and token counts.
 
     Raises:
         ValueError: no ``labels``; no supervised target in the batch; a keep mask of the wrong shape,
-            or one that keeps no position of a row.
+            or one that keeps no position of a row; ``packed`` for a decoder that cannot run packed
+            sequences (:func:`packing_refusal`).
         TypeError: an unsupported model class, or a keep mask that is not bool.
     """
     parts = resolve(model)
+    refusal = packing_refusal(parts) if packed else None
+    if refusal is not None:
+        raise ValueError(refusal)
     if LABELS not in batch:
         raise ValueError(
             f"the batch has no `{LABELS}`: training needs labels [B, L] with {IGNORE_INDEX} on unsupervised "
@@ -454,7 +710,23 @@ def forward_active(model: nn.Module, batch: Mapping[str, Any], keep_mask: torch.
         inputs["output_router_logits"] = True
     num_tokens = int(attended.sum())
     skips: list[_StepSkip] = []
-    if torch.equal(active, attended):
+    rows = None  # the batch row of each computed position, where it is not the position's own row
+    if packed:
+        layout = pack_layout(active)
+        skips = plan_step_skips(parts, batch, active)
+        with _packing(parts, layout) as packer, _skipping(parts, batch, skips):
+            out = parts.inner(**inputs)
+        hidden = out.last_hidden_state
+        if packer.decoder_length != layout.length or tuple(hidden.shape[:2]) != (1, layout.length):
+            raise RuntimeError(
+                f"{type(parts.model).__name__}: the decoder did not run on the packed row "
+                f"(expected [1, {layout.length}], saw {list(hidden.shape[:2])})"
+            )
+        position, rows = layout.positions[None], layout.rows[None]
+        gathered_targets = targets.reshape(-1)[layout.flat][None]
+        decoder_length = layout.length
+        routed = torch.ones_like(position, dtype=torch.bool)
+    elif torch.equal(active, attended):
         out = parts.inner(**inputs)
         hidden = out.last_hidden_state
         position = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
@@ -480,7 +752,8 @@ def forward_active(model: nn.Module, batch: Mapping[str, Any], keep_mask: torch.
     logits = parts.lm_head(hidden[supervised]).float()
     per_token = F.cross_entropy(logits, gathered_targets[supervised], reduction="none")
     token_loss = torch.full(input_ids.shape, float("nan"), dtype=torch.float32, device=input_ids.device)
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(position)
+    if rows is None:
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(position)
     token_loss[rows[supervised], position[supervised]] = per_token.detach().float()
     loss = per_token.mean()
     aux = None

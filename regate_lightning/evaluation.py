@@ -2,7 +2,9 @@
 
 A multiple-choice batch has one row per option (``question_idx``, ``option_idx``, ``answer_idx``,
 ``task``: int64 ``[B]``), with labels on the option's text only. The option with the highest
-log-likelihood (sum over its tokens, or mean per token) is the prediction. Accuracy is accumulated
+log-likelihood (sum over its tokens, or mean per token) is the prediction. A tie for the highest
+likelihood predicts no option (:data:`NO_PREDICTION`), which counts as wrong: the first of the tied
+options is not a guess the model made. Accuracy is accumulated
 with torchmetrics, overall and per task, and synchronised across processes by torchmetrics.
 """
 
@@ -17,6 +19,8 @@ from torchmetrics import MeanMetric
 from regate_lightning.keys import ANSWER_IDX, NUM_OPTIONS, OPTION_IDX, QUESTION_IDX, TASK
 
 OPTION_SCORES = ("sum", "mean")
+NO_PREDICTION = -1
+"""The prediction of a question whose highest likelihood is shared by several options (never an answer)."""
 
 
 def choose_options(
@@ -32,7 +36,8 @@ def choose_options(
         option_score: ``"sum"`` or ``"mean"`` of the option's token log-likelihoods.
 
     Returns:
-        ``(pred, answer, task)``: int64 ``[Q]`` each, one entry per question.
+        ``(pred, answer, task)``: int64 ``[Q]`` each, one entry per question; ``pred`` is
+        :data:`NO_PREDICTION` where several options share the highest likelihood (a tie counts as wrong).
 
     Example:
         >>> loss = torch.tensor([[1.0, float("nan")], [0.2, 0.3], [2.0, 2.0]])
@@ -40,6 +45,8 @@ def choose_options(
         ...      "answer_idx": torch.tensor([1, 1, 1]), "task": torch.tensor([0, 0, 0])}
         >>> choose_options(loss, b)
         (tensor([1]), tensor([1]), tensor([0]))
+        >>> choose_options(torch.tensor([[0.5], [0.5]]), {**b, **{k: v[:2] for k, v in b.items()}})[0]
+        tensor([-1])
     """
     if option_score not in OPTION_SCORES:
         raise ValueError(f"`option_score` must be one of {OPTION_SCORES}, got {option_score!r}")
@@ -59,8 +66,10 @@ def choose_options(
                 f"question {int(q)} has {options.numel()} of its {int(batch[NUM_OPTIONS][rows[0]])} options in the "
                 "batch; a question is scored with all its options or not at all (the collator drops it whole)"
             )
-        best = rows[torch.argmax(loglik[rows])]
-        preds.append(batch[OPTION_IDX][best])
+        scores = loglik[rows]
+        best = scores == scores.max()
+        tied = int(best.sum()) > 1
+        preds.append(torch.full_like(options[0], NO_PREDICTION) if tied else options[best][0])
         answers.append(batch[ANSWER_IDX][rows[0]])
         tasks.append(batch[TASK][rows[0]])
     return torch.stack(preds), torch.stack(answers), torch.stack(tasks)

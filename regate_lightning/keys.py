@@ -22,8 +22,7 @@ SAMPLE_IDX = "sample_idx"
 """int64 [B]; a stable non-negative key per sample, the same in every epoch and run (the data sets of
 ``regate_lightning.data`` use a 63-bit hash of the record's id, else of its file and line)."""
 MM_TOKEN_TYPE_IDS = "mm_token_type_ids"
-"""int64 [B, L]; the media type of each position: :data:`TEXT_TYPE`, :data:`IMAGE_TYPE` or :data:`VIDEO_TYPE` (Qwen2-VL
-needs it; InternVL's family reads it to tell a video's frames from image tiles)."""
+"""int64 [B, L]; Qwen2-VL's media type of each position: :data:`TEXT_TYPE`, :data:`IMAGE_TYPE` or :data:`VIDEO_TYPE`."""
 TEXT_TYPE, IMAGE_TYPE, VIDEO_TYPE = 0, 1, 2
 
 IMAGE, VIDEO = "image", "video"
@@ -39,9 +38,19 @@ VIDEO_GRID_THW = "video_grid_thw"
 IMAGE_SIZES = "image_sizes"
 """int64 [N, 2]; the original (H, W) of each LLaVA-NeXT anyres image (its tiles depend on it)."""
 SECOND_PER_GRID_TS = "second_per_grid_ts"
-VIDEO_NUM_FRAMES = "video_num_frames"
-"""int64 [N]; frames of each video, where the model takes a video's frames as images (InternVL): the data's
-videos are told apart by it (the model itself never reads it)."""
+PIXEL_ATTENTION_MASK = "pixel_attention_mask"
+"""SmolVLM: int64 [N, 1, H, W]; 1 on the real pixels of each image tile or video frame, 0 on padding."""
+FRAME_INDEX = "frame_index"
+"""SmolVLM, InternVL: int64 [N]; per tile or frame of ``pixel_values``, its frame number in its video (0 = a video's
+first frame), -1 for an image's tile. These models take images and video frames alike, behind one placeholder
+token; this package's data records which are frames of which video (the model ignores the key)."""
+IMAGE_MERGE_SIZES = "image_merge_sizes"
+VIDEO_MERGE_SIZES = "video_merge_sizes"
+VIDEO_COMPRESSION_MASK = "video_compression_mask"
+"""VideoLLaMA3: bool [sum of video tokens before compression]; the video tokens its processor keeps (the model
+drops the others' features before placing them; they have no placeholder)."""
+TOKEN_TYPE_IDS = "token_type_ids"
+"""Gemma 3: int64 [B, L]; 1 at image placeholders (its image tokens attend to each other both ways), else 0."""
 
 # Multiple-choice evaluation batches (one row per option; int64 [B]).
 QUESTION_IDX = "question_idx"
@@ -71,6 +80,8 @@ DATA_SKIPPED = "data/skipped"
 """Training records skipped by the data's ``on_error="skip"`` policy so far, each counted once."""
 DATA_SKIPPED_EPOCH = "data/skipped_epoch"
 """Training samples skipped in the epoch that just ended."""
+DATA_TRUNCATED = "data/truncated"
+"""Training records cut to ``max_length`` (``overlong="truncate"``) so far, each counted once."""
 VAL, TEST = "val", "test"
 """The evaluation stages, as metric prefixes."""
 TRAIN = "train"

@@ -17,17 +17,27 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 from transformers import AutoConfig, PreTrainedModel
 
 from regate_lightning._imports import import_object, is_dotted_path
-from regate_lightning.elision import ElidedOutput, forward_active
+from regate_lightning.elision import ElidedOutput, forward_active, packing_refusal
 from regate_lightning.evaluation import OPTION_SCORES, ChoiceAccuracy, choose_options
-from regate_lightning.families import parameter_parts, resolve, unused_vision_modules, unwrap, vision_parts
+from regate_lightning.families import (
+    media_only_parameters,
+    parameter_parts,
+    resolve,
+    unused_vision_modules,
+    unwrap,
+    vision_parts,
+)
 from regate_lightning.keys import (
     DATA_SKIPPED,
     DATA_SKIPPED_EPOCH,
+    DATA_TRUNCATED,
     IMAGE,
     INPUT_IDS,
     KEEP_MASK,
@@ -44,9 +54,24 @@ from regate_lightning.keys import (
     option_loss_metric,
     skipped_questions_metric,
 )
+from regate_lightning.packed_sdpa import use_packed_sdpa
 from regate_lightning.reliance import answer_rows, swap_media
+from regate_lightning.shared import check_checkpoint, resuming_from
 
-DECODER_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DECODER_LINEAR_NAMES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    # The gated delta-net layers of a hybrid decoder (Qwen3.5): query/key/value and gate in, and out.
+    "in_proj_qkv",
+    "in_proj_z",
+    "out_proj",
+)
+"""The decoder's linear layers that LoRA adapts by default (:class:`LoraOptions`)."""
 
 
 @dataclass
@@ -57,8 +82,8 @@ class LoraOptions:
         r: rank of the adapters.
         alpha: scaling numerator (``lora_alpha``).
         dropout: dropout on the adapter input.
-        target_modules: module names or a regex; None = the decoder's attention and MLP projections
-            (never the vision tower).
+        target_modules: module names or a regex; None = the decoder's attention and MLP projections, and the
+            gated delta-net projections of a hybrid decoder (:data:`DECODER_LINEAR_NAMES`; never the vision tower).
         modules_to_save: modules trained in full beside the adapters, e.g. ``["multi_modal_projector"]``.
     """
 
@@ -154,6 +179,11 @@ class MLLMModule(pl.LightningModule):
         warmup_ratio: fraction of the optimizer steps that warm the learning rate up (``lr_schedule``).
         media_gap: at validation, also run the correct answers with another sample's media and log the
             loss difference as ``val/video_gap`` / ``val/image_gap`` (see :mod:`regate_lightning.reliance`).
+        packed: run each training batch as one packed row: the kept positions of every sample back to back,
+            each attending to itself only, no padding computed (``forward_active(..., packed=True)``; exact).
+            A decoder on ``sdpa`` switches to ``sdpa_varlen`` (:mod:`regate_lightning.packed_sdpa`: SDPA per
+            sample instead of one block-diagonal mask; the same results). Refused for decoders with recurrent
+            layers. Validation runs padded rows.
     """
 
     def __init__(
@@ -175,6 +205,7 @@ class MLLMModule(pl.LightningModule):
         lr_schedule: str | None = None,
         warmup_ratio: float = 0.0,
         media_gap: bool = True,
+        packed: bool = False,
     ) -> None:
         super().__init__()
         # Every check that needs no model runs before the model is loaded: a typo must not cost a download.
@@ -194,9 +225,18 @@ class MLLMModule(pl.LightningModule):
         self.save_hyperparameters(ignore=ignored)
         net = load_model(model, model_kwargs)
         parts = resolve(net)  # refuses unsupported classes before anything else happens
+        refusal = packing_refusal(parts) if packed else None
+        if refusal is not None:
+            raise ValueError(f"`packed`: {refusal}")
+        if packed:
+            use_packed_sdpa(parts.decoder)
         net.config.use_cache = False
-        for module in unused_vision_modules(parts):
+        never = unused_vision_modules(parts)
+        for module in never:
             module.requires_grad_(False)
+        if never:  # once, at build: the model's own layout, not a choice of the user
+            names = ", ".join(_module_name(net, m) for m in never)
+            rank_zero_info(f"MLLMModule: froze the tower's parts that never reach the loss in this model: {names}")
         if freeze_vision_tower or freeze_projector:
             tower, projector = vision_parts(parts)
             if not tower:
@@ -226,6 +266,7 @@ class MLLMModule(pl.LightningModule):
         self.lr_schedule = lr_schedule
         self.warmup_ratio = float(warmup_ratio)
         self.media_gap = media_gap
+        self.packed = packed
         self.gaps = nn.ModuleDict({kind: MeanMetric() for kind in MEDIA_KINDS})
         trainable = {part: any(p.requires_grad for p in ps) for part, ps in parameter_parts(resolve(net)).items()}
         for part in self.part_lrs:
@@ -264,8 +305,8 @@ class MLLMModule(pl.LightningModule):
         return unwrap(self.model)
 
     def run(self, batch: dict[str, Any]) -> ElidedOutput:
-        """Forward on the positions ``batch[KEEP_MASK]`` keeps (all when absent)."""
-        return forward_active(self.model, batch, batch.get(KEEP_MASK))
+        """Forward on the positions ``batch[KEEP_MASK]`` keeps (all when absent), packed with ``packed``."""
+        return forward_active(self.model, batch, batch.get(KEEP_MASK), packed=self.packed)
 
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> dict[str, Any] | None:
         """One step; returns ``loss`` and the detached per-position ``token_loss`` [B, L].
@@ -301,11 +342,15 @@ class MLLMModule(pl.LightningModule):
         self._log_skipped_questions(TEST)
 
     def setup(self, stage: str) -> None:
-        """Take the multiple-choice task names from the datamodule when none were given."""
+        """Take the multiple-choice task names from the datamodule when none were given; before fitting, freeze
+        what the training data never uses and check that every rank can read the checkpoint to resume from."""
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         names = getattr(datamodule, "task_names", None)
         if names and not self.accuracy.task_names:
             self.accuracy.task_names = list(names)
+        if stage == "fit" and self._trainer is not None:
+            check_checkpoint(self._trainer.strategy, resuming_from(self._trainer))
+            freeze_unused_media(self.model, getattr(datamodule, "media_kinds", None), self._trainer.strategy)
 
     def _report_skips(self, stage: str) -> Any:
         """The data module's :meth:`report_skips` for ``stage`` (None when it has none)."""
@@ -314,11 +359,13 @@ class MLLMModule(pl.LightningModule):
         return report(stage, self.current_epoch) if callable(report) else None
 
     def on_train_epoch_end(self) -> None:
-        """Report the inputs the data skipped (``on_error="skip"``) by reason; log this epoch's and the total."""
+        """Report the inputs the data skipped (``on_error="skip"``) by reason; log this epoch's and the total, and
+        the records cut to ``max_length`` so far."""
         report = self._report_skips(TRAIN)
         if report is not None:
             self.log(DATA_SKIPPED_EPOCH, float(sum(report.period.values())))
             self.log(DATA_SKIPPED, float(sum(report.total.values())))
+            self.log(DATA_TRUNCATED, float(getattr(report, "truncated", 0)))
 
     def _log_skipped_questions(self, stage: str) -> None:
         report = self._report_skips(VAL)  # the validation data serve the test stage too
@@ -413,6 +460,52 @@ class MLLMModule(pl.LightningModule):
         else:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def freeze_unused_media(model: nn.Module, media_kinds: Iterable[str] | None, strategy: Strategy) -> list[str]:
+    """Freeze the parameters only a media kind the training data never holds would use; warn plain DDP of the rest.
+
+    A LLaVA-NeXT-Video fed only videos never uses ``image_newline``, a Video-LLaVA fed only videos never its
+    ``image_tower`` (:func:`~regate_lightning.families.media_only_parameters`): without a gradient they stop
+    plain DDP at its second step. A data module says what its training batches hold with ``media_kinds``
+    (e.g. ``("video",)``; :class:`~regate_lightning.testing.RandomDataModule` does); the parameters of the
+    other kinds are frozen, which changes no output. Where the data does not say, or holds several kinds
+    (so that a batch may lack one), those parameters get a gradient only in some steps: under plain DDP
+    one line at the start names them and the strategy to use.
+
+    Args:
+        model: the student (possibly peft-wrapped).
+        media_kinds: the kinds a training batch may hold, or None when the data does not say.
+        strategy: the trainer's strategy.
+
+    Returns:
+        The names of the parameters frozen now.
+    """
+    parts = resolve(model)
+    by_kind = media_only_parameters(parts)
+    paths = {kind: [path for k, path in parts.family.media_only if k == kind] for kind in by_kind}
+    frozen = []
+    absent = [] if media_kinds is None else [kind for kind in by_kind if kind not in set(media_kinds)]
+    for kind in absent:
+        for name, param in by_kind[kind]:
+            if param.requires_grad:
+                param.requires_grad_(False)
+                frozen.append(name)
+    if frozen:
+        what = ", ".join(f"{'/'.join(paths[kind])} ({kind}s only)" for kind in absent)
+        rank_zero_info(f"MLLMModule: froze {what}: the training data holds only {', '.join(media_kinds or ())}")
+    sometimes = sorted(kind for kind, params in by_kind.items() if any(p.requires_grad for _, p in params))
+    single = media_kinds is not None and len(set(media_kinds)) == 1
+    plain_ddp = isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
+    finds_unused = bool(getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters"))
+    if sometimes and not single and plain_ddp and not finds_unused:
+        what = ", ".join(f"{'/'.join(paths[kind])} ({kind}s)" for kind in sometimes)
+        rank_zero_warn(
+            f"MLLMModule: {what} get a gradient only in batches with that media; a batch without it stops plain "
+            "DDP: use strategy=ddp_find_unused_parameters_true, or say what the training data holds with the data "
+            "module's `media_kinds`"
+        )
+    return frozen
 
 
 def _check_schedule(lr_schedule: str | None, warmup_ratio: float, lr_scheduler: Any) -> None:

@@ -90,6 +90,7 @@ class StepPlan:
         replaced: samples of this step, over all ranks, whose restored values (from a checkpoint or a
             reference cache) belonged to other content and were dropped (see
             :class:`~regate_lightning.bank.ScoreBank`); the teacher scored them again.
+        replaced_keys: int64 ``[replaced]``, their sample keys (to name them in the log).
         cached: samples of this step, over all ranks, whose reference losses were read from the reference
             cache (:attr:`ReGATEPolicy.cache`), met for the first time.
         new_ref: the reference losses this rank's teacher computed for this step: keys int64 ``[S]``,
@@ -113,6 +114,7 @@ class StepPlan:
     replaced: int = 0
     cached: int = 0
     new_ref: tuple[Tensor, Tensor, Tensor] = (_EMPTY_INT, _EMPTY_INT, _EMPTY_FLOAT)
+    replaced_keys: Tensor = _EMPTY_INT
 
     def apply(self, batch: MutableMapping[str, Any]) -> None:
         """Write :attr:`keep_mask` into ``batch`` (nothing when there is none)."""
@@ -125,7 +127,8 @@ class _Scored(NamedTuple):
 
     scored: Tensor
     """bool ``[B]``: the rows this rank's teacher scored."""
-    replaced: int
+    replaced: Tensor
+    """int64 ``[R]``: the keys of the samples whose restored values belonged to other content."""
     cached: int
     new_ref: tuple[Tensor, Tensor, Tensor]
 
@@ -361,9 +364,10 @@ class ReGATEPolicy:
             keep_mask=keep_mask,
             kept=kept,
             scored=int(scored.sum()),
-            replaced=replaced,
+            replaced=int(replaced.numel()),
             cached=cached,
             new_ref=new_ref,
+            replaced_keys=replaced,
         )
 
     def observe(
@@ -462,13 +466,13 @@ class ReGATEPolicy:
         """
         teacher, bank = self._ready()
         all_idx, all_counts, all_digests = self._gather(gather, [view.sample_idx, view.counts, view.digests])
-        replaced = bank.num_replaced
+        before = bank.num_replaced
         first = bank.register(all_idx, all_counts, all_digests)
-        replaced = bank.num_replaced - replaced
+        replaced = bank.replaced_keys.cpu() if bank.num_replaced > before else _EMPTY_INT
         cached = 0
         if self.cache is not None and bool(first.any()):
             cached, other = self._read_cache(all_idx[first], all_counts[first], all_digests[first])
-            replaced += other
+            replaced = torch.cat([replaced, other.cpu()])
         missing = ~bank.has_ref(view.sample_idx)
         if not bool(missing.any()):
             return _Scored(missing, replaced, cached, (_EMPTY_INT, _EMPTY_INT, _EMPTY_FLOAT))
@@ -485,8 +489,8 @@ class ReGATEPolicy:
         """Store the cached reference losses of samples met for the first time, where the content matches.
 
         Returns:
-            The number of those samples read from the cache, and of those it holds for other content
-            (dropped and counted).
+            The number of those samples read from the cache, and the keys of those it holds for other
+            content (dropped and counted), int64 ``[R]``.
         """
         _, bank = self._ready()
         assert self.cache is not None
@@ -495,7 +499,7 @@ class ReGATEPolicy:
         if bool(usable.any()):
             on_store = usable.to(self.store_device)
             bank.set_ref(sample_idx[unknown][on_store], values.to(self.store_device), counts[unknown][on_store])
-        return int(usable.sum()), int((found & ~usable).sum())
+        return int(usable.sum()), sample_idx[unknown][(found & ~usable).to(sample_idx.device)]
 
     def _select(self, scores: Tensor, available: Tensor) -> Tensor:
         keep = self.selection.select(scores, available, self.keep_ratio, self.min_keep, self.generator)

@@ -114,7 +114,7 @@ def swap_media(batch: Mapping[str, Any], parts: ModelParts, rows: Tensor | None 
     media_keys = {key for kind in kinds for key in family.media_keys(kind)}
     out = []
     for kind in kinds:
-        items = family.media_items(config, batch, kind, int(runs[kind].sum()))
+        items = family.split_media(config, batch, kind, int(runs[kind].sum()))
         if not items:
             continue
         first_item = torch.cumsum(runs[kind], 0) - runs[kind]  # index of each row's first item of this kind

@@ -9,17 +9,20 @@ the callback computes (:func:`regate_lightning.cache.reference_fingerprint`), so
 reads every reference loss from the file and never runs the teacher.
 
 * **Processes.** Scoring runs as a ``trainer.predict`` of :class:`ReferenceScorer` under a trainer
-  built from the recipe's trainer settings (accelerator, devices, strategy such as ``ddp`` or
-  ``ddp_spawn``, precision) without its callbacks, loggers and progress bar. Under several
-  processes Lightning gives each rank a disjoint shard of the training set (an unrepeated
-  distributed sampler); rank ``r`` of ``W`` writes ``<ref_cache>.part<r>of<W>`` and rank 0 merges
-  the parts into ``<ref_cache>`` at the end.
+  built from the recipe's trainer settings (accelerator, devices, num_nodes, strategy such as ``ddp``,
+  precision) without its callbacks, loggers and progress bar. Under several processes Lightning
+  gives each rank a disjoint shard of the training set (an unrepeated distributed sampler); rank ``r``
+  of ``W`` writes its progress to ``<ref_cache>.part<r>of<W>`` in the folder it sees. At the end the
+  ranks exchange their losses through the process group, so every rank holds all of them, and the
+  lowest rank that sees each folder writes ``<ref_cache>`` there: once on a folder all nodes share,
+  once per node on node-local folders. Nothing is merged through the file system.
 * **Order.** The training loader is rebuilt without shuffling (same dataset, collate function,
   workers and batch size), so two runs see the same batches and write identical caches.
 * **Resuming.** Progress is written every ``flush_every`` batches and every ``flush_seconds``
   seconds, atomically (:func:`regate_lightning.cache.write_atomic`): a kill at any moment leaves
-  the previous file whole. A restarted run loads the cache and any part files (refusing files made
-  for another teacher, tokenizer or data set) and runs the teacher only on samples not in them.
+  the previous file whole. A restarted run loads the cache and any part files each rank sees
+  (refusing, on every rank at once, files made for another teacher, tokenizer or data set), the ranks
+  exchange what they read, and the teacher runs only on samples that no rank's files hold.
 """
 
 from __future__ import annotations
@@ -39,11 +42,14 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from regate_lightning.cache import load_cache, load_into, save_cache
+from regate_lightning.bank import ScoreBank
+from regate_lightning.cache import CHUNK_SAMPLES, load_cache, load_into, save_cache, share_complete
 from regate_lightning.callback import ReGATECallback
 from regate_lightning.keys import ATTENTION_MASK, INPUT_IDS, LABELS, SAMPLE_IDX
 from regate_lightning.policy import ReGATEPolicy
 from regate_lightning.scoring import check_int
+from regate_lightning.shared import first_in_folder, raise_together
+from regate_lightning.sync import RaggedGather
 
 __all__ = [
     "SCORING_TRAINER",
@@ -266,6 +272,7 @@ class ReferenceScorer(pl.LightningModule):
         self.result = ScoreResult(self.path)
         self.rows_by_rank = False
         self._own = self.path
+        self._parts: list[Path] = []
         self._mine: list[torch.Tensor] | None = None
         self._pending = 0
         self._last_flush = 0.0
@@ -288,16 +295,26 @@ class ReferenceScorer(pl.LightningModule):
         self.policy.setup(student.model, datamodule)
         bank = self.policy.bank
         assert bank is not None
+        strategy = self.trainer.strategy
         rank, world = self.trainer.global_rank, self.trainer.world_size
         self._own = self.path if world == 1 else part_path(self.path, rank, world)
         self._mine = None if world == 1 else []
-        for file in [self.path, *part_files(self.path)]:
-            payload = load_cache(file, self.policy.fingerprint)  # refuses a cache made for another setup
-            if payload is None:
-                continue
-            load_into(bank, payload)
-            if self._mine is not None and file == self._own:
-                self._mine.append(payload["sample_idx"])
+        error = None
+        try:  # every rank reads what its own file system holds: the cache and the part files of earlier runs
+            for file in [self.path, *part_files(self.path)]:
+                payload = load_cache(file, self.policy.fingerprint)  # refuses a cache made for another setup
+                if payload is None:
+                    continue
+                load_into(bank, payload)
+                if file != self.path:
+                    self._parts.append(file)
+                if self._mine is not None and file == self._own:
+                    self._mine.append(payload["sample_idx"])
+        except ValueError as err:
+            error = err
+        raise_together(strategy, error, f"reading the reference cache {self.path} and its part files")
+        if world > 1:  # node-local folders hold different files: every rank gets what any rank read
+            share_complete(bank, RaggedGather(strategy, device=torch.device("cpu")), rank)
 
     def on_predict_start(self) -> None:
         """Place the teacher as ``fit`` would; start the clock and the progress bar."""
@@ -357,40 +374,48 @@ class ReferenceScorer(pl.LightningModule):
         return written
 
     def on_predict_end(self) -> None:
-        """Write this rank's last progress; rank 0 merges the parts into the cache file."""
+        """Write this rank's last progress; gather every rank's losses; one rank per file system writes the cache.
+
+        The losses travel through the process group (:func:`~regate_lightning.cache.share_complete`), not
+        through the file system: on node-local folders every node ends with the complete file, on a shared
+        folder rank 0 writes it once (:func:`~regate_lightning.shared.first_in_folder`).
+        """
         bank = self.policy.bank
         assert bank is not None
         trainer = self.trainer
+        strategy = trainer.strategy
         if self._pending or not self._own.exists():
             self._flush()
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        trainer.strategy.barrier("regate_score_written")
-        if trainer.is_global_zero:
-            parts = part_files(self.path)
-            for file in parts:
-                payload = load_cache(file, self.policy.fingerprint)
-                if payload is not None:
-                    load_into(bank, payload)
-            if parts or not self.path.exists():
-                save_cache(self.path, bank, self.policy.fingerprint)
-            for file in [*parts, *_temporaries(self.path)]:
-                file.unlink(missing_ok=True)
-        trainer.strategy.barrier("regate_score_merged")
+        world = trainer.world_size
+        if world > 1:
+            share_complete(bank, RaggedGather(strategy, device=torch.device("cpu")), trainer.global_rank)
+        if first_in_folder(strategy, self.path.parent) and (world > 1 or self._parts or not self.path.exists()):
+            save_cache(self.path, bank, self.policy.fingerprint)
+        strategy.barrier("regate_score_written")
+        leftovers = [*self._parts, *([self._own] if self._own != self.path else []), *_temporaries(self.path)]
+        for file in leftovers:
+            file.unlink(missing_ok=True)
         totals = torch.tensor(
-            [self._counts["scored"], self._counts["reused"]], dtype=torch.float64, device=trainer.strategy.root_device
+            [self._counts["scored"], self._counts["reused"]], dtype=torch.float64, device=strategy.root_device
         )
-        scored, reused = (int(v) for v in trainer.strategy.reduce(totals, reduce_op="sum").tolist())
-        payload = load_cache(self.path, self.policy.fingerprint)
+        scored, reused = (int(v) for v in strategy.reduce(totals, reduce_op="sum").tolist())
         self.policy.release()
         self.result = ScoreResult(
             path=self.path,
-            num_samples=0 if payload is None else int(payload["sample_idx"].numel()),
+            num_samples=complete_samples(bank),
             scored=scored,
             reused=reused,
             seconds=time.monotonic() - self._started,
         )
+
+
+def complete_samples(bank: ScoreBank) -> int:
+    """The samples of ``bank`` with every reference loss: those a cache written from it holds."""
+    keys = bank.sample_keys()
+    return int(sum(int(bank.has_ref(k).sum()) for k in keys.split(CHUNK_SAMPLES))) if keys.numel() else 0
 
 
 def fit_dtype(trainer: pl.Trainer, student: nn.Module) -> torch.dtype:

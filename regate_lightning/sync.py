@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from lightning.pytorch.strategies import Strategy
 
-__all__ = ["RaggedGather", "all_gather_ragged", "pack", "sum_over_ranks", "unpack"]
+__all__ = ["RaggedGather", "all_gather_ragged", "pack", "sum_over_ranks", "timeout_message", "unpack"]
 
 _ALIGN = 8  # bytes: every section starts at a multiple of the largest element size
 
@@ -114,10 +114,32 @@ class RaggedGather:
         return unpack(gathered.to(self.device or root), kind)
 
     def _all_gather(self, buffer: torch.Tensor) -> torch.Tensor:
-        """One collective; the buffer is packed where the tensors are and copied to the root device once."""
+        """One collective; the buffer is packed where the tensors are and copied to the root device once.
+
+        Raises:
+            TimeoutError: the other ranks did not join within the process group's timeout (a rank hangs, or is
+                slower than the timeout allows); the message names the strategy's ``timeout`` setting.
+        """
         self.collectives += 1
-        gathered = self.strategy.all_gather(buffer.to(self.strategy.root_device))
+        try:
+            gathered = self.strategy.all_gather(buffer.to(self.strategy.root_device))
+        except RuntimeError as err:
+            if "timed out" not in str(err).lower() and "timeout" not in str(err).lower():
+                raise
+            raise TimeoutError(timeout_message(self.strategy, str(err).strip().splitlines()[0])) from err
         return gathered.reshape(self.strategy.world_size, -1)
+
+
+def timeout_message(strategy: Strategy, cause: str) -> str:
+    """What to say when a rank waited in a collective longer than the process group's timeout."""
+    timeout = getattr(strategy, "_timeout", None)
+    limit = f"{timeout.total_seconds():g} s" if timeout is not None else "its timeout"
+    return (
+        f"rank {strategy.global_rank} waited for the other ranks longer than the process group's timeout ({limit}): "
+        "a rank hangs, or is slower than that (a first teacher step, a teacher or data still loading). Raise the "
+        "strategy's `timeout` in the recipe (trainer.strategy: {class_path: lightning.pytorch.strategies.DDPStrategy, "
+        f"init_args: {{timeout: 3600}}}}, in seconds; docs/scale.md) or find the stuck rank. ({cause})"
+    )
 
 
 def all_gather_ragged(strategy: Strategy, tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -197,11 +197,8 @@ def _per_item(media: tuple[MediaRegions, ...], positions: Tensor) -> tuple[Media
 
 
 def placeholder_positions(family: Family, config: Any, batch: Mapping[str, Any], kind: str) -> Tensor:
-    """The attended placeholder positions of ``kind`` (bool ``[B, L]``; all False if the family takes none).
-
-    The kinds as the data tells them apart (:meth:`~regate_lightning.families.Family.media_mask`).
-    """
-    positions = family.media_mask(config, batch, kind)
+    """The attended placeholder positions of ``kind`` (bool ``[B, L]``; all False if the family takes none)."""
+    positions = family.media_positions(config, batch, kind)
     attention = batch.get(ATTENTION_MASK)
     return positions if attention is None else positions & attention.bool()
 
@@ -230,7 +227,7 @@ def temporal_change(media: MediaRegions) -> Tensor:
         media: the media's regions, float ``[T, N, D]``.
 
     Returns:
-        float32 ``[T * (N + lead) + tail]``, in the media's token order.
+        float32 ``[num_tokens]`` (``T * (N + lead) + tail`` without holes), in the media's token order.
 
     Example:
         >>> from regate_lightning.families import MediaRegions
@@ -238,6 +235,11 @@ def temporal_change(media: MediaRegions) -> Tensor:
         >>> (temporal_change(MediaRegions("video", x)) * x.std()).round().tolist()  # in pixel units
         [inf, inf, 0.0, 2.0]
     """
+    return media.flat(temporal_change_grid(media))
+
+
+def temporal_change_grid(media: MediaRegions) -> Tensor:
+    """:func:`temporal_change` of every token of the media's grid, present or not (float32 ``[T, N + lead]``)."""
     x = media.regions.float()
     scale = x.std().clamp(min=SCALE_EPS) if x.numel() > 1 else x.new_tensor(1.0)
     change = torch.full(x.shape[:2], float("inf"), dtype=torch.float32, device=x.device)
@@ -245,7 +247,7 @@ def temporal_change(media: MediaRegions) -> Tensor:
         change[1:] = (x[1:] - x[:-1]).abs().mean(dim=2) / scale
     if media.lead:
         change = torch.cat([change.mean(dim=1, keepdim=True), change], dim=1)
-    return torch.cat([change.flatten(), change.new_full((media.tail,), float("inf"))])
+    return change
 
 
 def even_spread_ranks(steps: int) -> Tensor:
@@ -357,12 +359,10 @@ class TemporalSelection(ScoredSelection):
 
     def score(self, media: MediaRegions) -> Tensor:
         """See :func:`temporal_change`; with ``whole_frames`` the step's mean for each of its tokens."""
-        change = temporal_change(media)
         if not self.whole_frames:
-            return change
-        body = media.steps * media.tokens_per_step
-        per_step = change[:body].view(media.steps, media.tokens_per_step)
-        return torch.cat([per_step.mean(dim=1, keepdim=True).expand_as(per_step).flatten(), change[body:]])
+            return temporal_change(media)
+        per_step = temporal_change_grid(media)
+        return media.flat(per_step.mean(dim=1, keepdim=True).expand_as(per_step))
 
 
 class UniformSelection(ScoredSelection):
@@ -371,7 +371,7 @@ class UniformSelection(ScoredSelection):
     At ``keep_ratio = 1 / k`` with a frame count divisible by ``k`` (and a power-of-two ratio) it keeps
     every ``k``-th frame, starting with the first; otherwise the last kept frame may be kept in part
     (its earlier tokens), since the keep count is the policy's. A tail token (LLaVA-OneVision's video
-    newline) ranks with the first frame.
+    newline) is kept first (:meth:`~regate_lightning.families.MediaRegions.flat`).
     """
 
     needs_time = True
@@ -379,8 +379,7 @@ class UniformSelection(ScoredSelection):
     def score(self, media: MediaRegions) -> Tensor:
         """Minus the frame's rank in the even-spread order, for every token of the frame."""
         ranks = even_spread_ranks(media.steps).to(media.regions.device)
-        body = (-ranks.float()).repeat_interleave(media.tokens_per_step)
-        return torch.cat([body, body.new_zeros(media.tail)])
+        return media.flat((-ranks.float())[:, None].expand(media.steps, media.tokens_per_step))
 
 
 class RandomSelection(VisualSelection):

@@ -266,13 +266,66 @@ def fit(
     }
 
 
+BATCHING = {"batching": "token_budget", "max_tokens": 200, "min_answer_len": 4}
+"""The length-aware fit: samples of 30 to 58 tokens in batches of at most 200 padded positions, packed steps."""
+
+
+class Batches(pl.Callback):
+    """The ``sample_idx`` of every training batch this rank reads, and its shape."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.shapes: list[tuple[int, ...]] = []
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Record the batch."""
+        self.batches.append(batch["sample_idx"].tolist())
+        self.shapes.append(tuple(batch["input_ids"].shape))
+
+
+def fit_batching(devices: int) -> dict[str, Any]:
+    """One epoch of packed ReGATE steps over token-budget batches (:data:`BATCHING`); what this rank read."""
+    pl.seed_everything(SEED, verbose=False)
+    module = MLLMModule(tiny.tiny_llava(seed=SEED), packed=True, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    regate = ReGATECallback(**CALLBACK)
+    batches = Batches()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=DDP_STRATEGY if devices > 1 else "auto",
+        max_epochs=1,
+        callbacks=[regate, batches],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    data = RandomDataModule(num_samples=NUM_SAMPLES, batch_size=8, prompt_len=8, answer_len=32, seed=SEED, **BATCHING)
+    trainer.fit(module, data)
+    assert data.train_set is not None
+    return {
+        "rank": trainer.global_rank,
+        "global_step": trainer.global_step,
+        "batches": batches.batches,
+        "shapes": batches.shapes,
+        "lengths": data.train_set.lengths,
+        "totals": dict(regate.totals),
+    }
+
+
 def main() -> None:
     """The DDP scenario of ``tests/test_ddp.py``: a fit with a checkpoint per epoch and a reference cache, a
-    resume from epoch 0, and a fresh fit that reads the cache.
+    resume from epoch 0, a fresh fit that reads the cache, and a packed fit over token-budget batches
+    (:func:`fit_batching`).
 
     The fits run in the same two processes: for a second ``Trainer`` Lightning finds ``LOCAL_RANK`` set
     (by its own first launch, or by the caller) and reuses the process group instead of starting new
-    processes. Each rank writes ``OUT/full_rank{r}.pt``, ``OUT/resumed_rank{r}.pt`` and ``OUT/cached_rank{r}.pt``;
+    processes. Each rank writes ``OUT/full_rank{r}.pt``, ``OUT/resumed_rank{r}.pt``, ``OUT/cached_rank{r}.pt``
+    and ``OUT/batching_rank{r}.pt``;
     the callback's collectives are counted in the first fit.
     """
     parser = argparse.ArgumentParser(description=__doc__)
@@ -288,7 +341,8 @@ def main() -> None:
         full = fit("ddp", WORLD_SIZE, shuffle, checkpoint_dir=str(out / "ckpt"), ref_cache=cache, counter=counter)
     resumed = fit("ddp", WORLD_SIZE, shuffle, resume=str(out / "ckpt" / "e0.ckpt"))
     cached = fit("ddp", WORLD_SIZE, shuffle, ref_cache=cache)
-    for name, result in (("full", full), ("resumed", resumed), ("cached", cached)):
+    batching = fit_batching(WORLD_SIZE)
+    for name, result in (("full", full), ("resumed", resumed), ("cached", cached), ("batching", batching)):
         path = out / f"{name}_rank{result['rank']}.pt"
         torch.save(result, path)
         print(f"rank {result['rank']} (pid {os.getpid()}): wrote {path}", flush=True)

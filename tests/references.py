@@ -98,13 +98,24 @@ def _losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def token_losses_4d(model: Any, batch: dict, keep: torch.Tensor) -> torch.Tensor:
-    """Full-sequence run where a 4-D mask hides the elided keys; token losses ``[B, L]``."""
+    """Full-sequence run where a 4-D mask hides the elided keys; token losses ``[B, L]``.
+
+    The mask is causal, or, for a model that builds its decoder's masks itself (Gemma 3's dict of 4-D masks per
+    layer type, with bidirectional image blocks), the model's own masks on the full sequence; the elided keys are
+    hidden in either.
+    """
     attended = batch["attention_mask"].bool()
     active = attended & keep
     length = active.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool).tril()
-    mask4d = causal[None, None] & active[:, None, None, :]
-    mask4d |= torch.eye(length, dtype=torch.bool)[None, None]  # padded queries attend to themselves
+    eye = torch.eye(length, dtype=torch.bool)[None, None]  # padded queries attend to themselves
+    own = decoder_inputs(model, batch).get("attention_mask")
+    if isinstance(own, dict):
+        mask4d: Any = {
+            kind: ((causal[None, None] if m is None else m) & active[:, None, None, :]) | eye for kind, m in own.items()
+        }
+    else:
+        mask4d = (causal[None, None] & active[:, None, None, :]) | eye
     inputs = hf_inputs(batch)
     inputs.pop(LABELS)
     inputs["attention_mask"] = mask4d
@@ -123,7 +134,7 @@ def row_media(model: Any, batch: dict, row: int) -> dict[str, torch.Tensor]:
         if family.media_token_id(config, kind) is None:
             continue
         per_row = family.media_per_row(config, batch["input_ids"], kind)
-        items = family.media_items(config, batch, kind, int(per_row.sum()))
+        items = family.split_media(config, batch, kind, int(per_row.sum()))
         start = int(per_row[:row].sum())
         mine = items[start : start + int(per_row[row])]
         for key in mine[0] if mine else ():

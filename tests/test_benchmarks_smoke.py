@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks` is a folder of the repository, not an installed package
@@ -189,3 +190,115 @@ def test_qwen_frames_of_any_size_give_the_requested_tokens():
     assert swept.length == 200 and swept.visual_tokens % 16 == 0 and abs(swept.answer_share - 0.5) < 0.05
     with pytest.raises(ValueError, match="multiple of 16"):
         make_batch(model, fixed_shape(model, 1, 24, 4, 10))
+
+
+def test_qwen3_5_benchmarks_smoke(tmp_path):
+    """The Qwen3.5-shaped benchmarks: ``gpu_throughput.py --family qwen3_5 --smoke`` (the GPU part's code on the
+    CPU, in this process), and the CPU benchmark's ``qwen3_5`` shapes, whose overhead counts each temporal
+    patch's timestamp and markers."""
+    import torch
+
+    from benchmarks import gpu_throughput
+    from benchmarks.common import (
+        QWEN3_5_08B_LIKE,
+        QWEN3_5_CPU_SPEC,
+        ModelSpec,
+        build_model,
+        fixed_shape,
+        make_batch,
+        media_overhead,
+        shape_for_share,
+        step_text,
+    )
+    from benchmarks.throughput import parser, settings_from_args
+    from regate_lightning.elision import forward_active
+    from regate_lightning.families.qwen3_5 import TIMESTAMP_TOKENS
+
+    threads = torch.get_num_threads()
+    try:
+        assert gpu_throughput.main(["--family", "qwen3_5", "--smoke", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads((tmp_path / "gpu_qwen3_5_throughput.json").read_text())
+    assert result["errors"] == [] and result["model"]["family"] == "qwen3_5"
+    assert [s["label"] for s in result["shapes"]] == ["a48", "a48-frames"]
+    for shape in result["shapes"]:
+        check_shape_figures(shape, profiled=True)
+    assert all(r["skipped_steps"] > 0 for r in result["shapes"][1]["regate"]), "whole temporal patches skipped"
+    assert set(result["environment"]["linear_attention_kernels"]) == {"fla", "causal_conv1d"}
+    gpu = gpu_throughput.config_from_args(
+        gpu_throughput.parser().parse_args(["--family", "qwen3_5", "--only", "a1024"])
+    )
+    assert gpu.spec == QWEN3_5_08B_LIKE and gpu.device == "cuda" and gpu.frame_grid == (24, 32)
+    assert [p.name for p in gpu.parts] == ["a1024"] and gpu.prefix == "gpu_qwen3_5"
+
+    spec, _ = settings_from_args(parser().parse_args(["--family", "qwen3_5"]))
+    assert spec == QWEN3_5_CPU_SPEC
+    model = build_model(ModelSpec(family="qwen3_5", vocab_size=256, hidden_size=32, num_layers=4, num_heads=4))
+    assert step_text(model) == (16, TIMESTAMP_TOKENS + 2) and step_text(model, (4, 8)) == (8, TIMESTAMP_TOKENS + 2)
+    shape = fixed_shape(model, batch_size=2, visual_tokens=32, prompt_len=4, answer_len=10, frame_grid=(4, 8))
+    assert shape.overhead == media_overhead(model, 32, (4, 8)) == 3 + 4 * (TIMESTAMP_TOKENS + 2)
+    batch = make_batch(model, shape, frame_grid=(4, 8))  # 4 temporal patches of 4 x 8 patches
+    assert batch["video_grid_thw"].tolist() == [[4, 4, 8], [4, 4, 8]]
+    assert batch["input_ids"].shape == (2, shape.length)
+    assert forward_active(model, batch).num_tokens == 2 * shape.length
+    swept = shape_for_share(model, length=300, answer_share=0.5, prompt_len=4, batch_size=1, frame_grid=(8, 8))
+    assert swept.length == 300 and swept.visual_tokens % 16 == 0 and abs(swept.answer_share - 0.5) < 0.05
+    assert make_batch(model, swept, frame_grid=(8, 8))["input_ids"].shape == (1, 300)
+
+
+def test_packing_smoke(tmp_path):
+    """benchmarks/packing.py at smoke size, in this process: the four steps (and the block-mask one) and the tables."""
+    from benchmarks.packing import BLOCK_MASK, VARIANTS, kept_tokens, main
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--smoke", "--block-mask", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads((tmp_path / "packing.json").read_text())
+    steps = result["steps"]["variants"]
+    assert list(steps) == [*VARIANTS, BLOCK_MASK]
+    for name in ("packed", "regate_packed", BLOCK_MASK):
+        assert steps[name]["padding"] == 0.0 and steps[name]["positions_per_step"] == steps[name]["active_per_step"]
+    assert steps["padded"]["padding"] > 0.1, "random batches of a mixed set are padded"
+    assert steps["padded"]["active_per_step"] == steps["packed"]["active_per_step"]
+    assert steps["regate_packed"]["active_per_step"] < steps["packed"]["active_per_step"]
+    assert steps["regate_packed"]["active_per_step"] == steps["regate_padded"]["active_per_step"]
+    rows = {(r["batching"], r["regate"]): r for r in result["batching"]}
+    assert (
+        rows[("random, 4 per batch", False)]["padded_padding"]
+        > rows[("length-grouped, 4 per batch", False)]["padded_padding"]
+    )
+    assert {t["target"] for t in result["targets"]} == {
+        "padding < 2% of computed positions when packed",
+        "ReGATE-packed / baseline-packed within 10% of the token-count ideal",
+    }
+    # The table's ReGATE count is what the policy kept on the timed batches (the same samples, regenerated).
+    from benchmarks.packing import PRESETS, SampleShape, generate
+
+    samples = generate(PRESETS["smoke"][1], 200, seed=0)
+    order = torch.randperm(200, generator=torch.Generator().manual_seed(1)).tolist()
+    timed = [samples[i] for i in order[:8]]
+    assert sum(kept_tokens(s, 0.5) for s in timed) / 2 == steps["regate_packed"]["active_per_step"]
+    assert kept_tokens(SampleShape(10.0, 100, 20, 11, "open-ended"), 0.5) == 133 - 5  # 11 candidates, 6 kept
+
+
+def test_packing_gpu_arguments():
+    """The arguments benchmarks/gpu.sh passes to benchmarks/packing.py parse, and it runs them."""
+    import shlex
+
+    from benchmarks.packing import PRESETS, parser
+
+    script = (ROOT / "benchmarks" / "gpu.sh").read_text()
+    line = next(line for line in script.replace("\\\n", " ").splitlines() if "timeout" in line and "packing.py" in line)
+    args = shlex.split(line.split("benchmarks/packing.py", 1)[1].split("2>&1")[0].replace('"$OUT"', "out"))
+    parsed = parser().parse_args(args)
+    assert (parsed.device, parsed.dtype, parsed.preset, parsed.batches, parsed.repeats) == (
+        "cuda",
+        "bfloat16",
+        "gpu",
+        3,
+        3,
+    )
+    assert PRESETS["gpu"][0].hidden_size == 1536 and PRESETS["gpu"][0].num_layers == 28

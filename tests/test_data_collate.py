@@ -192,3 +192,39 @@ def test_overlong_raise_names_file_line_and_record(qwen):
     sample = _question(qwen, ["red " * 40, "blue"])[0]
     with pytest.raises(DataError, match=r"^mc\.jsonl:3 \(id q7\): \d+ tokens > max_length 20"):
         Collator(0, max_length=20, overlong="raise")([sample])
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 19: a question is never truncated (item 3); a truncated training sample is counted and named (item 5).
+
+
+def test_a_question_is_never_truncated_left_out_under_truncate_and_skip_refused_under_raise(qwen):
+    """Under the default `overlong: truncate` an option that does not fit used to be cut and scored."""
+    short = _question(qwen, ["red", "blue"])
+    overlong = _question(qwen, ["green", "red " * 40], answer=1)
+    max_length = max(len(s) for s in short)
+    assert max(len(s) for s in overlong) > max_length > overlong[0].visual_end  # truncate could cut it
+    for policy in ("truncate", "skip"):
+        counter = SkipCounter()
+        counter.track(1)
+        collate = Collator(0, max_length=max_length, overlong=policy, counter=counter)
+        assert collate([overlong]) is None, policy
+        assert counter.records()["overlong"] == 1 and counter.truncated() == 0, policy
+        assert collate([short])[OPTION_IDX].tolist() == [0, 1]
+    with pytest.raises(DataError, match=r"^mc\.jsonl:3 \(id q7\): \d+ tokens > max_length"):
+        Collator(0, max_length=max_length, overlong="raise")([overlong])
+
+
+def test_a_truncated_training_sample_is_counted_once_and_the_first_named(qwen, caplog):
+    sample = _sample(qwen, 0, late_image=False)
+    sample.index, sample.source = 4, "train.jsonl:5 (id long-answer)"
+    counter = SkipCounter()
+    counter.track(5)
+    collate = Collator(0, max_length=len(sample) - 3, overlong="truncate", counter=counter)
+    with caplog.at_level("DEBUG", logger="regate_lightning.data"):
+        for _ in range(2):  # two epochs: one record
+            assert collate([sample])[INPUT_IDS].shape[1] == len(sample) - 3
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records if "truncated" in r.getMessage()]
+    assert [level for level, _ in logged] == ["WARNING", "DEBUG"]
+    assert f"train.jsonl:5 (id long-answer): {len(sample)} tokens > max_length {len(sample) - 3}" in logged[0][1]
+    assert counter.truncated() == 1 and counter.total == 0  # one record, kept (not skipped)

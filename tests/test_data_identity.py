@@ -120,11 +120,33 @@ def test_a_changed_record_is_recomputed_not_read_from_the_cache(videos, tmp_path
     fit(videos, cache)
     changed = [RECORDS[0], record("r1", "v1.mp4", "Two green circles go."), RECORDS[2]]  # same id and length
     write(videos, changed)
-    with pytest.warns(UserWarning, match="made from other content"):
+    with pytest.warns(UserWarning) as caught:
         again, data = fit(videos, cache)
+    # Issue 19, item 10: the warning names the record ("1 sample(s) of this step" named none), and the end of
+    # the fit gives the count over the run.
+    messages = [str(w.message) for w in caught if "other content" in str(w.message)]
+    assert messages[0].startswith("ReGATE: id r1 had stored values (from the checkpoint or `ref_cache`) made from")
+    assert messages[1] == (
+        "ReGATE: in this fit 1 sample(s) had stored values made from other content, the first id r1; they were "
+        "scored again (`regate/replaced_samples`)"
+    )
     assert again.totals[REPLACED] == 1 and again.totals[TEACHER_SAMPLES] == 1
     fresh_cb, fresh_data = fit(videos, None)
     assert references(again, data) == references(fresh_cb, fresh_data)
+
+
+def test_a_rewritten_cache_keeps_only_the_records_of_the_data(videos, tmp_path, caplog):
+    """Issue 19, item 10: a cache kept the entries of records that no longer exist (11 entries for 6 records)."""
+    write(videos, RECORDS)
+    cache = tmp_path / "ref_cache.pt"
+    fit(videos, cache)
+    write(videos, [RECORDS[0], RECORDS[1], {**RECORDS[2], "id": "r9"}])  # r2 edited to another id
+    with caplog.at_level("INFO"):
+        again, data = fit(videos, cache)
+    assert again.totals[TEACHER_SAMPLES] == 1, "r9 is new; r0 and r1 come from the cache"
+    assert "1 of them belong to no record of the training data now" in caplog.text
+    kept = torch.load(cache, weights_only=True)["sample_idx"].tolist()
+    assert kept == sorted(sample_key(f"id {rid}") for rid in ("r0", "r1", "r9")) == sorted(data.sample_keys())
 
 
 def test_a_restored_store_entry_of_a_changed_record_is_recomputed_and_counted(videos):

@@ -160,3 +160,20 @@ def test_an_empty_batch_under_several_processes_stops_with_a_clear_error(tmp_pat
     )
     messages = [errors.get() for _ in range(2)]
     assert all("every rank must run every step" in m for m in messages)
+
+
+def test_truncated_answers_are_counted_and_over_long_options_leave_their_question_out(tmp_path):
+    """Issue 19, items 3 and 5, under the default `overlong: truncate`: a 100-word answer is cut and counted in
+    `data/truncated` (it was cut silently); a question with an option over `max_length` is left out and counted
+    in `val/skipped_questions` (its options were cut and scored)."""
+    write_video(tmp_path / "v.mp4", num_frames=4)
+    long = llava_record("long", "video", "v.mp4")
+    long["conversations"][1]["value"] = "word " * 100
+    train = write_records(tmp_path / "train.jsonl", [llava_record("short", "video", "v.mp4"), long])
+    overlong = {**mc("v.mp4", "a circle"), "candidates": ["a circle", "a square " * 30]}
+    val = write_records(tmp_path / "mc.json", [mc("v.mp4", "a circle"), overlong], jsonl=False)
+    data = ConversationDataModule(str(train), str(val), tokenizer=TOKENIZER, num_frames=2, batch_size=2, max_length=160)
+    assert data.overlong == "truncate"
+    _, rows = fit(data, tmp_path)
+    assert [float(row["data/truncated"]) for row in rows if "data/truncated" in row] == [1.0]
+    assert [float(row["val/skipped_questions"]) for row in rows if "val/skipped_questions" in row] == [1.0]

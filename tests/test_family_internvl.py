@@ -43,16 +43,7 @@ from regate_lightning.data.processors import CheckpointProcessor
 from regate_lightning.elision import forward_active
 from regate_lightning.families import FAMILIES, family_of, resolve
 from regate_lightning.families.internvl import FAMILY, spans, tiny_config
-from regate_lightning.keys import (
-    ATTENTION_MASK,
-    IMAGE_TYPE,
-    INPUT_IDS,
-    LABELS,
-    MM_TOKEN_TYPE_IDS,
-    PIXEL_VALUES,
-    VIDEO_NUM_FRAMES,
-    VIDEO_TYPE,
-)
+from regate_lightning.keys import ATTENTION_MASK, FRAME_INDEX, INPUT_IDS, LABELS, PIXEL_VALUES
 from regate_lightning.targets import candidate_mask
 from regate_lightning.teacher import Teacher, text_mask
 from regate_lightning.testing import random_batch, tiny
@@ -177,8 +168,8 @@ def test_images_equal_internvl_processor(folder, images, tmp_path, monkeypatch):
     assert parity_diff(batch[PIXEL_VALUES], hf, "image internvl vs InternVLProcessor (GotOcr2ImageProcessorPil)") == 0
     counts = [s[2] for s in FAMILY._spans(module.hf_model.config, batch)]
     assert len(set(counts)) > 1 and max(counts) > 2, "the sizes choose different tilings, thumbnails included"
-    context = batch[INPUT_IDS] == module.hf_model.config.image_token_id
-    assert torch.equal(batch[MM_TOKEN_TYPE_IDS] == IMAGE_TYPE, context)
+    assert batch[FRAME_INDEX].tolist() == [-1] * hf.shape[0], "every tile an image's"
+    assert not FAMILY.media_positions(module.hf_model.config, batch, "video").any()
     run_model(module, batch)
 
 
@@ -198,8 +189,8 @@ def test_video_lines_equal_the_processors_replace_video_token(folder, tmp_path, 
     expected = processor.tokenizer(text.replace("<video>", lines))["input_ids"]
     for row in range(2):
         assert batch[INPUT_IDS][row][batch[ATTENTION_MASK][row].bool()].tolist() == expected
-    assert batch[VIDEO_NUM_FRAMES].tolist() == [3, 3] and batch[PIXEL_VALUES].shape == (6, 3, 32, 32)
-    assert (batch[MM_TOKEN_TYPE_IDS] == VIDEO_TYPE).sum().item() == 2 * 3 * 4
+    assert batch[FRAME_INDEX].tolist() == [0, 1, 2, 0, 1, 2] and batch[PIXEL_VALUES].shape == (6, 3, 32, 32)
+    assert FAMILY.media_positions(module.hf_model.config, batch, "video").sum().item() == 2 * 3 * 4
     run_model(module, batch)
 
 
@@ -207,13 +198,13 @@ def test_builtin_path_writes_the_processors_spans():
     """A model without processor configs: one tile per image, the same ``<img>`` text."""
     model = tiny.tiny_model(NAME)
     spec = VisionSpec.from_model(model)
-    assert spec.size == (32, 32) and spec.tokens_per_frame == 4 and spec.is_tiles
+    assert spec.size == (32, 32) and spec.tile_tokens == 4 and spec.is_tiles
     image = spec.process_image(torch.zeros(3, 32, 32, dtype=torch.uint8))
     token = model.config.image_token_id
     assert image.expansion == ("<img>", *[token] * 4, "</img>") and image.num_tokens == 4
     video = spec.process_video(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
     assert video.expansion == ("Frame1: <img>", *[token] * 4, "</img>\nFrame2: <img>", *[token] * 4, "</img>")
-    assert video.tensors[PIXEL_VALUES].shape == (2, 3, 32, 32) and video.tensors[VIDEO_NUM_FRAMES].tolist() == [2]
+    assert video.tensors[PIXEL_VALUES].shape == (2, 3, 32, 32) and video.tensors[FRAME_INDEX].tolist() == [0, 1]
     assert media_layout(model, 2)[:2] == (token, video.num_tokens), "random batches count what the data counts"
 
 
@@ -227,7 +218,7 @@ def test_processor_configs_that_do_not_fit_are_refused(tmp_path):
     (folder / "processor_config.json").write_text(json.dumps({"image_seq_length": 256}))
     with pytest.raises(ValueError, match="image_seq_length 256 differs from the model's 4 tokens per tile"):
         VisionSpec.from_model(MLLMModule(model=str(folder)).hf_model)
-    with pytest.raises(ValueError, match=r"`frame_size` \[64, 64\].*takes 32 x 32 tiles only"):
+    with pytest.raises(ValueError, match=r"`frame_size` \[64, 64\].*tiles and frames are 32 x 32"):
         VisionSpec.from_model(tiny.tiny_model(NAME), size=(64, 64))
 
 
@@ -291,13 +282,12 @@ def test_media_steps_are_the_towers_rows(mixed):
     model, batch = mixed
     steps = FAMILY.media_steps(model.config, batch, "image")
     assert sum(s.steps for s in steps) == batch[PIXEL_VALUES].shape[0]
-    assert sum(s.num_tokens for s in steps) == int((batch[INPUT_IDS] == model.config.image_token_id).sum())
+    assert sum(s.num_placeholders for s in steps) == int((batch[INPUT_IDS] == model.config.image_token_id).sum())
     assert FAMILY.media_steps(model.config, batch, "video") == []
     per_row = FAMILY.media_per_row(model.config, batch[INPUT_IDS], "image")
-    items = FAMILY.media_items(model.config, batch, "image", int(per_row.sum()))
+    items = FAMILY.split_media(model.config, batch, "image", int(per_row.sum()))
     assert [i[PIXEL_VALUES].shape[0] for i in items] == [s.steps for s in steps]
-    by_types = FAMILY.split_media(batch, "image", int(per_row.sum()))
-    assert all(torch.equal(a[PIXEL_VALUES], b[PIXEL_VALUES]) for a, b in zip(items, by_types, strict=True))
+    assert torch.equal(torch.cat([i[FRAME_INDEX] for i in items]), batch[FRAME_INDEX])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -334,13 +324,10 @@ def two_videos_and_an_image(model, frames=(3, 2)):
     token, per_tile = config.image_token_id, 4
     media = [FAMILY.random_media(config, n, torch.Generator().manual_seed(n)) for n in frames]
     ids = [1, 300, *[token] * per_tile, 301, 5]
-    types = [0, 0, *[IMAGE_TYPE] * per_tile, 0, 0]
     for m in media:
         ids += [*m.ids, 6]
-        types += [*m.token_types, 0]
     answer = list(range(10, 22))
     ids += [*answer, 2]
-    types += [0] * (len(answer) + 1)
     input_ids = torch.tensor([ids])
     labels = torch.full_like(input_ids, -100)
     labels[0, -len(answer) - 1 :] = input_ids[0, -len(answer) - 1 :]
@@ -349,27 +336,27 @@ def two_videos_and_an_image(model, frames=(3, 2)):
         INPUT_IDS: input_ids,
         ATTENTION_MASK: torch.ones_like(input_ids),
         LABELS: labels,
-        MM_TOKEN_TYPE_IDS: torch.tensor([types]),
         PIXEL_VALUES: torch.cat([image, *(m.tensors[PIXEL_VALUES] for m in media)]),
-        VIDEO_NUM_FRAMES: torch.tensor(list(frames)),
+        FRAME_INDEX: torch.cat([torch.tensor([-1]), *(m.tensors[FRAME_INDEX] for m in media)]),
     }
 
 
 def test_the_datas_videos_are_told_from_images(model):
     batch = two_videos_and_an_image(model)
     config = model.config
-    video = FAMILY.media_mask(config, batch, "video")
-    image = FAMILY.media_mask(config, batch, "image")
-    assert int(video.sum()) == 5 * 4 and int(image.sum()) == 4 and not (video & image).any()
+    video = FAMILY.media_positions(config, batch, "video")
+    everything = FAMILY.media_positions(config, batch, "image")
+    assert int(video.sum()) == 5 * 4 and int(everything.sum()) == 6 * 4 and not (video & ~everything).any()
+    assert [r.steps for r in FAMILY.media_regions(config, batch, "image")] == [1] * 6, "the model's view: every span"
     regions = FAMILY.media_regions(config, batch, "video")
     assert [(r.steps, r.tokens_per_step) for r in regions] == [(3, 4), (2, 4)]
     assert torch.equal(regions[1].regions[0].flatten().sort().values, batch[PIXEL_VALUES][4].flatten().sort().values)
     change = temporal_change(regions[1])
     assert torch.isinf(change[:4]).all() and torch.isfinite(change[4:]).all(), "each video's first frame is a first"
-    without = {k: v for k, v in batch.items() if k != MM_TOKEN_TYPE_IDS}
-    assert not FAMILY.media_mask(config, without, "video").any(), "no types: every placeholder is an image's"
-    bad = {**batch, VIDEO_NUM_FRAMES: torch.tensor([4])}
-    with pytest.raises(ValueError, match=r"5 video frame spans but `video_num_frames` is \[4\]"):
+    without = {k: v for k, v in batch.items() if k != FRAME_INDEX}
+    assert not FAMILY.media_positions(config, without, "video").any(), "no frame index: every placeholder an image's"
+    bad = {**batch, FRAME_INDEX: torch.tensor([-1, 0, 1, 2])}
+    with pytest.raises(ValueError, match="`frame_index` has 4 entries but `pixel_values` has 6 tiles"):
         FAMILY.media_regions(config, bad, "video")
 
 
@@ -380,8 +367,10 @@ def test_visual_elision_of_frames_equals_the_model(model, selection):
     policy = VisualElisionPolicy(keep_ratio=0.5, selection=selection, warmup_steps=0, cycle_steps=2, full_steps=1)
     policy.setup(model)
     plan = policy.plan(batch, step=1)
-    assert torch.equal(plan.candidates, FAMILY.media_mask(model.config, batch, "video"))
-    assert int(plan.kept) == 12 and plan.keep_mask[FAMILY.media_mask(model.config, batch, "image")].all()
+    video = FAMILY.media_positions(model.config, batch, "video")
+    image = FAMILY.media_positions(model.config, batch, "image") & ~video
+    assert torch.equal(plan.candidates, video)
+    assert int(plan.kept) == 12 and plan.keep_mask[image].all()
     with torch.no_grad():
         out = forward_active(model, batch, plan.keep_mask)
         masked = token_losses_4d(model, batch, plan.keep_mask)

@@ -9,6 +9,7 @@ The pipeline, one file per step::
     render.py         turns + media -> input_ids, labels (assistant turns only)   (ChatRenderer)
     datasets.py       ConversationDataset / MultipleChoiceDataset: lazy decoding in __getitem__
     collate.py        samples -> batch of the HF model's own keys + labels + sample_idx (max_length)
+    batching.py       length-grouped and token-budget batch samplers (DDP-aware, resumable mid-epoch)
     synthetic.py      the demo set of moving shapes, and its tokenizer
     datamodule.py     ConversationDataModule (user files, DataFile), SyntheticVideoQADataModule (the demo set)
     errors.py         DataError, MediaError, SkipCounter (per epoch and per record)
@@ -28,6 +29,11 @@ from regate_lightning._imports import lazy_exports
 # Names are imported on first use (PEP 562): importing one submodule costs only its own imports (PyAV and
 # Pillow only where decoding is needed).
 _EXPORTS: dict[str, str] = {
+    "BATCHING_CHOICES": "regate_lightning.data.batching",
+    "LengthGroupedBatchSampler": "regate_lightning.data.batching",
+    "ResumableDataLoader": "regate_lightning.data.batching",
+    "TokenBudgetBatchSampler": "regate_lightning.data.batching",
+    "sample_lengths": "regate_lightning.data.batching",
     "Collator": "regate_lightning.data.collate",
     "NonEmptyDataLoader": "regate_lightning.data.collate",
     "ConversationDataModule": "regate_lightning.data.datamodule",

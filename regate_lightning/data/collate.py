@@ -9,8 +9,9 @@ e.g. the multiple-choice ids). Padding is on the right with the tokenizer's pad 
 
 **Dropped samples.** ``None`` items (samples whose media failed under ``on_error="skip"``; the dataset
 counted them) are dropped; a list item (one question's options) is flattened, and kept whole or not at
-all: if one option cannot be fitted to ``max_length``, the whole question is dropped and counted once,
-so that a question is never scored on the options that happened to fit. If nothing is left, the
+all: a question is never truncated (a cut option would be scored on the tokens that happened to fit),
+so if one option is longer than ``max_length`` the whole question is left out and counted once as
+``overlong`` under ``"truncate"`` and ``"skip"``, and raises under ``"raise"``. If nothing is left, the
 collator returns ``None``; :class:`NonEmptyDataLoader` leaves such batches out, so the trainer never
 sees them (Lightning would count one as a step in its logs' ``step`` column without training on it).
 Under several processes a rank cannot leave a step out alone (DDP synchronises every step): there an
@@ -23,8 +24,9 @@ empty batch stops the run with an error that says so.
 ``max_length`` is, by ``overlong``:
 
 - ``"truncate"``: cut to ``max_length`` if every visual token stays and at least one supervised label
-  remains at a position ``>= 1`` (a label at position 0 is never a target); otherwise it is skipped
-  and counted as ``overlong``;
+  remains at a position ``>= 1`` (a label at position 0 is never a target), counted in
+  :meth:`SkipCounter.truncated <regate_lightning.data.errors.SkipCounter.truncated>` (``data/truncated``)
+  with the first one logged by name; otherwise it is skipped and counted as ``overlong``;
 - ``"skip"``: skipped and counted as ``overlong``;
 - ``"raise"``: :class:`~regate_lightning.data.errors.DataError` naming the file, line and record id.
 """
@@ -46,7 +48,6 @@ from regate_lightning.keys import (
     IGNORE_INDEX,
     INPUT_IDS,
     LABELS,
-    MM_TOKEN_TYPE_IDS,
     SAMPLE_IDX,
 )
 
@@ -137,26 +138,40 @@ class Collator:
         for item in items:
             if item is None:
                 continue
-            group = [item] if isinstance(item, Sample) else list(item)
-            fitted = [self._fit(sample) for sample in group]
+            question = not isinstance(item, Sample)
+            group = list(item) if question else [item]
+            # A question is scored whole or not at all, and never on options cut short.
+            policy: Overlong = "skip" if question and self.overlong == "truncate" else self.overlong
+            fitted = [self._fit(sample, policy) for sample in group]
             dropped = [s for s, f in zip(group, fitted, strict=True) if f is None]
+            index = group[0].index if group and group[0].index >= 0 else None
             if dropped:
                 first = dropped[0]
-                what = "the question (all its options)" if len(group) > 1 else "the sample"
+                why = "a question is never truncated" if question else "it cannot be truncated"
+                what = "the question (all its options)" if question else "the sample"
                 self.counter.skip(
                     DataError(
-                        f"{_name(first)}: {len(first)} tokens > max_length {self.max_length} and cannot be "
-                        f"truncated; {what} is left out",
+                        f"{_name(first)}: {len(first)} tokens > max_length {self.max_length} and {why}; {what} "
+                        "is left out",
                         "overlong",
                     ),
-                    index=first.index if first.index >= 0 else None,
+                    index=index,
                 )
                 continue
+            for before, after in zip(group, fitted, strict=True):
+                if after is not None and len(after) < len(before):
+                    kept = int((after.labels != IGNORE_INDEX).sum())
+                    total = int((before.labels != IGNORE_INDEX).sum())
+                    self.counter.truncate(
+                        f"{_name(before)}: {len(before)} tokens > max_length {self.max_length}: cut to "
+                        f"{len(after)} ({kept} of its {total} supervised tokens kept)",
+                        index=index,
+                    )
             samples += [f for f in fitted if f is not None]
         return samples
 
-    def _fit(self, sample: Sample) -> Sample | None:
-        return sample if self.max_length is None else fit_length(sample, self.max_length, self.overlong)
+    def _fit(self, sample: Sample, overlong: Overlong) -> Sample | None:
+        return sample if self.max_length is None else fit_length(sample, self.max_length, overlong)
 
     def __call__(self, items: Sequence[Sample | Sequence[Sample] | None]) -> dict[str, torch.Tensor] | None:
         """Collate a list of samples (``None`` and lists of samples allowed).
@@ -182,7 +197,7 @@ class Collator:
             types[row, :n] = s.token_types
         batch = {INPUT_IDS: input_ids, ATTENTION_MASK: attention, LABELS: labels}
         if any(s.emit_token_types for s in samples):
-            batch[MM_TOKEN_TYPE_IDS] = types
+            batch[next(s.token_types_key for s in samples if s.emit_token_types)] = types
         frame_keys = tuple(k for s in samples for k in s.frame_keys)
         for key in dict.fromkeys(k for s in samples for k in s.media):
             batch[key] = join_media(key, [s.media[key] for s in samples if key in s.media], frame_keys)
@@ -196,15 +211,20 @@ class NonEmptyDataLoader(DataLoader):
     """A ``DataLoader`` that leaves out the batches its collator returned as ``None`` (every sample skipped).
 
     It takes ``DataLoader``'s arguments, so Lightning re-creates it with a distributed sampler as it does
-    any ``DataLoader``. Its length is the number of batches before any is left out.
+    any ``DataLoader``. Its length is the number of batches before any is left out; :attr:`batches_read` counts
+    the batches of the current iteration read so far, those left out included.
 
     Raises:
         RuntimeError: (while iterating) an empty batch under several processes, where one rank cannot
             leave out a step that the others take.
     """
 
+    batches_read = 0
+
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        self.batches_read = 0
         for batch in super().__iter__():
+            self.batches_read += 1
             if batch is not None:
                 yield batch
             elif (

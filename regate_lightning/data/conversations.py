@@ -47,14 +47,16 @@ read or skipped, so ReGATE's score store and reference cache (keyed by a hash of
 the right record when the set of usable records changes.
 
 **Bad input.** Every check a file allows without decoding media runs eagerly in the reader, in the
-main process: unreadable JSON line, missing fields, a conversation without an assistant turn,
-placeholders that do not match the media, a missing media file. A file without records, or one whose
-records are all skipped, raises in both modes, naming the file (and the skip counts). ``on_error="raise"`` raises
-:class:`~regate_lightning.data.errors.DataError` naming the file, the line (JSONL) or record number
-(JSON list), the record id and the fix; ``on_error="skip"`` drops the record and counts it in a
-:class:`~regate_lightning.data.errors.SkipCounter`. Media that exist but do not decode are found later,
-in the dataset's ``__getitem__`` (a DataLoader worker): with ``"skip"`` it returns ``None``, counts the
-sample in the worker's row of the shared counter, and the collator drops ``None`` from the batch. A
+main process: unreadable JSON line, missing fields, a conversation without an assistant turn or with
+an empty one, a question with two equal options, placeholders that do not match the media, a missing
+media file. A file without records, or one whose records are all skipped, raises in both modes, naming
+the file (and the skip counts). ``on_error="raise"`` raises
+:class:`~regate_lightning.data.errors.DataError` naming the file, the line (JSONL) or the record's place
+in a JSON list (``record 3 of the list``, counted from 1), the record id and the fix; ``on_error="skip"``
+drops the record and counts it in a :class:`~regate_lightning.data.errors.SkipCounter`. Media that exist
+but do not decode are found later, in the dataset's ``__getitem__`` (a DataLoader worker): with
+``"skip"`` it returns ``None``, counts the sample in the worker's row of the shared counter, and the
+collator drops ``None`` from the batch. A
 JSON list file that does not parse raises in both modes: there is no record to skip to.
 """
 
@@ -122,7 +124,7 @@ class Record:
         id: the record's id (its ``"id"`` field, else ``file:line``).
         media: images and videos in the order of their markers in the turns.
         turns: the conversation.
-        source: ``file:line`` (JSONL) or ``file#index`` (JSON list), for messages.
+        source: ``file:line`` (JSONL) or ``file, record k of the list`` (JSON list, k from 1), for messages.
         key: the record's stable identity (see the module docstring); ``""`` for records built in code,
             which :class:`~regate_lightning.data.datasets.ConversationDataset` then keys by ``id``.
     """
@@ -154,7 +156,7 @@ class ChoiceRecord:
         answer: index of the correct option.
         task: the task name (e.g. ``"colour"``; :func:`read_choice_records` names it after the file when the
             record has none).
-        source: ``file:line`` or ``file#index``.
+        source: ``file:line`` or ``file, record k of the list``, for messages.
         key: the record's stable identity (see the module docstring).
     """
 
@@ -171,10 +173,18 @@ class ChoiceRecord:
 def _iter_json(path: Path) -> Iterator[tuple[str, str, Any]]:
     """Yield ``(location, short location, parsed object or DataError)`` per record of a JSON list or JSONL file.
 
-    The location names the file as given (``file:line`` or ``file#index``); the short one its name only.
+    The location, for messages, names the file as given and the record by its line (``file:line``, JSONL) or
+    its place in the list counted from 1 (``file, record 3 of the list``). The short one is the record's
+    identity without an id (:attr:`Record.key`): the file's name and the line, or the index in the list
+    counted from 0 (``file#2``), which sample keys are hashed from and therefore never change. A UTF-8
+    byte-order mark at the start of the file is read as what it is, not as text.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save the annotation file as UTF-8"
+        ) from err
     except OSError as err:
         raise DataError(f"{path}: cannot read the annotation file ({err})") from err
     if text.lstrip().startswith("["):
@@ -189,7 +199,7 @@ def _iter_json(path: Path) -> Iterator[tuple[str, str, Any]]:
         if not isinstance(items, list):
             raise DataError(f"{path}: a JSON file must hold a list of records, got {type(items).__name__}")
         for i, item in enumerate(items):
-            yield f"{path}#{i}", f"{path.name}#{i}", item
+            yield f"{path}, record {i + 1} of the list", f"{path.name}#{i}", item
         return
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -313,7 +323,7 @@ def parse_record(obj: Any, where: str, media_root: Path, check_media: bool = Tru
 
     Args:
         obj: the parsed JSON object.
-        where: ``file:line`` or ``file#index``, for messages.
+        where: ``file:line`` or ``file, record k of the list``, for messages.
         media_root: folder that relative media paths are resolved against.
         check_media: whether to check that media files exist.
 
@@ -328,7 +338,7 @@ def parse_record(obj: Any, where: str, media_root: Path, check_media: bool = Tru
     if not isinstance(obj, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
     rid = str(obj.get("id", where))
-    where = f"{where} (id {rid})"
+    where = f"{where} (id {rid})" if "id" in obj else where
     if "conversations" in obj:
         turns = _llava_turns(obj, where)
         declared = {k: _as_paths(obj.get(k), k, where) for k in ("image", "video")}
@@ -351,6 +361,13 @@ def parse_record(obj: Any, where: str, media_root: Path, check_media: bool = Tru
         raise DataError(f"{where}: the conversation must start with a user turn (after any system turn)")
     if not any(t.role == "assistant" and t.text.strip() for t in turns):
         raise DataError(f"{where}: no assistant turn with text; nothing to supervise; add an answer", "no_assistant")
+    empty = [j for j, t in enumerate(turns) if t.role == "assistant" and not t.text.strip()]
+    if empty:
+        raise DataError(
+            f"{where}: turn {empty[0]} (counted from 0) is an assistant turn without text, so it would train an "
+            "empty answer; write its answer or remove it with the question before it",
+            "empty_answer",
+        )
     for t in turns:
         if t.role != "user" and _MARKER_RE.search(t.text):
             raise DataError(
@@ -400,7 +417,7 @@ def _no_records(file: Path, skipped: dict[str, int]) -> str:
             f"every one of its {sum(skipped.values())} records was skipped ({counts}); the warnings above name "
             "the first of each reason: fix those records, the media paths or the file's `media_root`"
         )
-    text = file.read_text(encoding="utf-8").strip()
+    text = file.read_text(encoding="utf-8-sig").strip()
     what = "holds an empty JSON list" if text.startswith("[") else "is empty"
     return f"the file {what}: there is nothing to train or evaluate on; point the data module at a file with records"
 
@@ -431,12 +448,28 @@ def read_records(
     return _read(path, parse_record, media_root, on_error, counter, check_media)
 
 
+def _repeated(options: list[str]) -> tuple[int, int] | None:
+    """The first two options (indices) that are equal up to surrounding whitespace, or None.
+
+    Example:
+        >>> _repeated(["red", "blue", " red"]), _repeated(["red", "Red"])
+        ((0, 2), None)
+    """
+    first: dict[str, int] = {}
+    for j, option in enumerate(options):
+        text = option.strip()
+        if text in first:
+            return first[text], j
+        first[text] = j
+    return None
+
+
 def parse_choice_record(obj: Any, where: str, media_root: Path, check_media: bool = True) -> ChoiceRecord:
     """Normalise one multiple-choice record (this package's format or MVBench's).
 
     Args:
         obj: the parsed JSON object.
-        where: ``file:line`` or ``file#index``.
+        where: ``file:line`` or ``file, record k of the list``.
         media_root: folder that relative media paths are resolved against.
         check_media: whether to check that the media file exists.
 
@@ -451,10 +484,17 @@ def parse_choice_record(obj: Any, where: str, media_root: Path, check_media: boo
     if not isinstance(obj, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
     rid = str(obj.get("id", where))
-    where = f"{where} (id {rid})"
+    where = f"{where} (id {rid})" if "id" in obj else where
     options = obj.get("options", obj.get("candidates"))
     if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) and o for o in options):
         raise DataError(f"{where}: `options` must be a list of at least two non-empty strings, got {options!r}")
+    same = _repeated(options)
+    if same is not None:
+        raise DataError(
+            f"{where}: options {same[0]} and {same[1]} are equal ({options[same[0]]!r}), so the question cannot be "
+            "scored (equal options get equal likelihoods); make the options distinct or remove the question",
+            "duplicate_options",
+        )
     answer = given = obj.get("answer")
     if isinstance(answer, str) and answer in options:
         answer = options.index(answer)

@@ -39,6 +39,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from regate_lightning._imports import import_object, is_dotted_path
+from regate_lightning.data.batching import ResumableDataLoader, check_batching, make_batch_sampler, sample_lengths
 from regate_lightning.data.collate import Collator, NonEmptyDataLoader
 from regate_lightning.data.conversations import ChoiceRecord, read_choice_records
 from regate_lightning.data.datasets import ConversationDataset, FrameSampling, MediaCache, MultipleChoiceDataset
@@ -59,6 +60,11 @@ class DataFile:
 
     In a recipe: ``{path: mvbench/json/action_sequence.json, media_root: mvbench/video/star/Charades_v1_480}``.
 
+    A ``DataFile`` is path-like (``os.fspath`` gives its ``path``). That also tells the recipe parser
+    (jsonargparse) that ``train_file`` and ``val_file`` name files: a string there stays the file's path,
+    where the parser would otherwise read a JSON or YAML file it names as the value itself (a task file of N
+    questions became N copies of its path).
+
     Attributes:
         path: the annotation file.
         media_root: folder of its relative media paths; default the data module's ``media_root``, else the
@@ -71,6 +77,10 @@ class DataFile:
     media_root: str | None = None
     task: str | None = None
 
+    def __fspath__(self) -> str:
+        """The annotation file's path."""
+        return self.path
+
 
 @dataclass(frozen=True)
 class SkipReport:
@@ -79,14 +89,21 @@ class SkipReport:
     Attributes:
         period: skips since the stage's previous report (one training epoch, one validation run).
         total: every record skipped so far, each once (those dropped while reading the file included).
+        truncated: records cut to ``max_length`` so far (``overlong="truncate"``, training only), each once.
     """
 
     period: dict[str, int]
     total: dict[str, int]
+    truncated: int = 0
 
 
-def _as_file(value: str | DataFile | dict[str, Any], default_root: str | None) -> DataFile:
-    file = DataFile(**value) if isinstance(value, dict) else value if isinstance(value, DataFile) else DataFile(value)
+def _as_file(value: str | os.PathLike[str] | DataFile | dict[str, Any], default_root: str | None) -> DataFile:
+    if isinstance(value, dict):
+        file = DataFile(**value)
+    elif isinstance(value, DataFile):
+        file = value
+    else:
+        file = DataFile(os.fspath(value) if isinstance(value, os.PathLike) else value)
     if not isinstance(file.path, str) or not file.path:
         raise ValueError(f"a data file needs a `path`, got {value!r}")
     return file if file.media_root is not None else dataclasses.replace(file, media_root=default_root)
@@ -108,7 +125,8 @@ class ConversationDataModule(pl.LightningDataModule):
         train_file: conversations (JSON list or JSONL; LLaVA or HF ``messages`` format): a path or a
             :class:`DataFile` (path and media folder).
         val_file: multiple-choice questions for validation (see ``read_choice_records``): a path, a
-            :class:`DataFile`, a list of them (e.g. MVBench's 20 task files), or None.
+            :class:`DataFile`, a list of them (e.g. MVBench's 20 task files), or None. One path is one file,
+            also on the command line and in YAML (the parser does not read the file it names).
         media_root: folder of relative media paths of files without their own; default each file's folder.
         tokenizer: the tokenizer (and chat template) to use instead of the student checkpoint's: HF id,
             local folder, or dotted path of a factory (``regate_lightning.testing.byte_tokenizer`` for the
@@ -133,6 +151,14 @@ class ConversationDataModule(pl.LightningDataModule):
             (counted, logged, and reported at every epoch end: per epoch and in total).
         list_options: list the lettered options in the multiple-choice question.
         system_prompt: a system turn for conversations that have none.
+        batching: how training samples form batches: ``"random"`` (``batch_size`` random samples),
+            ``"length_grouped"`` (``batch_size`` samples of similar length) or ``"token_budget"`` (as many
+            samples as fit ``max_tokens``); both length-aware ones are DDP-aware and resume mid-epoch
+            (:mod:`regate_lightning.data.batching`). They need every sample's length: ``setup`` loads each
+            training sample once for it (media decoded, in ``num_workers`` workers).
+        max_tokens: ``"token_budget"``: the most padded positions (samples x longest) in one batch of one rank;
+            ``batch_size`` then caps the samples per batch.
+        group_size: ``"length_grouped"``: batches sorted together (a larger group: more alike lengths).
     """
 
     def __init__(
@@ -154,8 +180,12 @@ class ConversationDataModule(pl.LightningDataModule):
         on_error: str = "raise",
         list_options: bool = False,
         system_prompt: str | None = None,
+        batching: str = "random",
+        max_tokens: int | None = None,
+        group_size: int = 50,
     ) -> None:
         super().__init__()
+        check_batching(batching, max_tokens, group_size)
         for name, value in (("batch_size", batch_size), ("val_batch_questions", val_batch_questions)):
             if value < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {value}")
@@ -185,6 +215,10 @@ class ConversationDataModule(pl.LightningDataModule):
         self.on_error = on_error
         self.list_options = list_options
         self.system_prompt = system_prompt
+        self.batching = batching
+        self.max_tokens = max_tokens
+        self.group_size = group_size
+        self.train_lengths: list[int] | None = None
         self.counter = SkipCounter()
         self.val_counter = SkipCounter()
         self._marks = {TRAIN: self.counter.snapshot(), VAL: self.val_counter.snapshot()}
@@ -272,6 +306,8 @@ class ConversationDataModule(pl.LightningDataModule):
             self.counter,
             media_cache=self.media_cache,
         )
+        if self.batching != "random":
+            self.train_lengths = sample_lengths(self.train_set, self.max_length, self.num_workers)
         files = self.val_files()
         if files:
             records: list[ChoiceRecord] = []
@@ -303,7 +339,23 @@ class ConversationDataModule(pl.LightningDataModule):
         return Collator(self.tokenizer, max_length=self.max_length, overlong=self.overlong, counter=counter)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches; a batch whose every sample was skipped is left out."""
+        """Shuffled training batches (of ``batching``); a batch whose every sample was skipped is left out."""
+        if self.train_lengths is not None:
+            sampler = make_batch_sampler(
+                self.batching,
+                self.train_lengths,
+                self.batch_size,
+                self.max_tokens,
+                self.group_size,
+                seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),  # seed_everything's, as Lightning's samplers
+            )
+            return ResumableDataLoader(
+                self.train_set,
+                batch_sampler=sampler,
+                num_workers=self.num_workers,
+                collate_fn=self._collator(self.counter),
+                persistent_workers=self.num_workers > 0,
+            )
         return NonEmptyDataLoader(
             self.train_set,
             batch_size=self.batch_size,
@@ -344,7 +396,7 @@ class ConversationDataModule(pl.LightningDataModule):
         counter = self.counter if stage == TRAIN else self.val_counter
         period = counter.since(self._marks[stage])
         self._marks[stage] = counter.snapshot()
-        report = SkipReport(period=period, total=counter.records())
+        report = SkipReport(period=period, total=counter.records(), truncated=counter.truncated())
         dataset = self.train_set if stage == TRAIN else self.val_set
         what = "training samples" if stage == TRAIN else "validation questions"
         when = f"epoch {epoch}" if epoch is not None else ("this epoch" if stage == TRAIN else "this validation run")
@@ -366,6 +418,16 @@ class ConversationDataModule(pl.LightningDataModule):
                 "the records"
             )
         return report
+
+    def sample_keys(self) -> list[int]:
+        """The ``sample_idx`` of every training record now in the data (after ``setup``), in file order.
+
+        A reference cache written by ``fit`` or ``score`` keeps only these: entries of records that were
+        removed, or edited to another identity, are dropped (:func:`~regate_lightning.cache.save_cache`).
+        """
+        if self.train_set is None:
+            raise RuntimeError("the training records are known after `setup`")
+        return list(self.train_set.keys)
 
     def sample_name(self, key: int) -> str:
         """The record identity behind a training ``sample_idx`` (e.g. ``"id train-00089"``)."""

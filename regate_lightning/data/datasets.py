@@ -120,11 +120,18 @@ class DecodedMedia:
         kind: ``"image"`` or ``"video"``.
         pixels: uint8 ``[3, H, W]`` (image) or ``[T, 3, H, W]`` (video).
         fps: frames per second of the sampled frames (videos), else None.
+        times: float64 ``[T]``, each sampled frame's time in seconds (videos), else None.
+        duration: the clip's length in seconds (videos), else None.
+        frame_seconds: each sampled frame's time in its source video (frame index / source fps; videos),
+            else None (Qwen3-VL's timestamps).
     """
 
     kind: str
     pixels: torch.Tensor
     fps: float | None = None
+    times: torch.Tensor | None = None
+    duration: float | None = None
+    frame_seconds: tuple[float, ...] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -150,14 +157,14 @@ def decode_media(media: Media, spec: VisionSpec, frames: FrameSampling) -> Decod
         frames.min_frames,
         frames.folder_fps,
     )
-    return DecodedMedia("video", video.frames, video.sampled_fps)
+    return DecodedMedia("video", video.frames, video.sampled_fps, video.times, video.duration, video.frame_seconds)
 
 
 def process_media(decoded: DecodedMedia, spec: VisionSpec) -> ProcessedMedia:
     """Turn decoded pixels into the model family's tensors and placeholder count."""
     if decoded.kind == "image":
         return spec.process_image(decoded.pixels)
-    return spec.process_video(decoded.pixels, decoded.fps)
+    return spec.process_video(decoded.pixels, decoded.fps, decoded.times, decoded.duration, decoded.frame_seconds)
 
 
 def load_media(media: Media, spec: VisionSpec, frames: FrameSampling) -> ProcessedMedia:

@@ -17,6 +17,9 @@ every row has one writer and no increment is lost. It keeps two views of the sam
   records skipped while reading the file, plus every record of the dataset that was skipped at least
   once later (marked by its index in a shared table sized by :meth:`SkipCounter.track`).
 
+Beside the skips it counts the samples the collator cut to ``max_length`` and kept
+(:meth:`SkipCounter.truncate`, :meth:`SkipCounter.truncated`: each record once, the first named in the log).
+
 The counter must be created (and :meth:`SkipCounter.track` called) before the workers start (the
 datasets and collators do it in their constructors), and then works with ``fork`` and ``spawn`` alike.
 """
@@ -38,6 +41,8 @@ SKIP_REASONS: tuple[str, ...] = (
     "bad_json",
     "bad_record",
     "no_assistant",
+    "empty_answer",
+    "duplicate_options",
     "placeholder_mismatch",
     "missing_media",
     "unsupported_media",
@@ -49,11 +54,16 @@ SKIP_REASONS: tuple[str, ...] = (
 - ``bad_json``: a line of a JSONL file that is not valid JSON.
 - ``bad_record``: a record without the required fields, or with fields of the wrong type.
 - ``no_assistant``: a conversation without an assistant turn (nothing to supervise).
+- ``empty_answer``: a conversation with an assistant turn that holds no text (it would train an empty
+  answer, its end-of-turn token alone).
+- ``duplicate_options``: a multiple-choice question with two equal options (it cannot be scored: the
+  likelihood cannot tell them apart).
 - ``placeholder_mismatch``: the ``<image>`` / ``<video>`` placeholders do not match the media.
 - ``missing_media``: a media file that does not exist.
 - ``unsupported_media``: a media kind that the model family cannot take (e.g. a video for LLaVA).
 - ``unreadable_media``: a media file that exists but cannot be decoded (found in ``__getitem__``).
-- ``overlong``: a sample longer than ``max_length`` that cannot be truncated (found by the collator).
+- ``overlong``: a sample longer than ``max_length`` that cannot be truncated, or a multiple-choice
+  question that does not fit whole (found by the collator).
 """
 
 
@@ -124,6 +134,9 @@ class SkipCounter:
         self._unindexed = torch.zeros(max_workers + 1, len(SKIP_REASONS), dtype=torch.int64).share_memory_()
         # 1 + the reason of each dataset record skipped at least once; 0 = never skipped.
         self._marks = torch.zeros(0, dtype=torch.int8).share_memory_()
+        # Samples cut to `max_length` (kept, not skipped): each dataset record once, and those without an index.
+        self._cut = torch.zeros(0, dtype=torch.bool).share_memory_()
+        self._cut_unindexed = torch.zeros(max_workers + 1, dtype=torch.int64).share_memory_()
         self._lock = threading.Lock()
         self._warned: set[str] = set()
 
@@ -137,6 +150,9 @@ class SkipCounter:
             marks = torch.zeros(num_records, dtype=torch.int8)
             marks[: self._marks.numel()] = self._marks
             self._marks = marks.share_memory_()
+            cut = torch.zeros(num_records, dtype=torch.bool)
+            cut[: self._cut.numel()] = self._cut
+            self._cut = cut.share_memory_()
 
     def add(self, reason: str, n: int = 1, index: int | None = None) -> None:
         """Count ``n`` inputs skipped for ``reason`` (one of :data:`SKIP_REASONS`).
@@ -162,6 +178,27 @@ class SkipCounter:
         level = logging.DEBUG if error.reason in self._warned else logging.WARNING
         self._warned.add(error.reason)
         logger.log(level, "skipped (%s): %s", error.reason, error)
+
+    def truncate(self, message: str, index: int | None = None) -> None:
+        """Count a sample that was cut to ``max_length`` and kept; log the first in this process at WARNING.
+
+        Args:
+            message: names the sample (file, line, record id) and what was cut.
+            index: the record's index in a tracked dataset (counted once in :meth:`truncated`), or None.
+        """
+        row = _process_row(self._cut_unindexed.shape[0])
+        with self._lock:
+            if index is None or not 0 <= index < self._cut.numel():
+                self._cut_unindexed[row] += 1
+            else:
+                self._cut[index] = True
+        level = logging.DEBUG if "truncated" in self._warned else logging.WARNING
+        self._warned.add("truncated")
+        logger.log(level, "truncated (overlong='truncate'): %s", message)
+
+    def truncated(self) -> int:
+        """Samples cut to ``max_length`` so far, each dataset record once (``data/truncated``)."""
+        return int(self._cut.sum()) + int(self._cut_unindexed.sum())
 
     def counts(self) -> dict[str, int]:
         """Skip occurrences by reason, summed over the main process and every worker (zeros included)."""
@@ -192,6 +229,8 @@ class SkipCounter:
             self._table.zero_()
             self._unindexed.zero_()
             self._marks.zero_()
+            self._cut.zero_()
+            self._cut_unindexed.zero_()
 
     def __repr__(self) -> str:
         nonzero = {k: v for k, v in self.counts().items() if v}

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from regate_lightning.data.errors import DataError
 from regate_lightning.data.video import CLIP_MEAN, CLIP_STD
-from regate_lightning.families import GRID, Family, unwrap
+from regate_lightning.families import GRID, MERGED, Family, unwrap
 
 DEFAULT_NUM_FRAMES = 8
 """Frames per video when neither the user nor the checkpoint says (uniform sampling)."""
@@ -81,6 +81,22 @@ VIDEO_PROCESSOR_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_video_tokens": 128000,
         "default_to_square": True,
     },
+    "Qwen3VLVideoProcessor": {
+        **_CLIP_BICUBIC,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "size": {"shortest_edge": 128 * 32 * 32, "longest_edge": 32 * 32 * 768},
+        "patch_size": 16,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "fps": 2,
+        "num_frames": None,
+        "min_frames": 4,
+        "max_frames": 768,
+        "cap_pixels_per_frame": None,
+        "max_video_tokens": 768,
+        "default_to_square": True,
+    },
     "LlavaNextVideoVideoProcessor": _LLAVA_VIDEO_DEFAULTS,
     "VideoLlavaVideoProcessor": _LLAVA_VIDEO_DEFAULTS,
     "LlavaOnevisionVideoProcessor": {
@@ -91,10 +107,45 @@ VIDEO_PROCESSOR_DEFAULTS: dict[str, dict[str, Any]] = {
         "default_to_square": False,
     },
     "InternVLVideoProcessor": {**_CLIP_BICUBIC, "size": {"height": 384, "width": 384}, "default_to_square": True},
+    "VideoLlama3VideoProcessor": {
+        **_CLIP_BICUBIC,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "size": {"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768},
+        "patch_size": 14,
+        "temporal_patch_size": 1,
+        "merge_size": 2,
+        "min_frames": 4,
+        "max_frames": 180,
+        "use_token_compression": True,
+    },
+    "SmolVLMVideoProcessor": {
+        "do_resize": True,
+        "resample": 1,  # LANCZOS
+        "size": {"longest_edge": 4 * 364},
+        "max_image_size": {"longest_edge": 364},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "do_convert_rgb": True,
+        "do_pad": True,
+    },
 }
 """Class defaults of transformers' video processors (transformers 5.24), for the built-in video path.
 
-``tests/test_processors.py`` compares them with the classes themselves where torchvision is importable."""
+``tests/test_processors.py`` compares them with the classes themselves where torchvision is importable;
+``tests/test_family_qwen3_vl.py`` compares the Qwen3-VL entry on every machine (its module imports without
+torchvision, only its constructor needs it)."""
+
+SMART_RESIZE_CLASSES = ("Qwen2VLVideoProcessor", "Qwen3VLVideoProcessor", "VideoLlama3VideoProcessor")
+"""Video processors that resize by Qwen's ``smart_resize`` (``size`` in pixels, aspect ratio kept)."""
+
+FRAME_IMAGE_VIDEO_PROCESSORS = ("SmolVLMVideoProcessor",)
+"""Video processors that make every frame one image of the family's image processor (``[T, 1, 3, S, S]`` with a
+pixel mask): where torchvision does not import, the built-in path runs the checkpoint's image processor on every
+frame with the video config's settings (:func:`tile_video_overrides`)."""
 
 
 @functools.cache
@@ -207,11 +258,12 @@ class VideoSettings:
     max_frames: int | None = None
     cap_pixels_per_frame: bool = False
     max_video_tokens: int = 0
+    use_token_compression: bool = False
 
     @property
     def smart_resize(self) -> bool:
         """Whether frames are resized by Qwen's ``smart_resize`` (pixels between min and max, aspect kept)."""
-        return self.processor_class == "Qwen2VLVideoProcessor"
+        return self.processor_class in SMART_RESIZE_CLASSES
 
     @classmethod
     def resolve(cls, source: str, processor_class: str, found: dict[str, Any]) -> VideoSettings:
@@ -230,7 +282,7 @@ class VideoSettings:
         merged = {**VIDEO_PROCESSOR_DEFAULTS[processor_class], **{k: v for k, v in found.items() if v is not None}}
         square = bool(merged.get("default_to_square", True))
         size = dict(get_size_dict(merged["size"], default_to_square=square))
-        if processor_class == "Qwen2VLVideoProcessor":  # Qwen2VLVideoProcessor.__init__'s backward compatibility
+        if processor_class in ("Qwen2VLVideoProcessor", "VideoLlama3VideoProcessor"):  # __init__'s compatibility
             if found.get("min_pixels") is not None:
                 size["shortest_edge"] = int(found["min_pixels"])
             if found.get("max_pixels") is not None:
@@ -260,19 +312,49 @@ class VideoSettings:
             max_frames=int(max_frames) if max_frames is not None else None,
             cap_pixels_per_frame=bool(merged.get("cap_pixels_per_frame")),
             max_video_tokens=int(merged.get("max_video_tokens", 0) or 0),
+            use_token_compression=bool(merged.get("use_token_compression", False)),
         )
 
     def output_size(self, height: int, width: int, num_frames: int) -> tuple[int, int]:
         """``(H, W)`` of a ``height x width`` frame after the resize step (before any crop).
 
-        Qwen: ``smart_resize`` with ``factor = patch_size * merge_size`` between ``size["shortest_edge"]``
-        and ``size["longest_edge"]`` pixels (the latter capped per frame with :attr:`cap_pixels_per_frame`,
-        which needs ``num_frames``); others: transformers' shortest-edge / height-width rules.
+        Qwen2-VL: ``smart_resize`` with ``factor = patch_size * merge_size`` between ``size["shortest_edge"]``
+        and ``size["longest_edge"]`` pixels per frame (the latter capped per frame with
+        :attr:`cap_pixels_per_frame`, which needs ``num_frames``). Qwen3-VL: its video ``smart_resize``, whose
+        bounds are pixels of the whole clip (frames rounded to whole temporal patches), with its own per-frame
+        cap. Others: transformers' shortest-edge / height-width rules.
 
         Raises:
-            ValueError: a frame whose aspect ratio exceeds 200 (Qwen's ``smart_resize``); settings the
-                built-in path lacks are refused earlier, by :meth:`check_builtin`.
+            ValueError: a frame whose aspect ratio exceeds 200 (Qwen's ``smart_resize``), a Qwen3-VL clip of
+                fewer frames than a temporal patch; settings the built-in path lacks are refused earlier, by
+                :meth:`check_builtin`.
         """
+        if self.processor_class == "Qwen3VLVideoProcessor":
+            from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as clip_smart_resize
+
+            factor = self.patch_size * self.merge_size
+            max_pixels = self.size["longest_edge"]
+            if self.cap_pixels_per_frame:  # Qwen3VLVideoProcessor.resize
+                frame_cap = self.max_video_tokens * factor * factor
+                per_frame = max(min(frame_cap, max_pixels // num_frames), int(self.size["shortest_edge"] * 1.05))
+                max_pixels = per_frame * num_frames
+            return tuple(
+                clip_smart_resize(
+                    num_frames,
+                    height,
+                    width,
+                    temporal_factor=self.temporal_patch_size,
+                    factor=factor,
+                    min_pixels=self.size["shortest_edge"],
+                    max_pixels=max_pixels,
+                )
+            )  # type: ignore[return-value]
+        if self.processor_class == "VideoLlama3VideoProcessor":  # its own smart_resize, max pixels per frame
+            from transformers.models.video_llama_3.image_processing_pil_video_llama_3 import smart_resize as vl3_resize
+
+            factor = self.patch_size * self.merge_size
+            pixels = self.size["longest_edge"] // num_frames
+            return tuple(vl3_resize(height, width, factor, self.size["shortest_edge"], pixels))  # type: ignore[return-value]
         if self.smart_resize:
             from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
@@ -449,11 +531,20 @@ class Pixels:
             ``[1, T, 3, S, S]``.
         grid: Qwen: int64 ``[1, 3]`` = ``(t, h, w)``; else None.
         image_size: LLaVA-NeXT anyres image: int64 ``[1, 2]`` = the original ``(H, W)``; else None.
+        mask: SmolVLM: int64 ``[n, 1, S, S]``, the processor's ``pixel_attention_mask`` of its ``n`` tiles or
+            frames (``values`` is then ``[n, 1, 3, S, S]``); else None.
+        rows_cols: SmolVLM image: the ``(rows, cols)`` of sub-images it was split into (``(0, 0)``: not split).
+        merge_sizes: VideoLLaMA3: int64 ``[1]``, the media's merge size; else None.
+        compression: VideoLLaMA3 video: bool ``[t * h * w / m ** 2]``, the tokens its compression keeps; else None.
     """
 
     values: torch.Tensor
     grid: torch.Tensor | None = None
     image_size: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    rows_cols: tuple[int, int] | None = None
+    merge_sizes: torch.Tensor | None = None
+    compression: torch.Tensor | None = None
 
 
 class CheckpointProcessor:
@@ -469,7 +560,8 @@ class CheckpointProcessor:
         video_processor: transformers' video processor of the checkpoint where torchvision is usable;
             None runs the built-in copy of its rules.
         image_kwargs: the arguments the family's transformers processor passes to its image processor over the
-            image processor's own config (its class-level ``images_kwargs``: InternVL's ``crop_to_patches``).
+            image processor's own config (its class-level ``images_kwargs``: InternVL's ``crop_to_patches``,
+            SmolVLM's ``return_row_col_info``).
         processor_settings: the checkpoint's processor settings (``processor_config.json``), for checks.
     """
 
@@ -490,6 +582,7 @@ class CheckpointProcessor:
         self.video_processor = video_processor
         self.image_kwargs = dict(image_kwargs or {})
         self.processor_settings = dict(processor_settings or {})
+        self.video_overrides: dict[str, Any] = {}  # SmolVLM: the video config's settings for its image processor
 
     @classmethod
     def load(cls, source: str, family: Family, video_backend: str = "auto") -> CheckpointProcessor | None:
@@ -525,12 +618,24 @@ class CheckpointProcessor:
                     f"({type(err).__name__}: {err})"
                 ) from err
         video = video_processor = None
+        overrides: dict[str, Any] = {}
         if video_dict is not None:
             if family.video_processor not in VIDEO_PROCESSOR_DEFAULTS:
                 raise ValueError(f"{family.name} has no known video processor class ({family.video_processor!r})")
+            frame_images = family.video_processor in FRAME_IMAGE_VIDEO_PROCESSORS
+            if frame_images:  # SmolVLM: video_sampling holds the frame sampling
+                sampling = video_dict.get("video_sampling") or {}
+                video_dict = {"max_frames": sampling.get("max_frames"), "fps": sampling.get("fps"), **video_dict}
             video = VideoSettings.resolve(source, family.video_processor, video_dict)
             use_transformers = video_backend == "transformers" or (video_backend == "auto" and torchvision_usable())
-            if not use_transformers:
+            if frame_images:
+                overrides = tile_video_overrides(video_dict)
+                if image_processor is None:
+                    raise ValueError(
+                        f"{source}: SmolVLM's built-in video path runs the checkpoint's image processor on every "
+                        "frame, but the checkpoint has no preprocessor_config.json"
+                    )
+            elif not use_transformers:
                 video.check_builtin()
             if use_transformers:
                 if not torchvision_usable():
@@ -542,7 +647,9 @@ class CheckpointProcessor:
                 # (transformers 5.24)
                 video_processor = getattr(transformers, family.video_processor).from_pretrained(source)
         image_kwargs, settings = _processor_defaults(source, family)
-        return cls(source, family, image_processor, video, video_processor, image_kwargs, settings)
+        processor = cls(source, family, image_processor, video, video_processor, image_kwargs, settings)
+        processor.video_overrides = overrides
+        return processor
 
     @property
     def video_backend(self) -> str:
@@ -565,7 +672,7 @@ class CheckpointProcessor:
         """
         if self.image_processor is None:
             raise ValueError(f"{self.source} has no image processor config (preprocessor_config.json)")
-        extra = {**self.image_kwargs, **({} if resize else {"do_resize": False})}
+        extra: dict[str, Any] = {**self.image_kwargs, **({} if resize else {"do_resize": False})}
         try:
             out = self.image_processor(
                 images=[image.numpy()], input_data_format="channels_first", return_tensors="pt", **extra
@@ -576,10 +683,18 @@ class CheckpointProcessor:
             ) from err
         key = next(k for k in ("pixel_values", "pixel_values_images") if k in out)
         values = out[key].to(torch.float32)
+        if "rows" in out:  # SmolVLM's split image: [1, n, 3, S, S] -> one tile per row, [n, 1, 3, S, S]
+            rows, cols = int(out["rows"][0][0]), int(out["cols"][0][0])
+            return Pixels(values[0].unsqueeze(1), mask=_tile_mask(out, values), rows_cols=(rows, cols))
         if "image_sizes" in out:  # LLaVA-NeXT anyres: [1, tiles, 3, S, S] -> [tiles, 3, S, S]
             return Pixels(values[0], image_size=out["image_sizes"].to(torch.int64))
         grid = out.get("image_grid_thw")
-        return Pixels(values, grid=grid.to(torch.int64) if grid is not None else None)
+        merge = out.get("image_merge_sizes")
+        return Pixels(
+            values,
+            grid=grid.to(torch.int64) if grid is not None else None,
+            merge_sizes=merge.to(torch.int64) if merge is not None else None,
+        )
 
     def video(self, frames: torch.Tensor, resize: bool = True) -> Pixels:
         """Run the checkpoint's video processor (or the built-in copy of its rules) on sampled frames.
@@ -595,6 +710,8 @@ class CheckpointProcessor:
         if settings is None:
             raise ValueError(f"{self.source}: {self.family.name} takes no videos")
         grid_family = self.family.placeholders == GRID
+        if self.family.video_processor in FRAME_IMAGE_VIDEO_PROCESSORS:
+            return self._tile_video(frames, resize)
         if self.video_processor is not None:
             extra: dict[str, Any] = {} if resize else {"do_resize": False}
             if grid_family:
@@ -612,8 +729,12 @@ class CheckpointProcessor:
                     f"the checkpoint's video processor refuses this video ({err})", "unsupported_media"
                 ) from err
             grid = out.get("video_grid_thw")
+            merge, kept = out.get("video_merge_sizes"), out.get("video_compression_mask")
             return Pixels(
-                out["pixel_values_videos"].to(torch.float32), grid=grid.to(torch.int64) if grid is not None else None
+                out["pixel_values_videos"].to(torch.float32),
+                grid=grid.to(torch.int64) if grid is not None else None,
+                merge_sizes=merge.to(torch.int64) if merge is not None else None,
+                compression=kept.bool() if kept is not None else None,
             )
         x = frames
         if resize and settings.do_resize:
@@ -625,12 +746,74 @@ class CheckpointProcessor:
         if settings.do_center_crop and settings.crop_size:
             x = center_crop(x, settings.crop_size)
         pixels = rescale_and_normalize(x, settings)
-        if grid_family:
+        if grid_family or self.family.placeholders == MERGED:
             patches, grid = qwen_patchify(
                 pixels, settings.patch_size, settings.temporal_patch_size, settings.merge_size
             )
-            return Pixels(patches, grid=grid.unsqueeze(0))
+            if self.family.placeholders != MERGED:
+                return Pixels(patches, grid=grid.unsqueeze(0))
+            from regate_lightning.families.video_llama_3 import compression_mask
+
+            merge = torch.tensor([settings.merge_size])
+            kept = compression_mask(patches, grid.unsqueeze(0), merge) if settings.use_token_compression else None
+            return Pixels(patches, grid=grid.unsqueeze(0), merge_sizes=merge, compression=kept)
         return Pixels(pixels.unsqueeze(0))
+
+    def _tile_video(self, frames: torch.Tensor, resize: bool) -> Pixels:
+        """SmolVLM: every frame one ``S x S`` image, ``[T, 1, 3, S, S]`` and its mask ``[T, 1, S, S]``.
+
+        Where torchvision imports, transformers' ``SmolVLMVideoProcessor`` of the checkpoint; elsewhere the
+        checkpoint's image processor (PIL backend) on every frame without splitting, with the video config's
+        settings (:func:`tile_video_overrides`): the same two resizes and normalisation, PIL's LANCZOS kernel.
+        """
+        extra: dict[str, Any] = {} if resize else {"do_resize": False}
+        try:
+            if self.video_processor is not None:
+                out = self.video_processor(
+                    videos=[frames],
+                    do_sample_frames=False,
+                    input_data_format="channels_first",
+                    return_tensors="pt",
+                    **extra,
+                )
+            else:
+                if self.image_processor is None:
+                    raise ValueError(f"{self.source} has no image processor config (preprocessor_config.json)")
+                out = self.image_processor(
+                    images=[list(frames.numpy())],
+                    input_data_format="channels_first",
+                    return_tensors="pt",
+                    do_image_splitting=False,
+                    **{**self.video_overrides, **extra},
+                )
+        except ValueError as err:
+            raise DataError(f"the checkpoint's processor refuses this video ({err})", "unsupported_media") from err
+        values = out["pixel_values"].to(torch.float32)
+        return Pixels(values[0].unsqueeze(1), mask=_tile_mask(out, values))
+
+
+def _tile_mask(out: Any, values: torch.Tensor) -> torch.Tensor:
+    """A SmolVLM processor's ``pixel_attention_mask`` ``[1, n, S, S]`` as ``[n, 1, S, S]`` (all ones without one)."""
+    mask = out.get("pixel_attention_mask")
+    if mask is None:
+        return torch.ones(values.shape[1], 1, *values.shape[-2:], dtype=torch.int64)
+    return mask[0].to(torch.int64).unsqueeze(1)
+
+
+def tile_video_overrides(found: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a SmolVLM video processor config that its image processor takes per call.
+
+    ``SmolVLMVideoProcessor`` resizes a frame's longest edge to ``size["longest_edge"]`` (its ``video_sampling``'s
+    ``video_size`` where the config has one), then to ``max_image_size`` square, and normalises it: the steps of
+    ``SmolVLMImageProcessor`` without image splitting. The built-in video path runs the checkpoint's own image
+    processor (PIL backend) on every frame with these settings and ``do_image_splitting=False``.
+    """
+    keys = ("do_resize", "size", "max_image_size", "resample", "do_rescale", "rescale_factor", "do_normalize")
+    out = {k: found[k] for k in (*keys, "image_mean", "image_std") if found.get(k) is not None}
+    sampling = found.get("video_sampling") or {}
+    if sampling.get("video_size") is not None:
+        out["size"] = sampling["video_size"]
+    return out
 
 
 def _processor_defaults(source: str, family: Family) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -31,10 +31,10 @@ and media items at the markers' places; one newline right after a marker is drop
 writes its own separator), and each media token the template writes is expanded to the media's count
 of placeholder ids, the k-th image token to the k-th image and the k-th video token to the k-th video
 (what transformers' processors do after ``apply_chat_template``). The template's own text around the
-media (Qwen's vision start / end) stays as it wrote it. A kind the model takes without a placeholder id of its
-own (InternVL's videos, whose frames are images to the model) is recognised by the tokenizer's own token for it
-(``tokenizer.video_token``), which the family's expansion replaces. :attr:`ChatRenderer.template_media` tells which
-mode is in use.
+media (Qwen's vision start / end) stays as it wrote it. Where the template writes a token of its own for a kind
+(:attr:`VisionSpec.template_tokens`: SmolVLM2's and InternVL's ``<video>``, whose frames are images to the model;
+Gemma 3's ``<start_of_image>``), that token is recognised and the media's expansion replaces it.
+:attr:`ChatRenderer.template_media` tells which mode is in use.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import torch
 from regate_lightning.data.conversations import IMAGE_MARKER, VIDEO_MARKER, Turn
 from regate_lightning.data.errors import DataError
 from regate_lightning.data.vision import ProcessedMedia, VisionSpec, join_media
-from regate_lightning.keys import IGNORE_INDEX, IMAGE_TYPE, TEXT_TYPE, VIDEO_TYPE
+from regate_lightning.keys import IGNORE_INDEX, IMAGE_TYPE, MM_TOKEN_TYPE_IDS, TEXT_TYPE, VIDEO_TYPE
 
 FALLBACK_CHAT_TEMPLATE = (
     "{% if bos_token %}{{ bos_token }}{% endif %}"
@@ -81,7 +81,8 @@ class Sample:
             :func:`~regate_lightning.data.vision.join_media`.
         sample_idx: the sample's stable key (``batch["sample_idx"]``; see :data:`~regate_lightning.keys.SAMPLE_IDX`).
         visual_end: every visual token (and Qwen's vision-end token) is at a position ``< visual_end``.
-        emit_token_types: whether the model takes ``mm_token_type_ids`` (Qwen2-VL families).
+        emit_token_types: whether the model takes the token types (Qwen2-VL families, Gemma 3).
+        token_types_key: the batch key of the token types (``mm_token_type_ids``; Gemma 3's ``token_type_ids``).
         extras: further int64 ``[B]`` batch entries (e.g. ``option_idx`` for multiple choice).
         index: the record's index in its dataset (skips are counted once per record by it); -1 if none.
         source: where the record comes from (``file:line (id ...)``), for messages.
@@ -95,6 +96,7 @@ class Sample:
     sample_idx: int
     visual_end: int = 0
     emit_token_types: bool = False
+    token_types_key: str = MM_TOKEN_TYPE_IDS
     extras: dict[str, int] = field(default_factory=dict)
     index: int = -1
     source: str = ""
@@ -144,20 +146,14 @@ class ChatRenderer:
         from jinja2 import TemplateError
 
         added = getattr(self.tokenizer, "get_added_vocab", None)
-        by_id = {i: t for t, i in added().items()} if callable(added) else {}
+        vocab = added() if callable(added) else {}
+        by_id = {i: t for t, i in vocab.items()}
+        declared = dict(self.spec.template_tokens)
         tokens: dict[str, str] = {}
         for kind, token_id in (("image", self.spec.image_token_id), ("video", self.spec.video_token_id)):
             if token_id is None:
-                if self.spec.accepts(kind):
-                    continue
-                # A kind the model takes without an id of its own (InternVL's videos are images to it): the
-                # template writes the tokenizer's own token for it (``tokenizer.video_token``), which the
-                # family's expansion replaces, as transformers' processor does.
-                token = getattr(self.tokenizer, f"{kind}_token", None)
-                if not isinstance(token, str) or token not in by_id.values():
-                    return None
-            else:
-                token = by_id.get(token_id)
+                continue
+            token = declared.get(kind) if declared.get(kind) in vocab else by_id.get(token_id)
             if token is None:
                 return None
             probe = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": "probe"}]}]
@@ -227,8 +223,16 @@ class ChatRenderer:
             spans.append((start, stop))
         return text, spans
 
-    def _tokenize(self, text: str, offset: int, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
-        """Tokenize ``text`` (starting at character ``offset`` of the rendering); flag supervised tokens."""
+    def _tokenize(
+        self, text: str, offset: int, spans: list[tuple[int, int]], prefix: str = "", suffix: str = ""
+    ) -> tuple[list[int], list[bool]]:
+        """Tokenize ``text`` (starting at character ``offset`` of the rendering); flag supervised tokens.
+
+        ``prefix`` / ``suffix``: a neighbouring media expansion's own text, tokenized together with ``text`` (as a
+        processor tokenizes the text it wrote into the prompt) and never supervised.
+        """
+        if prefix or suffix:
+            return self._tokenize_joined(text, offset, spans, prefix, suffix)
         if not text:
             return [], []
         if getattr(self.tokenizer, "is_fast", False):
@@ -247,13 +251,45 @@ class ChatRenderer:
             sup += [inside] * len(piece)
         return ids, sup
 
-    def _media_ids(self, item: ProcessedMedia) -> list[int]:
-        """The ids that stand for one media: its run of placeholders, or its family's expansion (text tokenized)."""
+    def _tokenize_joined(
+        self, text: str, offset: int, spans: list[tuple[int, int]], prefix: str, suffix: str
+    ) -> tuple[list[int], list[bool]]:
+        if not getattr(self.tokenizer, "is_fast", False):  # no offsets: the three parts one after the other
+            ids, sup = self._tokenize(text, offset, spans)
+            before = self.tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+            after = self.tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
+            return before + ids + after, [False] * len(before) + sup + [False] * len(after)
+        enc = self.tokenizer(prefix + text + suffix, add_special_tokens=False, return_offsets_mapping=True)
+        start, stop = len(prefix), len(prefix) + len(text)
+        sup = []
+        for a, b in enc["offset_mapping"]:
+            lo, hi = max(a, start), min(max(b, a + 1), stop)  # the token's characters inside `text`
+            sup.append(lo < hi and any(offset + lo - start < e and offset + hi - start > s for s, e in spans))
+        return list(enc["input_ids"]), sup
+
+    @staticmethod
+    def _outer_text(item: ProcessedMedia) -> tuple[str, str]:
+        """The text an expansion starts and ends with (tokenized with the template's text around the media)."""
+        parts = item.expansion or ()
+        head = parts[0] if parts and isinstance(parts[0], str) else ""
+        tail = parts[-1] if len(parts) > 1 and isinstance(parts[-1], str) else ""
+        return head, tail
+
+    def _media_ids(self, item: ProcessedMedia, inner: bool = False) -> list[int]:
+        """The ids that stand for one media: its run of placeholders, or its family's expansion (text tokenized).
+
+        ``inner``: leave out the expansion's leading and trailing text (:meth:`_outer_text`), tokenized with the
+        template's text around the media instead.
+        """
         markers = self.template_media is None
         if item.expansion is None:
             return self.spec.placeholder_ids(item.kind, item.num_tokens, markers=markers)
+        parts = list(item.expansion)
+        if inner:
+            head, tail = self._outer_text(item)
+            parts = parts[int(bool(head)) : len(parts) - int(bool(tail))]
         ids: list[int] = []
-        for part in item.expansion:
+        for part in parts:
             ids += [part] if isinstance(part, int) else self.tokenizer(part, add_special_tokens=False)["input_ids"]
         return self.spec.wrap_markers(ids) if markers else ids
 
@@ -297,13 +333,19 @@ class ChatRenderer:
                 "placeholder_mismatch",
             )
         queues = {kind: [m for m in media if m.kind == kind] for kind in set(given)}
+        items = [queues[self._kinds[m]].pop(0) for m in pieces[1::2]]  # the media of each marker, in order
+        # an expansion's outer text joins the template's text around it when the template writes the media
+        joined = self.template_media is not None
+        outer = [self._outer_text(item) if joined else ("", "") for item in items]
         ids: list[int] = []
         sup: list[bool] = []
         types: list[int] = []
         offset = 0
         for j, piece in enumerate(pieces):
             if j % 2 == 0:
-                piece_ids, piece_sup = self._tokenize(piece, offset, spans)
+                before = outer[j // 2 - 1][1] if j else ""
+                after = outer[j // 2][0] if j // 2 < len(items) else ""
+                piece_ids, piece_sup = self._tokenize(piece, offset, spans, prefix=before, suffix=after)
                 bad = self._forbidden.intersection(piece_ids)
                 if bad or any(i >= self.spec.vocab_size for i in piece_ids):
                     raise ValueError(
@@ -315,8 +357,8 @@ class ChatRenderer:
                 sup += piece_sup
                 types += [TEXT_TYPE] * len(piece_ids)
             else:
-                item = queues[self._kinds[piece]].pop(0)
-                block = self._media_ids(item)
+                item = items[j // 2]
+                block = self._media_ids(item, inner=joined)
                 kind_type = IMAGE_TYPE if item.kind == "image" else VIDEO_TYPE
                 ids += block
                 sup += [False] * len(block)
@@ -342,6 +384,7 @@ class ChatRenderer:
             sample_idx=int(sample_idx),
             visual_end=visual_end,
             emit_token_types=self.spec.token_types,
+            token_types_key=self.spec.token_types_key,
             index=index,
             source=source,
             frame_keys=self.spec.frame_keys,

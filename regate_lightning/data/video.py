@@ -70,17 +70,33 @@ class DecodedVideo:
         times: float64 ``[T]``, presentation time of each frame in seconds from the first frame.
         duration: length of the clip in seconds.
         num_source_frames: frames in the clip before sampling.
+        indices: the index of each sampled frame in the clip (what transformers' ``VideoMetadata`` calls
+            ``frames_indices``).
+        source_fps: the clip's frame rate (the stream's average rate; a folder's ``folder_fps``), 0 if unknown.
     """
 
     frames: torch.Tensor
     times: torch.Tensor
     duration: float
     num_source_frames: int
+    indices: tuple[int, ...] = ()
+    source_fps: float = 0.0
 
     @property
     def sampled_fps(self) -> float:
         """Frames per second of the sampled frames over the clip (HF's ``sampled_fps``)."""
         return self.frames.shape[0] / self.duration if self.duration > 0 else 1.0
+
+    @property
+    def frame_seconds(self) -> tuple[float, ...] | None:
+        """Each sampled frame's time as transformers' processors compute it: frame index / source fps.
+
+        (Qwen3-VL's timestamps; equal to :attr:`times` for a clip of constant frame rate.) None when the
+        indices or the frame rate are unknown.
+        """
+        if not self.indices or self.source_fps <= 0:
+            return None
+        return tuple(i / self.source_fps for i in self.indices)
 
 
 def source_name(source: MediaSource) -> str:
@@ -251,7 +267,7 @@ def sample_video(
     if size is not None:
         frames = resize_frames(frames, size, fit)
     times_t = torch.tensor([times[min(i, len(times) - 1)] for i in indices], dtype=torch.float64)
-    return DecodedVideo(frames, times_t, duration, len(times))
+    return DecodedVideo(frames, times_t, duration, len(times), tuple(indices), frame_rate)
 
 
 def _natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
@@ -299,7 +315,8 @@ def _sample_folder(
     if len(shapes) > 1:
         raise MediaError(f"{folder}: its frames have different sizes {sorted(shapes)}; give a `size` to resize them")
     frames = torch.stack([loaded[i] for i in indices])
-    return DecodedVideo(frames, torch.tensor([times[i] for i in indices], dtype=torch.float64), duration, len(files))
+    times_t = torch.tensor([times[i] for i in indices], dtype=torch.float64)
+    return DecodedVideo(frames, times_t, duration, len(files), tuple(indices), float(folder_fps))
 
 
 def decode_video(

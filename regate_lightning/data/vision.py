@@ -23,6 +23,13 @@ its processor does. Qwen2-VL patches are flattened exactly like HF's ``Qwen2VLIm
 temporal, P, P)``. An image is one frame repeated ``temporal_patch_size`` times; a video whose frame
 count is not a multiple of ``temporal_patch_size`` repeats its last frame.
 
+A media that is more than a run of placeholders in its processor's text (Qwen3-VL's timestamp before every temporal
+patch of a video, InternVL's ``<img> ... </img>`` spans and ``Frame{i}:`` lines, SmolVLM's tile and frame markers,
+VideoLLaMA3's per-frame times, Gemma 3's begin / end of image) gets the family's text in ``ProcessedMedia.expansion``
+(:meth:`~regate_lightning.families.Family.media_expansion`); :meth:`VisionSpec.process_video` takes each frame's
+time in its source video (frame index / source fps, which :func:`~regate_lightning.data.video.sample_video`
+records) for the timestamps.
+
 An explicit ``size`` (a data module's ``frame_size``) overrides the resize rule on both paths: every
 image and frame is resized to it (:func:`~regate_lightning.data.video.resize_frames`), then normalised
 and patched by the path's rules; a size the model cannot take is refused, naming ``frame_size``.
@@ -30,34 +37,54 @@ and patched by the path's rules; a size the model cannot take is refused, naming
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
 
-from regate_lightning.data.processors import CheckpointProcessor, Pixels, checkpoint_of, qwen_patchify
+from regate_lightning.data.processors import (
+    FRAME_IMAGE_VIDEO_PROCESSORS,
+    VIDEO_PROCESSOR_DEFAULTS,
+    CheckpointProcessor,
+    Pixels,
+    checkpoint_of,
+    qwen_patchify,
+)
 from regate_lightning.data.video import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, normalize
 from regate_lightning.families import (
     FAMILIES,
+    FIXED,
     GRID,
+    MERGED,
     NO_CLS_TOWERS,
     PATCHES,
     TILES,
     Family,
+    MediaText,
     config_of,
     family_of,
     patch_grid,
     tower_has_cls,
 )
 from regate_lightning.keys import (
+    FRAME_INDEX,
     IMAGE_GRID_THW,
+    IMAGE_MERGE_SIZES,
     IMAGE_SIZES,
+    PIXEL_ATTENTION_MASK,
     PIXEL_VALUES,
     PIXEL_VALUES_VIDEOS,
     SECOND_PER_GRID_TS,
+    VIDEO_COMPRESSION_MASK,
     VIDEO_GRID_THW,
-    VIDEO_NUM_FRAMES,
+    VIDEO_MERGE_SIZES,
 )
+
+DEFAULT_VIDEO_FPS = 24.0
+"""The frame rate transformers' processors assume for a video without metadata (``VideoMetadata.fps`` None):
+Qwen3-VL's timestamps of frames given without their times."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +160,7 @@ class VisionSpec:
     pickles to DataLoader workers.
 
     Attributes:
-        family: ``"llava"``, ``"llava_next_video"``, ``"video_llava"`` or ``"qwen2_vl"``.
+        family: the name of the model's family (:data:`~regate_lightning.families.FAMILIES`).
         size: ``(H, W)`` every image and frame is resized to; None on the checkpoint path without an
             explicit size (each media then follows the checkpoint's resize rule).
         mean: normalisation mean (RGB): the built-in one, or the checkpoint's (for information).
@@ -144,8 +171,7 @@ class VisionSpec:
         vision_start_token_id: Qwen2-VL's token before each media, else ``None``.
         vision_end_token_id: Qwen2-VL's token after each media, else ``None``.
         tokens_per_image: LLaVA / Video-LLaVA: tokens per image.
-        tokens_per_frame: LLaVA families: tokens per video frame; tile families (InternVL): tokens per tile
-            or frame.
+        tokens_per_frame: LLaVA families: tokens per video frame.
         tokens_per_video: tokens every video has beyond its frames' (LLaVA-OneVision's newline).
         patch_size: Qwen2-VL spatial patch size; LLaVA-NeXT: the tower's patch size.
         temporal_patch_size: Qwen2-VL temporal patch size.
@@ -159,6 +185,10 @@ class VisionSpec:
         vision_aspect_ratio: LLaVA-OneVision: the config's ``"anyres_max_N"`` (its anyres count,
             :func:`~regate_lightning.families.llava_onevision.image_tokens`); ``""`` for LLaVA-NeXT's.
         processor: the checkpoint's processor, or None on the built-in path.
+        tile_tokens: tile families (SmolVLM, InternVL): placeholder tokens per tile or video frame.
+        image_merge: VideoLLaMA3: the merge size of images (built-in path; the checkpoint's processor says its own).
+        compression: VideoLLaMA3: whether videos are compressed on the built-in path (the video processor's default).
+        template_tokens: the family's :attr:`~regate_lightning.families.Family.template_tokens`.
     """
 
     family: str
@@ -184,6 +214,10 @@ class VisionSpec:
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
     vision_aspect_ratio: str = ""
     processor: CheckpointProcessor | None = None
+    tile_tokens: int = 0
+    template_tokens: tuple[tuple[str, str], ...] = ()
+    image_merge: int = 1
+    compression: bool = False
 
     @classmethod
     def from_model(
@@ -233,6 +267,10 @@ class VisionSpec:
             return cls._grid(family, config, vocab, size, mean, std, checkpoint)
         if family.placeholders == TILES:
             return cls._tiles(family, config, vocab, size, mean, std, checkpoint)
+        if family.placeholders == MERGED:
+            return cls._merged(family, config, vocab, size, mean, std, checkpoint)
+        if family.placeholders == FIXED:
+            return cls._fixed(family, config, vocab, size, mean, std, checkpoint)
         vision = config.vision_config
         siglip = getattr(vision, "model_type", "") in NO_CLS_TOWERS
         side = int(vision.image_size)
@@ -273,51 +311,6 @@ class VisionSpec:
             tower_size=side,
             image_grid_pinpoints=pinpoints,
             vision_aspect_ratio=str(getattr(config, "vision_aspect_ratio", "") or "") if pinpoints else "",
-            processor=checkpoint,
-        )
-
-    @classmethod
-    def _tiles(
-        cls,
-        family: Family,
-        config: Any,
-        vocab: int,
-        size: tuple[int, int] | None,
-        mean: tuple[float, float, float] | None,
-        std: tuple[float, float, float] | None,
-        checkpoint: CheckpointProcessor | None,
-    ) -> VisionSpec:
-        """A tile family (InternVL): every tile and frame ``S x S``, a fixed count per tile, ``<img>`` spans."""
-        from regate_lightning.families.internvl import InternVLFamily, square_side
-
-        assert isinstance(family, InternVLFamily)
-        side, per_tile = family.tile_side(config), family.tile_tokens(config)
-        if size is not None and tuple(size) != (side, side):
-            raise ValueError(
-                f"`frame_size` {list(size)} cannot be used with {family.name}: its vision tower takes "
-                f"{side} x {side} tiles only; set frame_size: [{side}, {side}] or leave it unset"
-            )
-        refusal = ""
-        if checkpoint is not None:
-            _check_tile_processor(checkpoint, side, per_tile)
-            mean, std = _checkpoint_mean_std(checkpoint)
-            refusal = "" if checkpoint.image_processor is not None else _no_image_config(checkpoint.source)
-            size = tuple(size) if size is not None else None  # type: ignore[assignment]
-        else:
-            size = (side, side)
-        return cls(
-            family=family.name,
-            size=size,
-            mean=_triple(mean or CLIP_MEAN),
-            std=_triple(std or CLIP_STD),
-            vocab_size=vocab,
-            image_token_id=int(config.image_token_id),
-            tokens_per_frame=per_tile,
-            patch_size=square_side(config.vision_config.patch_size),
-            image_refusal=refusal,
-            image_key=family.image_key,
-            video_key=family.video_key,
-            tower_size=side,
             processor=checkpoint,
         )
 
@@ -367,20 +360,180 @@ class VisionSpec:
             processor=checkpoint,
         )
 
+    @classmethod
+    def _tiles(
+        cls,
+        family: Family,
+        config: Any,
+        vocab: int,
+        size: tuple[int, int] | None,
+        mean: tuple[float, float, float] | None,
+        std: tuple[float, float, float] | None,
+        checkpoint: CheckpointProcessor | None,
+    ) -> VisionSpec:
+        """A tile family (SmolVLM, InternVL): every tile and frame ``S x S`` (the family's ``tile_side``),
+        ``tile_tokens`` placeholders each, a video's frames images to the model (one placeholder id); on the
+        built-in path the normalisation of the family's video processor class."""
+        side, tokens = family.tile_side(config), family.tile_tokens(config)
+        if size is not None and tuple(size) != (side, side):
+            raise ValueError(
+                f"`frame_size` {list(size)} cannot be used with {family.name}: its tiles and frames are {side} x "
+                f"{side}; set frame_size: [{side}, {side}] or leave it unset"
+            )
+        refusal = ""
+        if checkpoint is not None:
+            _check_tile_processor(checkpoint, side, tokens)
+            mean, std = _checkpoint_mean_std(checkpoint)
+            refusal = "" if checkpoint.image_processor is not None else _no_image_config(checkpoint.source)
+        else:
+            size = (side, side)
+        defaults = VIDEO_PROCESSOR_DEFAULTS[family.video_processor]
+        image_id = int(config.image_token_id)
+        return cls(
+            family=family.name,
+            size=tuple(size) if size is not None else None,  # type: ignore[arg-type]
+            mean=_triple(mean or defaults["image_mean"]),
+            std=_triple(std or defaults["image_std"]),
+            vocab_size=vocab,
+            image_token_id=image_id,
+            video_token_id=image_id,  # every frame is an image to the model
+            patch_size=_side(config.vision_config.patch_size),
+            image_refusal=refusal,
+            image_key=family.image_key,
+            video_key=family.video_key,
+            tower_size=side,
+            processor=checkpoint,
+            tile_tokens=tokens,
+            template_tokens=family.template_tokens,
+        )
+
+    @classmethod
+    def _merged(
+        cls,
+        family: Family,
+        config: Any,
+        vocab: int,
+        size: tuple[int, int] | None,
+        mean: tuple[float, float, float] | None,
+        std: tuple[float, float, float] | None,
+        checkpoint: CheckpointProcessor | None,
+    ) -> VisionSpec:
+        """VideoLLaMA3: patch grids per media; on the built-in path its processors' defaults (image merge 1, video
+        merge 2, compression on, mean / std 0.5), every image and frame ``4 * patch * 2`` pixels a side."""
+        from regate_lightning.families.video_llama_3 import IMAGE_MERGE, VIDEO_MERGE
+
+        patch = int(config.vision_config.patch_size)
+        factor = patch * VIDEO_MERGE
+        if size is not None and (size[0] % factor or size[1] % factor or min(size) < factor):
+            raise ValueError(
+                f"`frame_size` {list(size)} cannot be used with {family.name}: height and width must be positive "
+                f"multiples of patch_size * video merge size = {factor} (e.g. [{4 * factor}, {4 * factor}])"
+            )
+        video_merge, compression = VIDEO_MERGE, True
+        if checkpoint is not None:
+            for where, found in (("image", checkpoint.image_processor), ("video", checkpoint.video_settings)):
+                if found is not None and int(found.patch_size) != patch:
+                    raise ValueError(
+                        f"{checkpoint.source}: the {where} processor's patch_size {found.patch_size} differs from the "
+                        f"model's vision_config.patch_size {patch}; fix the checkpoint's processor config"
+                    )
+            mean, std = _checkpoint_mean_std(checkpoint)
+            if checkpoint.video_settings is not None:
+                video_merge = checkpoint.video_settings.merge_size
+                compression = checkpoint.video_settings.use_token_compression
+        elif size is None:
+            size = (4 * factor, 4 * factor)
+        return cls(
+            family=family.name,
+            size=(int(size[0]), int(size[1])) if size is not None else None,
+            mean=_triple(mean or SIGLIP_MEAN),
+            std=_triple(std or SIGLIP_STD),
+            vocab_size=vocab,
+            image_token_id=int(config.image_token_id),
+            video_token_id=int(config.video_token_id),
+            patch_size=patch,
+            merge_size=video_merge,
+            image_key=family.image_key,
+            video_key=family.video_key,
+            processor=checkpoint,
+            image_merge=IMAGE_MERGE,
+            compression=compression,
+        )
+
+    @classmethod
+    def _fixed(
+        cls,
+        family: Family,
+        config: Any,
+        vocab: int,
+        size: tuple[int, int] | None,
+        mean: tuple[float, float, float] | None,
+        std: tuple[float, float, float] | None,
+        checkpoint: CheckpointProcessor | None,
+    ) -> VisionSpec:
+        """Gemma 3: every image (and crop) ``S x S``, ``mm_tokens_per_image`` placeholders between its markers."""
+        from regate_lightning.families.gemma3 import image_tokens
+
+        side = int(config.vision_config.image_size)
+        if size is not None and tuple(size) != (side, side):
+            raise ValueError(
+                f"`frame_size` {list(size)} cannot be used with {family.name}: its vision tower takes {side} x {side} "
+                f"images only; set frame_size: [{side}, {side}] or leave it unset"
+            )
+        if checkpoint is not None:
+            found = _height_width(getattr(checkpoint.image_processor, "size", None) or {})
+            if found != (side, side):
+                raise ValueError(
+                    f"{checkpoint.source}: the image processor makes {found} images but the vision tower takes "
+                    f"{side} x {side}; fix size in its preprocessor_config.json"
+                )
+            mean, std = _checkpoint_mean_std(checkpoint)
+        else:
+            size = (side, side)
+        return cls(
+            family=family.name,
+            size=tuple(size) if size is not None else None,  # type: ignore[arg-type]
+            mean=_triple(mean or SIGLIP_MEAN),
+            std=_triple(std or SIGLIP_STD),
+            vocab_size=vocab,
+            image_token_id=int(config.image_token_id),
+            tokens_per_image=image_tokens(config),
+            patch_size=int(config.vision_config.patch_size),
+            image_key=family.image_key,
+            tower_size=side,
+            processor=checkpoint,
+            template_tokens=family.template_tokens,
+        )
+
+    @property
+    def is_fixed(self) -> bool:
+        """Whether images are Gemma 3's: a fixed token count each, the processor's text around them."""
+        return FAMILIES[self.family].placeholders == FIXED
+
+    @property
+    def is_merged(self) -> bool:
+        """Whether media are VideoLLaMA3's patch grids with a merge size per media."""
+        return FAMILIES[self.family].placeholders == MERGED
+
+    @property
+    def is_tiles(self) -> bool:
+        """Whether media are tiles and frames of a fixed count each (SmolVLM, InternVL), expansions with markers."""
+        return FAMILIES[self.family].placeholders == TILES
+
     @property
     def is_qwen(self) -> bool:
         """Whether the family counts placeholders by grid (Qwen2-VL / Qwen2.5-VL: patches, grids, markers)."""
         return FAMILIES[self.family].placeholders == GRID
 
     @property
-    def is_tiles(self) -> bool:
-        """Whether media are tiles and frames of a fixed count each, in ``<img>`` spans (InternVL)."""
-        return FAMILIES[self.family].placeholders == TILES
+    def token_types(self) -> bool:
+        """Whether the model needs the token types (``mm_token_type_ids``, Gemma 3's ``token_type_ids``)."""
+        return FAMILIES[self.family].token_types
 
     @property
-    def token_types(self) -> bool:
-        """Whether the model needs ``mm_token_type_ids`` beside ``input_ids``."""
-        return FAMILIES[self.family].token_types
+    def token_types_key(self) -> str:
+        """The batch key of the token types."""
+        return FAMILIES[self.family].token_types_key
 
     @property
     def frame_keys(self) -> tuple[str, ...]:
@@ -398,6 +551,8 @@ class VisionSpec:
         """``""`` if the family takes media of ``kind``, else why not (a message naming the fix)."""
         if kind == "image" and self.image_refusal:
             return self.image_refusal
+        if kind == "video" and FAMILIES[self.family].video_refusal:
+            return FAMILIES[self.family].video_refusal
         if (self.image_key if kind == "image" else self.video_key) is None:
             return f"{self.family} takes no {kind}s; use a model family that does, or remove them from the data"
         return ""
@@ -434,6 +589,12 @@ class VisionSpec:
         reason = self.accepts("image")
         if reason:
             raise ValueError(reason)
+        if self.is_tiles:
+            return self._tile_media("image", image.unsqueeze(0), None, None, None)
+        if self.is_merged:
+            return self._merged_media("image", image.unsqueeze(0), None, None, None)
+        if self.is_fixed:
+            return self._fixed_image(image)
         if self.processor is not None:
             return self._from_checkpoint("image", self.processor.image(image, resize=self.size is None))
         self._check_size(image)
@@ -444,25 +605,43 @@ class VisionSpec:
             )
             tokens = int(grid.prod()) // self.merge_size**2
             return ProcessedMedia("image", {PIXEL_VALUES: patches, IMAGE_GRID_THW: grid.unsqueeze(0)}, tokens)
-        if self.is_tiles:
-            return self._tile_media("image", pixels.unsqueeze(0))
         assert self.image_key is not None
         return ProcessedMedia("image", {self.image_key: pixels.unsqueeze(0)}, self.tokens_per_image)
 
-    def process_video(self, frames: torch.Tensor, sampled_fps: float | None = None) -> ProcessedMedia:
+    def process_video(
+        self,
+        frames: torch.Tensor,
+        sampled_fps: float | None = None,
+        times: torch.Tensor | None = None,
+        duration: float | None = None,
+        frame_seconds: Sequence[float] | None = None,
+    ) -> ProcessedMedia:
         """Turn one decoded video into the model's tensors.
 
         Args:
             frames: uint8 ``[T, 3, H, W]``: already at :attr:`size` when it is set, else as decoded.
             sampled_fps: frames per second of ``frames`` (Qwen2.5-VL's temporal position spacing);
                 ``None`` gives HF's default of one second per temporal patch.
+            times: float ``[T]``, each frame's time in seconds (SmolVLM's per-frame timestamps); None: frame
+                ``i`` at ``i / sampled_fps`` (``i`` seconds without a rate).
+            duration: the clip's length in seconds (SmolVLM's intro); None: ``T / sampled_fps``.
+            frame_seconds: each frame's index in its source video divided by the source's frame rate, as
+                transformers' ``VideoMetadata`` gives them to ``Qwen3VLProcessor`` (Qwen3-VL's timestamps; equal
+                to ``times`` for a clip of constant frame rate up to rounding, which the timestamps' one decimal
+                can show); ``None`` gives transformers' default for a video without metadata: frames
+                ``0 .. T - 1`` at :data:`DEFAULT_VIDEO_FPS`.
 
         Returns:
-            The tensors and the token count.
+            The tensors, the token count and, for a family whose video is more than one run of placeholders,
+            its expansion (:meth:`~regate_lightning.families.Family.media_expansion`).
         """
         reason = self.accepts("video")
         if reason:
             raise ValueError(reason)
+        if self.is_tiles:
+            return self._tile_media("video", frames, sampled_fps, times, duration)
+        if self.is_merged:
+            return self._merged_media("video", frames, sampled_fps, times, duration)
         if self.processor is not None:
             media = self._from_checkpoint("video", self.processor.video(frames, resize=self.size is None))
         else:
@@ -475,8 +654,6 @@ class VisionSpec:
                     {PIXEL_VALUES_VIDEOS: patches, VIDEO_GRID_THW: grid.unsqueeze(0)},
                     int(grid.prod()) // self.merge_size**2,
                 )
-            elif self.is_tiles:
-                return self._tile_media("video", pixels)
             else:
                 assert self.video_key is not None
                 tokens = frames.shape[0] * self.tokens_per_frame + self.tokens_per_video
@@ -484,7 +661,168 @@ class VisionSpec:
         if self.seconds_per_grid:
             seconds = self.temporal_patch_size / sampled_fps if sampled_fps else 1.0
             media.tensors[SECOND_PER_GRID_TS] = torch.tensor([seconds], dtype=torch.float32)
-        return media
+        return self._with_expansion(media, frames.shape[0], frame_seconds)
+
+    def _with_expansion(
+        self, media: ProcessedMedia, num_frames: int, frame_seconds: Sequence[float] | None
+    ) -> ProcessedMedia:
+        """A grid family's video with its family's expansion (Qwen3-VL's timestamped temporal patches), if any."""
+        grid = media.tensors.get(VIDEO_GRID_THW)
+        if grid is None:
+            return media
+        if frame_seconds is None:
+            frame_seconds = [i / DEFAULT_VIDEO_FPS for i in range(num_frames)]
+        elif len(frame_seconds) != num_frames:
+            raise ValueError(f"`frame_seconds` has {len(frame_seconds)} times for {num_frames} frames")
+        assert self.video_token_id is not None
+        start, end = self.vision_start_token_id, self.vision_end_token_id
+        t, h, w = (int(v) for v in grid[0])
+        text = MediaText(
+            "video",
+            self.video_token_id,
+            steps=t,
+            tokens_per_step=h * w // self.merge_size**2,
+            markers=(start, end) if start is not None and end is not None else None,
+            temporal_patch_size=self.temporal_patch_size,
+            frame_seconds=tuple(float(v) for v in frame_seconds),
+        )
+        expansion = FAMILIES[self.family].media_expansion(text)
+        return media if expansion is None else replace(media, expansion=expansion)
+
+    def _tile_media(
+        self,
+        kind: str,
+        frames: torch.Tensor,
+        sampled_fps: float | None,
+        times: torch.Tensor | None,
+        duration: float | None,
+    ) -> ProcessedMedia:
+        """A tile family's image (the checkpoint's image processor cuts it into tiles: SmolVLM's rows and columns
+        plus the global image, InternVL's grid plus a thumbnail; one tile on the built-in path) or video (one tile
+        per frame), with the family's text for it (:meth:`~regate_lightning.families.Family.media_expansion`)."""
+        image = kind == "image"
+        rows_cols: tuple[int, int] = (0, 0)
+        mask = None
+        if self.processor is not None:
+            resize = self.size is None
+            pixels = self.processor.image(frames[0], resize=resize) if image else self.processor.video(frames, resize)
+            values, mask, rows_cols = pixels.values, pixels.mask, pixels.rows_cols or (0, 0)
+            if values.dim() == 5:  # SmolVLM's [n, 1, 3, S, S]; a video processor's [1, T, 3, S, S]
+                values = values.flatten(0, 1)
+            if mask is not None and mask.dim() == 4:
+                mask = mask.flatten(0, 1)
+            side = self.tower_size
+            if tuple(values.shape[-2:]) != (side, side):
+                raise ValueError(
+                    f"{self.processor.source}: the checkpoint's processor made {kind} tiles of "
+                    f"{tuple(values.shape[-2:])}, but the vision tower takes {side} x {side}"
+                )
+        else:
+            self._check_size(frames)
+            values = normalize(frames, self.mean, self.std)
+        count = int(values.shape[0])
+        rate = sampled_fps or 1.0
+        stamps = [float(t) for t in times] if times is not None else [i / rate for i in range(count)]
+        assert self.image_token_id is not None
+        text = MediaText(
+            kind,
+            self.image_token_id,
+            steps=count,
+            tokens_per_step=self.tile_tokens,
+            tile_grid=rows_cols,
+            times=() if image else tuple(stamps),
+            duration=None if image else (duration if duration is not None else count / rate),
+        )
+        expansion = FAMILIES[self.family].media_expansion(text)
+        return ProcessedMedia(kind, self._tile_tensors(kind, values, mask), count * self.tile_tokens, expansion)
+
+    def _merged_media(
+        self,
+        kind: str,
+        frames: torch.Tensor,
+        sampled_fps: float | None,
+        times: torch.Tensor | None,
+        duration: float | None,
+    ) -> ProcessedMedia:
+        """VideoLLaMA3: patches, grid and merge size (and a video's compression mask); a video's text names each
+        frame's time before its kept tokens (transformers' ``VideoLlama3Processor.replace_video_token``)."""
+        from regate_lightning.families.video_llama_3 import compression_mask
+
+        image = kind == "image"
+        if self.processor is not None:
+            pixels = (
+                self.processor.image(frames[0], resize=self.size is None)
+                if image
+                else self.processor.video(frames, resize=self.size is None)
+            )
+            values, grid = pixels.values, pixels.grid
+            merge = pixels.merge_sizes if pixels.merge_sizes is not None else torch.tensor([self.merge_size])
+            kept = pixels.compression
+        else:
+            self._check_size(frames)
+            merge = torch.tensor([self.image_merge if image else self.merge_size])
+            values, grid = qwen_patchify(normalize(frames, self.mean, self.std), self.patch_size, 1, int(merge))
+            grid = grid.unsqueeze(0)
+            kept = compression_mask(values, grid, merge) if not image and self.compression else None
+        assert grid is not None
+        tokens = int(grid.prod()) // int(merge) ** 2
+        family = FAMILIES[self.family]
+        if image:
+            assert self.image_token_id is not None
+            keys = {PIXEL_VALUES: values, IMAGE_GRID_THW: grid, IMAGE_MERGE_SIZES: merge}
+            expansion = family.media_expansion(MediaText("image", self.image_token_id, 1, tokens))
+            return ProcessedMedia("image", keys, tokens, expansion)
+        if kept is None:
+            kept = torch.ones(tokens, dtype=torch.bool)
+        count = frames.shape[0]
+        rate = sampled_fps or 1.0
+        stamps = [float(t) for t in times] if times is not None else [i / rate for i in range(count)]
+        per_frame = tuple(int(n) for n in kept.view(int(grid[0, 0]), -1).sum(1))
+        assert self.video_token_id is not None
+        keys = {
+            PIXEL_VALUES_VIDEOS: values,
+            VIDEO_GRID_THW: grid,
+            VIDEO_MERGE_SIZES: merge,
+            VIDEO_COMPRESSION_MASK: kept,
+        }
+        text = MediaText(
+            "video",
+            self.video_token_id,
+            steps=len(per_frame),
+            tokens_per_step=tokens // len(per_frame),
+            placeholders=per_frame,
+            times=tuple(stamps),
+        )
+        return ProcessedMedia("video", keys, int(kept.sum()), family.media_expansion(text))
+
+    def _fixed_image(self, image: torch.Tensor) -> ProcessedMedia:
+        """Gemma 3: the image (and any pan-and-scan crops the checkpoint's processor makes), each
+        ``tokens_per_image`` placeholders in the processor's text (``Gemma3Processor.replace_image_token``)."""
+        if self.processor is not None:
+            values = self.processor.image(image, resize=self.size is None).values
+        else:
+            self._check_size(image)
+            values = normalize(image, self.mean, self.std).unsqueeze(0)
+        assert self.image_key is not None and self.image_token_id is not None
+        steps = int(values.shape[0])  # the image and its crops
+        expansion = FAMILIES[self.family].media_expansion(
+            MediaText("image", self.image_token_id, steps, self.tokens_per_image)
+        )
+        return ProcessedMedia("image", {self.image_key: values}, steps * self.tokens_per_image, expansion)
+
+    def _tile_tensors(self, kind: str, values: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """A tile family's batch tensors of one image's tiles or one video's frames (``values`` ``[n, 3, S, S]``):
+        the pixels and the frame index (0, 1, ... of a video's frames; -1 for an image's tiles); a family whose
+        model takes a pixel mask per image (SmolVLM: ``[B, images, 3, S, S]`` and ``pixel_attention_mask``) one
+        image per row, ``[n, 1, 3, S, S]``, and its mask ``[n, 1, S, S]`` (ones where ``mask`` is None)."""
+        count = int(values.shape[0])
+        index = torch.arange(count) if kind == "video" else torch.full((count,), -1, dtype=torch.int64)
+        family = FAMILIES[self.family]
+        if PIXEL_ATTENTION_MASK not in family.media_keys(kind):
+            return {family.media_key(kind): values, FRAME_INDEX: index}
+        if mask is None:
+            mask = torch.ones(count, *values.shape[-2:], dtype=torch.int64)
+        return {PIXEL_VALUES: values.unsqueeze(1), PIXEL_ATTENTION_MASK: mask.unsqueeze(1), FRAME_INDEX: index}
 
     def _from_checkpoint(self, kind: str, pixels: Pixels) -> ProcessedMedia:
         """The family's keys and placeholder count of media processed by the checkpoint's processor."""
@@ -513,21 +851,8 @@ class VisionSpec:
                 f"{self.processor.source}: the checkpoint's processor made {kind} pixels of "
                 f"{tuple(pixels.values.shape[-2:])}, but the vision tower takes {side} x {side}"
             )
-        if self.is_tiles:  # InternVL: an image's tiles [tiles, 3, S, S]; a video's frames [1, T, 3, S, S]
-            return self._tile_media(kind, pixels.values if image else pixels.values[0])
         tokens = self.tokens_per_image if image else pixels.values.shape[1] * self.tokens_per_frame
         return ProcessedMedia(kind, {key: pixels.values}, tokens + (0 if image else self.tokens_per_video))
-
-    def _tile_media(self, kind: str, tiles: torch.Tensor) -> ProcessedMedia:
-        """An image's tiles or a video's frames (``[n, 3, S, S]``) of a tile family, with its ``<img>`` text."""
-        family = FAMILIES[self.family]
-        assert self.image_token_id is not None
-        steps = int(tiles.shape[0])
-        expansion = family.media_expansion(kind, steps, self.tokens_per_frame, self.image_token_id)
-        tensors = {family.media_key(kind): tiles}
-        if kind == "video":
-            tensors[VIDEO_NUM_FRAMES] = torch.tensor([steps], dtype=torch.int64)
-        return ProcessedMedia(kind, tensors, steps * self.tokens_per_frame, expansion)
 
     def _check_size(self, pixels: torch.Tensor) -> None:
         if self.size is not None and tuple(pixels.shape[-2:]) != tuple(self.size):
@@ -576,6 +901,11 @@ def join_media(key: str, parts: list[torch.Tensor], frame_keys: tuple[str, ...] 
     )
 
 
+def _side(value: Any) -> int:
+    """One side of a size given as an int or a ``(height, width)`` pair (InternVL's configs give both)."""
+    return int(value[0]) if isinstance(value, (list, tuple)) else int(value)
+
+
 def _no_image_config(source: str | None) -> str:
     return (
         f"the student checkpoint {source} has video processor settings but no image processor config "
@@ -590,6 +920,43 @@ def _checkpoint_mean_std(
     return _triple(list(source.image_mean)), _triple(list(source.image_std))
 
 
+def _check_tile_processor(checkpoint: CheckpointProcessor, side: int, tokens: int) -> None:
+    """Refuse tile-family processor settings whose tiles are not the tower's ``side x side`` images.
+
+    SmolVLM's processors make every tile and frame ``max_image_size`` square (its video config's settings run
+    through the image processor); InternVL's resize to ``size``. InternVL's ``processor_config.json`` also names
+    the tokens per tile (``image_seq_length``).
+    """
+    frame_images = checkpoint.family.video_processor in FRAME_IMAGE_VIDEO_PROCESSORS
+    video = (checkpoint.video_overrides or None) if frame_images else checkpoint.video_settings
+    for where, found in (("image", checkpoint.image_processor), ("video", video)):
+        if found is None:
+            continue
+        get = found.get if isinstance(found, dict) else partial(getattr, found)
+        if frame_images:
+            max_size = get("max_image_size", None)
+            edge = (max_size or {}).get("longest_edge")
+            if edge is not None and int(edge) != side:
+                raise ValueError(
+                    f"{checkpoint.source}: the {where} processor's max_image_size {max_size} makes tiles of {edge} "
+                    f"pixels, but the model's vision tower takes {side} x {side} (vision_config.image_size); they must "
+                    "be equal"
+                )
+            continue
+        out = _height_width(get("size", None) or {})
+        if out != (side, side):
+            raise ValueError(
+                f"{checkpoint.source}: the {where} processor makes {out or 'aspect-dependent'} tiles but the vision "
+                f"tower takes {side} x {side}; fix `size` in its processor config"
+            )
+    found = checkpoint.processor_settings.get("image_seq_length")
+    if found is not None and int(found) != tokens:
+        raise ValueError(
+            f"{checkpoint.source}: processor_config.json's image_seq_length {found} differs from the model's "
+            f"{tokens} tokens per tile (vision image_size, patch_size and downsample_ratio); fix the processor config"
+        )
+
+
 def _check_grid_processor(checkpoint: CheckpointProcessor, patch: int, merge: int, temporal: int) -> None:
     """Refuse Qwen processor settings that do not match the model's vision config."""
     model = {"patch_size": patch, "merge_size": merge, "temporal_patch_size": temporal}
@@ -602,26 +969,6 @@ def _check_grid_processor(checkpoint: CheckpointProcessor, patch: int, merge: in
                 f"{checkpoint.source}: the {where} processor's {found} do not match the model's vision config "
                 f"{model}; fix the checkpoint's processor config"
             )
-
-
-def _check_tile_processor(checkpoint: CheckpointProcessor, side: int, per_tile: int) -> None:
-    """Refuse tile-family (InternVL) processor settings that do not make the tower's square tiles."""
-    for where, settings in (("image", checkpoint.image_processor), ("video", checkpoint.video_settings)):
-        if settings is None:
-            continue
-        size = getattr(settings, "size", None) or {}
-        out = _height_width(size)
-        if out != (side, side):
-            raise ValueError(
-                f"{checkpoint.source}: the {where} processor makes {out or 'aspect-dependent'} tiles but the vision "
-                f"tower takes {side} x {side}; fix `size` in its processor config"
-            )
-    found = checkpoint.processor_settings.get("image_seq_length")
-    if found is not None and int(found) != per_tile:
-        raise ValueError(
-            f"{checkpoint.source}: processor_config.json's image_seq_length {found} differs from the model's "
-            f"{per_tile} tokens per tile (vision image_size, patch_size and downsample_ratio); fix the processor config"
-        )
 
 
 def _check_llava_processor(checkpoint: CheckpointProcessor, config: Any, family: Family, side: int) -> None:

@@ -17,6 +17,18 @@ family (module)        classes                                         placehold
 ``video_llava``        ``VideoLlavaForConditionalGeneration``          image: as llava; frame: ``(S / P) ** 2 + CLS``
 ``qwen2_vl``           ``Qwen2VLForConditionalGeneration``,            ``t * h * w / merge ** 2`` per media,
                        ``Qwen2_5_VLForConditionalGeneration``          wrapped in vision start ... end
+``qwen3_vl``           ``Qwen3VLForConditionalGeneration``,            image: as qwen2_vl; video: per temporal
+                       ``Qwen3VLMoeForConditionalGeneration``          patch ``<t seconds>`` + start, ``h * w /
+                                                                       merge ** 2`` pads, end; all in start/end
+``qwen3_5``            ``Qwen3_5ForConditionalGeneration``,            as qwen2_vl; a video: per temporal
+                       ``Qwen3_5MoeForConditionalGeneration``          patch its timestamp, then its tokens
+                                                                       in vision start ... end
+``smolvlm``            ``SmolVLMForConditionalGeneration``             per tile or frame:
+                                                                       ``(S / P) ** 2 / scale ** 2``
+``video_llama_3``      ``VideoLlama3ForConditionalGeneration``         ``h * w / m ** 2`` per frame, ``m`` per
+                                                                       media; videos compressed
+``gemma3``             ``Gemma3ForConditionalGeneration``              ``mm_tokens_per_image`` per image or crop,
+                                                                       bidirectional within an image
 ``llava_onevision``    ``LlavaOnevisionForConditionalGeneration``      frame: ``ceil(S / P / 2) ** 2``, plus one
                                                                        newline per video; image: anyres-max
 ``internvl``           ``InternVLForConditionalGeneration``            ``(S / P) ** 2 * r ** 2`` per tile or
@@ -35,8 +47,10 @@ from torch import nn
 
 from regate_lightning.families.base import (
     CLS_TOWERS,
+    FIXED,
     GRID,
     MEDIA_KINDS,
+    MERGED,
     NO_CLS_TOWERS,
     NONE,
     PATCHES,
@@ -45,6 +59,7 @@ from regate_lightning.families.base import (
     Family,
     MediaRegions,
     MediaSteps,
+    MediaText,
     ModelParts,
     RandomMedia,
     config_of,
@@ -54,7 +69,19 @@ from regate_lightning.families.base import (
     unwrap,
 )
 
-FAMILY_MODULES = ("llava", "llava_next_video", "video_llava", "qwen2_vl", "llava_onevision", "internvl")
+FAMILY_MODULES = (
+    "llava",
+    "llava_next_video",
+    "video_llava",
+    "qwen2_vl",
+    "qwen3_vl",
+    "qwen3_5",
+    "smolvlm",
+    "video_llama_3",
+    "gemma3",
+    "llava_onevision",
+    "internvl",
+)
 """The modules of this package that declare a family (each as ``FAMILY``), in the order they are listed."""
 
 # Family names (the values of ``Family.name``), for the code that names a family.
@@ -62,6 +89,11 @@ LLAVA = "llava"
 LLAVA_NEXT_VIDEO = "llava_next_video"
 VIDEO_LLAVA = "video_llava"
 QWEN2_VL = "qwen2_vl"
+QWEN3_VL = "qwen3_vl"
+QWEN3_5 = "qwen3_5"
+GEMMA3 = "gemma3"
+SMOLVLM = "smolvlm"
+VIDEO_LLAMA_3 = "video_llama_3"
 LLAVA_ONEVISION = "llava_onevision"
 INTERNVL = "internvl"
 CAUSAL_LM = "causal_lm"
@@ -196,35 +228,62 @@ def unused_vision_modules(parts: ModelParts) -> list[nn.Module]:
     return parts.family.unused_vision_modules(parts)
 
 
+def media_only_parameters(parts: ModelParts) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """The named parameters that only batches holding media of one kind use, by kind (:attr:`Family.media_only`).
+
+    Returns:
+        ``{kind: [(name, parameter), ...]}`` with the parameters' names in ``parts.model``; kinds without
+        such parameters are absent.
+    """
+    names = {id(p): n for n, p in parts.model.named_parameters()}
+    out: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    for kind, path in parts.family.media_only:
+        head, _, last = path.rpartition(".")
+        owner = find_module(parts.inner, head) if head else parts.inner
+        found = getattr(owner, last, None) if owner is not None else None
+        params = [found] if isinstance(found, nn.Parameter) else list(found.parameters()) if found is not None else []
+        out.setdefault(kind, []).extend((names.get(id(p), path), p) for p in params)
+    return {kind: params for kind, params in out.items() if params}
+
+
 __all__ = [
     "CAUSAL_LM",
     "CLS_TOWERS",
     "FAMILIES",
     "FAMILY_MODULES",
+    "FIXED",
+    "GEMMA3",
     "GRID",
     "INTERNVL",
     "LLAVA",
     "LLAVA_NEXT_VIDEO",
     "LLAVA_ONEVISION",
     "MEDIA_KINDS",
+    "MERGED",
     "NONE",
     "NO_CLS_TOWERS",
     "PARTS",
     "PATCHES",
     "POOLED",
     "QWEN2_VL",
+    "QWEN3_5",
+    "QWEN3_VL",
+    "SMOLVLM",
     "TEXT_ONLY",
     "TILES",
+    "VIDEO_LLAMA_3",
     "VIDEO_LLAVA",
     "Family",
     "MediaRegions",
     "MediaSteps",
+    "MediaText",
     "ModelParts",
     "RandomMedia",
     "config_of",
     "family_of",
     "family_of_class",
     "find_module",
+    "media_only_parameters",
     "parameter_parts",
     "patch_grid",
     "resolve",

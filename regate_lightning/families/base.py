@@ -27,6 +27,12 @@ GRID = "grid"
 """Qwen-VL families: one token per ``merge x merge`` patches of the media's ``(t, h, w)`` grid."""
 TILES = "tiles"
 """A fixed number of tokens per image tile or frame after a pixel-shuffle / pooling connector (InternVL, SmolVLM)."""
+FIXED = "fixed"
+"""Gemma 3: a fixed number of tokens per image (``mm_tokens_per_image``, the tower's patches average-pooled),
+wrapped in begin / end of image tokens; image tokens attend to each other both ways."""
+MERGED = "merged"
+"""VideoLLaMA3: one token per ``merge x merge`` patches of each frame's ``(h, w)`` grid, with a merge size per media
+(its processors: 1 for images, 2 for videos), and videos pruned by the processor's compression mask."""
 NONE = "none"
 """A text-only model."""
 
@@ -142,24 +148,44 @@ def text_config(
 class MediaSteps:
     """How one image or video divides into time steps (:meth:`Family.media_steps`).
 
+    A media's placeholders come step by step, then its tail: ``placeholders[0]`` tokens of step 0 (or
+    ``tokens_per_step`` each), ..., then ``tail`` tokens that belong to no step.
+
     Attributes:
         steps: time steps ``T`` (frames; Qwen's temporal patches; tiles; 1 for a plain image).
-        tokens_per_step: placeholder tokens per step.
+        tokens_per_step: the tower's feature rows per step (placeholder tokens per step, unless ``placeholders``
+            says otherwise).
         rows_per_step: rows of the vision tower's input per step (1 for a LLaVA family's frame, ``h * w``
             patches for Qwen-VL, the tiles of a LLaVA-OneVision anyres image).
-        tail: placeholder tokens after the last step that belong to no step and need no tower work (the
-            newline feature LLaVA-OneVision appends to every video); 0 for most families.
+        placeholders: the placeholder tokens of each step where some of a step's features have none (VideoLLaMA3's
+            compression keeps only the video tokens that changed); None: ``tokens_per_step`` each. The tower's
+            output still has ``tokens_per_step`` rows per step.
+        tail: placeholder tokens after the last step that come from no step and need no tower work (the newline
+            feature LLaVA-OneVision appends to every video); 0 for most families. They never keep a step encoded.
     """
 
     steps: int
     tokens_per_step: int
     rows_per_step: int
+    placeholders: tuple[int, ...] | None = None
     tail: int = 0
 
     @property
-    def num_tokens(self) -> int:
+    def num_placeholders(self) -> int:
         """Placeholder tokens of the media: its steps' and its tail's."""
-        return self.steps * self.tokens_per_step + self.tail
+        body = sum(self.placeholders) if self.placeholders is not None else self.steps * self.tokens_per_step
+        return body + self.tail
+
+    def steps_with_a_token(self, flags: Tensor) -> Tensor:
+        """Which steps keep at least one of their placeholders (bool ``[steps]``); the tail's are not read.
+
+        Args:
+            flags: bool ``[num_placeholders]``, the media's placeholders that are kept, in order.
+        """
+        body = flags[: flags.numel() - self.tail]
+        if self.placeholders is None:
+            return body.view(self.steps, self.tokens_per_step).any(1)
+        return torch.stack([part.any() for part in body.split(list(self.placeholders))])
 
 
 @dataclass(frozen=True)
@@ -169,19 +195,24 @@ class MediaRegions:
     A media's tokens come time step by time step (a frame; a temporal patch of Qwen-VL; one step for an
     image); inside a step, an optional whole-frame token (a CLS token) first, then the spatial tokens in
     the model's order; after the last step, optionally ``tail`` tokens that stand for no pixels (a learned
-    feature the model appends, LLaVA-OneVision's video newline).
+    feature the model appends: LLaVA-OneVision's video newline).
 
     Attributes:
         kind: ``"image"`` or ``"video"``.
         regions: float ``[T, N, D]``: per time step, the ``D`` pixel values (normalised, as the model sees
             them) of each of its ``N`` spatial tokens.
         lead: whether every time step starts with one token that stands for the whole frame (CLS).
-        tail: tokens after the last step with no pixel region of their own (belonging to no step).
+        present: bool ``[T, N]``: the spatial tokens that have a placeholder, where the model's own pruning removed
+            others (VideoLLaMA3's compression); None: all. Scores are computed on the whole grid (a token is
+            compared with the same region of the previous step, whether or not that one has a placeholder) and
+            read at the present tokens (:meth:`flat`).
+        tail: tokens after the last step with no pixel region of their own (they belong to no step).
     """
 
     kind: str
     regions: torch.Tensor
     lead: bool = False
+    present: torch.Tensor | None = None
     tail: int = 0
 
     @property
@@ -191,13 +222,33 @@ class MediaRegions:
 
     @property
     def tokens_per_step(self) -> int:
-        """Placeholder tokens per time step: ``N``, plus one with a whole-frame token."""
+        """Tokens per time step of the grid: ``N``, plus one with a whole-frame token."""
         return int(self.regions.shape[1]) + int(self.lead)
 
     @property
     def num_tokens(self) -> int:
-        """Placeholder tokens of the media (its steps' and its tail's)."""
-        return self.steps * self.tokens_per_step + self.tail
+        """Placeholder tokens of the media: the present tokens of its steps, and its tail."""
+        if self.present is None:
+            return self.steps * self.tokens_per_step + self.tail
+        return int(self.present.sum()) + self.steps * int(self.lead) + self.tail
+
+    def flat(self, grid: torch.Tensor) -> torch.Tensor:
+        """Per-token values on the grid (``[T, tokens_per_step]``) in the media's token order, present tokens
+        only, then ``+inf`` for each tail token (a token that stands for the whole media is kept first).
+
+        Returns:
+            ``[num_tokens]`` values of ``grid``'s dtype.
+        """
+        if self.present is None:
+            values = grid.flatten()
+        else:
+            present = self.present.to(grid.device)
+            if self.lead:
+                present = torch.cat([present.new_ones(self.steps, 1), present], dim=1)
+            values = grid[present]
+        if not self.tail:
+            return values
+        return torch.cat([values, values.new_full((self.tail,), float("inf"))])
 
 
 @dataclass(frozen=True)
@@ -215,6 +266,42 @@ class RandomMedia:
     token_types: list[int]
     tensors: dict[str, Tensor]
     kind: str
+
+
+@dataclass(frozen=True)
+class MediaText:
+    """What the data side knows of one processed image or video when it writes the media's text
+    (:meth:`Family.media_expansion`).
+
+    Attributes:
+        kind: ``"image"`` or ``"video"``.
+        token_id: the media's placeholder id.
+        steps: the media's steps: tiles or crops of an image (1 for a plain image), frames of a video (Qwen: its
+            temporal patches).
+        tokens_per_step: placeholders per step.
+        placeholders: the placeholders of each step where they differ (VideoLLaMA3's compressed frames); None:
+            ``tokens_per_step`` each.
+        markers: the ``(vision start, vision end)`` ids of a family that has them (Qwen-VL), else None.
+        tile_grid: ``(rows, cols)`` of the sub-images an image was split into beside its global image (SmolVLM);
+            ``(0, 0)``: not split.
+        temporal_patch_size: frames per step (Qwen-VL).
+        times: each frame's time in seconds (SmolVLM's and VideoLLaMA3's timestamps).
+        frame_seconds: each frame's index in its source video over the source's frame rate, before any temporal
+            padding (Qwen3-VL's timestamps, as transformers' ``VideoMetadata`` gives them).
+        duration: the clip's length in seconds (SmolVLM's intro), None where unknown.
+    """
+
+    kind: str
+    token_id: int
+    steps: int
+    tokens_per_step: int
+    placeholders: tuple[int, ...] | None = None
+    markers: tuple[int, int] | None = None
+    tile_grid: tuple[int, int] = (0, 0)
+    temporal_patch_size: int = 1
+    times: tuple[float, ...] = ()
+    frame_seconds: tuple[float, ...] = ()
+    duration: float | None = None
 
 
 def frame_regions(
@@ -258,25 +345,29 @@ class Family:
         projectors: attribute paths of the projector(s); one inside a tower (Qwen-VL's patch merger) is
             taken out of that tower.
         placeholders: the placeholder rule (:data:`PATCHES`, :data:`POOLED`, :data:`GRID`, :data:`TILES`,
-            :data:`NONE`).
+            :data:`FIXED`, :data:`MERGED`, :data:`NONE`).
         image_key: batch key of image pixels, None if the family takes no images.
         video_key: batch key of video pixels, None if the family takes no videos.
         grid_keys: batch keys of the image and video grids (``(t, h, w)`` per media), for :data:`GRID`.
         image_refusal: why images are refused on the built-in path (a model without processor configs)
             where the HF class takes them, else ``""``.
+        video_refusal: why the data pipeline refuses videos (built-in path and checkpoint processor alike)
+            where the HF class takes them but their placeholder text is not written yet, else ``""``.
         anyres_images: whether images are tiled by ``image_grid_pinpoints`` (LLaVA-NeXT "anyres"); only
             through the checkpoint's own image processor.
         image_sizes_key: batch key of the anyres images' original sizes, None without anyres images.
         video_processor: the transformers video processor class of the family, ``""`` without videos.
+        template_tokens: ``(kind, token)`` pairs: the token the checkpoints' chat template writes for a media of
+            ``kind`` where it is not the placeholder itself (SmolVLM2's and InternVL's ``<video>``, whose frames are
+            images to the model; Gemma 3's ``<start_of_image>``), which the media's expansion replaces.
         processor_class: the transformers processor class of the family, ``""`` where it adds nothing to its
-            image processor: its class-level ``images_kwargs`` (InternVL's ``crop_to_patches=True``) take
-            precedence over the image processor's config, as the processor's own call applies them.
+            image processor: its class-level ``images_kwargs`` (InternVL's ``crop_to_patches=True``, SmolVLM's
+            ``return_row_col_info=True``) take precedence over the image processor's config, as the processor's
+            own call applies them.
         mrope: whether position ids are Qwen's multi-row M-RoPE ids (``[3, B, L]``).
         vision_markers: whether each media's placeholders are wrapped in vision start / end tokens.
-        token_types: whether batches carry ``mm_token_type_ids`` (0 text, 1 image, 2 video): the model needs
-            them (Qwen-VL), or the family reads them (InternVL, whose model sees a video's frames as images:
-            :meth:`media_mask` tells the two apart by them; the engine passes the model only the arguments its
-            forward names).
+        token_types: whether the model needs the media type of every position (0 text, 1 image, 2 video).
+        token_types_key: the batch key it reads them from (``mm_token_type_ids``; Gemma 3's ``token_type_ids``).
         seconds_per_grid: the model types that also take ``second_per_grid_ts`` per video (Qwen2.5-VL).
         unused_tower_heads: whether the tower's final norm and pooling head never reach the loss.
         encoders: per media kind, in the order the model encodes them, ``(kind, tower, output)``: the module
@@ -287,6 +378,9 @@ class Family:
             where the tower mixes steps (the engine then encodes every step).
         frames_alone: whether the model encodes every frame of a ``[N, T, 3, H, W]`` video tensor on its
             own, so clips of different lengths can be passed as one ``[1, sum(T), 3, H, W]`` tensor.
+        media_only: ``(kind, path)`` pairs: a module or parameter (path on the inner model) that only batches
+            holding media of ``kind`` use (Video-LLaVA's ``image_tower``, LLaVA-NeXT-Video's ``image_newline``),
+            so that it gets no gradient in a batch without that kind (``families.media_only_parameters``).
         recurrent: whether the decoder has recurrent (linear-attention / state-space) layers, whose state
             runs over the sequence in order: elided positions never enter it, and a 4-D attention mask
             cannot stand in for elision there.
@@ -305,17 +399,21 @@ class Family:
     video_key: str | None = None
     grid_keys: tuple[str, str] | None = None
     image_refusal: str = ""
+    video_refusal: str = ""
     anyres_images: bool = False
     image_sizes_key: str | None = None
     video_processor: str = ""
+    template_tokens: tuple[tuple[str, str], ...] = ()
     processor_class: str = ""
     mrope: bool = False
     vision_markers: bool = False
     token_types: bool = False
+    token_types_key: str = "mm_token_type_ids"
     seconds_per_grid: tuple[str, ...] = ()
     unused_tower_heads: bool = False
     encoders: tuple[tuple[str, str, str], ...] = ()
     frames_alone: bool = False
+    media_only: tuple[tuple[str, str], ...] = ()
     recurrent: bool = False
     tiny: Mapping[str, Callable[..., Any]] = field(default_factory=dict, compare=False, repr=False)
 
@@ -371,18 +469,21 @@ class Family:
             return torch.zeros_like(input_ids, dtype=torch.bool)
         return input_ids == token
 
-    def media_mask(self, config: Any, batch: Mapping[str, Any], kind: str) -> Tensor:
-        """The placeholder positions of the batch's media of ``kind`` as the data tells the kinds apart.
+    def media_positions(self, config: Any, batch: Mapping[str, Any], kind: str) -> Tensor:
+        """The placeholder positions (bool ``[B, L]``) of the batch's media of ``kind``, as the data tells them apart.
 
         By default :meth:`placeholder_mask` of the batch's ``input_ids`` (each kind has its own placeholder id).
-        A family whose model takes two kinds through one placeholder id (InternVL: a video's frames are images
-        to its model) tells them apart by the batch's other keys. The visual-token policy reads this; the engine
-        and the model read :meth:`placeholder_mask` (the model's own view).
-
-        Returns:
-            bool ``[B, L]``.
+        A family whose model takes a video's frames as images through one placeholder id (SmolVLM, InternVL) keeps
+        its ``"image"`` kind every placeholder (the model's view, which :meth:`media_steps` and
+        :meth:`media_regions` share) and gives here, for ``"video"``, the placeholders of the frames, told apart by
+        the rest of the batch (:data:`~regate_lightning.keys.FRAME_INDEX`). The visual-token policy reads the
+        positions of each kind through this method; the engine and the model read :meth:`placeholder_mask`.
         """
         return self.placeholder_mask(config, batch["input_ids"], kind)
+
+    def media_per_row(self, config: Any, input_ids: Tensor, kind: str) -> Tensor:
+        """Media items of ``kind`` per row (int64 ``[B]``): by default the contiguous runs of its placeholders."""
+        return count_runs(self.placeholder_mask(config, input_ids, kind))
 
     def tail_tokens(self, config: Any, kind: str) -> int:
         """Placeholder tokens every media of ``kind`` has after its steps (:attr:`MediaSteps.tail`): 0 by default.
@@ -391,27 +492,25 @@ class Family:
         """
         return 0
 
-    def media_expansion(
-        self, kind: str, steps: int, tokens_per_step: int, token_id: int
-    ) -> tuple[int | str, ...] | None:
-        """What replaces one media's placeholder in the text, as its transformers processor writes it.
+    def media_expansion(self, text: MediaText) -> tuple[int | str, ...] | None:
+        """What stands for one media in the text where it is more than one run of placeholders, else None.
+
+        The data side (:class:`~regate_lightning.data.vision.VisionSpec`) puts the result into
+        ``ProcessedMedia.expansion``: token ids (int) and text to tokenize (str), in order, exactly as the family's
+        transformers processor writes the media (its ``replace_image_token`` / ``replace_video_token``), inside the
+        media's own vision start / end where the family has them. Qwen3-VL writes a timestamp and its own vision
+        start / end around every temporal patch of a video; InternVL wraps an image's tiles in ``<img> ... </img>``
+        and writes ``Frame{i}: <img> ... </img>`` per frame; SmolVLM names each tile's row and column and each
+        frame's time; VideoLLaMA3 each frame's time; Gemma 3 writes begin / end of image tokens around each crop.
+        The generic rule: one run of ``steps * tokens_per_step`` placeholders, None.
 
         Args:
-            kind: ``"image"`` or ``"video"``.
-            steps: the media's tiles (an image) or frames (a video).
-            tokens_per_step: placeholder tokens per tile or frame.
-            token_id: the placeholder id.
+            text: what the data side knows of the media.
 
         Returns:
-            Token ids (int) and text to tokenize (str), in order
-            (:attr:`~regate_lightning.data.vision.ProcessedMedia.expansion`); None where a media is a run of
-            placeholders (the default).
+            The expansion, or None for a run of placeholders.
         """
         return None
-
-    def media_per_row(self, config: Any, input_ids: Tensor, kind: str) -> Tensor:
-        """Media items of ``kind`` per row (int64 ``[B]``): by default the contiguous runs of its placeholders."""
-        return count_runs(self.placeholder_mask(config, input_ids, kind))
 
     # ----------------------------------------------------------------------------------------------
     # How media divide into steps and regions (skipping steps in the tower; visual-token elision).
@@ -419,8 +518,8 @@ class Family:
     def media_steps(self, config: Any, batch: Mapping[str, Any], kind: str) -> list[MediaSteps]:
         """How the batch's media of ``kind`` divide into time steps, without reading their pixel values.
 
-        This is the model's view (what its tower encodes for ``kind``, in placeholder order of
-        :meth:`placeholder_mask`), which the engine reads to skip steps.
+        The engine reads it for the kinds of :attr:`encoders` (what the tower encodes, in the order of
+        :meth:`placeholder_mask`) to skip steps.
 
         Returns:
             One :class:`MediaSteps` per media, in placeholder order (empty if the batch has none).
@@ -437,10 +536,12 @@ class Family:
         """
         raise NotImplementedError(f"{self.name} does not declare the pixel regions of its tokens")
 
-    def split_media(self, batch: Mapping[str, Any], kind: str, count: int) -> list[dict[str, Tensor]]:
+    def split_media(self, config: Any, batch: Mapping[str, Any], kind: str, count: int) -> list[dict[str, Tensor]]:
         """The batch's media items of ``kind`` in placeholder order, each as its own small dict of tensors.
 
-        The generic layout: every key of :meth:`media_keys` holds one entry per media item along dim 0.
+        The generic layout: every key of :meth:`media_keys` holds one entry per media item along dim 0. A family
+        whose items are cut by the model's rules reads ``config`` (LLaVA-OneVision's concatenated anyres tiles, by
+        ``image_grid_pinpoints``; InternVL's tiles, by the text's ``<img>`` spans).
 
         Raises:
             ValueError: a tensor whose item count differs from ``count`` (the text's).
@@ -458,21 +559,32 @@ class Family:
                 items[i][key] = value[i : i + 1]
         return items
 
-    def media_items(self, config: Any, batch: Mapping[str, Any], kind: str, count: int) -> list[dict[str, Tensor]]:
-        """:meth:`split_media` with the model config at hand, for layouts that need it to be cut.
-
-        LLaVA-OneVision's concatenated anyres tiles are cut by the config's ``image_grid_pinpoints``. By default
-        :meth:`split_media`; callers that have the config (the media-reliance swap, the tests' references) call
-        this.
-        """
-        return self.split_media(batch, kind, count)
-
     # ----------------------------------------------------------------------------------------------
     # The engine: what the decoder receives on a shortened sequence, what the tower returns for skipped steps.
 
     def position_rows(self) -> int:
         """Rows of the position ids the decoder takes: 1 (``[B, L]``) or 3 (M-RoPE ``[3, B, L]``)."""
         return 3 if self.mrope else 1
+
+    def decoder_mask(self, mask: Any, index: Tensor, valid: Tensor, length: int) -> Any:
+        """The attention mask the decoder gets on the shortened sequence.
+
+        By default the 2-D mask of the kept positions (``valid``), from which the decoder builds its causal mask
+        (the model's own ``attention_mask`` is then a 2-D padding mask, which ``valid`` already accounts for). A
+        model that builds the decoder's masks itself before calling it (Gemma 3: a dict of 4-D masks per layer
+        type, with image tokens attending to each other both ways) gets its own masks restricted to the kept
+        queries and keys (:func:`gather_mask`).
+
+        Args:
+            mask: the ``attention_mask`` the model passes to its decoder on the full sequence.
+            index: int64 ``[B, L']``, the kept positions of each row, right-padded with 0.
+            valid: bool ``[B, L']``, the real entries of ``index``.
+            length: ``L``, the full sequence length.
+
+        Returns:
+            The decoder's ``attention_mask``.
+        """
+        return valid.long()
 
     def shorten_decoder_inputs(
         self, kwargs: dict[str, Any], index: Tensor, valid: Tensor, length: int
@@ -482,6 +594,11 @@ class Family:
         The engine has already gathered ``inputs_embeds`` and ``position_ids`` and set the 2-D attention mask.
         A family whose decoder takes more per-position inputs (Qwen3-VL's DeepStack features) gathers them
         here; the engine refuses any other argument that still has the full length.
+
+        On a packed step (``forward_active(..., packed=True)``) the same method serves one row: the engine has
+        flattened every ``[B, L, ...]`` argument row by row to ``[1, B * L, ...]`` (the order in which the model
+        filled per-position features), ``index`` is ``[1, T]`` into those ``B * L`` positions, ``valid`` is all
+        True and ``length`` is ``B * L``; the attention mask is the engine's and must stay as it is.
 
         Args:
             kwargs: the decoder's keyword arguments (a copy the method may change).
@@ -494,7 +611,7 @@ class Family:
         """
         return kwargs
 
-    def skip_tower_kwargs(self, batch: Mapping[str, Any], kind: str, keep: list[Tensor]) -> dict[str, Tensor]:
+    def skip_tower_kwargs(self, batch: Mapping[str, Any], kind: str, keep: list[Tensor]) -> dict[str, Any]:
         """The tower's arguments beside the pixels when it encodes only the kept steps of ``kind``.
 
         Args:
@@ -503,7 +620,8 @@ class Family:
             keep: per media of ``kind``, bool ``[steps]``: the steps that are encoded.
 
         Returns:
-            Keyword arguments that replace the model's own in the tower call (none by default).
+            Keyword arguments that replace the model's own in the tower call (none by default); tensors are moved
+            to the pixels' device, other values (None) passed as they are.
         """
         return {}
 
@@ -532,13 +650,72 @@ class Family:
     # ----------------------------------------------------------------------------------------------
     # Random batches (tests, the debug recipes, benchmarks).
 
-    def random_media(self, config: Any, num_frames: int, generator: torch.Generator) -> RandomMedia:
+    def init_tiny(self, model: nn.Module) -> None:
+        """Set weights that a tiny random model needs beyond its class's initialisation (none by default).
+
+        Called by :func:`regate_lightning.testing.tiny.tiny_model` right after building, under its seed. Gemma 3's
+        class starts its projector at zero, which would make every image token carry nothing.
+        """
+
+    def random_media(
+        self, config: Any, num_frames: int, generator: torch.Generator, grid: tuple[int, int] | None = None
+    ) -> RandomMedia:
         """One sample's media in the family's layout: a video of ``num_frames`` frames, or an image.
 
+        Args:
+            config: the model's config.
+            num_frames: frames of the video (video families).
+            generator: the random generator of the pixels.
+            grid: grid families: ``(height, width)`` of a frame in patches (default: the family's own small
+                frame); families without grids do not take it.
+
         Raises:
-            ValueError: the family takes no media, or cannot take ``num_frames``.
+            ValueError: the family takes no media, or cannot take ``num_frames`` or ``grid``.
         """
         raise ValueError(f"no random media layout for family {self.name!r}")
+
+
+def gather_mask(mask: Tensor | None, index: Tensor, valid: Tensor, length: int) -> Tensor:
+    """A full-length 4-D attention mask restricted to the kept queries and keys of each row.
+
+    Kept query ``i`` attends kept key ``j`` exactly when the full mask lets position ``index[i]`` attend
+    ``index[j]`` (bidirectional blocks, sliding windows over the original positions and padding all carry over);
+    padded slots attend to nothing but themselves.
+
+    Args:
+        mask: bool or additive float ``[B or 1, H or 1, L, L]``; None for a plain causal mask.
+        index: int64 ``[B, L']``.
+        valid: bool ``[B, L']``.
+        length: ``L``.
+
+    Returns:
+        The mask ``[B, H or 1, L', L']`` of ``mask``'s dtype.
+
+    Raises:
+        ValueError: a mask that is not ``[., ., L, L]``.
+
+    Example:
+        >>> full = torch.ones(3, 3, dtype=torch.bool).tril()[None, None]
+        >>> full[..., 1, 2] = True  # position 1 sees position 2 (a bidirectional block)
+        >>> gather_mask(full, torch.tensor([[1, 2]]), torch.tensor([[True, True]]), 3)[0, 0].int().tolist()
+        [[1, 1], [1, 1]]
+    """
+    if mask is None:
+        mask = torch.ones(length, length, dtype=torch.bool, device=index.device).tril()[None, None]
+    if mask.dim() != 4 or tuple(mask.shape[-2:]) != (length, length):
+        raise ValueError(f"a decoder mask of shape {tuple(mask.shape)} is not [B, H, {length}, {length}]")
+    batch, short = index.shape
+    mask = mask.expand(batch, *mask.shape[1:])
+    heads = mask.shape[1]
+    index = index.to(mask.device)
+    valid = valid.to(mask.device)
+    rows = mask.gather(2, index[:, None, :, None].expand(batch, heads, short, length))
+    out = rows.gather(3, index[:, None, None, :].expand(batch, heads, short, short))
+    keys = valid[:, None, None, :]
+    alone = torch.eye(short, dtype=torch.bool, device=mask.device)[None, None] & ~valid[:, None, :, None]
+    if out.dtype == torch.bool:
+        return (out & keys) | alone
+    return out.masked_fill(~keys, torch.finfo(out.dtype).min).masked_fill(alone, 0.0)
 
 
 def scatter_rows(features: Tensor, keep: Tensor) -> Tensor:

@@ -14,10 +14,12 @@ them: ``(S / P) ** 2 * r ** 2`` tokens per tile (256 for ``S = 448, P = 14, r = 
 **Videos.** A video is one tile per frame (``InternVLVideoProcessor`` resizes frames to ``S x S``), written
 ``Frame1: <img>...</img>\\nFrame2: <img>...</img>`` (``InternVLProcessor.replace_video_token``); its frames
 join the images in ``pixel_values`` in text order. To the model, a video's frames are images: one key, one
-placeholder id. The data's batches therefore carry ``mm_token_type_ids`` (2 on a video's placeholders) and
-``video_num_frames`` (frames per video), which the model never reads (the engine passes it only what its
-forward names); :meth:`InternVLFamily.media_mask` and :meth:`InternVLFamily.media_regions` read them, so
-visual-token elision sees videos with frames.
+placeholder id. The data's batches therefore carry :data:`~regate_lightning.keys.FRAME_INDEX` (per tile of
+``pixel_values``: its frame number in its video, -1 for an image's tile), as SmolVLM's do, which the model never
+reads (the engine passes it only what its forward names). Kinds, as in SmolVLM's family: ``"image"`` is every
+placeholder (the model's view, what the tower encodes and the engine's step skipping reads); ``"video"`` is the
+subset that are video frames (:meth:`InternVLFamily.media_positions`, :meth:`InternVLFamily.media_regions`), which
+:class:`~regate_lightning.VisualTokenElision` selects from with ``images=False``.
 
 **Steps skipped.** Every tile and frame is encoded alone, so the engine does not encode a tile or frame
 whose every token is elided (:meth:`InternVLFamily.media_steps`: each ``<img>`` span, in ``pixel_values``
@@ -39,25 +41,22 @@ from regate_lightning.families.base import (
     Family,
     MediaRegions,
     MediaSteps,
+    MediaText,
     ModelParts,
     RandomMedia,
     find_module,
     frame_regions,
     text_config,
 )
-from regate_lightning.keys import (
-    INPUT_IDS,
-    MM_TOKEN_TYPE_IDS,
-    PIXEL_VALUES,
-    TEXT_TYPE,
-    VIDEO_NUM_FRAMES,
-    VIDEO_TYPE,
-)
+from regate_lightning.keys import FRAME_INDEX, INPUT_IDS, PIXEL_VALUES, TEXT_TYPE, VIDEO_TYPE
 
 IMAGE_START = "<img>"
 """Text before a tile span (the tokenizer's ``start_image_token`` in every InternVL ``-HF`` checkpoint)."""
 IMAGE_END = "</img>"
 """Text after a tile span (``end_image_token``)."""
+
+VIDEO_TOKEN = "<video>"
+"""What the checkpoints' chat template writes for a video (``tokenizer.video_token``), replaced by its frames' lines."""
 
 IMAGE_SIZE = 32
 """Tile side of the tiny test models."""
@@ -136,67 +135,81 @@ class InternVLFamily(Family):
     # What the family takes.
 
     def media_token_id(self, config: Any, kind: str) -> int | None:
-        """The ``<IMG_CONTEXT>`` id, for images and for a video's frames alike."""
-        return int(config.image_token_id)
-
-    def placeholder_mask(self, config: Any, input_ids: Tensor, kind: str) -> Tensor:
-        """The model's view: every ``<IMG_CONTEXT>`` is an image's (a video's frames are images to it); no video.
-
-        :meth:`media_mask` tells the data's videos apart.
-        """
-        context = input_ids == int(config.image_token_id)
-        return context if kind == "image" else torch.zeros_like(context)
+        """``<IMG_CONTEXT>`` for the ``"image"`` kind (every tile and frame); None for ``"video"``."""
+        return int(config.image_token_id) if kind == "image" else None
 
     def media_keys(self, kind: str) -> tuple[str, ...]:
-        """Pixels; videos also their frame counts (``video_num_frames``)."""
-        return (PIXEL_VALUES, VIDEO_NUM_FRAMES) if kind == "video" else (PIXEL_VALUES,)
+        """Pixels and the frame index, one entry per tile or frame (both kinds)."""
+        return (PIXEL_VALUES, FRAME_INDEX)
 
-    def media_mask(self, config: Any, batch: Mapping[str, Any], kind: str) -> Tensor:
-        """``<IMG_CONTEXT>`` positions of images or of videos, told apart by ``mm_token_type_ids``.
+    def media_positions(self, config: Any, batch: Mapping[str, Any], kind: str) -> Tensor:
+        """``"image"``: every ``<IMG_CONTEXT>``; ``"video"``: the spans of the tiles whose frame index is >= 0.
 
-        Without ``mm_token_type_ids`` every placeholder is an image's (as the model sees them).
+        Without a frame index (a batch of transformers' own processor) no placeholder is a video's.
         """
-        context = batch[INPUT_IDS] == int(config.image_token_id)
-        types = batch.get(MM_TOKEN_TYPE_IDS)
-        if types is None:
-            return context if kind == "image" else torch.zeros_like(context)
-        video = types.to(context.device) == VIDEO_TYPE
-        return context & (video if kind == "video" else ~video)
+        everything = self.placeholder_mask(config, batch[INPUT_IDS], "image")
+        if kind == "image":
+            return everything
+        out = torch.zeros_like(everything)
+        for row, start, tiles, video in self._spans(config, batch):
+            if video:
+                out[row, start : start + tiles * self.tile_tokens(config)] = True
+        return out
 
-    def media_expansion(self, kind: str, steps: int, tokens_per_step: int, token_id: int) -> tuple[int | str, ...]:
+    def media_expansion(self, text: MediaText) -> tuple[int | str, ...]:
         """``<img>`` span of an image's tiles, or ``Frame{i}: <img>...</img>`` lines of a video's frames.
 
         Example:
-            >>> FAMILY.media_expansion("video", 2, 1, 9)
+            >>> FAMILY.media_expansion(MediaText("video", 9, steps=2, tokens_per_step=1))
             ('Frame1: <img>', 9, '</img>\\nFrame2: <img>', 9, '</img>')
         """
-        if kind == "image":
-            return (IMAGE_START, *[token_id] * (steps * tokens_per_step), IMAGE_END)
+        token, per_step = text.token_id, text.tokens_per_step
+        if text.kind == "image":
+            return (IMAGE_START, *[token] * (text.steps * per_step), IMAGE_END)
         out: list[int | str] = []
-        for i in range(steps):
+        for i in range(text.steps):
             out += [f"{IMAGE_END}\nFrame{i + 1}: {IMAGE_START}" if i else f"Frame1: {IMAGE_START}"]
-            out += [token_id] * tokens_per_step
+            out += [token] * per_step
         return (*out, IMAGE_END)
 
     # ----------------------------------------------------------------------------------------------
     # Spans, steps and regions.
 
+    def frame_index(self, batch: Mapping[str, Any], tiles: int) -> Tensor | None:
+        """The batch's :data:`~regate_lightning.keys.FRAME_INDEX` (int64 ``[tiles]``), None without one.
+
+        Raises:
+            ValueError: a frame index whose length is not the number of tiles.
+        """
+        index = batch.get(FRAME_INDEX)
+        if index is None:
+            return None
+        if index.numel() != tiles:
+            raise ValueError(f"`{FRAME_INDEX}` has {index.numel()} entries but `{PIXEL_VALUES}` has {tiles} tiles")
+        return index.flatten()
+
     def _spans(self, config: Any, batch: Mapping[str, Any]) -> list[tuple[int, int, int, bool]]:
         """Every ``<IMG_CONTEXT>`` span in ``pixel_values`` order: ``(row, start, tiles, is_video_frame)``.
 
         Raises:
-            ValueError: a span whose length is no whole number of tiles.
+            ValueError: a span whose length is no whole number of tiles, or a video frame span of several tiles.
         """
         per_tile = self.tile_tokens(config)
-        types = batch.get(MM_TOKEN_TYPE_IDS)
-        out = []
+        found = []
         for row, start, length in spans(batch[INPUT_IDS], int(config.image_token_id)):
             if length % per_tile:
                 raise ValueError(
                     f"internvl: a run of {length} <IMG_CONTEXT> tokens is no whole number of {per_tile}-token tiles"
                 )
-            video = types is not None and int(types[row, start]) == VIDEO_TYPE
-            out.append((row, start, length // per_tile, video))
+            found.append((row, start, length // per_tile))
+        index = self.frame_index(batch, sum(n for _, _, n in found))
+        firsts = torch.tensor([0, *[n for _, _, n in found]]).cumsum(0)[:-1].tolist()
+        out = []
+        for (row, start, tiles), first in zip(found, firsts, strict=True):
+            video = index is not None and int(index[first]) >= 0
+            if video and tiles != 1:
+                raise ValueError(f"internvl: a video frame's <img> span holds {tiles} tiles; a frame is one tile")
+            out.append((row, start, tiles, video))
         return out
 
     def _tiles(self, config: Any, batch: Mapping[str, Any]) -> tuple[Tensor, list[tuple[int, int, int, bool]]]:
@@ -225,12 +238,11 @@ class InternVLFamily(Family):
     def media_regions(self, config: Any, batch: Mapping[str, Any], kind: str) -> list[MediaRegions]:
         """A token is one ``1/r x 1/r`` block of patches of its tile (the pixel shuffle's order, row by row).
 
-        An image is one media whose steps are its tiles (the thumbnail last); a video one media whose steps
-        are its frames, grouped by ``video_num_frames``.
+        ``"image"``: every ``<img>`` span (an image, whose steps are its tiles with the thumbnail last, or a video's
+        frame); ``"video"``: one media per video, whose steps are its frames (grouped by the frame index).
 
         Raises:
-            ValueError: pixels that do not match the spans, or video frames that ``video_num_frames`` does not
-                account for.
+            ValueError: pixels that do not match the spans.
         """
         if batch.get(PIXEL_VALUES) is None:
             return []
@@ -240,48 +252,21 @@ class InternVLFamily(Family):
         cells = frame_regions(kind, pixels.unsqueeze(0), patch * merge, side // patch // merge)[0].regions
         chunks = cells.split([s[2] for s in found])
         if kind == "image":
-            return [MediaRegions("image", chunk) for chunk, s in zip(chunks, found, strict=True) if not s[3]]
-        frames = [chunk for chunk, s in zip(chunks, found, strict=True) if s[3]]
-        if not frames:
-            return []
-        counts = batch.get(VIDEO_NUM_FRAMES)
-        if counts is None or int(counts.sum()) != len(frames) or any(c.shape[0] != 1 for c in frames):
-            given = None if counts is None else counts.tolist()
-            raise ValueError(
-                f"internvl: the batch has {len(frames)} video frame spans but `{VIDEO_NUM_FRAMES}` is {given}; "
-                "regate_lightning.data writes one count per video (a frame is one tile)"
-            )
-        grouped = torch.cat(frames).split([int(c) for c in counts.tolist()])
-        return [MediaRegions("video", g) for g in grouped]
+            return [MediaRegions("image", chunk) for chunk in chunks]
+        index = self.frame_index(batch, pixels.shape[0])
+        videos: list[list[Tensor]] = []
+        first = 0
+        for chunk, (_, _, tiles, video) in zip(chunks, found, strict=True):
+            if video:
+                assert index is not None
+                if int(index[first]) == 0 or not videos:
+                    videos.append([])
+                videos[-1].append(chunk)
+            first += tiles
+        return [MediaRegions("video", torch.cat(frames)) for frames in videos]
 
-    def split_media(self, batch: Mapping[str, Any], kind: str, count: int) -> list[dict[str, Tensor]]:
+    def split_media(self, config: Any, batch: Mapping[str, Any], kind: str, count: int) -> list[dict[str, Tensor]]:
         """The model's media (every ``<img>`` span: an image's tiles, or one frame) cut from ``pixel_values``.
-
-        The spans are the runs of media positions in ``mm_token_type_ids`` (the config, which names the
-        placeholder id, is not at hand here); every tile has the same number of tokens, so a span holds
-        ``length * tiles / placeholders`` tiles.
-
-        Raises:
-            ValueError: a batch without ``mm_token_type_ids``, or spans that do not match ``count`` or the pixels.
-        """
-        pixels = batch.get(PIXEL_VALUES)
-        if count == 0 or kind != "image" or pixels is None:
-            return []
-        types = batch.get(MM_TOKEN_TYPE_IDS)
-        if types is None:
-            raise ValueError(f"internvl: cutting `{PIXEL_VALUES}` into media needs `{MM_TOKEN_TYPE_IDS}`")
-        lengths = [n for _, _, n in spans((types != TEXT_TYPE).long(), 1)]
-        total = sum(lengths)
-        if len(lengths) != count or total % pixels.shape[0] or any(n % (total // pixels.shape[0]) for n in lengths):
-            raise ValueError(
-                f"internvl: {len(lengths)} media spans of {lengths} tokens do not cut {pixels.shape[0]} tiles into "
-                f"the text's {count} media"
-            )
-        per_tile = total // pixels.shape[0]
-        return [{PIXEL_VALUES: chunk} for chunk in pixels.split([n // per_tile for n in lengths])]
-
-    def media_items(self, config: Any, batch: Mapping[str, Any], kind: str, count: int) -> list[dict[str, Tensor]]:
-        """The model's media (every ``<img>`` span) cut from ``pixel_values`` by the config's tile rule.
 
         Raises:
             ValueError: ``count`` differs from the text's spans, or the pixels from their tiles.
@@ -291,7 +276,13 @@ class InternVLFamily(Family):
         pixels, found = self._tiles(config, batch)
         if len(found) != count:
             raise ValueError(f"internvl: the text has {len(found)} <img> spans, the caller counted {count}")
-        return [{PIXEL_VALUES: chunk} for chunk in pixels.split([s[2] for s in found])]
+        sizes = [s[2] for s in found]
+        items: list[dict[str, Tensor]] = [{PIXEL_VALUES: chunk} for chunk in pixels.split(sizes)]
+        index = self.frame_index(batch, pixels.shape[0])
+        if index is not None:
+            for item, part in zip(items, index.split(sizes), strict=True):
+                item[FRAME_INDEX] = part
+        return items
 
     # ----------------------------------------------------------------------------------------------
     # Parts the training never reaches; random batches.
@@ -326,7 +317,7 @@ class InternVLFamily(Family):
             ids += [*head, *[token] * per_tile, end]
             types += [TEXT_TYPE] * len(head) + [VIDEO_TYPE] * per_tile + [TEXT_TYPE]
         pixels = torch.randn((num_frames, 3, side, side), generator=generator)
-        tensors = {PIXEL_VALUES: pixels, VIDEO_NUM_FRAMES: torch.tensor([num_frames])}
+        tensors = {PIXEL_VALUES: pixels, FRAME_INDEX: torch.arange(num_frames)}
         return RandomMedia(ids, types, tensors, "video")
 
 
@@ -383,7 +374,7 @@ FAMILY = InternVLFamily(
     video_key=PIXEL_VALUES,
     video_processor="InternVLVideoProcessor",
     processor_class="InternVLProcessor",
-    token_types=True,
+    template_tokens=(("video", VIDEO_TOKEN),),
     encoders=(("image", "vision_tower", "multi_modal_projector"),),
     tiny={"InternVLForConditionalGeneration": tiny_config},
 )

@@ -77,6 +77,29 @@ def siglip_vision_config(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_S
     )
 
 
+def layers_after_feature_layer(vision_model: nn.Module, feature_layer: int | list[int]) -> list[nn.Module]:
+    """The encoder layers of a CLIP/SigLIP tower that come after every hidden state the model reads.
+
+    ``hidden_states[k]`` is the output of the first ``k`` of the tower's ``N`` layers (``k = 0``: the
+    embeddings), so with the deepest selected index ``K`` (negative indices counted from ``N + 1``) the
+    layers ``K .. N - 1`` never reach the features: LLaVA's ``vision_feature_layer=-2`` leaves the last one.
+
+    Args:
+        vision_model: the tower's transformer (with ``encoder.layers``).
+        feature_layer: the config's ``vision_feature_layer`` (an index or a list of indices).
+
+    Returns:
+        The unused layers (empty for a tower without ``encoder.layers``).
+    """
+    layers = getattr(getattr(vision_model, "encoder", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        return []
+    states = len(layers) + 1
+    indices = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
+    deepest = max(int(i) % states for i in indices)
+    return list(layers)[deepest:]
+
+
 @dataclass(frozen=True)
 class LlavaFamily(Family):
     """The rules of the LLaVA line with one token per (pooled) tower patch (see the module docstring).
@@ -162,11 +185,12 @@ class LlavaFamily(Family):
         return frame_regions(kind, frames, patch, grid, lead=cls and not default, drop_first=default and not cls)
 
     def unused_vision_modules(self, parts: ModelParts) -> list[nn.Module]:
-        """The tower's final norm and pooling head: the LLaVA line reads the tower's hidden states.
+        """The tower's parts after the hidden state the LLaVA line reads (``vision_feature_layer``).
 
-        CLIP's ``post_layernorm`` and SigLIP's pooling ``head`` then get no gradient; under DDP such
-        parameters stop training with "parameters that were not used" unless ``find_unused_parameters`` is
-        on. :class:`~regate_lightning.MLLMModule` freezes them (their values do not affect any output).
+        CLIP's ``post_layernorm``, SigLIP's pooling ``head`` and every encoder layer after the deepest selected
+        hidden state (the last layer under LLaVA's usual ``vision_feature_layer=-2``) get no gradient; under
+        plain DDP such parameters stop training with "parameters that were not used".
+        :class:`~regate_lightning.MLLMModule` freezes them (their values do not affect any output).
         """
         if not self.unused_tower_heads:
             return []
@@ -181,6 +205,7 @@ class LlavaFamily(Family):
                 for n in ("post_layernorm", "head")
                 if isinstance(getattr(vision_model, n, None), nn.Module)
             ]
+            found += layers_after_feature_layer(vision_model, getattr(parts.model.config, "vision_feature_layer", -1))
         return found
 
     def random_media(self, config: Any, num_frames: int, generator: torch.Generator) -> RandomMedia:

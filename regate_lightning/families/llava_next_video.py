@@ -27,8 +27,13 @@ def llava_next_video_config(
     video_token_id: int | None = None,
     image_token_id: int | None = None,
     spatial_pool_stride: int = 2,
+    vision_feature_layer: int = -1,
 ) -> Any:
-    """A ``LlavaNextVideoConfig``: pooled frames (2x2 by default), placeholders at the top of the vocabulary."""
+    """A ``LlavaNextVideoConfig``: pooled frames (2x2 by default), placeholders at the top of the vocabulary.
+
+    ``vision_feature_layer=-1`` reads the tower's last hidden state; released checkpoints use -2 (the last
+    tower layer then never reaches the loss, see :meth:`LlavaFamily.unused_vision_modules`).
+    """
     from transformers import LlamaConfig, LlavaNextVideoConfig
 
     vocab = text["vocab_size"]
@@ -37,7 +42,7 @@ def llava_next_video_config(
         text_config=LlamaConfig(**text),
         video_token_index=vocab - 2 if video_token_id is None else video_token_id,
         image_token_index=vocab - 1 if image_token_id is None else image_token_id,
-        vision_feature_layer=-1,
+        vision_feature_layer=vision_feature_layer,
         image_grid_pinpoints=[[vision.image_size, vision.image_size]],
         spatial_pool_stride=spatial_pool_stride,
     )
@@ -50,10 +55,17 @@ def tiny_config(
     image_size: int = IMAGE_SIZE,
     video_token_id: int | None = None,
     image_token_id: int | None = None,
+    vision_feature_layer: int = -1,
 ) -> Any:
-    """A tiny LLaVA-NeXT-Video config: a video of T frames gives ``T * (image_size / 8 / 2) ** 2`` tokens."""
+    """A tiny LLaVA-NeXT-Video config: a video of T frames gives ``T * (image_size / 8 / 2) ** 2`` tokens.
+
+    ``vision_feature_layer=-2`` reads the tower as released LLaVA-NeXT-Video checkpoints do.
+    """
     text = text_config(vocab_size, hidden_size, num_layers)
-    return llava_next_video_config(clip_vision_config(image_size), text, video_token_id, image_token_id)
+    vision = clip_vision_config(image_size)
+    return llava_next_video_config(
+        vision, text, video_token_id, image_token_id, vision_feature_layer=vision_feature_layer
+    )
 
 
 FAMILY = LlavaFamily(
@@ -72,5 +84,6 @@ FAMILY = LlavaFamily(
     unused_tower_heads=True,
     encoders=(("video", "vision_tower", "multi_modal_projector"),),
     frames_alone=True,
+    media_only=(("image", "image_newline"), ("video", "vision_resampler")),
     tiny={"LlavaNextVideoForConditionalGeneration": tiny_config},
 )

@@ -220,31 +220,19 @@ class OnevisionFamily(LlavaFamily):
         regions = torch.stack(crops, dim=2)  # [N, F, tokens, C * width * width]
         return [MediaRegions(kind, regions[i], tail=1) for i in range(regions.shape[0])]
 
-    def split_media(self, batch: Mapping[str, Any], kind: str, count: int) -> list[dict[str, Tensor]]:
-        """Videos one per entry; images in the HF processor's padded ``[images, tiles, 3, S, S]`` layout.
+    def split_media(self, config: Any, batch: Mapping[str, Any], kind: str, count: int) -> list[dict[str, Tensor]]:
+        """Videos one per entry; images as their tiles (``[tiles, 3, S, S]``) and original size.
 
-        Concatenated tiles (``[sum tiles, 3, S, S]``, this package's data layout) are cut by
-        :meth:`media_items`, which has the config (the tiles of an image follow from its size and the config's
-        ``image_grid_pinpoints``).
+        The tiles come concatenated (``[sum tiles, 3, S, S]``, this package's data layout), cut by the model's tile
+        rule (:meth:`image_tiles`: the image's size and the config's ``image_grid_pinpoints``), or in the HF
+        processor's padded ``[images, tiles, 3, S, S]`` layout, one image per entry.
 
         Raises:
-            ValueError: concatenated tiles, or a count that differs from ``image_sizes``.
+            ValueError: a count that differs from ``image_sizes``, or tiles that differ from the sizes' count.
         """
         pixels = batch.get(PIXEL_VALUES)
-        if kind == "video" or count == 0 or pixels is None:
-            return super().split_media(batch, kind, count)
-        if pixels.dim() != 5:
-            raise ValueError(
-                f"{self.name}: concatenated image tiles `{PIXEL_VALUES}` {tuple(pixels.shape)} are cut into images "
-                "by media_items(config, ...), which knows the config's image_grid_pinpoints"
-            )
-        return super().split_media(batch, kind, count)
-
-    def media_items(self, config: Any, batch: Mapping[str, Any], kind: str, count: int) -> list[dict[str, Tensor]]:
-        """Images as their tiles (``[tiles, 3, S, S]``, cut by the model's tile rule) and size; videos one each."""
-        pixels = batch.get(PIXEL_VALUES)
         if kind == "video" or count == 0 or pixels is None or pixels.dim() == 5:
-            return self.split_media(batch, kind, count)
+            return super().split_media(config, batch, kind, count)
         sizes = batch.get(IMAGE_SIZES)
         if sizes is None or sizes.shape[0] != count:
             found = None if sizes is None else sizes.shape[0]

@@ -145,7 +145,7 @@ class QwenVLFamily(Family):
         grid[:, 0] = kept.to(grid.device)
         return {"grid_thw": grid[kept > 0]}
 
-    def split_media(self, batch: Mapping[str, Any], kind: str, count: int) -> list[dict[str, Tensor]]:
+    def split_media(self, config: Any, batch: Mapping[str, Any], kind: str, count: int) -> list[dict[str, Tensor]]:
         """Media items cut from the patch rows by their grids (see :meth:`Family.split_media`)."""
         if count == 0 or batch.get(self.media_key(kind)) is None:
             return []
@@ -162,21 +162,42 @@ class QwenVLFamily(Family):
             items.append(item)
         return items
 
-    def random_media(self, config: Any, num_frames: int, generator: torch.Generator) -> RandomMedia:
-        """A video of ``num_frames`` frames (a multiple of the temporal patch), ``4 * merge`` patches a side.
+    def random_video(
+        self, config: Any, num_frames: int, generator: torch.Generator, grid: tuple[int, int] | None = None
+    ) -> tuple[tuple[int, int, int], Tensor]:
+        """The grid and random patch rows of a video of ``num_frames`` frames (see :meth:`random_media`).
+
+        Returns:
+            ``(t, h, w)`` and float32 ``[t * h * w, C * tp * P * P]``.
 
         Raises:
-            ValueError: a frame count that is not a multiple of ``temporal_patch_size``.
+            ValueError: a frame count that is not a multiple of ``temporal_patch_size``, or a ``grid``
+                that is not made of whole ``merge x merge`` blocks.
         """
         vision = config.vision_config
         tp, merge, patch = int(vision.temporal_patch_size), self.merge_size(config), int(vision.patch_size)
         if num_frames % tp:
             raise ValueError(f"`num_frames` must be a multiple of temporal_patch_size {tp}, got {num_frames}")
-        side = 4 * merge  # 4 merged tokens per side
-        grid = (num_frames // tp, side, side)
+        height, width = grid if grid is not None else (4 * merge, 4 * merge)  # 4 merged tokens a side
+        if height <= 0 or width <= 0 or height % merge or width % merge:
+            raise ValueError(f"`grid` must be positive multiples of the merge size {merge}, got {grid}")
+        grid = (num_frames // tp, int(height), int(width))
         rows = grid[0] * grid[1] * grid[2]
-        count = rows // (merge * merge)
         pixels = torch.randn((rows, int(vision.in_channels) * tp * patch * patch), generator=generator)
+        return grid, pixels
+
+    def random_media(
+        self, config: Any, num_frames: int, generator: torch.Generator, grid: tuple[int, int] | None = None
+    ) -> RandomMedia:
+        """A video of ``num_frames`` frames (a multiple of the temporal patch), ``4 * merge`` patches a side
+        unless ``grid`` says otherwise.
+
+        Raises:
+            ValueError: a frame count that is not a multiple of ``temporal_patch_size``.
+        """
+        grid, pixels = self.random_video(config, num_frames, generator, grid)
+        merge = self.merge_size(config)
+        count = grid[0] * grid[1] * grid[2] // (merge * merge)
         start, end = self.marker_token_ids(config)
         ids = [start, *[int(config.video_token_id)] * count, end]
         types = [0, *[VIDEO_TYPE] * count, 0]

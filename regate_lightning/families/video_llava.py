@@ -50,5 +50,6 @@ FAMILY = LlavaFamily(
         ("video", "video_tower", "multi_modal_projector"),
     ),
     frames_alone=True,
+    media_only=(("image", "image_tower"), ("video", "video_tower")),
     tiny={"VideoLlavaForConditionalGeneration": tiny_config},
 )

@@ -6,6 +6,7 @@ Nothing here is part of the method. Everything builds from configs, without a do
                    ``byte_tokenizer`` (a tokenizer that fits every tiny model's vocabulary)
     batches.py     random token batches in a model's own keys (``random_batch``)
     datamodule.py  ``RandomDataModule``: those batches as a LightningDataModule (the ``debug`` recipes)
+    strategies.py  FSDP and DeepSpeed on CPU processes (gloo), for the multi-process tests
 
 A recipe names them by dotted path, e.g. ``model: regate_lightning.testing.tiny_llava_next_video`` and
 ``class_path: regate_lightning.testing.RandomDataModule``.
@@ -26,6 +27,8 @@ _EXPORTS: dict[str, str] = {
             "tiny_video_llava",
             "tiny_qwen2_vl",
             "tiny_qwen2_5_vl",
+            "tiny_model",
+            "tiny_classes",
             "byte_tokenizer",
         )
     },
@@ -33,6 +36,8 @@ _EXPORTS: dict[str, str] = {
     "random_batch": "regate_lightning.testing.batches",
     "RandomDataModule": "regate_lightning.testing.datamodule",
     "concat_collate": "regate_lightning.testing.datamodule",
+    "CPUFSDPStrategy": "regate_lightning.testing.strategies",
+    "CPUDeepSpeedStrategy": "regate_lightning.testing.strategies",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -18,7 +18,6 @@ from regate_lightning.keys import (
     IGNORE_INDEX,
     INPUT_IDS,
     LABELS,
-    MM_TOKEN_TYPE_IDS,
     SAMPLE_IDX,
 )
 
@@ -44,7 +43,10 @@ def media_layout(model: nn.Module, num_frames: int) -> tuple[int, int, dict[str,
     parts = resolve(model)
     family, cfg = parts.family, parts.model.config
     media = family.random_media(cfg, num_frames, torch.Generator().manual_seed(0))
+    # a kind without a placeholder id of its own is taken as images by the model (SmolVLM's, InternVL's frames)
     token = family.media_token_id(cfg, media.kind)
+    if token is None:
+        token = family.media_token_id(cfg, "image")
     assert token is not None
     key = family.media_key(media.kind)
     pixels = media.tensors[key]
@@ -66,6 +68,7 @@ def random_batch(
     num_frames: int = 2,
     seed: int = 0,
     ragged: bool = False,
+    frame_grid: tuple[int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """A random batch that ``model`` accepts, with labels on the answers.
 
@@ -77,6 +80,8 @@ def random_batch(
         num_frames: frames per video for video families.
         seed: generator seed; the same seed gives the same batch.
         ragged: if True, row ``i`` has ``i * 3`` fewer answer tokens, right-padded.
+        frame_grid: ``(height, width)`` of a frame in patches, for a family whose random media take a ``grid``
+            (the Qwen-VL families); the family's default frames when None.
 
     Returns:
         The model's keys plus ``labels`` and ``sample_idx``.
@@ -88,7 +93,8 @@ def random_batch(
     gen = torch.Generator().manual_seed(seed)
     low, high = 3, vocab - 8  # keep clear of pad/bos/eos and of the placeholder ids at the top
     family = parts.family
-    media = [family.random_media(cfg, num_frames, gen) for _ in range(batch_size)] if family.multimodal else []
+    grid = {} if frame_grid is None else {"grid": frame_grid}
+    media = [family.random_media(cfg, num_frames, gen, **grid) for _ in range(batch_size)] if family.multimodal else []
     block = media[0].ids if media else []
     head = 1 + len(block) + prompt_len
     length = head + answer_len
@@ -121,5 +127,5 @@ def random_batch(
     for key in media[0].tensors if media else ():
         batch[key] = torch.cat([m.tensors[key] for m in media])
     if family.token_types:
-        batch[MM_TOKEN_TYPE_IDS] = types
+        batch[family.token_types_key] = types
     return batch

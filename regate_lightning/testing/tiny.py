@@ -81,7 +81,9 @@ def tiny_model(name: str, seed: int = 0, **kwargs: Any) -> PreTrainedModel:
     cls = name if name in family.tiny else next(iter(family.tiny))
     config = family.tiny[cls](**kwargs)
     torch.manual_seed(seed)
-    return _finish(getattr(transformers, cls)(config))
+    model = getattr(transformers, cls)(config)
+    family.init_tiny(model)
+    return _finish(model)
 
 
 def tiny_llama(
@@ -100,92 +102,27 @@ def tiny_qwen2(
     return _finish(Qwen2ForCausalLM(Qwen2Config(**text_config(vocab_size, hidden_size, num_layers))))
 
 
-def tiny_llava(
-    vocab_size: int = DEFAULT_VOCAB,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    vision: str = "clip",
-    image_size: int = IMAGE_SIZE,
-    image_token_id: int | None = None,
-    seed: int = 0,
-) -> PreTrainedModel:
-    """A tiny ``LlavaForConditionalGeneration`` with a CLIP or SigLIP tower (see ``families/llava.py``)."""
-    return tiny_model(
-        "LlavaForConditionalGeneration",
-        seed,
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_layers=num_layers,
-        vision=vision,
-        image_size=image_size,
-        image_token_id=image_token_id,
-    )
+def _named(cls: str, doc: str) -> Any:
+    """A factory of one class (the names recipes and tests use), keyword arguments as the family's config."""
+
+    def factory(seed: int = 0, **kwargs: Any) -> PreTrainedModel:
+        return tiny_model(cls, seed, **kwargs)
+
+    factory.__doc__ = f"A tiny ``{cls}``: {doc} Keyword arguments: the family's tiny config builder's."
+    return factory
 
 
-def tiny_llava_next_video(
-    vocab_size: int = DEFAULT_VOCAB,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    image_size: int = IMAGE_SIZE,
-    video_token_id: int | None = None,
-    image_token_id: int | None = None,
-    seed: int = 0,
-) -> PreTrainedModel:
-    """A tiny ``LlavaNextVideoForConditionalGeneration``: ``T * (image_size / 8 / 2) ** 2`` tokens per video."""
-    return tiny_model(
-        "LlavaNextVideoForConditionalGeneration",
-        seed,
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_layers=num_layers,
-        image_size=image_size,
-        video_token_id=video_token_id,
-        image_token_id=image_token_id,
-    )
-
-
-def tiny_video_llava(
-    vocab_size: int = DEFAULT_VOCAB,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    image_size: int = IMAGE_SIZE,
-    video_token_id: int | None = None,
-    image_token_id: int | None = None,
-    seed: int = 0,
-) -> PreTrainedModel:
-    """A tiny ``VideoLlavaForConditionalGeneration``: ``T * ((image_size / 8) ** 2 + 1)`` tokens per video."""
-    return tiny_model(
-        "VideoLlavaForConditionalGeneration",
-        seed,
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_layers=num_layers,
-        image_size=image_size,
-        video_token_id=video_token_id,
-        image_token_id=image_token_id,
-    )
-
-
-def tiny_qwen2_vl(
-    vocab_size: int = DEFAULT_VOCAB, hidden_size: int = 64, num_layers: int = 2, seed: int = 0
-) -> PreTrainedModel:
-    """A tiny ``Qwen2VLForConditionalGeneration``: grid ``(t, h, w)`` gives ``t * h * w / 4`` tokens."""
-    return tiny_model(
-        "Qwen2VLForConditionalGeneration", seed, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers
-    )
-
-
-def tiny_qwen2_5_vl(
-    vocab_size: int = DEFAULT_VOCAB, hidden_size: int = 64, num_layers: int = 2, seed: int = 0
-) -> PreTrainedModel:
-    """A tiny ``Qwen2_5_VLForConditionalGeneration`` (patch 8, temporal patch 2, merge 2)."""
-    return tiny_model(
-        "Qwen2_5_VLForConditionalGeneration",
-        seed,
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_layers=num_layers,
-    )
+tiny_llava = _named(
+    "LlavaForConditionalGeneration", "a CLIP (or ``vision='siglip'``) tower, ``(image_size / 8) ** 2`` image tokens."
+)
+tiny_llava_next_video = _named(
+    "LlavaNextVideoForConditionalGeneration", "``T * (image_size / 8 / 2) ** 2`` tokens per video of T frames."
+)
+tiny_video_llava = _named(
+    "VideoLlavaForConditionalGeneration", "``T * ((image_size / 8) ** 2 + 1)`` tokens per video of T frames."
+)
+tiny_qwen2_vl = _named("Qwen2VLForConditionalGeneration", "grid ``(t, h, w)`` gives ``t * h * w / 4`` tokens.")
+tiny_qwen2_5_vl = _named("Qwen2_5_VLForConditionalGeneration", "patch 8, temporal patch 2, merge 2.")
 
 
 def byte_tokenizer() -> Any:
