@@ -453,20 +453,19 @@ def test_score_and_fit_write_the_same_reference_losses(tmp_path):
     assert err < 1e-6
 
 
-def test_the_data_pipeline_refuses_videos_until_it_writes_their_timestamps(dense):
-    from regate_lightning.data.vision import VisionSpec
+def test_videos_are_written_as_qwen3vl_processor_writes_them(tmp_path):
+    """Qwen3.5's processor is Qwen3-VL's (transformers maps qwen3_5 to Qwen3VLProcessor): the data writes each
+    temporal patch's timestamp and markers exactly as it does, and the hybrid model runs the batch."""
+    import json
 
-    spec = VisionSpec.from_model(dense)
-    frames = torch.randint(0, 256, (4, 3, *spec.size), dtype=torch.uint8)
-    assert "timestamp" in spec.accepts("video") and spec.accepts("image") == ""
-    with pytest.raises(ValueError, match="each temporal patch's timestamp"):
-        spec.process_video(frames)
-    image = spec.process_image(frames[0])  # an image: one run of placeholders between vision start / end
-    ids = torch.tensor([[1, *spec.placeholder_ids("image", image.num_tokens), 5, 6, 7, 2]])
-    types = (ids == dense.config.image_token_id).long()
-    batch = {INPUT_IDS: ids, ATTENTION_MASK: torch.ones_like(ids), MM_TOKEN_TYPE_IDS: types, LABELS: ids.clone()}
-    with torch.no_grad():
-        assert torch.isfinite(forward_active(dense, {**batch, **image.tensors}).loss)
+    from test_family_qwen3_vl import assert_video_ids_equal_the_processors, save_qwen3
+
+    folder = save_qwen3(tmp_path / "qwen3_5", "Qwen3_5ForConditionalGeneration")
+    patch = json.loads((folder / "config.json").read_text())["vision_config"]["patch_size"]
+    for name in ("preprocessor_config.json", "video_preprocessor_config.json"):  # the tiny tower's patch size
+        config = json.loads((folder / name).read_text())
+        (folder / name).write_text(json.dumps({**config, "patch_size": patch}))
+    assert_video_ids_equal_the_processors(folder, tmp_path)
 
 
 def test_lora_adapts_the_gated_delta_net_layers_and_the_elided_step_stays_exact():

@@ -467,10 +467,16 @@ def test_timestamps_equal_the_processors():
 
 def test_video_ids_equal_the_processors_text(qwen3_folder, tmp_path):
     """The checkpoint's chat template, then the processor's replacement of each video pad: our input ids."""
+    assert_video_ids_equal_the_processors(qwen3_folder, tmp_path)
+
+
+def assert_video_ids_equal_the_processors(folder: Path, tmp_path: Path) -> None:
+    """A checkpoint folder of a Qwen3-VL-processed family (Qwen3-VL, Qwen3.5): the data's input ids of three clips
+    equal the chat template's text with each video pad replaced by ``Qwen3VLProcessor``, and the model runs them."""
     from transformers.video_utils import VideoMetadata
 
     paths = [write_clip(tmp_path / f"c{i}.mp4", *clip, seed=i) for i, clip in enumerate(CLIPS)]
-    module, batch = first_batch(str(qwen3_folder), video_records(tmp_path, paths))
+    module, batch = first_batch(str(folder), video_records(tmp_path, paths))
     data = batch["_data"]
     assert data.train_set.renderer.template_media == {"image": "<|image_pad|>", "video": "<|video_pad|>"}
     assert data.frames == FrameSampling(num_frames=8, sample="fps", fps=2.0, min_frames=4)

@@ -551,8 +551,6 @@ class VisionSpec:
         """``""`` if the family takes media of ``kind``, else why not (a message naming the fix)."""
         if kind == "image" and self.image_refusal:
             return self.image_refusal
-        if kind == "video" and FAMILIES[self.family].video_refusal:
-            return FAMILIES[self.family].video_refusal
         if (self.image_key if kind == "image" else self.video_key) is None:
             return f"{self.family} takes no {kind}s; use a model family that does, or remove them from the data"
         return ""

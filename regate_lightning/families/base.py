@@ -351,8 +351,6 @@ class Family:
         grid_keys: batch keys of the image and video grids (``(t, h, w)`` per media), for :data:`GRID`.
         image_refusal: why images are refused on the built-in path (a model without processor configs)
             where the HF class takes them, else ``""``.
-        video_refusal: why the data pipeline refuses videos (built-in path and checkpoint processor alike)
-            where the HF class takes them but their placeholder text is not written yet, else ``""``.
         anyres_images: whether images are tiled by ``image_grid_pinpoints`` (LLaVA-NeXT "anyres"); only
             through the checkpoint's own image processor.
         image_sizes_key: batch key of the anyres images' original sizes, None without anyres images.
@@ -399,7 +397,6 @@ class Family:
     video_key: str | None = None
     grid_keys: tuple[str, str] | None = None
     image_refusal: str = ""
-    video_refusal: str = ""
     anyres_images: bool = False
     image_sizes_key: str | None = None
     video_processor: str = ""

@@ -18,7 +18,8 @@ ids (``get_rope_index``) on the full sequence. What differs:
   vision start / end tokens; the chat template's own ``<|vision_start|><|video_pad|><|vision_end|>`` wraps the
   whole. ``get_rope_index`` splits each video grid into ``t`` grids of one temporal patch and consumes one per
   run of video placeholders. A video is therefore several runs of placeholders
-  (:meth:`Qwen3_5Family.media_per_row`), and random batches use that layout (:meth:`Qwen3_5Family.random_media`).
+  (:meth:`Qwen3VLFamily.media_per_row`): the same layout as Qwen3-VL's, written by the same data path
+  (:meth:`Qwen3VLFamily.media_expansion`), so :class:`Qwen3_5Family` subclasses :class:`Qwen3VLFamily`.
 * **The text decoder is hybrid**: three of every four layers (``layer_types``) are gated delta-net
   linear-attention layers (``Qwen3_5GatedDeltaNet``: a causal depthwise convolution of kernel 4 over the
   sequence, then the gated delta rule, a recurrence whose state runs over the sequence in order), the fourth
@@ -32,8 +33,9 @@ ids (``get_rope_index``) on the full sequence. What differs:
   ``output_router_logits`` the engine adds the model's own ``load_balancing_loss_func`` over the kept,
   non-padding tokens (:class:`regate_lightning.elision.RouterLoss`).
 
-The checkpoint's processing (per-frame timestamps in the placeholder text, the video processor's sampling) is
-the data side's and is shared with Qwen3-VL (docs/models.md).
+The checkpoint's processing (per-frame timestamps in the placeholder text, the video processor's rules) is
+Qwen3-VL's: transformers maps ``qwen3_5`` to ``Qwen3VLProcessor``, ``Qwen2VLImageProcessor`` and
+``Qwen3VLVideoProcessor`` (docs/models.md).
 """
 
 from __future__ import annotations
@@ -41,29 +43,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import Tensor
-
-from regate_lightning.families.base import DEFAULT_VOCAB, GRID, RandomMedia, text_config
-from regate_lightning.families.qwen2_vl import PATCH_SIZE, QwenVLFamily
+from regate_lightning.families.base import DEFAULT_VOCAB, GRID, text_config
+from regate_lightning.families.qwen2_vl import PATCH_SIZE
+from regate_lightning.families.qwen3_vl import RANDOM_TIMESTAMP_TOKENS, Qwen3VLFamily
 from regate_lightning.keys import (
     IMAGE_GRID_THW,
     PIXEL_VALUES,
     PIXEL_VALUES_VIDEOS,
-    TEXT_TYPE,
     VIDEO_GRID_THW,
-    VIDEO_TYPE,
 )
 
-TIMESTAMP_TOKENS = 4
-"""Text tokens that stand for one temporal patch's timestamp (``<1.5 seconds>``) in random batches."""
-
-VIDEO_REFUSAL = (
-    "Qwen3.5 videos need each temporal patch's timestamp in the placeholder text (the Qwen3-VL processor's "
-    "layout), which regate_lightning.data does not write yet; a video written as one run of placeholders would "
-    "not match the model's position ids. Use images, or skip video records (on_error='skip')"
-)
-"""Why the data pipeline refuses Qwen3.5 videos until the shared Qwen3-VL data side writes their timestamps."""
+TIMESTAMP_TOKENS = RANDOM_TIMESTAMP_TOKENS
+"""Text tokens that stand for one temporal patch's timestamp (``<1.5 seconds>``) in random batches (Qwen3-VL's)."""
 
 
 def interleaved_mrope_section(rotary_dim: int) -> list[int]:
@@ -194,100 +185,13 @@ def tiny_qwen3_5_moe_config(
     return Qwen3_5MoeConfig(**kwargs)
 
 
-def video_runs(row: list[int], token: int) -> list[tuple[int, int]]:
-    """``(start, end)`` (end exclusive) of each run of ``token`` in ``row``.
-
-    Example:
-        >>> video_runs([0, 7, 7, 1, 7], 7)
-        [(1, 3), (4, 5)]
-    """
-    runs: list[tuple[int, int]] = []
-    for i, value in enumerate(row):
-        if value != token:
-            continue
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return runs
-
-
 @dataclass(frozen=True)
-class Qwen3_5Family(QwenVLFamily):
-    """The Qwen-VL rules with Qwen3.5's frame-by-frame video layout (see the module docstring)."""
+class Qwen3_5Family(Qwen3VLFamily):
+    """Qwen3-VL's rules (grids, the timestamped video layout, its processors) with a recurrent text decoder.
 
-    def media_per_row(self, config: Any, input_ids: Tensor, kind: str) -> Tensor:
-        """Media items of ``kind`` per row (int64 ``[B]``); a video is its frames' runs of placeholders.
-
-        Two consecutive runs of video placeholders are temporal patches of one video when the tokens between
-        them are one vision end, the next patch's timestamp text and one vision start, as the processor writes
-        them; between two videos stand the chat template's end and start tokens too (two of each), or other
-        text. Images are one run each.
-
-        Example:
-            >>> from types import SimpleNamespace
-            >>> config = SimpleNamespace(video_token_id=9, vision_start_token_id=7, vision_end_token_id=8)
-            >>> one = [7, 5, 7, 9, 9, 8, 5, 7, 9, 9, 8, 8]  # a video of 2 temporal patches
-            >>> FAMILY.media_per_row(config, torch.tensor([one + one, one + [0] * 12]), "video").tolist()
-            [2, 1]
-        """
-        if kind != "video" or not self.takes(kind):
-            return super().media_per_row(config, input_ids, kind)
-        token = int(config.video_token_id)
-        start, end = self.marker_token_ids(config)
-        counts = []
-        for row in input_ids.tolist():
-            runs = video_runs(row, token)
-            videos = 0
-            for i, (first, _) in enumerate(runs):
-                gap = row[runs[i - 1][1] : first] if i else []
-                markers = [t for t in gap if t in (start, end)]
-                same = len(gap) >= 2 and gap[0] == end and gap[-1] == start and len(markers) == 2
-                videos += 0 if same else 1
-            counts.append(videos)
-        return torch.tensor(counts, dtype=torch.long, device=input_ids.device)
-
-    def random_media(
-        self, config: Any, num_frames: int, generator: torch.Generator, grid: tuple[int, int] | None = None
-    ) -> RandomMedia:
-        """A video of ``num_frames`` frames in the processor's layout: per temporal patch, a timestamp of
-        :data:`TIMESTAMP_TOKENS` random text tokens, then the patch's placeholders between vision start / end,
-        the whole between the chat template's vision start / end.
-
-        Args:
-            config: the model's config.
-            num_frames: frames, a multiple of ``temporal_patch_size``.
-            generator: random source of the pixels and the timestamp tokens.
-            grid: ``(height, width)`` of a frame in patches (multiples of the merge size); default
-                ``4 * merge`` a side.
-
-        Raises:
-            ValueError: a frame count that is not a multiple of ``temporal_patch_size``, or a grid that is not
-                a multiple of the merge size.
-        """
-        vision = config.vision_config
-        tp, merge, patch = int(vision.temporal_patch_size), self.merge_size(config), int(vision.patch_size)
-        if num_frames % tp or num_frames <= 0:
-            raise ValueError(f"`num_frames` must be a positive multiple of temporal_patch_size {tp}, got {num_frames}")
-        height, width = grid if grid is not None else (4 * merge, 4 * merge)
-        if height % merge or width % merge or height <= 0 or width <= 0:
-            raise ValueError(f"`grid` {grid} must be positive multiples of the merge size {merge}")
-        steps = num_frames // tp
-        per_step = height * width // (merge * merge)
-        pixels = torch.randn(
-            (steps * height * width, int(vision.in_channels) * tp * patch * patch), generator=generator
-        )
-        start, end = self.marker_token_ids(config)
-        vocab = int(config.get_text_config().vocab_size)
-        ids, types = [start], [TEXT_TYPE]
-        for _ in range(steps):
-            stamp = torch.randint(3, vocab - 8, (TIMESTAMP_TOKENS,), generator=generator).tolist()
-            ids += [*stamp, start, *[int(config.video_token_id)] * per_step, end]
-            types += [TEXT_TYPE] * (TIMESTAMP_TOKENS + 1) + [VIDEO_TYPE] * per_step + [TEXT_TYPE]
-        ids.append(end)
-        types.append(TEXT_TYPE)
-        tensors = {PIXEL_VALUES_VIDEOS: pixels, VIDEO_GRID_THW: torch.tensor([[steps, height, width]])}
-        return RandomMedia(ids, types, tensors, "video")
+    Qwen3.5 has no DeepStack, so the inherited :meth:`Qwen3VLFamily.shorten_decoder_inputs` and
+    :meth:`Qwen3VLFamily.fill_skipped` find no DeepStack inputs or outputs and leave the rest as the generic rules do.
+    """
 
 
 FAMILY = Qwen3_5Family(
@@ -301,7 +205,6 @@ FAMILY = Qwen3_5Family(
     video_key=PIXEL_VALUES_VIDEOS,
     grid_keys=(IMAGE_GRID_THW, VIDEO_GRID_THW),
     video_processor="Qwen3VLVideoProcessor",
-    video_refusal=VIDEO_REFUSAL,
     mrope=True,
     vision_markers=True,
     token_types=True,
