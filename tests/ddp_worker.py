@@ -317,15 +317,56 @@ def fit_batching(devices: int) -> dict[str, Any]:
     }
 
 
+def fit_families(devices: int) -> dict[str, Any]:
+    """Every class of every family (:func:`~regate_lightning.testing.tiny.tiny_classes`): three steps under plain
+    ``ddp`` (no search for unused parameters) with ReGATE and visual-token elision; what each rank ended with.
+
+    The students are the tiny random models with their own random batches (``RandomDataModule`` says the
+    batches hold one media kind, so the module freezes parameters only the other kind would use).
+    """
+    from regate_lightning import VisualTokenElision
+
+    out: dict[str, Any] = {"rank": None, "classes": {}}
+    for name in tiny.tiny_classes():
+        pl.seed_everything(SEED, verbose=False)
+        module = MLLMModule(tiny.tiny_model(name, SEED), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+        regate = ReGATECallback(**{**CALLBACK, "warmup_steps": 1, "cycle_steps": 3})
+        visual = VisualTokenElision(keep_ratio=0.5, selection="random", images=True, seed=SEED)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=devices,
+            strategy="ddp" if devices > 1 else "auto",
+            max_steps=3,
+            callbacks=[regate, visual],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+        )
+        data = RandomDataModule(num_samples=8, batch_size=2, prompt_len=4, answer_len=12, num_frames=2, seed=SEED)
+        trainer.fit(module, data)
+        weights = torch.cat([p.detach().flatten() for p in module.parameters()])
+        out["rank"] = trainer.global_rank
+        out["classes"][name] = {
+            "global_step": trainer.global_step,
+            "weights": weights,
+            "bank": bank_state(regate),
+            "totals": dict(regate.totals),
+        }
+    return out
+
+
 def main() -> None:
     """The DDP scenario of ``tests/test_ddp.py``: a fit with a checkpoint per epoch and a reference cache, a
-    resume from epoch 0, a fresh fit that reads the cache, and a packed fit over token-budget batches
-    (:func:`fit_batching`).
+    resume from epoch 0, a fresh fit that reads the cache, a packed fit over token-budget batches
+    (:func:`fit_batching`), and three plain-``ddp`` steps of every model class (:func:`fit_families`).
 
     The fits run in the same two processes: for a second ``Trainer`` Lightning finds ``LOCAL_RANK`` set
     (by its own first launch, or by the caller) and reuses the process group instead of starting new
     processes. Each rank writes ``OUT/full_rank{r}.pt``, ``OUT/resumed_rank{r}.pt``, ``OUT/cached_rank{r}.pt``
-    and ``OUT/batching_rank{r}.pt``;
+    ``OUT/batching_rank{r}.pt`` and ``OUT/families_rank{r}.pt``;
     the callback's collectives are counted in the first fit.
     """
     parser = argparse.ArgumentParser(description=__doc__)
@@ -342,7 +383,9 @@ def main() -> None:
     resumed = fit("ddp", WORLD_SIZE, shuffle, resume=str(out / "ckpt" / "e0.ckpt"))
     cached = fit("ddp", WORLD_SIZE, shuffle, ref_cache=cache)
     batching = fit_batching(WORLD_SIZE)
-    for name, result in (("full", full), ("resumed", resumed), ("cached", cached), ("batching", batching)):
+    families = fit_families(WORLD_SIZE)
+    results = (("full", full), ("resumed", resumed), ("cached", cached), ("batching", batching))
+    for name, result in (*results, ("families", families)):
         path = out / f"{name}_rank{result['rank']}.pt"
         torch.save(result, path)
         print(f"rank {result['rank']} (pid {os.getpid()}): wrote {path}", flush=True)

@@ -139,7 +139,7 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
             if proc.poll() is None:
                 proc.kill()
     seconds = time.perf_counter() - start
-    print(f"\nDDP worker (2 processes, 3 fits of 8 steps each and a packed one): {seconds:.1f} s")
+    print(f"\nDDP worker (2 processes, 3 fits of 8 steps, a packed one, 3 steps per model class): {seconds:.1f} s")
     for rank, (proc, log) in enumerate(zip(procs, logs, strict=True)):
         assert proc.returncode == 0, f"DDP rank {rank} failed (exit {proc.returncode}):\n{log.read_text()[-8000:]}"
 
@@ -151,6 +151,7 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         resumed=load("resumed"),
         cached=load("cached"),
         batching=load("batching"),
+        families=load("families"),
         checkpoint=out / "ckpt" / "e0.ckpt",
     )
 
@@ -175,6 +176,21 @@ def test_ddp_ranks_hold_identical_stores(ddp_run):
     assert int((bank["offset"] >= 0).sum()) == ddp_worker.NUM_SAMPLES
     assert not bank["ref"].isnan().any(), "every sample has its reference losses"
     assert not bank["ema"].isnan().all(), "the EMA was measured"
+
+
+def test_every_model_class_trains_under_plain_ddp_with_identical_ranks(ddp_run):
+    """Plain ``ddp`` (no search for unused parameters) runs every class of every family with ReGATE and
+    visual-token elision; the ranks end with the same weights and the same score store."""
+    rank0, rank1 = ddp_run.families
+    assert (rank0["rank"], rank1["rank"]) == (0, 1)
+    assert list(rank0["classes"]) == tiny.tiny_classes()
+    for name, first in rank0["classes"].items():
+        second = rank1["classes"][name]
+        assert first["global_step"] == second["global_step"] == 3, name
+        assert torch.equal(first["weights"], second["weights"]), name
+        assert_same(first["bank"], second["bank"])
+        assert first["totals"] == second["totals"], name
+        assert 0 < first["totals"]["kept"] < first["totals"]["candidates"], f"{name}: a sparse step ran"
 
 
 def test_ddp_store_equals_single_process_on_global_batches(ddp_run, single_runs):
