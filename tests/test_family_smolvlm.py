@@ -245,11 +245,14 @@ def test_videos_follow_smolvlm2_frames_and_timestamps(folder, tmp_path):
         assert ours == expected, row
         assert "Frame from 00:01:" in prompt and "series of four frames" in prompt
     # the built-in video rule: SmolVLM's image processor on every frame, without splitting, with the video settings
-    settings = {k: v for k, v in VIDEO_PROCESSOR.items() if k not in ("video_processor_type", "video_sampling")}
-    hf = SmolVLMImageProcessorPil(**settings, do_image_splitting=False)(
-        images=[[f.numpy() for f in frames[0]]], input_data_format="channels_first", return_tensors="pt"
-    )
-    assert max_abs_diff(batch[PIXEL_VALUES][:4, 0], hf[PIXEL_VALUES][0]) == 0
+    # (where torchvision imports, the data runs transformers' SmolVLMVideoProcessor instead: compared with the
+    # built-in rule in test_builtin_video_rule_against_smolvlm_video_processor)
+    if data.train_set.renderer.spec.processor.video_backend == "builtin":
+        settings = {k: v for k, v in VIDEO_PROCESSOR.items() if k not in ("video_processor_type", "video_sampling")}
+        hf = SmolVLMImageProcessorPil(**settings, do_image_splitting=False)(
+            images=[[f.numpy() for f in frames[0]]], input_data_format="channels_first", return_tensors="pt"
+        )
+        assert max_abs_diff(batch[PIXEL_VALUES][:4, 0], hf[PIXEL_VALUES][0]) == 0
     with torch.no_grad():
         assert torch.isfinite(forward_active(module.model, hf_batch(batch)).loss)
 
@@ -265,7 +268,7 @@ def test_builtin_video_rule_against_smolvlm_video_processor(folder, tmp_path):
     diff = max_abs_diff(a.values, b.values)
     print(f"max|diff| smolvlm video built-in (PIL LANCZOS) vs SmolVLMVideoProcessor: {diff:.2e}")
     assert torch.equal(a.mask, b.mask)
-    assert diff < 0.1  # kernels differ (PIL vs torchvision LANCZOS); normalised units
+    assert diff < 0.03  # kernels differ (PIL vs torchvision LANCZOS): 1.96e-02 measured, normalised units
 
 
 def test_tiles_of_other_size_than_the_tower_are_refused(tmp_path):
