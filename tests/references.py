@@ -17,14 +17,21 @@ The position ids of the full sequence are those the model itself passes to its d
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from regate_lightning.elision import forward_active
 from regate_lightning.families import MEDIA_KINDS, resolve
-from regate_lightning.keys import IGNORE_INDEX, LABELS, SAMPLE_IDX
+from regate_lightning.keys import ATTENTION_MASK, IGNORE_INDEX, INPUT_IDS, LABELS, SAMPLE_IDX
 from regate_lightning.targets import candidate_mask, shift_targets
+from regate_lightning.teacher import Teacher, text_mask
+
+TOL = 1e-5
+"""The largest difference an exactness test allows between the elided step and its reference (losses, gradients)."""
 
 
 def hf_inputs(batch: dict) -> dict:
@@ -32,8 +39,11 @@ def hf_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k not in (SAMPLE_IDX, "keep_mask")}
 
 
-def decoder_inputs(model: Any, batch: dict) -> dict[str, Any]:
-    """The keyword arguments the model passes to its text decoder on the full batch (captured by a pre-hook)."""
+def decoder_inputs(model: Any, batch: dict, grad: bool = False) -> dict[str, Any]:
+    """The keyword arguments the model passes to its text decoder on the full batch (captured by a pre-hook).
+
+    With ``grad`` the full run keeps its graph, so that gradients reach the tower through the merged embeddings.
+    """
     parts = resolve(model)
     seen: dict[str, Any] = {}
 
@@ -44,7 +54,7 @@ def decoder_inputs(model: Any, batch: dict) -> dict[str, Any]:
     try:
         inputs = hf_inputs(batch)
         inputs.pop(LABELS)
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             model(**inputs, use_cache=False)
     finally:
         handle.remove()
@@ -188,9 +198,12 @@ def shortened_loss(model: Any, batch: dict, keep: torch.Tensor) -> torch.Tensor:
 
 
 def token_losses_decoder(model: Any, batch: dict, keep: torch.Tensor) -> torch.Tensor:
-    """Each row's kept positions of the full run's merged embeddings through the decoder and head, alone."""
+    """Each row's kept positions of the full run's merged embeddings through the decoder and head, alone.
+
+    Under grad mode the losses carry the graph of the whole run (the tower included), for gradient references.
+    """
     parts = resolve(model)
-    captured = decoder_inputs(model, batch)
+    captured = decoder_inputs(model, batch, grad=torch.is_grad_enabled())
     embeds = captured["inputs_embeds"]
     full_pos = position_ids(model, batch)
     targets = shift_targets(batch[LABELS])
@@ -211,17 +224,21 @@ def token_losses_decoder(model: Any, batch: dict, keep: torch.Tensor) -> torch.T
     return out
 
 
-def teacher_reference_losses(model: Any, batch: dict, text: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+def teacher_reference_losses(
+    model: Any, batch: dict, text: torch.Tensor, candidates: torch.Tensor, causal_lm: str | None = None
+) -> torch.Tensor:
     """The student's text backbone as a plain HF causal LM, run row by row on the text positions alone.
 
     The causal LM is built from the student's ``text_config`` (``AutoModelForCausalLM.from_config``: the class of
-    its ``model_type``) and given the student's decoder and head weights; each row's text tokens run through it
-    with their original position ids. Losses ``[B, L]`` at ``candidates``, NaN elsewhere.
+    its ``model_type``; ``causal_lm`` names the class it must be) and given the student's decoder and head weights;
+    each row's text tokens run through it with their original position ids. Losses ``[B, L]`` at ``candidates``,
+    NaN elsewhere.
     """
     from transformers import AutoModelForCausalLM
 
     parts = resolve(model)
     lm = AutoModelForCausalLM.from_config(model.config.get_text_config()).eval()
+    assert causal_lm is None or type(lm).__name__ == causal_lm, type(lm).__name__
     lm.model.load_state_dict(parts.decoder.state_dict())
     lm.lm_head.load_state_dict(parts.lm_head.state_dict())
     targets = shift_targets(batch[LABELS])
@@ -236,3 +253,75 @@ def teacher_reference_losses(model: Any, batch: dict, text: torch.Tensor, candid
         wanted = candidates[row, idx]
         out[row, idx[wanted]] = _losses(logits, targets[row : row + 1, idx])[0][wanted]
     return out
+
+
+def teacher_error(model: Any, batch: dict, causal_lm: str | None = None) -> float:
+    """max |difference| of ``Teacher.from_student``'s reference losses and :func:`teacher_reference_losses` (the
+    student's text backbone as the causal LM ``causal_lm``) on the batch's text positions."""
+    text = text_mask(resolve(model).media_token_ids, batch[INPUT_IDS], batch[ATTENTION_MASK])
+    candidates = candidate_mask(batch[LABELS]) & text
+    ours = Teacher.from_student(model).reference_losses(batch[INPUT_IDS], batch[LABELS], text, candidates)
+    return max_abs_diff(ours, teacher_reference_losses(model, batch, text, candidates, causal_lm))
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradients, and the steps the tower skips.
+
+
+def gradients(model: Any, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient of ``loss`` (the model's gradients zeroed before and after)."""
+    model.zero_grad()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return grads
+
+
+def max_grad_diff(ours: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> float:
+    """Largest difference of two gradient maps, which must cover the same parameters."""
+    assert ours.keys() == expected.keys(), "different parameters got gradients"
+    return max(float((ours[name] - expected[name]).abs().max()) for name in expected)
+
+
+@contextmanager
+def tower_rows(tower: Any) -> Iterator[list[int]]:
+    """The rows of every input the vision ``tower`` encodes while the context is open (a forward hook)."""
+    rows: list[int] = []
+    handle = tower.register_forward_hook(lambda m, a, o: rows.append(o.last_hidden_state.shape[0]))
+    try:
+        yield rows
+    finally:
+        handle.remove()
+
+
+class SkippedStep(NamedTuple):
+    """An elided training step against its reference (:func:`skipped_step_errors`)."""
+
+    out: Any
+    """The step's output (``forward_active``)."""
+    rows: list[int]
+    """The tower's input rows, per call."""
+    loss_error: float
+    """The largest token-loss difference."""
+    grad_error: float
+    """The largest gradient difference."""
+    trained: frozenset[str]
+    """The parameters that got a gradient (the same in both runs)."""
+
+
+def skipped_step_errors(
+    model: Any, batch: dict, keep: torch.Tensor, tower: Any, reference: Any = token_losses_4d
+) -> SkippedStep:
+    """One elided training step against a reference run on the same active tokens (with gradients).
+
+    The step runs with a hook on ``tower`` counting the rows it encodes (steps whose every token is elided are not
+    encoded); ``reference`` (:func:`token_losses_4d`, or :func:`token_losses_decoder` for a recurrent decoder)
+    gives the token losses, and the mean of its computed ones the reference gradients.
+    """
+    with tower_rows(tower) as rows:
+        out = forward_active(model, batch, keep)
+        ours = gradients(model, out.loss)
+    losses = reference(model, batch, keep)
+    expected = gradients(model, losses[~losses.isnan()].mean())
+    loss_error = max_abs_diff(out.token_loss.detach(), losses.detach())
+    return SkippedStep(out, rows, loss_error, max_grad_diff(ours, expected), frozenset(expected))

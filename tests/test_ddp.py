@@ -29,8 +29,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -67,17 +65,6 @@ REPO = Path(__file__).resolve().parents[1]
 EXACT_KEYS = ("ref", "offset", "length")
 NOISY_KEYS = ("ema", "vocab_ema")
 EMA_ATOL = 1e-4
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Tiny matrices: one thread is faster, and far faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def assert_same(a: dict[str, Any], b: dict[str, Any], keys: tuple[str, ...] | None = None, atol: float = 0.0) -> None:
@@ -158,9 +145,8 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
 
 @pytest.fixture(scope="module")
 def single_runs(ddp_run: SimpleNamespace) -> SimpleNamespace:
-    with one_thread():
-        full = ddp_worker.fit("global", 1, shuffle=True)
-        resumed = ddp_worker.fit("global", 1, shuffle=True, resume=str(ddp_run.checkpoint))
+    full = ddp_worker.fit("global", 1, shuffle=True)
+    resumed = ddp_worker.fit("global", 1, shuffle=True, resume=str(ddp_run.checkpoint))
     return SimpleNamespace(full=full, resumed=resumed)
 
 
@@ -405,20 +391,19 @@ def test_teacher_is_copied_before_the_strategy_sets_up_the_model():
                 seen["shares_storage"] = any(p.data_ptr() in student for p in teacher.parameters())
             super().setup(trainer)
 
-    with one_thread():
-        module = MLLMModule(tiny.tiny_llava(), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            strategy=Spy("cpu"),
-            max_steps=1,
-            callbacks=[callback],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-        )
-        trainer.fit(module, RandomDataModule(num_samples=4, batch_size=2, answer_len=8))
+    module = MLLMModule(tiny.tiny_llava(), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        strategy=Spy("cpu"),
+        max_steps=1,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, RandomDataModule(num_samples=4, batch_size=2, answer_len=8))
     assert seen == {"teacher_ready": True, "shares_storage": False}
 
 
@@ -452,7 +437,6 @@ def test_gpu_strategy_script_checks_pass_on_cpu():
         sys.path.insert(0, str(REPO))
     from benchmarks.gpu_strategies import scenario
 
-    with one_thread():
-        record = scenario("cpu-smoke", lambda: "auto", "32-true", "single_device", "cpu")
+    record = scenario("cpu-smoke", lambda: "auto", "32-true", "single_device", "cpu")
     assert record["ok"], record
     assert record["teacher"]["numel"] == record["backbone_numel"] and record["keep_masks"] == [False, True, False]

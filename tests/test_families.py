@@ -7,6 +7,7 @@ import importlib
 import pytest
 import torch
 import transformers
+from references import TOL, teacher_error
 
 from regate_lightning.data.vision import VisionSpec
 from regate_lightning.elision import forward_active
@@ -84,6 +85,26 @@ def test_random_batches_and_vision_spec_count_the_same_placeholders(factory, str
         assert layout["key"] == spec.image_key and count == spec.tokens_per_image
     assert token_id in spec.media_token_ids
     forward_active(model, random_batch(model, batch_size=1, num_frames=frames))  # HF checks the count itself
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "causal_lm"),
+    [
+        ("Gemma3ForConditionalGeneration", {}, "Gemma3ForCausalLM"),
+        ("SmolVLMForConditionalGeneration", {}, "LlamaForCausalLM"),
+        ("VideoLlama3ForConditionalGeneration", {}, "Qwen2ForCausalLM"),
+        ("LlavaOnevisionForConditionalGeneration", {}, "Qwen2ForCausalLM"),
+        ("InternVLForConditionalGeneration", {"text_model_type": "qwen2"}, "Qwen2ForCausalLM"),  # InternVL3
+        ("InternVLForConditionalGeneration", {"text_model_type": "qwen3"}, "Qwen3ForCausalLM"),  # most InternVL3.5
+    ],
+    ids=["gemma3", "smolvlm", "video_llama_3", "llava_onevision", "internvl-qwen2", "internvl-qwen3"],
+)
+def test_teacher_is_the_students_text_backbone(name, config, causal_lm):
+    """``Teacher.from_student``'s reference losses equal the student's text backbone as its own HF causal LM, with
+    the student's decoder and head weights, run on the text positions with their original position ids."""
+    model = tiny.tiny_model(name, **config).eval()
+    batch = random_batch(model, batch_size=2, num_frames=2, ragged=True, seed=3)
+    assert teacher_error(model, batch, causal_lm) < TOL
 
 
 def test_cls_rule():

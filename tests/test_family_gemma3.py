@@ -1,38 +1,50 @@
 """Gemma 3: its bidirectional image attention kept exactly on the shortened sequence, its processor's images, crops
-and text, images skipped in the tower, the teacher from its own text backbone.
+and text, images skipped in the tower.
 
 The generic exactness tests run for ``Gemma3ForConditionalGeneration`` in ``tests/test_elision.py``; their 4-D
-reference is the model's own masks on the full sequence (``tests/references.py``) with the elided keys hidden.
+reference is the model's own masks on the full sequence (``tests/references.py``) with the elided keys hidden. The
+teacher from its own text backbone is tested in ``tests/test_families.py``.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import lightning.pytorch as pl
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from data_fixtures import CORPUS, write_records
+from data_fixtures import (
+    CORPUS,
+    MEAN,
+    STD,
+    first_batch,
+    image_records,
+    messages,
+    row_ids,
+    run_model,
+    save_checkpoint,
+)
 from PIL import Image
-from references import hf_inputs, max_abs_diff, partial_mask, token_losses_4d, token_losses_shortened, visual_mask
+from references import (
+    TOL,
+    hf_inputs,
+    max_abs_diff,
+    partial_mask,
+    skipped_step_errors,
+    token_losses_4d,
+    token_losses_shortened,
+    visual_mask,
+)
 
-from regate_lightning import MLLMModule
 from regate_lightning.data import train_tokenizer
-from regate_lightning.data.datamodule import ConversationDataModule
 from regate_lightning.elision import forward_active
 from regate_lightning.families import family_of, resolve
 from regate_lightning.families.gemma3 import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN
-from regate_lightning.keys import ATTENTION_MASK, INPUT_IDS, LABELS, PIXEL_VALUES, SAMPLE_IDX, TOKEN_TYPE_IDS
-from regate_lightning.targets import candidate_mask, shift_targets
-from regate_lightning.teacher import Teacher
+from regate_lightning.keys import ATTENTION_MASK, INPUT_IDS, LABELS, PIXEL_VALUES, TOKEN_TYPE_IDS
+from regate_lightning.targets import shift_targets
 from regate_lightning.testing import random_batch, tiny
 from regate_lightning.visual import VisualElisionPolicy
 
-TOL = 1e-5
-MEAN, STD = [0.3, 0.4, 0.5], [0.2, 0.25, 0.3]
 SPECIALS = ("<pad>", "<bos>", "<eos>", BOI_TOKEN, IMAGE_TOKEN, EOI_TOKEN, "<start_of_turn>", "<end_of_turn>")
 TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<start_of_turn>"
@@ -61,57 +73,13 @@ def gemma_tokenizer():
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("gemma3")
-    tok = gemma_tokenizer()
+    ids = {"boi_token_id": BOI_TOKEN, "image_token_id": IMAGE_TOKEN, "eoi_token_id": EOI_TOKEN}
     model = tiny.tiny_model("Gemma3ForConditionalGeneration")
-    ids = tok.convert_tokens_to_ids([BOI_TOKEN, IMAGE_TOKEN, EOI_TOKEN])
-    model.config.boi_token_id, model.config.image_token_id, model.config.eoi_token_id = ids
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps(IMAGE_PROCESSOR))
-    return folder
+    return save_checkpoint(tmp_path_factory.mktemp("gemma3"), model, gemma_tokenizer(), ids, image=IMAGE_PROCESSOR)
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> list[Path]:
-    """(H, W): wide (pan-and-scan crops), square (none), tall (crops)."""
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(5)
-    paths = []
-    for i, (h, w) in enumerate([(40, 100), (50, 50), (90, 30)]):
-        path = folder / f"img{i}.png"
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-        paths.append(path)
-    return paths
-
-
-def first_batch(student: str, train_file: Path) -> tuple[MLLMModule, dict]:
-    module = MLLMModule(model=student)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.strategy.connect(module)
-    data = ConversationDataModule(train_file=str(train_file), max_length=None, batch_size=8)
-    data.trainer = trainer
-    data.setup("fit")
-    assert data.train_set is not None
-    batch = data.train_dataloader().collate_fn([data.train_set[i] for i in range(len(data.train_set))])
-    return module, {k: v for k, v in batch.items() if k != SAMPLE_IDX}
-
-
-def image_records(folder: Path, paths: list[Path]) -> Path:
-    records = [
-        {
-            "id": f"r{i}",
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [{"type": "image", "path": str(p)}, {"type": "text", "text": "What is it?"}],
-                },
-                {"role": "assistant", "content": [{"type": "text", "text": "It is green."}]},
-            ],
-        }
-        for i, p in enumerate(paths)
-    ]
-    return write_records(folder / "images.jsonl", records)
+IMAGE_HW, IMAGE_SEED = [(40, 100), (50, 50), (90, 30)], 5
+"""The ``images`` fixture's (H, W): wide (pan-and-scan crops), square (none), tall (crops)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -175,25 +143,9 @@ def test_images_whose_tokens_are_all_elided_are_not_encoded():
     batch = random_batch(model, batch_size=3, ragged=True, seed=5)
     keep = partial_mask(batch, equal_rows=False)
     keep[1] &= batch[INPUT_IDS][1] != model.config.image_token_id  # the second row's image entirely
-    rows: list[int] = []
-    handle = resolve(model).inner.vision_tower.register_forward_hook(
-        lambda m, a, o: rows.append(o.last_hidden_state.shape[0])
-    )
-    try:
-        model.zero_grad()
-        out = forward_active(model, batch, keep)
-        out.loss.backward()
-    finally:
-        handle.remove()
-    skipped = {k: v.grad.clone() for k, v in model.named_parameters() if v.grad is not None}
-    model.zero_grad()
-    masked = token_losses_4d(model, batch, keep)
-    masked[~masked.isnan()].mean().backward()
-    full = {k: v.grad.clone() for k, v in model.named_parameters() if v.grad is not None}
-    model.zero_grad()
+    out, rows, loss_err, grad_err, _ = skipped_step_errors(model, batch, keep, resolve(model).inner.vision_tower)
     assert out.skipped_steps == 1 and rows == [2]
-    assert max_abs_diff(out.token_loss.detach(), masked.detach()) < TOL
-    assert max(float((skipped[k] - full[k]).abs().max()) for k in full) < TOL
+    assert loss_err < TOL and grad_err < TOL
 
 
 def test_random_visual_elision_of_image_tokens_equals_the_model():
@@ -218,7 +170,7 @@ def test_images_and_crops_equal_gemma3_image_processor_and_processor_text(folder
     from transformers import Gemma3ImageProcessorPil
     from transformers.models.gemma3.processing_gemma3 import Gemma3Processor
 
-    module, batch = first_batch(str(folder), image_records(tmp_path, images))
+    module, batch, _ = first_batch(str(folder), image_records(tmp_path, images, question="What is it?"))
     settings = {k: v for k, v in IMAGE_PROCESSOR.items() if k != "image_processor_type"}
     hf = Gemma3ImageProcessorPil(**settings)(images=[Image.open(p) for p in images], return_tensors="pt")
     assert max_abs_diff(batch[PIXEL_VALUES], hf[PIXEL_VALUES]) == 0
@@ -227,46 +179,15 @@ def test_images_and_crops_equal_gemma3_image_processor_and_processor_text(folder
     tok = gemma_tokenizer()
     tokens = module.hf_model.config.mm_tokens_per_image
     sequence = f"\n\n{BOI_TOKEN}{IMAGE_TOKEN * tokens}{EOI_TOKEN}\n\n"
-    messages = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "It is green."}]},
-    ]
-    text = tok.apply_chat_template(messages, tokenize=False, chat_template=TEMPLATE)
+    conversation = messages("What is it?", "It is green.", ("image", None))
+    text = tok.apply_chat_template(conversation, tokenize=False, chat_template=TEMPLATE)
     image_id = module.hf_model.config.image_token_id
     for row in range(len(images)):
         prompt = Gemma3Processor.replace_image_token(
             SimpleNamespace(full_image_sequence=sequence), {"num_crops": crops}, row
         )
         expected = tok(text.replace(BOI_TOKEN, prompt, 1), add_special_tokens=False)["input_ids"]
-        attended = batch[ATTENTION_MASK][row].bool()
-        assert batch[INPUT_IDS][row][attended].tolist() == expected, row
+        assert row_ids(batch, row) == expected, row
         types = [int(t == image_id) for t in expected]  # the processor's token_type_ids: 1 at image tokens
-        assert batch[TOKEN_TYPE_IDS][row][attended].tolist() == types
-    with torch.no_grad():
-        assert torch.isfinite(forward_active(module.model, batch).loss)
-
-
-# ------------------------------------------------------------------------------------------------
-# The teacher.
-
-
-def test_teacher_is_the_gemma3_text_backbone_on_text_positions():
-    from transformers import Gemma3ForCausalLM
-
-    model = tiny.tiny_model("Gemma3ForConditionalGeneration")
-    batch = random_batch(model, batch_size=2, ragged=True)
-    parts = resolve(model)
-    text = batch[ATTENTION_MASK].bool() & ~torch.isin(batch[INPUT_IDS], torch.tensor(parts.media_token_ids))
-    cand = candidate_mask(batch[LABELS]) & text
-    ours = Teacher.from_student(model).reference_losses(batch[INPUT_IDS], batch[LABELS], text, cand)
-    backbone = Gemma3ForCausalLM(model.config.text_config)
-    backbone.model.load_state_dict(parts.decoder.state_dict())
-    backbone.lm_head.load_state_dict(parts.lm_head.state_dict())
-    targets = shift_targets(batch[LABELS])
-    for row in range(2):
-        idx = text[row].nonzero().flatten()
-        with torch.no_grad():
-            logits = backbone(input_ids=batch[INPUT_IDS][row : row + 1, idx], position_ids=idx[None]).logits[0]
-        want = cand[row, idx]
-        expected = F.cross_entropy(logits[want], targets[row, idx][want], reduction="none")
-        assert torch.allclose(ours[row, idx[want]], expected, atol=1e-5)
+        assert batch[TOKEN_TYPE_IDS][row][batch[ATTENTION_MASK][row].bool()].tolist() == types
+    run_model(module, batch)

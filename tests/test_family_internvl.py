@@ -10,9 +10,11 @@ text backbone (fit and score); and refusals of processor configs that do not fit
 
 ``InternVLProcessor`` checks that its ``video_processor`` argument is a ``BaseVideoProcessor``, a class that needs
 torchvision, which cannot be imported beside this machine's torch. The tests here build the real processor with
-``video_processor=None`` after letting that one class check pass (:func:`internvl_processor`); everything the
-processor then runs (its chat template, its ``replace_image_token`` / ``replace_video_token``, the image
-processor) is transformers' own. The ``needs_torchvision`` tests run its video processor where torchvision imports.
+``video_processor=None`` after letting that one class check pass (``data_fixtures.processor_without_video``);
+everything the processor then runs (its chat template, its ``replace_image_token`` / ``replace_video_token``, the
+image processor) is transformers' own. The ``needs_torchvision`` tests run its video processor where torchvision
+imports. The teacher (Qwen2 and Qwen3 text backbones) is tested in ``tests/test_families.py``, ``score`` on the
+debug recipe in ``tests/test_score.py``.
 """
 
 from __future__ import annotations
@@ -22,36 +24,39 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from data_fixtures import CORPUS, write_video
-from PIL import Image
-from references import max_abs_diff, teacher_reference_losses, token_losses_4d
-from test_processors import (
+from data_fixtures import (
+    CORPUS,
     MEAN,
     STD,
+    clip_frames,
     first_batch,
+    image_ids_equal_the_processors,
     image_records,
+    media_records,
+    messages,
     needs_torchvision,
+    parity_diff,
+    processor_without_video,
+    row_ids,
     run_model,
+    save_checkpoint,
+    video_paths,
     video_records,
     write_images,
+    write_video,
 )
-from test_processors import max_abs_diff as parity_diff
+from references import TOL, max_abs_diff, skipped_step_errors, token_losses_4d
 
-from regate_lightning.data import VisionSpec, sample_video, train_tokenizer
-from regate_lightning.data.processors import CheckpointProcessor
+from regate_lightning.data import VisionSpec, train_tokenizer
 from regate_lightning.elision import forward_active
-from regate_lightning.families import FAMILIES, family_of, resolve
+from regate_lightning.families import family_of, resolve
 from regate_lightning.families.internvl import FAMILY, spans, tiny_config
 from regate_lightning.keys import ATTENTION_MASK, FRAME_INDEX, INPUT_IDS, LABELS, PIXEL_VALUES
 from regate_lightning.targets import candidate_mask
-from regate_lightning.teacher import Teacher, text_mask
 from regate_lightning.testing import random_batch, tiny
 from regate_lightning.testing.batches import media_layout
 from regate_lightning.visual import VisualElisionPolicy, temporal_change
 
-TOL = 1e-5
-ROOT = Path(__file__).resolve().parents[1]
 NAME = "InternVLForConditionalGeneration"
 SPECIALS = ("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>")
 NAMED = {
@@ -70,10 +75,6 @@ TEMPLATE = (
     "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
 )
 """The chat template of the InternVL ``-HF`` checkpoints (transformers' conversion script writes it)."""
-MESSAGES_IMAGE = [
-    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]},
-    {"role": "assistant", "content": [{"type": "text", "text": "It is green."}]},
-]
 
 
 def internvl_tokenizer():
@@ -94,9 +95,6 @@ def internvl_tokenizer():
 def save_internvl(folder: Path, max_patches: int = 6, **processor) -> Path:
     """A tiny InternVL with its tokenizer, template and image / video / processor configs (non-default values)."""
     tok = internvl_tokenizer()
-    model = tiny.tiny_model(NAME, image_token_id=tok.context_image_token_id)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
     image = {
         "image_processor_type": "GotOcr2ImageProcessor",
         "size": {"height": 32, "width": 32},
@@ -105,30 +103,27 @@ def save_internvl(folder: Path, max_patches: int = 6, **processor) -> Path:
         "image_mean": MEAN,
         "image_std": STD,
     }
-    (folder / "preprocessor_config.json").write_text(json.dumps({**image, **processor}))
     video = {"video_processor_type": "InternVLVideoProcessor", "size": {"height": 32, "width": 32}}
-    (folder / "video_preprocessor_config.json").write_text(json.dumps({**video, "image_mean": STD, "image_std": MEAN}))
-    (folder / "processor_config.json").write_text(
-        json.dumps({"processor_class": "InternVLProcessor", "image_seq_length": 4})
+    return save_checkpoint(
+        folder,
+        tiny.tiny_model(NAME, image_token_id=tok.context_image_token_id),
+        tok,
+        image={**image, **processor},
+        video={**video, "image_mean": STD, "image_std": MEAN},
+        processor={"processor_class": "InternVLProcessor", "image_seq_length": 4},
     )
-    return folder
 
 
 def internvl_processor(folder: Path, monkeypatch: pytest.MonkeyPatch):
     """transformers' ``InternVLProcessor`` of the folder, without a video processor (see the module docstring)."""
     from transformers import GotOcr2ImageProcessorPil, InternVLProcessor
-    from transformers.processing_utils import ProcessorMixin
 
-    check = ProcessorMixin.check_argument_for_proper_class
-
-    def lenient(self, name, argument):  # the one check that imports torchvision: no video processor given
-        return None if name == "video_processor" and argument is None else check(self, name, argument)
-
-    monkeypatch.setattr(ProcessorMixin, "check_argument_for_proper_class", lenient)
-    return InternVLProcessor(
-        image_processor=GotOcr2ImageProcessorPil.from_pretrained(folder),
+    return processor_without_video(
+        monkeypatch,
+        InternVLProcessor,
+        GotOcr2ImageProcessorPil,
+        folder,
         tokenizer=internvl_tokenizer(),
-        video_processor=None,
         image_seq_length=4,
         chat_template=TEMPLATE,
     )
@@ -137,11 +132,6 @@ def internvl_processor(folder: Path, monkeypatch: pytest.MonkeyPatch):
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     return save_internvl(tmp_path_factory.mktemp("internvl"))
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> list[Path]:
-    return write_images(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture(scope="module")
@@ -155,16 +145,9 @@ def model():
 
 def test_images_equal_internvl_processor(folder, images, tmp_path, monkeypatch):
     """Tiles of GotOcr2ImageProcessorPil with crop_to_patches (InternVLProcessor's call); input_ids equal its own."""
-    module, batch = first_batch(str(folder), image_records(tmp_path, images))
+    module, batch, _ = first_batch(str(folder), image_records(tmp_path, images))
     processor = internvl_processor(folder, monkeypatch)
-    tiles = []
-    for row, path in enumerate(images):
-        text = processor.apply_chat_template(MESSAGES_IMAGE, tokenize=False)
-        expected = processor(text=[text], images=[Image.open(path)], return_tensors="pt")
-        attended = batch[ATTENTION_MASK][row].bool()
-        assert batch[INPUT_IDS][row][attended].tolist() == expected["input_ids"][0].tolist()
-        tiles.append(expected["pixel_values"])
-    hf = torch.cat(tiles)
+    hf = torch.cat([out["pixel_values"] for out in image_ids_equal_the_processors(processor, batch, images)])
     assert parity_diff(batch[PIXEL_VALUES], hf, "image internvl vs InternVLProcessor (GotOcr2ImageProcessorPil)") == 0
     counts = [s[2] for s in FAMILY._spans(module.hf_model.config, batch)]
     assert len(set(counts)) > 1 and max(counts) > 2, "the sizes choose different tilings, thumbnails included"
@@ -176,19 +159,14 @@ def test_images_equal_internvl_processor(folder, images, tmp_path, monkeypatch):
 def test_video_lines_equal_the_processors_replace_video_token(folder, tmp_path, monkeypatch):
     """A video's ``Frame{i}: <img>...</img>`` lines from the checkpoint's template, as the processor writes them."""
     videos = [write_video(tmp_path / "a.mp4", num_frames=6), write_video(tmp_path / "b.mp4", num_frames=6, seed=1)]
-    module, batch = first_batch(str(folder), video_records(tmp_path, videos), num_frames=3)
+    module, batch, data = first_batch(str(folder), video_records(tmp_path, videos), num_frames=3)
     processor = internvl_processor(folder, monkeypatch)
-    data = batch["_data"]
     assert data.train_set.renderer.template_media == {"image": "<IMG_CONTEXT>", "video": "<video>"}
-    messages = [
-        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What moves?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "A square."}]},
-    ]
-    text = processor.apply_chat_template(messages, tokenize=False)
+    text = processor.apply_chat_template(messages("What moves?", "A square.", ("video", None)), tokenize=False)
     lines = processor.replace_video_token({"pixel_values_videos": [torch.zeros(3, 3, 32, 32)]}, 0)
     expected = processor.tokenizer(text.replace("<video>", lines))["input_ids"]
     for row in range(2):
-        assert batch[INPUT_IDS][row][batch[ATTENTION_MASK][row].bool()].tolist() == expected
+        assert row_ids(batch, row) == expected
     assert batch[FRAME_INDEX].tolist() == [0, 1, 2, 0, 1, 2] and batch[PIXEL_VALUES].shape == (6, 3, 32, 32)
     assert FAMILY.media_positions(module.hf_model.config, batch, "video").sum().item() == 2 * 3 * 4
     run_model(module, batch)
@@ -230,27 +208,9 @@ def test_processor_configs_that_do_not_fit_are_refused(tmp_path):
 def mixed(folder, images, tmp_path_factory):
     """A batch from the data module: two tiled images and a three-frame video, and the model."""
     tmp = tmp_path_factory.mktemp("mixed")
-    video = write_video(tmp / "v.mp4", num_frames=6)
-    records = [json.loads(line) for line in image_records(tmp, images[:2]).read_text().splitlines()]
-    records += [json.loads(line) for line in video_records(tmp, [video]).read_text().splitlines()]
-    (tmp / "mixed.jsonl").write_text("\n".join(json.dumps(r) for r in records))
-    module, batch = first_batch(str(folder), tmp / "mixed.jsonl", num_frames=3)
-    return module.hf_model.eval(), {k: v for k, v in batch.items() if not k.startswith("_")}
-
-
-def tower_rows(model, batch, keep):
-    """The tower's input rows, the skipped steps and the token losses of one elided step (with gradients)."""
-    rows: list[int] = []
-    handle = model.model.vision_tower.register_forward_hook(lambda m, a, o: rows.append(o.last_hidden_state.shape[0]))
-    try:
-        model.zero_grad()
-        out = forward_active(model, batch, keep)
-        out.loss.backward()
-    finally:
-        handle.remove()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    return rows, out, grads
+    media = [("image", images[0]), ("image", images[1]), ("video", write_video(tmp / "v.mp4", num_frames=6))]
+    module, batch, _ = first_batch(str(folder), media_records(tmp, media), num_frames=3)
+    return module.hf_model.eval(), batch
 
 
 def test_tiles_and_frames_elided_whole_are_not_encoded(mixed):
@@ -264,18 +224,11 @@ def test_tiles_and_frames_elided_whole_are_not_encoded(mixed):
     for row, start, _, _ in (first_image, frame):
         keep[row, start : start + 4] = False  # one tile: 4 tokens
     keep[first_image[0], first_image[1] + 5] = False  # and one token of the next tile (it stays encoded)
-    rows, out, grads = tower_rows(model, batch, keep)
+    out, rows, loss_err, grad_err, _ = skipped_step_errors(model, batch, keep, model.model.vision_tower)
     total = batch[PIXEL_VALUES].shape[0]
     assert out.skipped_steps == 2 and rows == [total - 2]
-    masked = token_losses_4d(model, batch, keep)
-    assert max_abs_diff(out.token_loss.detach(), masked.detach()) < TOL
-    masked[~masked.isnan()].mean().backward()
-    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    assert grads.keys() == expected.keys()
-    worst = max(float((grads[n] - expected[n]).abs().max()) for n in expected)
-    print(f"max|grad diff| internvl/skipped tiles and frames: {worst:.2e}")
-    assert worst < TOL
+    print(f"max|grad diff| internvl/skipped tiles and frames: {grad_err:.2e}")
+    assert loss_err < TOL and grad_err < TOL
 
 
 def test_media_steps_are_the_towers_rows(mixed):
@@ -391,44 +344,14 @@ def test_unused_tower_layers_get_no_gradient():
 
 
 # ------------------------------------------------------------------------------------------------
-# The teacher: the checkpoint's own text backbone (Qwen2 for InternVL3, Qwen3 for most InternVL3.5 sizes).
-
-
-@pytest.mark.parametrize("text_model_type", ["qwen2", "qwen3"])
-def test_teacher_is_the_text_backbone(text_model_type):
-    model = tiny.tiny_model(NAME, text_model_type=text_model_type).eval()
-    assert model.config.text_config.model_type == text_model_type
-    batch = random_batch(model, batch_size=2, num_frames=2, ragged=True, seed=3)
-    text = text_mask(resolve(model).media_token_ids, batch[INPUT_IDS], batch[ATTENTION_MASK])
-    candidates = candidate_mask(batch[LABELS]) & text
-    ours = Teacher.from_student(model).reference_losses(batch[INPUT_IDS], batch[LABELS], text, candidates)
-    assert max_abs_diff(ours, teacher_reference_losses(model, batch, text, candidates)) < TOL
-
-
-def test_score_runs_the_student_teacher_on_the_recipe(tmp_path):
-    from regate_lightning.cli import score_main
-
-    config = yaml.safe_load((ROOT / "recipes" / "debug_internvl.yaml").read_text())
-    config["trainer"].update(logger=False, enable_progress_bar=False, enable_model_summary=False)
-    regate = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ReGATECallback"))
-    regate["init_args"]["ref_cache"] = str(tmp_path / "refs.pt")
-    config["data"]["init_args"]["num_samples"] = 4
-    path = tmp_path / "score.yaml"
-    path.write_text(yaml.safe_dump(config))
-    result = score_main(["--config", str(path), "--score.progress", "false"])
-    assert result.num_samples == 4 and result.scored == 4 and (tmp_path / "refs.pt").exists()
-
-
-# ------------------------------------------------------------------------------------------------
 # Where torchvision imports: transformers' own video processor and the whole processor.
 
 
 @needs_torchvision
 def test_builtin_video_rules_equal_internvl_video_processor(folder, tmp_path):
-    transformers_side = CheckpointProcessor.load(str(folder), FAMILIES["internvl"], video_backend="transformers")
-    builtin = CheckpointProcessor.load(str(folder), FAMILIES["internvl"], video_backend="builtin")
+    transformers_side, builtin = video_paths(folder, "internvl")
     for i, frames in enumerate((3, 5)):
-        decoded = sample_video(write_video(tmp_path / f"v{i}.mp4", num_frames=frames, seed=i), frames).frames
+        decoded = clip_frames(tmp_path / f"v{i}.mp4", frames, seed=i)
         a, b = transformers_side.video(decoded), builtin.video(decoded)
         assert parity_diff(a.values, b.values, "video internvl built-in vs InternVLVideoProcessor") <= 1e-5
 
@@ -439,17 +362,10 @@ def test_span_helper():
 
 def test_the_media_gap_swaps_images_of_equal_tiles(folder, tmp_path):
     """Rows with one image of the same tile count swap images (the video rows' frames are no single item)."""
-    import numpy as np
-
     from regate_lightning.reliance import swap_media
 
-    rng = np.random.default_rng(0)
-    paths = []
-    for i, (h, w) in enumerate([(60, 90), (40, 40), (62, 88)]):
-        paths.append(tmp_path / f"s{i}.png")
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
-    module, batch = first_batch(str(folder), image_records(tmp_path, paths))
-    batch = {k: v for k, v in batch.items() if not k.startswith("_")}
+    paths = write_images(tmp_path, [(60, 90), (40, 40), (62, 88)], seed=0)
+    module, batch, _ = first_batch(str(folder), image_records(tmp_path, paths))
     assert [s[2] for s in FAMILY._spans(module.hf_model.config, batch)] == [7, 1, 7]  # 3 x 2 tiles + thumbnail
     [swap] = swap_media(batch, resolve(module.hf_model))
     assert swap.rows.tolist() == [0, 2] and not torch.equal(swap.own[PIXEL_VALUES], swap.swapped[PIXEL_VALUES])

@@ -5,54 +5,54 @@ video per row, its newline token included). Here: anyres-max images through the 
 ``LlavaOnevisionImageProcessorPil`` and counted by the model's own ``pack_image_features``, equal to
 ``LlavaOnevisionProcessor``'s counts and ids; the video's newline token as the media's tail (steps, regions,
 scores, skipped frames); images and videos in one batch elided exactly, with whole images and frames not encoded;
-the pooled token -> region layout against the model's own ``apply_pooling``; the teacher from the Qwen2 text
-backbone (fit and score).
+the pooled token -> region layout against the model's own ``apply_pooling``. The teacher from the Qwen2 text
+backbone is tested in ``tests/test_families.py``, ``score`` on the debug recipe in ``tests/test_score.py``.
 
 ``LlavaOnevisionProcessor`` checks that its ``video_processor`` argument is a ``BaseVideoProcessor``, a class that
 needs torchvision, which cannot be imported beside this machine's torch: the processor is built with
-``video_processor=None`` after letting that one class check pass (as in ``tests/test_family_internvl.py``);
+``video_processor=None`` after letting that one class check pass (``data_fixtures.processor_without_video``);
 everything it then runs is transformers' own. The ``needs_torchvision`` test runs its video processor where
 torchvision imports.
 """
 
 from __future__ import annotations
 
-import json
 import types
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from data_fixtures import tokenizer, write_video
-from PIL import Image
-from references import max_abs_diff, teacher_reference_losses, token_losses_4d
-from test_processors import (
+from data_fixtures import (
     MEAN,
     STD,
+    clip_frames,
     first_batch,
+    image_ids_equal_the_processors,
     image_records,
+    media_records,
+    messages,
     needs_torchvision,
+    parity_diff,
+    processor_without_video,
     run_model,
+    save_checkpoint,
+    tokenizer,
+    video_paths,
     video_records,
     write_images,
+    write_video,
 )
-from test_processors import max_abs_diff as parity_diff
+from references import TOL, max_abs_diff, skipped_step_errors, token_losses_4d, tower_rows
 
-from regate_lightning.data.processors import CheckpointProcessor
-from regate_lightning.data.video import sample_video
 from regate_lightning.elision import forward_active
-from regate_lightning.families import FAMILIES, resolve
+from regate_lightning.families import resolve
 from regate_lightning.families.llava_onevision import FAMILY, image_tokens, pool_windows
 from regate_lightning.keys import ATTENTION_MASK, IMAGE_SIZES, INPUT_IDS, LABELS, PIXEL_VALUES, PIXEL_VALUES_VIDEOS
 from regate_lightning.targets import candidate_mask
-from regate_lightning.teacher import Teacher, text_mask
 from regate_lightning.testing import random_batch, tiny
 from regate_lightning.testing.batches import media_layout
 from regate_lightning.visual import TemporalSelection, UniformSelection, VisualElisionPolicy, temporal_change
 
-TOL = 1e-5
-ROOT = Path(__file__).resolve().parents[1]
 NAME = "LlavaOnevisionForConditionalGeneration"
 ASPECT = "anyres_max_2"
 """A small ``max_num_patches``: the tiny images' larger tilings are shrunk, as anyres_max_9 shrinks large ones."""
@@ -76,9 +76,6 @@ def save_onevision(folder: Path) -> Path:
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         video_token_id=tok.convert_tokens_to_ids("<video>"),
     )
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    (folder / "chat_template.jinja").write_text(TEMPLATE)
     image = {
         "image_processor_type": "LlavaOnevisionImageProcessor",
         "size": {"height": 32, "width": 32},
@@ -86,27 +83,21 @@ def save_onevision(folder: Path) -> Path:
         "image_mean": MEAN,
         "image_std": STD,
     }
-    (folder / "preprocessor_config.json").write_text(json.dumps(image))
     video = {"video_processor_type": "LlavaOnevisionVideoProcessor", "size": {"height": 32, "width": 32}}
-    (folder / "video_preprocessor_config.json").write_text(json.dumps({**video, "image_mean": STD, "image_std": MEAN}))
-    return folder
+    video = {**video, "image_mean": STD, "image_std": MEAN}
+    return save_checkpoint(folder, model, tok, image=image, video=video, chat_template=TEMPLATE)
 
 
 def onevision_processor(folder: Path, monkeypatch: pytest.MonkeyPatch, aspect: str = ASPECT):
     """transformers' ``LlavaOnevisionProcessor`` of the folder, without a video processor (module docstring)."""
     from transformers import LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor
-    from transformers.processing_utils import ProcessorMixin
 
-    check = ProcessorMixin.check_argument_for_proper_class
-
-    def lenient(self, name, argument):  # the one check that imports torchvision: no video processor given
-        return None if name == "video_processor" and argument is None else check(self, name, argument)
-
-    monkeypatch.setattr(ProcessorMixin, "check_argument_for_proper_class", lenient)
-    return LlavaOnevisionProcessor(
-        image_processor=LlavaOnevisionImageProcessorPil.from_pretrained(folder),
+    return processor_without_video(
+        monkeypatch,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionImageProcessorPil,
+        folder,
         tokenizer=tokenizer(),
-        video_processor=None,
         num_image_tokens=16,
         vision_feature_select_strategy="full",
         vision_aspect_ratio=aspect,
@@ -120,11 +111,6 @@ def folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> list[Path]:
-    return write_images(tmp_path_factory.mktemp("images"))
-
-
-@pytest.fixture(scope="module")
 def model():
     return tiny.tiny_model(NAME).eval()
 
@@ -135,17 +121,10 @@ def model():
 
 def test_images_equal_llava_onevision_processor(folder, images, tmp_path, monkeypatch):
     """Tiles of LlavaOnevisionImageProcessorPil; input_ids (the counts) equal LlavaOnevisionProcessor's."""
-    module, batch = first_batch(str(folder), image_records(tmp_path, images))
+    module, batch, _ = first_batch(str(folder), image_records(tmp_path, images))
     processor = onevision_processor(folder, monkeypatch)
-    messages = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "It is green."}]},
-    ]
     tiles = []
-    for row, path in enumerate(images):
-        text = processor.apply_chat_template(messages, tokenize=False)
-        expected = processor(text=[text], images=[Image.open(path)], return_tensors="pt")
-        assert batch[INPUT_IDS][row][batch[ATTENTION_MASK][row].bool()].tolist() == expected["input_ids"][0].tolist()
+    for row, expected in enumerate(image_ids_equal_the_processors(processor, batch, images)):
         assert torch.equal(batch[IMAGE_SIZES][row], expected["image_sizes"][0])
         tiles.append(expected["pixel_values"][0])  # [most tiles, 3, S, S]: this image's, then zeros
     items = FAMILY.split_media(module.hf_model.config, batch, "image", len(images))
@@ -167,13 +146,9 @@ def test_the_models_count_is_the_processors(folder, monkeypatch, aspect):
 def test_video_count_and_text_equal_the_processors(folder, tmp_path, monkeypatch):
     """A video: ``T`` frames of 4 pooled tokens and one newline, the template's text as the processor expands it."""
     videos = [write_video(tmp_path / "a.mp4", num_frames=6)]
-    module, batch = first_batch(str(folder), video_records(tmp_path, videos), num_frames=3)
+    module, batch, _ = first_batch(str(folder), video_records(tmp_path, videos), num_frames=3)
     processor = onevision_processor(folder, monkeypatch)
-    messages = [
-        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What moves?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "A square."}]},
-    ]
-    text = processor.apply_chat_template(messages, tokenize=False)
+    text = processor.apply_chat_template(messages("What moves?", "A square.", ("video", None)), tokenize=False)
     expanded = processor.replace_video_token({"pixel_values_videos": [torch.zeros(3, 3, 32, 32)]}, 0)
     assert expanded.count("<video>") == 3 * 4 + 1
     assert batch[INPUT_IDS][0].tolist() == processor.tokenizer(text.replace("<video>", expanded))["input_ids"]
@@ -217,26 +192,10 @@ def test_whole_frames_elided_are_not_encoded_and_the_newline_stays(model, select
     keep = policy.plan(batch, step=1).keep_mask
     newline = (batch[INPUT_IDS] == model.config.video_token_id).cumsum(1) == 17
     assert keep[newline].all(), "scored selections keep the newline first"
-    rows: list[int] = []
-    handle = model.model.vision_tower.register_forward_hook(lambda m, a, o: rows.append(o.last_hidden_state.shape[0]))
-    try:
-        model.zero_grad()
-        out = forward_active(model, batch, keep)
-        out.loss.backward()
-    finally:
-        handle.remove()
-    skipped = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    masked = token_losses_4d(model, batch, keep)
-    masked[~masked.isnan()].mean().backward()
-    full = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
+    out, rows, loss_err, grad_err, _ = skipped_step_errors(model, batch, keep, model.model.vision_tower)
     assert out.skipped_steps == 4 and rows == [4]
-    assert max_abs_diff(out.token_loss.detach(), masked.detach()) < TOL
-    assert skipped.keys() == full.keys()
-    worst = max(float((skipped[n] - full[n]).abs().max()) for n in full)
-    print(f"max|grad diff| llava_onevision/skipped frames ({selection}): {worst:.2e}")
-    assert worst < TOL
+    print(f"max|grad diff| llava_onevision/skipped frames ({selection}): {grad_err:.2e}")
+    assert loss_err < TOL and grad_err < TOL
 
 
 def test_an_elided_newline_or_video_equals_the_model(model):
@@ -256,12 +215,9 @@ def test_an_elided_newline_or_video_equals_the_model(model):
 
 
 def test_images_and_frames_elided_whole_are_not_encoded(folder, images, tmp_path):
-    video = write_video(tmp_path / "v.mp4", num_frames=6)
-    records = [json.loads(line) for line in image_records(tmp_path, images[:2]).read_text().splitlines()]
-    records += [json.loads(line) for line in video_records(tmp_path, [video]).read_text().splitlines()]
-    (tmp_path / "mixed.jsonl").write_text("\n".join(json.dumps(r) for r in records))
-    module, batch = first_batch(str(folder), tmp_path / "mixed.jsonl", num_frames=3)
-    model, batch = module.hf_model.eval(), {k: v for k, v in batch.items() if not k.startswith("_")}
+    media = [("image", images[0]), ("image", images[1]), ("video", write_video(tmp_path / "v.mp4", num_frames=6))]
+    module, batch, _ = first_batch(str(folder), media_records(tmp_path, media), num_frames=3)
+    model = module.hf_model.eval()
     # row 0: every token of its image elided; row 2: the video's second frame elided; some answer tokens too
     keep = torch.ones_like(batch[INPUT_IDS], dtype=torch.bool)
     keep[0] &= batch[INPUT_IDS][0] != model.config.image_token_id
@@ -269,13 +225,8 @@ def test_images_and_frames_elided_whole_are_not_encoded(folder, images, tmp_path
     keep[2, frame] = False
     keep[1, candidate_mask(batch[LABELS])[1].nonzero().flatten()[::2]] = False
     tiles = [s.rows_per_step for s in FAMILY.media_steps(model.config, batch, "image")]
-    rows: list[int] = []
-    handle = model.model.vision_tower.register_forward_hook(lambda m, a, o: rows.append(o.last_hidden_state.shape[0]))
-    try:
-        with torch.no_grad():
-            out = forward_active(model, batch, keep)
-    finally:
-        handle.remove()
+    with tower_rows(model.model.vision_tower) as rows, torch.no_grad():
+        out = forward_active(model, batch, keep)
     assert out.skipped_steps == 2 and rows == [tiles[1], 2]
     with torch.no_grad():
         assert max_abs_diff(out.token_loss, token_losses_4d(model, batch, keep)) < TOL
@@ -318,43 +269,14 @@ def test_regions_are_the_pooled_windows_pixels(model):
 
 
 # ------------------------------------------------------------------------------------------------
-# The teacher: the checkpoint's own text backbone (Qwen2).
-
-
-def test_teacher_is_the_text_backbone(model):
-    batch = random_batch(model, batch_size=2, num_frames=2, ragged=True, seed=3)
-    text = text_mask(resolve(model).media_token_ids, batch[INPUT_IDS], batch[ATTENTION_MASK])
-    candidates = candidate_mask(batch[LABELS]) & text
-    ours = Teacher.from_student(model).reference_losses(batch[INPUT_IDS], batch[LABELS], text, candidates)
-    assert model.config.text_config.model_type == "qwen2"
-    assert max_abs_diff(ours, teacher_reference_losses(model, batch, text, candidates)) < TOL
-
-
-def test_score_runs_the_student_teacher_on_the_recipe(tmp_path):
-    from regate_lightning.cli import score_main
-
-    config = yaml.safe_load((ROOT / "recipes" / "debug_llava_onevision.yaml").read_text())
-    config["trainer"].update(logger=False, enable_progress_bar=False, enable_model_summary=False)
-    regate = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ReGATECallback"))
-    regate["init_args"]["ref_cache"] = str(tmp_path / "refs.pt")
-    config["data"]["init_args"]["num_samples"] = 4
-    path = tmp_path / "score.yaml"
-    path.write_text(yaml.safe_dump(config))
-    result = score_main(["--config", str(path), "--score.progress", "false"])
-    assert result.num_samples == 4 and result.scored == 4 and (tmp_path / "refs.pt").exists()
-
-
-# ------------------------------------------------------------------------------------------------
 # Where torchvision imports: transformers' own video processor.
 
 
 @needs_torchvision
 def test_builtin_video_rules_equal_llava_onevision_video_processor(folder, tmp_path):
-    family = FAMILIES["llava_onevision"]
-    transformers_side = CheckpointProcessor.load(str(folder), family, video_backend="transformers")
-    builtin = CheckpointProcessor.load(str(folder), family, video_backend="builtin")
+    transformers_side, builtin = video_paths(folder, "llava_onevision")
     for i, frames in enumerate((3, 5)):
-        decoded = sample_video(write_video(tmp_path / f"v{i}.mp4", num_frames=frames, seed=i), frames).frames
+        decoded = clip_frames(tmp_path / f"v{i}.mp4", frames, seed=i)
         a, b = transformers_side.video(decoded), builtin.video(decoded)
         assert parity_diff(a.values, b.values, "video llava_onevision built-in vs LlavaOnevisionVideoProcessor") <= 1e-5
 
@@ -362,17 +284,10 @@ def test_builtin_video_rules_equal_llava_onevision_video_processor(folder, tmp_p
 def test_the_media_gap_swaps_only_images_of_one_size(folder, tmp_path):
     """An anyres image's count follows from its size: 60 x 90 and 50 x 90 both make 7 tiles but 44 and 52 tokens,
     so only the two images of one size swap; the swapped rows run (the model checks the counts)."""
-    import numpy as np
-
     from regate_lightning.reliance import swap_media
 
-    rng = np.random.default_rng(0)
-    paths = []
-    for i, (h, w) in enumerate([(60, 90), (50, 90), (60, 90)]):
-        paths.append(tmp_path / f"s{i}.png")
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
-    module, batch = first_batch(str(folder), image_records(tmp_path, paths))
-    batch = {k: v for k, v in batch.items() if not k.startswith("_")}
+    paths = write_images(tmp_path, [(60, 90), (50, 90), (60, 90)], seed=0)
+    module, batch, _ = first_batch(str(folder), image_records(tmp_path, paths))
     assert FAMILY.image_tiles(module.hf_model.config, batch) == [7, 7, 7]
     [swap] = swap_media(batch, resolve(module.hf_model))
     assert swap.kind == "image" and swap.rows.tolist() == [0, 2]

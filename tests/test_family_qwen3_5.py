@@ -1,5 +1,6 @@
 """Qwen3.5 and Qwen3.5-MoE: the frame-by-frame video layout, the hybrid recurrent decoder under elision, the
-tower's skipped temporal patches, the router loss, and the teacher from the hybrid text backbone.
+tower's skipped temporal patches, and the teacher from the hybrid text backbone (the MoE router loss is tested in
+``tests/test_router_loss.py``).
 
 The generic exactness tests (answer elision against per-row shortened runs, gradients, visual elision against
 the decoder run on the kept embeddings) run for both classes in ``tests/test_elision.py``. Here: what is
@@ -8,47 +9,38 @@ particular to the family, with sequences long enough to cross the chunked delta 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-import torch.nn.functional as F
-import yaml
 from references import (
-    hf_inputs,
+    TOL,
+    gradients,
     max_abs_diff,
+    max_grad_diff,
     partial_mask,
     row_media,
     shortened_loss,
+    skipped_step_errors,
+    teacher_error,
     token_losses_4d,
     token_losses_decoder,
     token_losses_shortened,
     visual_mask,
 )
+from script_loader import recipe
 
 from regate_lightning.elision import forward_active
 from regate_lightning.families import FAMILIES, family_of, resolve
 from regate_lightning.families.qwen3_5 import TIMESTAMP_TOKENS, interleaved_mrope_section
 from regate_lightning.keys import ATTENTION_MASK, IGNORE_INDEX, INPUT_IDS, LABELS, MM_TOKEN_TYPE_IDS
-from regate_lightning.targets import candidate_mask, shift_targets
-from regate_lightning.teacher import Teacher, text_mask
+from regate_lightning.teacher import Teacher
 from regate_lightning.testing import tiny
 from regate_lightning.testing.batches import random_batch
 from regate_lightning.visual import VisualElisionPolicy
 
-TOL = 1e-5
 DENSE = "Qwen3_5ForConditionalGeneration"
 MOE = "Qwen3_5MoeForConditionalGeneration"
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "debug_qwen3_5.yaml"
+RECIPE = "debug_qwen3_5.yaml"
 SPARSE = {"warmup_steps": 0, "cycle_steps": 2, "full_steps": 1}  # step 1 is sparse
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -173,17 +165,10 @@ def test_answer_elision_is_exact_across_chunk_boundaries(dense):
     assert out.decoder_length == int(kept.max()) > 128 and kept.unique().numel() == 3
     print(f"max|diff| qwen3_5 answer elision, {out.decoder_length} kept of {batch[INPUT_IDS].shape[1]}: {err:.2e}")
     assert err < TOL
-    dense.zero_grad()
     elided = forward_active(dense, batch, keep).loss
-    elided.backward()
-    mine = {n: p.grad.clone() for n, p in dense.named_parameters() if p.grad is not None}
-    dense.zero_grad()
+    mine = gradients(dense, elided)
     reference = shortened_loss(dense, batch, keep)
-    reference.backward()
-    theirs = {n: p.grad.clone() for n, p in dense.named_parameters() if p.grad is not None}
-    dense.zero_grad()
-    assert mine.keys() == theirs.keys()
-    grad_err = max(float((mine[n] - theirs[n]).abs().max()) for n in theirs)
+    grad_err = max_grad_diff(mine, gradients(dense, reference))
     print(f"max|grad diff| qwen3_5 answer elision across chunks: {grad_err:.2e}")
     assert abs(float(elided - reference)) < TOL and grad_err < TOL
 
@@ -205,36 +190,6 @@ def test_an_elided_token_is_unseen_by_the_state_unlike_a_masked_one(dense):
 # Visual-token elision, and the temporal patches the tower skips.
 
 
-def kept_embedding_loss(model: torch.nn.Module, batch: dict, keep: torch.Tensor) -> torch.Tensor:
-    """With grad: the model's merged embeddings of the full sequence (the tower on every temporal patch), then
-    each row's kept positions alone through the decoder and head; the mean over all computed targets."""
-    parts = resolve(model)
-    captured: dict = {}
-    handle = parts.decoder.register_forward_pre_hook(lambda m, a, kw: captured.update(kw), with_kwargs=True)
-    try:
-        inputs = hf_inputs(batch)
-        inputs.pop(LABELS)
-        model(**inputs, use_cache=False)
-    finally:
-        handle.remove()
-    embeds, positions = captured["inputs_embeds"], captured["position_ids"]
-    targets = shift_targets(batch[LABELS])
-    active = batch[ATTENTION_MASK].bool() & keep
-    losses = []
-    for row in range(active.shape[0]):
-        idx = active[row].nonzero().flatten()
-        hidden = parts.decoder(
-            inputs_embeds=embeds[row : row + 1, idx],
-            position_ids=positions[..., row : row + 1, idx],
-            attention_mask=torch.ones(1, idx.numel(), dtype=torch.long),
-            use_cache=False,
-        ).last_hidden_state[0]
-        tgt = targets[row, idx]
-        sup = tgt != IGNORE_INDEX
-        losses.append(F.cross_entropy(parts.lm_head(hidden[sup]).float(), tgt[sup], reduction="none"))
-    return torch.cat(losses).mean()
-
-
 @pytest.mark.parametrize("selection", ["temporal", "temporal_frames", "uniform", "random"])
 def test_visual_elision_equals_the_decoder_on_the_kept_positions(dense, selection):
     batch = random_batch(dense, batch_size=3, num_frames=8, ragged=True, seed=7)  # 4 temporal patches
@@ -254,26 +209,16 @@ def test_fully_elided_temporal_patches_are_not_encoded_and_train_the_same(dense)
     policy = VisualElisionPolicy(keep_ratio=0.5, selection="uniform", **SPARSE)
     policy.setup(dense)
     keep = policy.plan(batch, step=1).keep_mask
-    rows: list[int] = []
-    handle = dense.model.visual.register_forward_hook(lambda m, a, o: rows.append(o.last_hidden_state.shape[0]))
-    try:
-        dense.zero_grad()
-        out = forward_active(dense, batch, keep)
-        out.loss.backward()
-    finally:
-        handle.remove()
-    mine = {n: p.grad.clone() for n, p in dense.named_parameters() if p.grad is not None}
-    dense.zero_grad()
-    reference = kept_embedding_loss(dense, batch, keep)
-    reference.backward()
-    theirs = {n: p.grad.clone() for n, p in dense.named_parameters() if p.grad is not None}
-    dense.zero_grad()
+    # the reference: the model's merged embeddings of the full sequence (the tower on every temporal patch), then
+    # each row's kept positions alone through the decoder and head, with gradients through the tower
+    out, rows, loss_err, grad_err, trained = skipped_step_errors(
+        dense, batch, keep, dense.model.visual, token_losses_decoder
+    )
     patch_rows = batch["pixel_values_videos"].shape[0] // 8  # rows of one temporal patch
     assert out.skipped_steps == 4 and rows == [4 * patch_rows], "the tower encoded the kept half only"
-    assert mine.keys() == theirs.keys() and any(n.startswith("model.visual.") for n in theirs)
-    grad_err = max(float((mine[n] - theirs[n]).abs().max()) for n in theirs)
-    print(f"max|diff| qwen3_5 skipped patches: loss {abs(float(out.loss - reference)):.2e}, grad {grad_err:.2e}")
-    assert abs(float(out.loss - reference)) < TOL and grad_err < TOL
+    assert any(n.startswith("model.visual.") for n in trained)
+    print(f"max|diff| qwen3_5 skipped patches: loss {loss_err:.2e}, grad {grad_err:.2e}")
+    assert loss_err < TOL and grad_err < TOL
 
 
 def image_and_video_batch(model: torch.nn.Module, seed: int = 9) -> dict:
@@ -323,128 +268,27 @@ def test_images_and_videos_in_one_row(dense):
 
 
 # ------------------------------------------------------------------------------------------------
-# Qwen3.5-MoE: the router sees the kept tokens; its load-balancing loss is the HF model's.
-
-
-def tiny_moe(coef: float = 0.5) -> torch.nn.Module:
-    return tiny.tiny_model(MOE, output_router_logits=True, router_aux_loss_coef=coef).eval()
-
-
-def test_moe_aux_loss_equals_the_hf_model_on_full_and_elided_batches():
-    model = tiny_moe()
-    full = random_batch(model, batch_size=3, ragged=True, num_frames=4, seed=10)
-    with torch.no_grad():
-        reference = model(**hf_inputs(full), use_cache=False)
-        out = forward_active(model, full)
-    assert reference.aux_loss is not None and float(reference.aux_loss) > 0
-    assert abs(float(out.aux_loss) - float(reference.aux_loss)) < 1e-6
-    assert abs(float(out.loss) - float(reference.loss)) < TOL
-
-    # Rows keeping equal counts: the gathered batch has no padding, and equals the HF model run on the rows
-    # shortened explicitly (each row's media, its kept positions, their position ids), as one batch.
-    batch = random_batch(model, batch_size=2, num_frames=4, seed=11)
-    keep = partial_mask(batch, equal_rows=True)
-    positions = model.model.get_rope_index(
-        batch[INPUT_IDS], batch[MM_TOKEN_TYPE_IDS], video_grid_thw=batch["video_grid_thw"]
-    )[0]
-    index = keep.nonzero()[:, 1].view(2, -1)
-    short = {
-        INPUT_IDS: batch[INPUT_IDS].gather(1, index),
-        MM_TOKEN_TYPE_IDS: batch[MM_TOKEN_TYPE_IDS].gather(1, index),
-        ATTENTION_MASK: torch.ones_like(index),
-        "position_ids": positions.gather(2, index[None].expand(3, -1, -1)),
-        "pixel_values_videos": batch["pixel_values_videos"],
-        "video_grid_thw": batch["video_grid_thw"],
-    }
-    with torch.no_grad():
-        elided = forward_active(model, batch, keep)
-        reference = model(**short, use_cache=False)
-    print(f"max|diff| qwen3_5_moe aux loss elided: {abs(float(elided.aux_loss) - float(reference.aux_loss)):.2e}")
-    assert abs(float(elided.aux_loss) - float(reference.aux_loss)) < 1e-6
-
-
-def test_moe_student_logs_its_aux_loss_in_training(tmp_path):
-    import lightning.pytorch as pl
-
-    from regate_lightning import MLLMModule, ReGATECallback
-    from regate_lightning.keys import TRAIN_AUX_LOSS
-    from regate_lightning.testing import RandomDataModule
-
-    module = MLLMModule(tiny_moe(), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
-    trainer = pl.Trainer(
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[ReGATECallback(keep_ratio=0.5, warmup_steps=1, cycle_steps=2, full_steps=0)],
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(module, datamodule=RandomDataModule(num_samples=4, batch_size=2, num_frames=4))
-    assert float(trainer.callback_metrics[TRAIN_AUX_LOSS]) > 0
-
-
-# ------------------------------------------------------------------------------------------------
 # The teacher: the student's own hybrid text backbone, in fit and in `regate-lightning score`.
 
 
 def test_teacher_is_the_hybrid_text_backbone_on_the_text_positions(dense):
     batch = random_batch(dense, batch_size=3, ragged=True, num_frames=4, answer_len=90, seed=12)
-    parts = resolve(dense)
     teacher = Teacher.from_student(dense)
     assert type(teacher.decoder).__name__ == "Qwen3_5TextModel"
     assert sum(type(m).__name__ == "Qwen3_5GatedDeltaNet" for m in teacher.decoder.modules()) == 3
-    ids, labels = batch[INPUT_IDS], batch[LABELS]
-    text = text_mask(parts.media_token_ids, ids, batch[ATTENTION_MASK])
-    candidates = candidate_mask(labels) & text
-    losses = teacher.reference_losses(ids, labels, text, candidates)
-    targets = shift_targets(labels)
-    expected = torch.full(ids.shape, float("nan"))
-    with torch.no_grad():
-        for row in range(ids.shape[0]):
-            idx = text[row].nonzero().flatten()  # the text positions, the media's placeholders removed
-            hidden = parts.decoder(
-                inputs_embeds=parts.decoder.get_input_embeddings()(ids[row : row + 1, idx]),
-                position_ids=idx[None],
-                attention_mask=torch.ones(1, idx.numel(), dtype=torch.long),
-                use_cache=False,
-            ).last_hidden_state[0]
-            wanted = candidates[row, idx]
-            expected[row, idx[wanted]] = F.cross_entropy(
-                parts.lm_head(hidden[wanted]).float(), targets[row, idx[wanted]], reduction="none"
-            )
-    err = max_abs_diff(losses, expected)
+    err = teacher_error(dense, batch, "Qwen3_5ForCausalLM")  # the text positions, placeholders removed
     print(f"max|diff| qwen3_5 teacher vs the text backbone on the text positions: {err:.2e}")
     assert err < TOL
-
-
-def recipe(tmp_path: Path, name: str, ref_cache: Path) -> Path:
-    """recipes/debug_qwen3_5.yaml, quiet and file-free, 8 samples in 2 steps, writing ``ref_cache``."""
-    config = yaml.safe_load(RECIPE.read_text())
-    config["trainer"].update(
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        max_steps=2,
-        default_root_dir=str(tmp_path),
-    )
-    (regate,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ReGATECallback")]
-    regate["init_args"]["ref_cache"] = str(ref_cache)
-    config["data"]["init_args"]["num_samples"] = 8
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def test_score_and_fit_write_the_same_reference_losses(tmp_path):
     from regate_lightning.cli import build_cli, score_main
 
     scored, fitted = tmp_path / "scored.pt", tmp_path / "fitted.pt"
-    result = score_main(["--config", str(recipe(tmp_path, "score.yaml", scored)), "--score.progress", "false"])
+    score = recipe(tmp_path, "score.yaml", scored, RECIPE, max_steps=2, num_samples=8)
+    result = score_main(["--config", str(score), "--score.progress", "false"])
     assert (result.num_samples, result.scored) == (8, 8)
-    build_cli(["fit", "--config", str(recipe(tmp_path, "fit.yaml", fitted))])
+    build_cli(["fit", "--config", str(recipe(tmp_path, "fit.yaml", fitted, RECIPE, max_steps=2, num_samples=8))])
     a, b = (torch.load(p, map_location="cpu", weights_only=True) for p in (scored, fitted))
     assert torch.equal(a["sample_idx"], b["sample_idx"]) and torch.equal(a["counts"], b["counts"])
     assert a["ref"].isfinite().all() and a["ref"].numel() > 0

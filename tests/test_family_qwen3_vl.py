@@ -2,10 +2,10 @@
 
 ``tests/test_elision.py`` runs both classes through the generic exactness tests. Here: DeepStack features on
 elided steps (and the refusal of a family that leaves them at the full length), images and videos in one row,
-temporal patches skipped in the tower, the MoE load-balancing loss over the kept tokens, the teacher from the
-text backbone (fit and score), visual-token elision on the timestamped layout, and the data side: the checkpoint's
-image processor (patch 16), the built-in copy of ``Qwen3VLVideoProcessor``'s rules, and the timestamp text of
-``Qwen3VLProcessor``.
+temporal patches skipped in the tower, the teacher from the text backbone, visual-token elision on the
+timestamped layout, and the data side: the checkpoint's image processor (patch 16), the built-in copy of
+``Qwen3VLVideoProcessor``'s rules, and the timestamp text of ``Qwen3VLProcessor``. The MoE load-balancing loss over
+the kept tokens is tested in ``tests/test_router_loss.py``, ``score`` on the debug recipe in ``tests/test_score.py``.
 
 ``Qwen3VLProcessor`` cannot be built here: its video processor needs torchvision, which cannot be imported beside
 this machine's torch. The text tests therefore call the processor's own ``replace_video_token``,
@@ -17,29 +17,32 @@ tests marked ``needs_torchvision`` build the real processor and run where torchv
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 import torch
-import yaml
-from data_fixtures import CORPUS, write_records
-from PIL import Image
-from references import hf_inputs, max_abs_diff, partial_mask, position_ids, token_losses_4d
-from test_processors import (
+from data_fixtures import (
+    CORPUS,
     MEAN,
-    QWEN_MEDIA,
-    QWEN_SPECIALS,
     STD,
     first_batch,
     image_records,
+    messages,
     needs_torchvision,
+    parity_diff,
+    row_ids,
     run_model,
+    save_checkpoint,
+    video_paths,
+    video_records,
     write_images,
+    write_video,
 )
-from test_processors import max_abs_diff as parity_diff
+from PIL import Image
+from references import TOL, max_abs_diff, partial_mask, skipped_step_errors, token_losses_4d
+from test_processors import QWEN_IDS, QWEN_MEDIA, QWEN_SPECIALS
 
 import regate_lightning.families as registry
 from regate_lightning.data import FrameSampling, VisionSpec, sample_video, train_tokenizer
@@ -49,22 +52,16 @@ from regate_lightning.data.processors import (
     VideoSettings,
     frames_for_video,
 )
-from regate_lightning.data.video import encode_video
 from regate_lightning.elision import forward_active
 from regate_lightning.families import FAMILIES, family_of, resolve, vision_parts
 from regate_lightning.families.qwen2_vl import QwenVLFamily
-from regate_lightning.families.qwen3_vl import (
-    FAMILY,
-    temporal_timestamps,
-    tiny_qwen3_vl_moe_config,
-)
+from regate_lightning.families.qwen3_vl import FAMILY, temporal_timestamps
 from regate_lightning.keys import ATTENTION_MASK, INPUT_IDS, LABELS, MM_TOKEN_TYPE_IDS, VIDEO_TYPE
 from regate_lightning.targets import candidate_mask, shift_targets
 from regate_lightning.teacher import Teacher, text_mask
 from regate_lightning.testing import random_batch, tiny
 from regate_lightning.visual import VisualElisionPolicy
 
-TOL = 1e-5
 ROOT = Path(__file__).resolve().parents[1]
 QWEN3 = "Qwen3VLForConditionalGeneration"
 QWEN3_MOE = "Qwen3VLMoeForConditionalGeneration"
@@ -174,26 +171,11 @@ def test_whole_temporal_patches_elided_are_not_encoded(model):
     policy = VisualElisionPolicy(keep_ratio=0.5, selection="uniform", warmup_steps=0, cycle_steps=2, full_steps=1)
     policy.setup(model)
     keep = policy.plan(batch, step=1).keep_mask
-    rows: list[int] = []
-    tower = resolve(model).inner.visual
-    handle = tower.register_forward_hook(lambda m, a, o: rows.append(o.last_hidden_state.shape[0]))
-    try:
-        model.zero_grad()
-        out = forward_active(model, batch, keep)
-        out.loss.backward()
-    finally:
-        handle.remove()
-    skipped = {k: v.grad.clone() for k, v in model.named_parameters() if v.grad is not None}
-    model.zero_grad()
-    masked = token_losses_4d(model, batch, keep)
-    masked[~masked.isnan()].mean().backward()
-    full = {k: v.grad.clone() for k, v in model.named_parameters() if v.grad is not None}
-    model.zero_grad()
+    out, rows, loss_err, grad_err, trained = skipped_step_errors(model, batch, keep, resolve(model).inner.visual)
     assert out.skipped_steps == 4  # 2 of each video's 4 temporal patches
     assert rows == [batch["pixel_values_videos"].shape[0] // 2], "the tower encoded half of the patch rows"
-    assert max_abs_diff(out.token_loss.detach(), masked.detach()) < TOL
-    assert skipped.keys() == full.keys() and any("deepstack_merger_list" in k for k in full)
-    assert max(float((skipped[k] - full[k]).abs().max()) for k in full) < TOL
+    assert any("deepstack_merger_list" in k for k in trained)
+    assert loss_err < TOL and grad_err < TOL
 
 
 def test_a_video_is_one_item_although_its_patches_are_separate_runs(model):
@@ -232,65 +214,6 @@ def test_tower_and_projector_parts():
 
 
 # ------------------------------------------------------------------------------------------------
-# MoE: the load-balancing loss over the kept tokens.
-
-
-def tiny_moe(**kwargs):
-    import transformers
-
-    torch.manual_seed(0)
-    return transformers.Qwen3VLMoeForConditionalGeneration(tiny_qwen3_vl_moe_config(**kwargs)).eval()
-
-
-def test_moe_aux_loss_is_over_the_kept_tokens():
-    model = tiny_moe(output_router_logits=True)
-    batch = random_batch(model, batch_size=2, num_frames=4, seed=1)
-    with torch.no_grad():
-        reference = model(**hf_inputs(batch), use_cache=False)
-        full = forward_active(model, batch)
-    assert reference.aux_loss is not None and abs(float(full.aux_loss) - float(reference.aux_loss)) < 1e-6
-    assert abs(float(full.loss) - float(reference.loss)) < 1e-5
-    keep = partial_mask(batch, equal_rows=True)  # answer tokens: rows keep equal counts, no padding
-    index = keep.nonzero()[:, 1].view(2, -1)
-    positions = position_ids(model, batch)
-    short = {k: v for k, v in hf_inputs(batch).items() if k != LABELS}
-    short.update(
-        input_ids=batch[INPUT_IDS].gather(1, index),
-        mm_token_type_ids=batch[MM_TOKEN_TYPE_IDS].gather(1, index),
-        attention_mask=torch.ones_like(index),
-        position_ids=positions.gather(2, index.expand(3, -1, -1)),
-    )
-    with torch.no_grad():
-        elided = forward_active(model, batch, keep)
-        expected = model(**short, use_cache=False)
-    assert abs(float(elided.aux_loss) - float(expected.aux_loss)) < 1e-6
-    assert abs(float(elided.aux_loss) - float(full.aux_loss)) > 1e-4  # the router saw fewer tokens
-
-
-def test_moe_module_logs_the_aux_loss(tmp_path):
-    import lightning.pytorch as pl
-
-    from regate_lightning import MLLMModule, ReGATECallback, VisualTokenElision
-    from regate_lightning.keys import TRAIN_AUX_LOSS
-    from regate_lightning.testing import RandomDataModule
-
-    module = MLLMModule(tiny_moe(output_router_logits=True), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
-    schedule = {"warmup_steps": 1, "cycle_steps": 2, "full_steps": 1}
-    trainer = pl.Trainer(
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[VisualTokenElision(keep_ratio=0.5, **schedule), ReGATECallback(keep_ratio=0.5, **schedule)],
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(module, datamodule=RandomDataModule(num_samples=4, batch_size=2, num_frames=4))
-    assert TRAIN_AUX_LOSS in trainer.callback_metrics and float(trainer.callback_metrics[TRAIN_AUX_LOSS]) > 0
-
-
-# ------------------------------------------------------------------------------------------------
 # The teacher: the student's text backbone, without DeepStack, on the text positions; fit and score.
 
 
@@ -309,20 +232,6 @@ def test_teacher_is_the_text_backbone_on_the_text_positions(model):
         wanted = candidates[row, idx]
         assert torch.allclose(ours[row, idx[wanted]], losses[wanted], atol=1e-5)
         assert ours[row, ~candidates[row]].isnan().all()
-
-
-def test_score_runs_the_student_teacher_on_the_recipe(tmp_path):
-    from regate_lightning.cli import score_main
-
-    config = yaml.safe_load((ROOT / "recipes" / "debug_qwen3_vl.yaml").read_text())
-    config["trainer"].update(logger=False, enable_progress_bar=False, enable_model_summary=False)
-    regate = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ReGATECallback"))
-    regate["init_args"]["ref_cache"] = str(tmp_path / "refs.pt")
-    config["data"]["init_args"]["num_samples"] = 6
-    path = tmp_path / "score.yaml"
-    path.write_text(yaml.safe_dump(config))
-    result = score_main(["--config", str(path), "--score.progress", "false"])
-    assert result.num_samples == 6 and result.scored == 6 and (tmp_path / "refs.pt").exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -400,17 +309,8 @@ values, so that the test sees them applied."""
 
 
 def save_qwen3(folder: Path, factory: str = QWEN3) -> Path:
-    tok = qwen3_tokenizer()
     model = tiny.tiny_model(factory)
-    ids = dict(zip(("image_token_id", "video_token_id"), tok.convert_tokens_to_ids(list(QWEN_MEDIA)), strict=True))
-    ids["vision_start_token_id"], ids["vision_end_token_id"] = tok.convert_tokens_to_ids(list(QWEN_SPECIALS[3:]))
-    for key, value in ids.items():
-        setattr(model.config, key, value)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps(IMAGE_CONFIG))
-    (folder / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_CONFIG))
-    return folder
+    return save_checkpoint(folder, model, qwen3_tokenizer(), QWEN_IDS, image=IMAGE_CONFIG, video=VIDEO_CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -418,31 +318,35 @@ def qwen3_folder(tmp_path_factory) -> Path:
     return save_qwen3(tmp_path_factory.mktemp("qwen3"))
 
 
-def write_clip(path: Path, num_frames: int, fps: float, size: tuple[int, int], seed: int) -> Path:
-    gen = torch.Generator().manual_seed(seed)
-    cells = torch.randint(0, 256, (num_frames, 3, size[0] // 8, size[1] // 8), generator=gen, dtype=torch.uint8)
-    encode_video(cells.repeat_interleave(8, dim=2).repeat_interleave(8, dim=3), path, fps=fps)
-    return path
-
-
 CLIPS = [(12, 4.0, (64, 64)), (7, 3.0, (48, 80)), (10, 5.0, (96, 64))]
 """(frames, fps, (H, W)) of the test videos: 6 frames sampled at 2 fps; 5 (an odd count: the last repeats in
 the last temporal patch); 4 (the checkpoint's min_frames)."""
+VIDEO_QUESTION = messages("What moves?", "It is red.", ("video", None))
+"""The conversation of the test videos' records, as a processor's chat template is given it."""
 
 
-def video_records(folder: Path, paths: list[Path]) -> Path:
-    records = [
-        {
-            "id": f"v{i}",
-            "video": str(p),
-            "conversations": [
-                {"from": "human", "value": "<video>\nWhat moves?"},
-                {"from": "gpt", "value": "It is red."},
-            ],
-        }
-        for i, p in enumerate(paths)
-    ]
-    return write_records(folder / "videos.jsonl", records)
+def write_clips(folder: Path, name: str = "c") -> list[Path]:
+    """The :data:`CLIPS` videos."""
+    return [write_video(folder / f"{name}{i}.mp4", n, fps, i, size) for i, (n, fps, size) in enumerate(CLIPS)]
+
+
+def clip_records(folder: Path) -> tuple[list[Path], Path]:
+    """The :data:`CLIPS` videos and their records (LLaVA's format)."""
+    paths = write_clips(folder)
+    return paths, video_records(folder, paths, answer="It is red.")
+
+
+def sampled_clip(path: Path):
+    """The checkpoint's frames of a clip (8 at most, 2 per second, 4 at least) and their ``VideoMetadata``, with the
+    source fps as transformers' PyAV reader takes it."""
+    from transformers.video_utils import VideoMetadata
+
+    sampled = sample_video(path, 8, "fps", 2.0, min_frames=4)
+    with av.open(str(path)) as container:
+        source_fps = float(container.streams.video[0].average_rate)
+    metadata = VideoMetadata(total_num_frames=sampled.num_source_frames, fps=source_fps)
+    metadata.frames_indices = np.array(sampled.indices)
+    return sampled, metadata
 
 
 def processor_without_init():
@@ -473,37 +377,25 @@ def test_video_ids_equal_the_processors_text(qwen3_folder, tmp_path):
 def assert_video_ids_equal_the_processors(folder: Path, tmp_path: Path) -> None:
     """A checkpoint folder of a Qwen3-VL-processed family (Qwen3-VL, Qwen3.5): the data's input ids of three clips
     equal the chat template's text with each video pad replaced by ``Qwen3VLProcessor``, and the model runs them."""
-    from transformers.video_utils import VideoMetadata
-
-    paths = [write_clip(tmp_path / f"c{i}.mp4", *clip, seed=i) for i, clip in enumerate(CLIPS)]
-    module, batch = first_batch(str(folder), video_records(tmp_path, paths))
-    data = batch["_data"]
+    paths, records = clip_records(tmp_path)
+    module, batch, data = first_batch(str(folder), records)
     assert data.train_set.renderer.template_media == {"image": "<|image_pad|>", "video": "<|video_pad|>"}
     assert data.frames == FrameSampling(num_frames=8, sample="fps", fps=2.0, min_frames=4)
     processor = processor_without_init()
     tok = qwen3_tokenizer()
-    messages = [
-        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What moves?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "It is red."}]},
-    ]
-    text = tok.apply_chat_template(messages, tokenize=False, chat_template=QWEN3_TEMPLATE)
+    text = tok.apply_chat_template(VIDEO_QUESTION, tokenize=False, chat_template=QWEN3_TEMPLATE)
     grids = batch["video_grid_thw"]
     counts = []
     for row, path in enumerate(paths):
-        with av.open(str(path)) as container:  # the source fps as transformers' PyAV reader takes it
-            source_fps = float(container.streams.video[0].average_rate)
-        sampled = sample_video(path, 8, "fps", 2.0, min_frames=4)
-        metadata = VideoMetadata(total_num_frames=sampled.num_source_frames, fps=source_fps)
-        metadata.frames_indices = np.array(sampled.indices)
+        sampled, metadata = sampled_clip(path)
         inputs = {"video_grid_thw": grids[row : row + 1], "video_metadata": [metadata]}
         expanded, _ = processor.get_text_with_replacements(
             [text], videos_replacements=[processor.replace_video_token(inputs, 0)]
         )
         expected = tok(expanded[0])["input_ids"]
-        attended = batch[ATTENTION_MASK][row].bool()
-        ours = batch[INPUT_IDS][row][attended].tolist()
+        ours = row_ids(batch, row)
         assert ours == expected, (tok.decode(ours), expanded[0])
-        types = batch[MM_TOKEN_TYPE_IDS][row][attended]
+        types = batch[MM_TOKEN_TYPE_IDS][row][batch[ATTENTION_MASK][row].bool()]
         assert torch.equal(types == VIDEO_TYPE, torch.tensor(expected) == module.hf_model.config.video_token_id)
         counts.append(len(sampled.indices))
     assert counts == [6, 5, 4]
@@ -515,7 +407,7 @@ def test_images_equal_qwen2vl_image_processor_at_patch_16(qwen3_folder, tmp_path
     from transformers import Qwen2VLImageProcessorPil
 
     images = write_images(tmp_path)
-    module, batch = first_batch(str(qwen3_folder), image_records(tmp_path, images))
+    module, batch, _ = first_batch(str(qwen3_folder), image_records(tmp_path, images))
     settings = {k: v for k, v in IMAGE_CONFIG.items() if k != "image_processor_type"}
     hf = Qwen2VLImageProcessorPil(**settings)(images=[Image.open(p) for p in images], return_tensors="pt")
     assert torch.equal(batch["image_grid_thw"], hf["image_grid_thw"])
@@ -586,43 +478,32 @@ def test_random_batches_count_what_the_data_counts(model):
 def test_input_ids_equal_qwen3vl_processor(qwen3_folder, tmp_path):
     """Where torchvision imports: the real ``Qwen3VLProcessor`` (its video processor on our sampled frames)."""
     from transformers import AutoImageProcessor, AutoVideoProcessor, Qwen3VLProcessor
-    from transformers.video_utils import VideoMetadata
 
-    paths = [write_clip(tmp_path / f"c{i}.mp4", *clip, seed=i) for i, clip in enumerate(CLIPS)]
-    module, batch = first_batch(str(qwen3_folder), video_records(tmp_path, paths))
+    paths, records = clip_records(tmp_path)
+    module, batch, _ = first_batch(str(qwen3_folder), records)
     processor = Qwen3VLProcessor(
         image_processor=AutoImageProcessor.from_pretrained(qwen3_folder, backend="pil"),
         tokenizer=qwen3_tokenizer(),
         video_processor=AutoVideoProcessor.from_pretrained(qwen3_folder),
         chat_template=QWEN3_TEMPLATE,
     )
-    messages = [
-        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What moves?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "It is red."}]},
-    ]
-    text = processor.apply_chat_template(messages, tokenize=False)
+    text = processor.apply_chat_template(VIDEO_QUESTION, tokenize=False)
     for row, path in enumerate(paths):
-        sampled = sample_video(path, 8, "fps", 2.0, min_frames=4)
-        with av.open(str(path)) as container:
-            fps = float(container.streams.video[0].average_rate)
-        metadata = VideoMetadata(total_num_frames=sampled.num_source_frames, fps=fps)
-        metadata.frames_indices = np.array(sampled.indices)
+        sampled, metadata = sampled_clip(path)
         expected = processor(
             text=[text], videos=[sampled.frames], video_metadata=[metadata], do_sample_frames=False, return_tensors="pt"
         )
+        assert row_ids(batch, row) == expected["input_ids"][0].tolist()
         attended = batch[ATTENTION_MASK][row].bool()
-        assert batch[INPUT_IDS][row][attended].tolist() == expected["input_ids"][0].tolist()
         assert batch[MM_TOKEN_TYPE_IDS][row][attended].tolist() == expected["mm_token_type_ids"][0].tolist()
     run_model(module, batch)
 
 
 @needs_torchvision
 def test_builtin_video_path_equals_qwen3vl_video_processor(qwen3_folder, tmp_path):
-    hf = CheckpointProcessor.load(str(qwen3_folder), FAMILIES["qwen3_vl"], video_backend="transformers")
-    ours = CheckpointProcessor.load(str(qwen3_folder), FAMILIES["qwen3_vl"], video_backend="builtin")
-    assert hf is not None and ours is not None
-    for i, clip in enumerate(CLIPS):
-        frames = sample_video(write_clip(tmp_path / f"p{i}.mp4", *clip, seed=i), 8, "fps", 2.0, min_frames=4).frames
+    hf, ours = video_paths(qwen3_folder, "qwen3_vl")
+    for path in write_clips(tmp_path, "p"):
+        frames = sampled_clip(path)[0].frames
         a, b = hf.video(frames), ours.video(frames)
         assert torch.equal(a.grid, b.grid)
         assert parity_diff(a.values, b.values, "video qwen3_vl built-in vs Qwen3VLVideoProcessor") <= 1e-5

@@ -1,8 +1,9 @@
 """SmolVLM / SmolVLM2: its processors' tiles, frames and text; tiles and frames skipped in the tower; visual-token
-elision over tiles and frames; the teacher from its own text backbone.
+elision over tiles and frames.
 
 The generic exactness tests (answer and visual elision, gradients) run for ``SmolVLMForConditionalGeneration`` in
-``tests/test_elision.py``; what is particular to the family is here. Checkpoint folders are built in ``tmp_path``
+``tests/test_elision.py``, the teacher from its own text backbone in ``tests/test_families.py``; what is particular
+to the family is here. Checkpoint folders are built in ``tmp_path``
 (a tiny model, a trained tokenizer with SmolVLM's special tokens, SmolVLM2's chat template, processor configs of
 non-default values); nothing is downloaded.
 """
@@ -12,39 +13,44 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning.pytorch as pl
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from data_fixtures import CORPUS, write_records, write_video
+from data_fixtures import (
+    CORPUS,
+    MEAN,
+    STD,
+    clip_frames,
+    first_batch,
+    image_records,
+    messages,
+    needs_torchvision,
+    row_ids,
+    run_model,
+    save_checkpoint,
+    video_paths,
+    video_records,
+    write_records,
+    write_video,
+)
 from PIL import Image
-from references import max_abs_diff, token_losses_4d
+from references import TOL, max_abs_diff, skipped_step_errors, token_losses_4d
 
 from regate_lightning import MLLMModule
 from regate_lightning.data import sample_video, train_tokenizer
-from regate_lightning.data.datamodule import ConversationDataModule
-from regate_lightning.data.processors import CheckpointProcessor, torchvision_usable
 from regate_lightning.elision import forward_active
-from regate_lightning.families import FAMILIES, family_of, resolve
+from regate_lightning.families import family_of, resolve
 from regate_lightning.families.smolvlm import FAKE_TOKEN, GLOBAL_TOKEN, tile_tokens
 from regate_lightning.keys import (
-    ATTENTION_MASK,
     FRAME_INDEX,
     IGNORE_INDEX,
     INPUT_IDS,
     LABELS,
     PIXEL_ATTENTION_MASK,
     PIXEL_VALUES,
-    SAMPLE_IDX,
 )
-from regate_lightning.targets import candidate_mask, shift_targets
-from regate_lightning.teacher import Teacher
 from regate_lightning.testing import random_batch, tiny
 from regate_lightning.visual import VisualElisionPolicy, temporal_change
 
-TOL = 1e-5
-MEAN, STD = [0.3, 0.4, 0.5], [0.2, 0.25, 0.3]
 SPECIALS = (
     "<pad>",
     "<s>",
@@ -89,14 +95,9 @@ VIDEO_PROCESSOR = {
 
 def save_smolvlm(folder: Path) -> Path:
     """A tiny SmolVLM whose ``<image>`` is the tokenizer's, SmolVLM2's chat template, non-default processor configs."""
-    tok = smol_tokenizer()
     model = tiny.tiny_model("SmolVLMForConditionalGeneration")
-    model.config.image_token_id = tok.convert_tokens_to_ids("<image>")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps(IMAGE_PROCESSOR))
-    (folder / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PROCESSOR))
-    return folder
+    ids = {"image_token_id": "<image>"}
+    return save_checkpoint(folder, model, smol_tokenizer(), ids, image=IMAGE_PROCESSOR, video=VIDEO_PROCESSOR)
 
 
 @pytest.fixture(scope="module")
@@ -104,68 +105,22 @@ def folder(tmp_path_factory) -> Path:
     return save_smolvlm(tmp_path_factory.mktemp("smolvlm"))
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> list[Path]:
-    """(H, W): landscape, portrait, near square, small (upsized to the longest edge, then split)."""
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(3)
-    paths = []
-    for i, (h, w) in enumerate([(30, 90), (80, 40), (64, 60), (20, 24)]):
-        path = folder / f"img{i}.png"
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-        paths.append(path)
-    return paths
+IMAGE_HW, IMAGE_SEED = [(30, 90), (80, 40), (64, 60), (20, 24)], 3
+"""The ``images`` fixture's (H, W): landscape, portrait, near square, small (upsized to the longest edge, then
+split)."""
 
 
-def image_records(folder: Path, paths: list[Path]) -> Path:
-    records = [
-        {
-            "id": f"r{i}",
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [{"type": "image", "path": str(p)}, {"type": "text", "text": "What is it?"}],
-                },
-                {"role": "assistant", "content": [{"type": "text", "text": "It is green."}]},
-            ],
-        }
-        for i, p in enumerate(paths)
-    ]
-    return write_records(folder / "images.jsonl", records)
-
-
-def video_records(folder: Path, videos: list[Path]) -> Path:
-    records = [
-        {
-            "id": f"v{i}",
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [{"type": "video", "path": str(v)}, {"type": "text", "text": "What moves?"}],
-                },
-                {"role": "assistant", "content": [{"type": "text", "text": "A square."}]},
-            ],
-        }
-        for i, v in enumerate(videos)
-    ]
-    return write_records(folder / "videos.jsonl", records)
-
-
-def first_batch(student: str, train_file: Path, **kwargs) -> tuple[MLLMModule, dict, ConversationDataModule]:
-    module = MLLMModule(model=student)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.strategy.connect(module)
-    data = ConversationDataModule(train_file=str(train_file), max_length=None, batch_size=8, **kwargs)
-    data.trainer = trainer
-    data.setup("fit")
-    dataset = data.train_set
-    assert dataset is not None
-    batch = data.train_dataloader().collate_fn([dataset[i] for i in range(len(dataset))])
-    return module, batch, data
-
-
-def hf_batch(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k != SAMPLE_IDX}
+def smol_processor_text(config):
+    """SmolVLMProcessor's own text rules (``replace_image_token``, ``replace_video_token``) on an instance with its
+    token strings only, without its video processor (torchvision)."""
+    processor = type("P", (), {})()
+    processor.__dict__.update(
+        image_seq_len=tile_tokens(config),
+        image_token="<image>",
+        fake_image_token=FAKE_TOKEN,
+        global_image_token=GLOBAL_TOKEN,
+    )
+    return processor
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,7 +132,7 @@ def test_images_equal_smolvlm_image_processor_and_processor_text(folder, images,
     from transformers import SmolVLMImageProcessorPil
     from transformers.models.smolvlm.processing_smolvlm import SmolVLMProcessor
 
-    module, batch, _ = first_batch(str(folder), image_records(tmp_path, images))
+    module, batch, _ = first_batch(str(folder), image_records(tmp_path, images, question="What is it?"))
     hf = SmolVLMImageProcessorPil(**{k: v for k, v in IMAGE_PROCESSOR.items() if k != "image_processor_type"})(
         images=[[Image.open(p)] for p in images], return_tensors="pt", return_row_col_info=True
     )
@@ -188,24 +143,15 @@ def test_images_equal_smolvlm_image_processor_and_processor_text(folder, images,
     assert splits == [(1, 3), (3, 2), (3, 3), (3, 3)], splits  # the sizes choose different splits
     assert batch[FRAME_INDEX].eq(-1).all()
     tok = smol_tokenizer()
-    seq = tile_tokens(module.hf_model.config)
-    processor = type("P", (), {})()  # SmolVLMProcessor's own text rule, without its video processor (torchvision)
-    processor.__dict__.update(
-        image_seq_len=seq, image_token="<image>", fake_image_token=FAKE_TOKEN, global_image_token=GLOBAL_TOKEN
-    )
-    messages = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "It is green."}]},
-    ]
-    text = tok.apply_chat_template(messages, tokenize=False, chat_template=smol_template())
+    processor = smol_processor_text(module.hf_model.config)
+    conversation = messages("What is it?", "It is green.", ("image", None))
+    text = tok.apply_chat_template(conversation, tokenize=False, chat_template=smol_template())
     for row in range(len(images)):
         prompt = SmolVLMProcessor.replace_image_token(processor, {"rows": hf["rows"], "cols": hf["cols"]}, row)
         expected = tok(text.replace("<image>", prompt), add_special_tokens=False)["input_ids"]
-        ours = batch[INPUT_IDS][row][batch[ATTENTION_MASK][row].bool()].tolist()
-        assert ours == expected, row
+        assert row_ids(batch, row) == expected, row
     assert tok.decode(batch[LABELS][0][batch[LABELS][0] != IGNORE_INDEX]) == " It is green.<end_of_utterance>\n"
-    with torch.no_grad():
-        assert torch.isfinite(forward_active(module.model, hf_batch(batch)).loss)  # HF checks the token count
+    run_model(module, batch)  # HF checks the token count
 
 
 def test_videos_follow_smolvlm2_frames_and_timestamps(folder, tmp_path):
@@ -220,16 +166,9 @@ def test_videos_follow_smolvlm2_frames_and_timestamps(folder, tmp_path):
     assert data.frames.fps == 2.0 and data.frames.num_frames == 4  # video_sampling: fps 2, at most 4 frames
     assert batch[FRAME_INDEX].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
     tok = smol_tokenizer()
-    seq = tile_tokens(module.hf_model.config)
-    processor = type("P", (), {})()
-    processor.__dict__.update(
-        image_seq_len=seq, image_token="<image>", fake_image_token=FAKE_TOKEN, global_image_token=GLOBAL_TOKEN
-    )
-    messages = [
-        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What moves?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "A square."}]},
-    ]
-    text = tok.apply_chat_template(messages, tokenize=False, chat_template=smol_template())
+    processor = smol_processor_text(module.hf_model.config)
+    conversation = messages("What moves?", "A square.", ("video", None))
+    text = tok.apply_chat_template(conversation, tokenize=False, chat_template=smol_template())
     frames = []
     for row, path in enumerate(videos):
         decoded = sample_video(path, data.frames.num_frames, data.frames.sample, data.frames.fps)
@@ -241,8 +180,7 @@ def test_videos_follow_smolvlm2_frames_and_timestamps(folder, tmp_path):
             processor, {"pixel_values": torch.empty(1, len(decoded.times)), "video_metadata": [metadata]}, 0
         )
         expected = tok(text.replace("<video>", prompt), add_special_tokens=False)["input_ids"]
-        ours = batch[INPUT_IDS][row][batch[ATTENTION_MASK][row].bool()].tolist()
-        assert ours == expected, row
+        assert row_ids(batch, row) == expected, row
         assert "Frame from 00:01:" in prompt and "series of four frames" in prompt
     # the built-in video rule: SmolVLM's image processor on every frame, without splitting, with the video settings
     # (where torchvision imports, the data runs transformers' SmolVLMVideoProcessor instead: compared with the
@@ -253,17 +191,14 @@ def test_videos_follow_smolvlm2_frames_and_timestamps(folder, tmp_path):
             images=[[f.numpy() for f in frames[0]]], input_data_format="channels_first", return_tensors="pt"
         )
         assert max_abs_diff(batch[PIXEL_VALUES][:4, 0], hf[PIXEL_VALUES][0]) == 0
-    with torch.no_grad():
-        assert torch.isfinite(forward_active(module.model, hf_batch(batch)).loss)
+    run_model(module, batch)
 
 
-@pytest.mark.skipif(not torchvision_usable(), reason="transformers' SmolVLMVideoProcessor needs torchvision")
+@needs_torchvision
 def test_builtin_video_rule_against_smolvlm_video_processor(folder, tmp_path):
     """Where torchvision imports: the built-in rule (PIL's LANCZOS) against SmolVLMVideoProcessor (torchvision's)."""
-    builtin = CheckpointProcessor.load(str(folder), FAMILIES["smolvlm"], video_backend="builtin")
-    transformers_side = CheckpointProcessor.load(str(folder), FAMILIES["smolvlm"], video_backend="transformers")
-    assert builtin is not None and transformers_side is not None
-    decoded = sample_video(write_video(tmp_path / "c.mp4", num_frames=5, seed=2), 5).frames
+    transformers_side, builtin = video_paths(folder, "smolvlm")
+    decoded = clip_frames(tmp_path / "c.mp4", 5, seed=2)
     a, b = transformers_side.video(decoded), builtin.video(decoded)
     diff = max_abs_diff(a.values, b.values)
     print(f"max|diff| smolvlm video built-in (PIL LANCZOS) vs SmolVLMVideoProcessor: {diff:.2e}")
@@ -292,35 +227,13 @@ def mixed_batch(folder: Path, images: list[Path], tmp_path: Path) -> tuple[MLLMM
     records = [
         {
             "id": "both",
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image", "path": str(images[2])},
-                        {"type": "video", "path": str(video)},
-                        {"type": "text", "text": "What moves?"},
-                    ],
-                },
-                {"role": "assistant", "content": [{"type": "text", "text": "A square moves up."}]},
-            ],
+            "messages": messages("What moves?", "A square moves up.", ("image", images[2]), ("video", video)),
         },
-        {
-            "id": "video",
-            "messages": [
-                {"role": "user", "content": [{"type": "video", "path": str(video)}, {"type": "text", "text": "And?"}]},
-                {"role": "assistant", "content": [{"type": "text", "text": "It is yellow."}]},
-            ],
-        },
-        {
-            "id": "image",
-            "messages": [
-                {"role": "user", "content": [{"type": "image", "path": str(images[0])}, {"type": "text", "text": "?"}]},
-                {"role": "assistant", "content": [{"type": "text", "text": "There are three shapes."}]},
-            ],
-        },
+        {"id": "video", "messages": messages("And?", "It is yellow.", ("video", video))},
+        {"id": "image", "messages": messages("?", "There are three shapes.", ("image", images[0]))},
     ]
     module, batch, _ = first_batch(str(folder), write_records(tmp_path / "mixed.jsonl", records))
-    return module, hf_batch(batch)
+    return module, batch
 
 
 def test_image_and_video_kinds_share_one_placeholder(folder, images, tmp_path):
@@ -373,27 +286,10 @@ def test_frames_and_tiles_whose_tokens_are_all_elided_are_not_encoded(folder, im
     keep = policy.plan(batch, step=1).keep_mask
     image = model.config.image_token_id
     keep[2, (batch[INPUT_IDS][2] == image).nonzero().flatten()[: tile_tokens(model.config)]] = False  # a tile too
-    rows: list[int] = []
-    handle = resolve(model).inner.vision_model.register_forward_hook(
-        lambda m, a, o: rows.append(o.last_hidden_state.shape[0])
-    )
-    try:
-        model.zero_grad()
-        out = forward_active(model, batch, keep)
-        out.loss.backward()
-    finally:
-        handle.remove()
-    skipped = {k: v.grad.clone() for k, v in model.named_parameters() if v.grad is not None}
-    model.zero_grad()
-    masked = token_losses_4d(model, batch, keep)
-    masked[~masked.isnan()].mean().backward()
-    full = {k: v.grad.clone() for k, v in model.named_parameters() if v.grad is not None}
-    model.zero_grad()
+    out, rows, loss_err, grad_err, _ = skipped_step_errors(model, batch, keep, resolve(model).inner.vision_model)
     tiles = batch[PIXEL_VALUES].shape[0]  # 10 tiles + 4 frames, 4 frames, 4 tiles
     assert out.skipped_steps == 2 + 2 + 1 and rows == [tiles - 5]
-    assert max_abs_diff(out.token_loss.detach(), masked.detach()) < TOL
-    assert skipped.keys() == full.keys()
-    assert max(float((skipped[k] - full[k]).abs().max()) for k in full) < TOL
+    assert loss_err < TOL and grad_err < TOL
 
 
 @pytest.mark.parametrize(("selection", "images_too"), [("temporal", False), ("random", True)])
@@ -432,31 +328,3 @@ def test_a_batch_without_frame_index_is_refused_for_video_kinds():
     batch.pop(FRAME_INDEX)
     with pytest.raises(ValueError, match="`frame_index`"):
         family_of(model).media_positions(model.config, batch, "video")
-
-
-# ------------------------------------------------------------------------------------------------
-# The teacher: the checkpoint's own text backbone.
-
-
-def test_teacher_is_the_text_backbone_on_text_positions():
-    """Teacher.from_student's reference losses equal a LlamaForCausalLM with the student's text weights, run on
-    the text-only positions with their original position ids."""
-    from transformers import LlamaForCausalLM
-
-    model = tiny.tiny_model("SmolVLMForConditionalGeneration")
-    batch = random_batch(model, batch_size=2, num_frames=2, ragged=True)
-    parts = resolve(model)
-    text = batch[ATTENTION_MASK].bool() & ~torch.isin(batch[INPUT_IDS], torch.tensor(parts.media_token_ids))
-    cand = candidate_mask(batch[LABELS]) & text
-    ours = Teacher.from_student(model).reference_losses(batch[INPUT_IDS], batch[LABELS], text, cand)
-    backbone = LlamaForCausalLM(model.config.text_config)
-    backbone.model.load_state_dict(parts.decoder.state_dict())
-    backbone.lm_head.load_state_dict(parts.lm_head.state_dict())
-    targets = shift_targets(batch[LABELS])
-    for row in range(2):
-        idx = text[row].nonzero().flatten()
-        with torch.no_grad():
-            logits = backbone(input_ids=batch[INPUT_IDS][row : row + 1, idx], position_ids=idx[None]).logits[0]
-        want = cand[row, idx]
-        expected = F.cross_entropy(logits[want], targets[row, idx][want], reduction="none")
-        assert torch.allclose(ours[row, idx[want]], expected, atol=1e-5)

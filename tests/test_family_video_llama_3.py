@@ -1,31 +1,39 @@
 """VideoLLaMA3: per-media merge sizes, its processors' patches and text, its video compression combined with
-visual-token elision, frames skipped in the tower, the teacher from its Qwen2 text backbone.
+visual-token elision, frames skipped in the tower.
 
 The generic exactness tests run for ``VideoLlama3ForConditionalGeneration`` in ``tests/test_elision.py`` (its random
-batches carry a compression mask, so frames there have different placeholder counts). Checkpoint folders are
-built in ``tmp_path``; nothing is downloaded.
+batches carry a compression mask, so frames there have different placeholder counts), the teacher from its Qwen2
+text backbone in ``tests/test_families.py``. Checkpoint folders are built in ``tmp_path``; nothing is downloaded.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import lightning.pytorch as pl
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from data_fixtures import CORPUS, write_records, write_video
+from data_fixtures import (
+    CORPUS,
+    MEAN,
+    STD,
+    clip_frames,
+    first_batch,
+    media_records,
+    messages,
+    needs_torchvision,
+    row_ids,
+    run_model,
+    save_checkpoint,
+    video_paths,
+    write_video,
+)
 from PIL import Image
-from references import max_abs_diff, partial_mask, token_losses_4d
+from references import TOL, max_abs_diff, partial_mask, skipped_step_errors, token_losses_4d
 
-from regate_lightning import MLLMModule
 from regate_lightning.data import sample_video, train_tokenizer
-from regate_lightning.data.datamodule import ConversationDataModule
-from regate_lightning.data.processors import CheckpointProcessor, torchvision_usable
 from regate_lightning.elision import forward_active
-from regate_lightning.families import FAMILIES, family_of, resolve
+from regate_lightning.families import family_of, resolve
 from regate_lightning.families.video_llama_3 import compression_mask
 from regate_lightning.keys import (
     ATTENTION_MASK,
@@ -35,18 +43,13 @@ from regate_lightning.keys import (
     LABELS,
     PIXEL_VALUES,
     PIXEL_VALUES_VIDEOS,
-    SAMPLE_IDX,
     VIDEO_COMPRESSION_MASK,
     VIDEO_GRID_THW,
     VIDEO_MERGE_SIZES,
 )
-from regate_lightning.targets import candidate_mask, shift_targets
-from regate_lightning.teacher import Teacher
 from regate_lightning.testing import random_batch, tiny
 from regate_lightning.visual import VisualElisionPolicy
 
-TOL = 1e-5
-MEAN, STD = [0.3, 0.4, 0.5], [0.2, 0.25, 0.3]
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>")
 TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -86,14 +89,9 @@ def vl3_tokenizer():
 
 
 def save_vl3(folder: Path) -> Path:
-    tok = vl3_tokenizer()
     model = tiny.tiny_model("VideoLlama3ForConditionalGeneration")
-    model.config.image_token_id, model.config.video_token_id = tok.convert_tokens_to_ids(list(SPECIALS[3:]))
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps(IMAGE_PROCESSOR))
-    (folder / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PROCESSOR))
-    return folder
+    ids = {"image_token_id": SPECIALS[3], "video_token_id": SPECIALS[4]}
+    return save_checkpoint(folder, model, vl3_tokenizer(), ids, image=IMAGE_PROCESSOR, video=VIDEO_PROCESSOR)
 
 
 @pytest.fixture(scope="module")
@@ -101,52 +99,21 @@ def folder(tmp_path_factory) -> Path:
     return save_vl3(tmp_path_factory.mktemp("vl3"))
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> list[Path]:
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(4)
-    paths = []
-    for i, (h, w) in enumerate([(60, 90), (128, 64), (20, 24)]):
-        path = folder / f"img{i}.png"
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-        paths.append(path)
-    return paths
+IMAGE_HW, IMAGE_SEED = [(60, 90), (128, 64), (20, 24)], 4
+"""The ``images`` fixture's (H, W)."""
+
+
+QUESTION = {"question": "What is it?", "answer": "A square moves up."}
+"""The conversation of every test record."""
 
 
 def records(folder: Path, media: list[tuple[str, Path]], name: str = "train.jsonl") -> Path:
-    out = []
-    for i, (kind, path) in enumerate(media):
-        content = [{"type": kind, "path": str(path)}, {"type": "text", "text": "What is it?"}]
-        out.append(
-            {
-                "id": f"r{i}",
-                "messages": [
-                    {"role": "user", "content": content},
-                    {"role": "assistant", "content": [{"type": "text", "text": "A square moves up."}]},
-                ],
-            }
-        )
-    return write_records(folder / name, out)
-
-
-def first_batch(student: str, train_file: Path) -> tuple[MLLMModule, dict, ConversationDataModule]:
-    module = MLLMModule(model=student)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.strategy.connect(module)
-    data = ConversationDataModule(train_file=str(train_file), max_length=None, batch_size=8)
-    data.trainer = trainer
-    data.setup("fit")
-    assert data.train_set is not None
-    batch = data.train_dataloader().collate_fn([data.train_set[i] for i in range(len(data.train_set))])
-    return module, {k: v for k, v in batch.items() if k != SAMPLE_IDX}, data
+    return media_records(folder, media, name=name, **QUESTION)
 
 
 def processor_text(tok, kind: str) -> str:
-    messages = [
-        {"role": "user", "content": [{"type": kind}, {"type": "text", "text": "What is it?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "A square moves up."}]},
-    ]
-    return tok.apply_chat_template(messages, tokenize=False, chat_template=TEMPLATE)
+    conversation = messages(QUESTION["question"], QUESTION["answer"], (kind, None))
+    return tok.apply_chat_template(conversation, tokenize=False, chat_template=TEMPLATE)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,9 +136,8 @@ def test_images_equal_video_llama_3_image_processor_and_processor_text(folder, i
     for row in range(len(images)):
         prompt = VideoLlama3Processor.replace_image_token(processor, hf, row)
         expected = tok(processor_text(tok, "image").replace("<|image_pad|>", prompt))["input_ids"]
-        assert batch[INPUT_IDS][row][batch[ATTENTION_MASK][row].bool()].tolist() == expected
-    with torch.no_grad():
-        assert torch.isfinite(forward_active(module.model, batch).loss)
+        assert row_ids(batch, row) == expected
+    run_model(module, batch)
 
 
 def test_videos_follow_the_video_rules_compression_and_timestamps(folder, tmp_path):
@@ -201,10 +167,9 @@ def test_videos_follow_the_video_rules_compression_and_timestamps(folder, tmp_pa
         }
         prompt = VideoLlama3Processor.replace_video_token(processor, inputs, row)
         expected = tok(processor_text(tok, "video").replace("<|video_pad|>", prompt))["input_ids"]
-        assert batch[INPUT_IDS][row][batch[ATTENTION_MASK][row].bool()].tolist() == expected, row
+        assert row_ids(batch, row) == expected, row
         assert "Time 0.5s:" in prompt
-    with torch.no_grad():
-        assert torch.isfinite(forward_active(module.model, batch).loss)
+    run_model(module, batch)
 
 
 def _grids(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,14 +189,11 @@ def test_compression_rule():
     assert same[1].tolist() == [True, False, False, False]  # nothing changed: the first token stays
 
 
-@pytest.mark.skipif(not torchvision_usable(), reason="transformers' VideoLlama3VideoProcessor needs torchvision")
+@needs_torchvision
 def test_builtin_video_rule_equals_video_llama_3_video_processor(folder, tmp_path):
-    builtin = CheckpointProcessor.load(str(folder), FAMILIES["video_llama_3"], video_backend="builtin")
-    transformers_side = CheckpointProcessor.load(str(folder), FAMILIES["video_llama_3"], video_backend="transformers")
-    assert builtin is not None and transformers_side is not None
+    transformers_side, builtin = video_paths(folder, "video_llama_3")
     for i, (frames, size) in enumerate([(4, (48, 64)), (3, (90, 40))]):
-        decoded = sample_video(write_video(tmp_path / f"v{i}.mp4", num_frames=frames, seed=i), frames).frames
-        decoded = F.interpolate(decoded.float(), size=size).round().to(torch.uint8)
+        decoded = clip_frames(tmp_path / f"v{i}.mp4", frames, seed=i, size=size)
         a, b = transformers_side.video(decoded), builtin.video(decoded)
         assert torch.equal(a.grid, b.grid) and torch.equal(a.merge_sizes, b.merge_sizes)
         diff = max_abs_diff(a.values, b.values)
@@ -303,25 +265,9 @@ def test_frames_with_every_kept_token_elided_are_not_encoded():
     keep.setup(model)
     mask = keep.plan(batch, step=1).keep_mask
     mask &= partial_mask(batch, equal_rows=False)  # answer tokens too
-    rows: list[int] = []
-    handle = resolve(model).inner.vision_model.register_forward_hook(
-        lambda m, a, o: rows.append(o.last_hidden_state.shape[0])
-    )
-    try:
-        model.zero_grad()
-        out = forward_active(model, batch, mask)
-        out.loss.backward()
-    finally:
-        handle.remove()
-    skipped = {k: v.grad.clone() for k, v in model.named_parameters() if v.grad is not None}
-    model.zero_grad()
-    masked = token_losses_4d(model, batch, mask)
-    masked[~masked.isnan()].mean().backward()
-    full = {k: v.grad.clone() for k, v in model.named_parameters() if v.grad is not None}
-    model.zero_grad()
+    out, rows, loss_err, grad_err, _ = skipped_step_errors(model, batch, mask, resolve(model).inner.vision_model)
     assert out.skipped_steps > 0 and rows == [(12 - out.skipped_steps) * 16]  # 16 tokens per encoded frame
-    assert max_abs_diff(out.token_loss.detach(), masked.detach()) < TOL
-    assert max(float((skipped[k] - full[k]).abs().max()) for k in full) < TOL
+    assert loss_err < TOL and grad_err < TOL
 
 
 def test_images_and_videos_with_their_own_merge_sizes_in_one_batch(folder, images, tmp_path):
@@ -337,29 +283,3 @@ def test_images_and_videos_with_their_own_merge_sizes_in_one_batch(folder, image
         out = forward_active(model, batch, keep)
         reference = token_losses_4d(model, batch, keep)
     assert max_abs_diff(out.token_loss, reference) < TOL
-
-
-# ------------------------------------------------------------------------------------------------
-# The teacher.
-
-
-def test_teacher_is_the_qwen2_text_backbone_on_text_positions():
-    from transformers import Qwen2ForCausalLM
-
-    model = tiny.tiny_model("VideoLlama3ForConditionalGeneration")
-    batch = random_batch(model, batch_size=2, num_frames=2, ragged=True)
-    parts = resolve(model)
-    text = batch[ATTENTION_MASK].bool() & ~torch.isin(batch[INPUT_IDS], torch.tensor(parts.media_token_ids))
-    cand = candidate_mask(batch[LABELS]) & text
-    ours = Teacher.from_student(model).reference_losses(batch[INPUT_IDS], batch[LABELS], text, cand)
-    backbone = Qwen2ForCausalLM(model.config.text_config)
-    backbone.model.load_state_dict(parts.decoder.state_dict())
-    backbone.lm_head.load_state_dict(parts.lm_head.state_dict())
-    targets = shift_targets(batch[LABELS])
-    for row in range(2):
-        idx = text[row].nonzero().flatten()
-        with torch.no_grad():
-            logits = backbone(input_ids=batch[INPUT_IDS][row : row + 1, idx], position_ids=idx[None]).logits[0]
-        want = cand[row, idx]
-        expected = F.cross_entropy(logits[want], targets[row, idx][want], reduction="none")
-        assert torch.allclose(ours[row, idx[want]], expected, atol=1e-5)

@@ -15,7 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from references import (
+    gradients,
     max_abs_diff,
+    max_grad_diff,
     partial_mask,
     shortened_loss,
     token_losses_4d,
@@ -131,18 +133,11 @@ def test_packed_gradients_equal_each_sample_alone(family, elided, implementation
     if refused(model, batch):
         return
     keep = partial_mask(batch, equal_rows=False) if elided else torch.ones_like(batch["input_ids"], dtype=torch.bool)
-    model.zero_grad()
     with attention(model, implementation):
         out = forward_active(model, batch, keep if elided else None, packed=True)
-        out.loss.backward()
-    packed = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
+        packed = gradients(model, out.loss)
     reference = shortened_loss(model, batch, keep)
-    reference.backward()
-    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    assert packed.keys() == expected.keys()
-    err = max(float((packed[n] - expected[n]).abs().max()) for n in expected)
+    err = max_grad_diff(packed, gradients(model, reference))
     MAX_ERRORS[f"{name}/grad/{'elided' if elided else 'baseline'}/{implementation}"] = err
     assert abs(float(out.loss.detach() - reference.detach())) < TOL
     assert err < GRAD_TOL

@@ -5,11 +5,9 @@ Tiny random models on CPU; every test is a short ``Trainer.fit``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
-import pytest
 import torch
 
 from regate_lightning import LoraOptions, MLLMModule, ReGATECallback
@@ -24,15 +22,6 @@ from regate_lightning.testing.datamodule import RandomDataModule
 
 # Steps 0, 2, ... keep every token; steps 1, 3, ... keep half of the candidates.
 SCHEDULE = {"keep_ratio": 0.5, "warmup_steps": 0, "cycle_steps": 2, "full_steps": 1}
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matrices: one thread is faster, and far faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Spy(pl.Callback):

@@ -13,40 +13,56 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from data_fixtures import CORPUS, tokenizer, write_records, write_video
+from data_fixtures import (
+    CORPUS,
+    IMAGE_QUESTION,
+    MEAN,
+    PARITY,
+    STD,
+    clip_frames,
+    data_module,
+    first_batch,
+    image_ids_equal_the_processors,
+    image_records,
+    needs_torchvision,
+    parity_diff,
+    run_model,
+    save_checkpoint,
+    tokenizer,
+    video_paths,
+    video_records,
+    write_images,
+    write_video,
+)
 from PIL import Image
 
 from regate_lightning import MLLMModule
 from regate_lightning.data import FrameSampling, VisionSpec, sample_video, train_tokenizer
-from regate_lightning.data.datamodule import ConversationDataModule
 from regate_lightning.data.processors import (
     VIDEO_PROCESSOR_DEFAULTS,
     CheckpointProcessor,
     VideoSettings,
     checkpoint_of,
     frames_for_video,
-    torchvision_usable,
 )
 from regate_lightning.elision import forward_active
 from regate_lightning.families import FAMILIES
-from regate_lightning.keys import IMAGE_SIZES, INPUT_IDS, LABELS, PIXEL_VALUES, SAMPLE_IDX
+from regate_lightning.keys import IMAGE_SIZES, INPUT_IDS, LABELS, PIXEL_VALUES
 from regate_lightning.testing import tiny
-
-NO_TORCHVISION = "torchvision cannot be imported here (it cannot be installed beside torch 2.13 CPU); " + (
-    "transformers' video processors and Qwen2VLProcessor need it"
-)
-needs_torchvision = pytest.mark.skipif(not torchvision_usable(), reason=NO_TORCHVISION)
-
-MEAN, STD = [0.3, 0.4, 0.5], [0.2, 0.25, 0.3]
-IMAGE_SIZES_HW = [(60, 90), (33, 100), (128, 64), (20, 24)]
-"""(H, W) of the test images: landscape, very wide, portrait, and one smaller than min_pixels."""
 
 QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
 QWEN_MEDIA = ("<|image_pad|>", "<|video_pad|>")
+QWEN_IDS = dict(
+    zip(
+        ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"),
+        QWEN_MEDIA + QWEN_SPECIALS[3:],
+        strict=True,
+    )
+)
+"""A Qwen-VL config's placeholder and marker ids, and their tokens."""
 QWEN_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -69,68 +85,29 @@ LLAVA_TEMPLATE = (
 """LLaVA-1.5-hf's chat template (without generation tags): images first in a turn, as ``<image>\\n``."""
 
 
-def write_images(folder: Path) -> list[Path]:
-    """PNG files of :data:`IMAGE_SIZES_HW` with random pixels."""
-    rng = np.random.default_rng(1)
-    paths = []
-    for i, (h, w) in enumerate(IMAGE_SIZES_HW):
-        path = folder / f"img{i}.png"
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-        paths.append(path)
-    return paths
-
-
-def image_records(folder: Path, paths: list[Path]) -> Path:
-    """One HF-messages conversation per image (image, then a question; one answer)."""
-    records = [
-        {
-            "id": f"r{i}",
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [{"type": "image", "path": str(p)}, {"type": "text", "text": "What colour is it?"}],
-                },
-                {"role": "assistant", "content": [{"type": "text", "text": "It is green."}]},
-            ],
-        }
-        for i, p in enumerate(paths)
-    ]
-    return write_records(folder / "train.jsonl", records)
-
-
 def qwen_tokenizer(template: str | None = QWEN_TEMPLATE):
     return train_tokenizer(CORPUS, vocab_size=350, special_tokens=QWEN_SPECIALS + QWEN_MEDIA, chat_template=template)
 
 
 def save_qwen(folder: Path, video: dict | None = None) -> Path:
     """A tiny Qwen2-VL with a Qwen-style tokenizer and template, and non-default processor configs."""
-    tok = qwen_tokenizer()
-    model = tiny.tiny_qwen2_vl()
-    ids = dict(zip(("image_token_id", "video_token_id"), tok.convert_tokens_to_ids(list(QWEN_MEDIA)), strict=True))
-    ids["vision_start_token_id"], ids["vision_end_token_id"] = tok.convert_tokens_to_ids(list(QWEN_SPECIALS[3:]))
-    for key, value in ids.items():
-        setattr(model.config, key, value)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
     layout = {"patch_size": 8, "merge_size": 2, "temporal_patch_size": 2}
     image = {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 1024, "max_pixels": 4096, **layout}
-    (folder / "preprocessor_config.json").write_text(json.dumps({**image, "image_mean": MEAN, "image_std": STD}))
-    if video is not None:
-        (folder / "video_preprocessor_config.json").write_text(
-            json.dumps({"video_processor_type": "Qwen2VLVideoProcessor", **layout, **video})
-        )
-    return folder
+    return save_checkpoint(
+        folder,
+        tiny.tiny_qwen2_vl(),
+        qwen_tokenizer(),
+        QWEN_IDS,
+        image={**image, "image_mean": MEAN, "image_std": STD},
+        video=None if video is None else {"video_processor_type": "Qwen2VLVideoProcessor", **layout, **video},
+    )
 
 
 def save_llava(folder: Path, factory=tiny.tiny_llava, processor: dict | None = None, **config) -> Path:
     """A tiny LLaVA-family model whose ``<image>`` id is the test tokenizer's, with a CLIP-style processor config."""
-    tok = tokenizer()
     model = factory()
-    model.config.image_token_id = tok.convert_tokens_to_ids("<image>")
     for key, value in config.items():
         setattr(model.config, key, value)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
     processor = processor or {
         "image_processor_type": "CLIPImageProcessor",
         "size": {"shortest_edge": 32},
@@ -138,43 +115,7 @@ def save_llava(folder: Path, factory=tiny.tiny_llava, processor: dict | None = N
         "image_mean": MEAN,
         "image_std": STD,
     }
-    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
-    return folder
-
-
-def first_batch(student: str | MLLMModule, train_file: Path, **kwargs) -> tuple[MLLMModule, dict]:
-    """The data module's first training batch for ``student``: every sample, in file order."""
-    module = student if isinstance(student, MLLMModule) else MLLMModule(model=student)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.strategy.connect(module)
-    kwargs.setdefault("batch_size", 8)
-    data = ConversationDataModule(train_file=str(train_file), max_length=None, **kwargs)
-    data.trainer = trainer
-    data.setup("fit")
-    dataset = data.train_set
-    assert dataset is not None
-    batch = data.train_dataloader().collate_fn([dataset[i] for i in range(len(dataset))])
-    assert batch is not None and batch[SAMPLE_IDX].tolist() == list(dataset.keys)  # in file order
-    return module, batch | {"_data": data}
-
-
-def run_model(module: MLLMModule, batch: dict) -> None:
-    """The student's forward on the batch: HF checks that placeholders and features have the same count."""
-    out = forward_active(module.model, {k: v for k, v in batch.items() if not k.startswith("_")})
-    assert torch.isfinite(out.loss)
-
-
-PARITY: dict[str, float] = {}
-"""Measured max |difference| of every parity check, printed by the last test (read by docs/data.md)."""
-
-
-def max_abs_diff(a: torch.Tensor, b: torch.Tensor, name: str | None = None) -> float:
-    """max |a - b| (shapes must match); recorded in :data:`PARITY` under ``name`` (the largest seen)."""
-    assert a.shape == b.shape, (a.shape, b.shape)
-    diff = float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
-    if name is not None:
-        PARITY[name] = max(diff, PARITY.get(name, 0.0))
-    return diff
+    return save_checkpoint(folder, model, tokenizer(), {"image_token_id": "<image>"}, image=processor)
 
 
 @pytest.fixture(scope="module")
@@ -183,15 +124,10 @@ def qwen_folder(tmp_path_factory) -> Path:
     return save_qwen(tmp_path_factory.mktemp("qwen"), video={**video, "min_frames": 2, "max_frames": 6})
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> list[Path]:
-    return write_images(tmp_path_factory.mktemp("images"))
-
-
 def test_qwen_images_equal_qwen2vl_image_processor(qwen_folder, images, tmp_path):
     from transformers import Qwen2VLImageProcessorPil
 
-    module, batch = first_batch(str(qwen_folder), image_records(tmp_path, images))
+    module, batch, _ = first_batch(str(qwen_folder), image_records(tmp_path, images))
     hf = Qwen2VLImageProcessorPil(
         min_pixels=1024,
         max_pixels=4096,
@@ -202,7 +138,7 @@ def test_qwen_images_equal_qwen2vl_image_processor(qwen_folder, images, tmp_path
         image_std=STD,
     )(images=[Image.open(p) for p in images], return_tensors="pt")
     assert torch.equal(batch["image_grid_thw"], hf["image_grid_thw"])
-    assert max_abs_diff(batch["pixel_values"], hf["pixel_values"], "image qwen2_vl vs Qwen2VLImageProcessorPil") == 0
+    assert parity_diff(batch["pixel_values"], hf["pixel_values"], "image qwen2_vl vs Qwen2VLImageProcessorPil") == 0
     assert len({tuple(g) for g in hf["image_grid_thw"].tolist()}) == len(images)  # every image its own grid
     image_id = module.hf_model.config.image_token_id
     per_row = (batch[INPUT_IDS] == image_id).sum(1)
@@ -220,13 +156,13 @@ def test_llava_images_equal_clip_image_processor(family, processor_class, tmp_pa
     factory = tiny.tiny_llava if family == "llava" else tiny.tiny_video_llava
     settings = {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}
     config = {"image_processor_type": processor_class, **settings, "image_mean": MEAN, "image_std": STD}
-    module, batch = first_batch(str(save_llava(tmp_path / family, factory, config)), image_records(tmp_path, images))
+    module, batch, _ = first_batch(str(save_llava(tmp_path / family, factory, config)), image_records(tmp_path, images))
     pil_class = getattr(transformers, f"{processor_class}Pil", None) or getattr(transformers, processor_class)
     hf = pil_class(**settings, image_mean=MEAN, image_std=STD)(
         images=[Image.open(p) for p in images], return_tensors="pt"
     )
     key = FAMILIES[family].image_key
-    assert max_abs_diff(batch[key], hf[key], f"image {family} vs {pil_class.__name__}") == 0
+    assert parity_diff(batch[key], hf[key], f"image {family} vs {pil_class.__name__}") == 0
     image_id = module.hf_model.config.image_token_id
     assert (batch[INPUT_IDS] == image_id).sum(1).tolist() == [16] * len(images)  # (32 / 8) ** 2, CLS dropped
     run_model(module, batch)
@@ -252,7 +188,7 @@ def test_llava_next_video_images_through_anyres(tmp_path, images):
     from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
 
     folder = anyres_folder(tmp_path)
-    module, batch = first_batch(str(folder), image_records(tmp_path, images))
+    module, batch, _ = first_batch(str(folder), image_records(tmp_path, images))
     image_processor = LlavaNextImageProcessorPil.from_pretrained(folder)
     hf = image_processor(images=[Image.open(p) for p in images], return_tensors="pt")
     assert torch.equal(batch[IMAGE_SIZES], hf["image_sizes"])
@@ -261,7 +197,7 @@ def test_llava_next_video_images_through_anyres(tmp_path, images):
         for i, t in enumerate(torch.split(batch[PIXEL_VALUES], _tile_counts(hf["image_sizes"], folder)))
     ]
     assert (
-        max_abs_diff(batch[PIXEL_VALUES], torch.cat(tiles), "image llava_next_video vs LlavaNextImageProcessorPil") == 0
+        parity_diff(batch[PIXEL_VALUES], torch.cat(tiles), "image llava_next_video vs LlavaNextImageProcessorPil") == 0
     )
     assert len(set(_tile_counts(hf["image_sizes"], folder))) > 1  # the sizes choose different tilings
     # transformers' own processor expands each <image> to the count the data module used
@@ -292,8 +228,7 @@ def test_anyres_batch_elides_like_the_unmodified_model(tmp_path, images):
 
     from regate_lightning.targets import candidate_mask
 
-    module, batch = first_batch(str(anyres_folder(tmp_path)), image_records(tmp_path, images[:2]))
-    batch = {k: v for k, v in batch.items() if not k.startswith("_")}
+    module, batch, _ = first_batch(str(anyres_folder(tmp_path)), image_records(tmp_path, images[:2]))
     keep = torch.ones_like(batch[INPUT_IDS], dtype=torch.bool)
     candidates = candidate_mask(batch[LABELS])
     for row in range(keep.shape[0]):
@@ -304,7 +239,7 @@ def test_anyres_batch_elides_like_the_unmodified_model(tmp_path, images):
         reference = token_losses_4d(model, batch, keep)
     computed = ~torch.isnan(reference)
     assert computed.any() and torch.equal(computed, ~torch.isnan(ours))
-    assert max_abs_diff(ours[computed], reference[computed], "anyres elision vs unmodified model (4-D mask)") < 1e-5
+    assert parity_diff(ours[computed], reference[computed], "anyres elision vs unmodified model (4-D mask)") < 1e-5
 
 
 def test_llava_input_ids_equal_llava_processor(tmp_path, images):
@@ -313,8 +248,8 @@ def test_llava_input_ids_equal_llava_processor(tmp_path, images):
 
     folder = save_llava(tmp_path / "llava")
     (folder / "chat_template.jinja").write_text(LLAVA_TEMPLATE)
-    module, batch = first_batch(str(folder), image_records(tmp_path, images[:2]))
-    assert batch["_data"].tokenizer.get_vocab() == tokenizer().get_vocab()  # no `tokenizer:` given
+    module, batch, data = first_batch(str(folder), image_records(tmp_path, images[:2]))
+    assert data.tokenizer.get_vocab() == tokenizer().get_vocab()  # no `tokenizer:` given
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessorPil.from_pretrained(folder),
         tokenizer=tokenizer(),
@@ -323,15 +258,7 @@ def test_llava_input_ids_equal_llava_processor(tmp_path, images):
         num_additional_image_tokens=1,
         chat_template=LLAVA_TEMPLATE,
     )
-    for row, path in enumerate(images[:2]):
-        messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]},
-            {"role": "assistant", "content": [{"type": "text", "text": "It is green."}]},
-        ]
-        text = processor.apply_chat_template(messages, tokenize=False)
-        expected = processor(text=[text], images=[Image.open(path)])["input_ids"][0]
-        ours = batch[INPUT_IDS][row][batch["attention_mask"][row].bool()].tolist()
-        assert ours == expected
+    image_ids_equal_the_processors(processor, batch, images[:2])
     labels = batch[LABELS][0][batch[LABELS][0] != -100]
     assert tokenizer().decode(labels) == " It is green. "  # what the template writes after the prompt
     run_model(module, batch)
@@ -342,22 +269,15 @@ def test_qwen_input_ids_equal_qwen2vl_processor(qwen_folder, images, tmp_path):
     """Item 4 for Qwen2-VL: input_ids equal Qwen2VLProcessor's (apply_chat_template, then the pad expansion)."""
     from transformers import AutoImageProcessor, AutoVideoProcessor, Qwen2VLProcessor
 
-    module, batch = first_batch(str(qwen_folder), image_records(tmp_path, images))
+    module, batch, _ = first_batch(str(qwen_folder), image_records(tmp_path, images))
     processor = Qwen2VLProcessor(
         image_processor=AutoImageProcessor.from_pretrained(qwen_folder, backend="pil"),
         tokenizer=qwen_tokenizer(),
         video_processor=AutoVideoProcessor.from_pretrained(qwen_folder),
         chat_template=QWEN_TEMPLATE,
     )
-    for row, path in enumerate(images):
-        messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]},
-            {"role": "assistant", "content": [{"type": "text", "text": "It is green."}]},
-        ]
-        text = processor.apply_chat_template(messages, tokenize=False)
-        expected = processor(text=[text], images=[Image.open(path)], return_tensors="pt")
+    for row, expected in enumerate(image_ids_equal_the_processors(processor, batch, images)):
         attended = batch["attention_mask"][row].bool()
-        assert batch[INPUT_IDS][row][attended].tolist() == expected["input_ids"][0].tolist()
         if "mm_token_type_ids" in expected:
             assert batch["mm_token_type_ids"][row][attended].tolist() == expected["mm_token_type_ids"][0].tolist()
     run_model(module, batch)
@@ -365,36 +285,16 @@ def test_qwen_input_ids_equal_qwen2vl_processor(qwen_folder, images, tmp_path):
 
 def test_qwen_template_without_torchvision_renders_like_the_processor(qwen_folder, images, tmp_path):
     """Where Qwen2VLProcessor cannot be built, its two steps by hand: the template's text, pads expanded."""
-    module, batch = first_batch(str(qwen_folder), image_records(tmp_path, images[:1]))
-    data = batch["_data"]
+    module, batch, data = first_batch(str(qwen_folder), image_records(tmp_path, images[:1]))
     assert data.tokenizer.chat_template == QWEN_TEMPLATE
     spec = data.train_set.renderer.spec
     assert data.train_set.renderer.template_media == {"image": "<|image_pad|>", "video": "<|video_pad|>"}
     grid = batch["image_grid_thw"][0]
-    messages = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "It is green."}]},
-    ]
-    text = data.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=QWEN_TEMPLATE)
+    text = data.tokenizer.apply_chat_template(IMAGE_QUESTION, tokenize=False, chat_template=QWEN_TEMPLATE)
     text = text.replace("<|image_pad|>", "<|image_pad|>" * (int(grid.prod()) // 4))
     assert batch[INPUT_IDS][0].tolist() == data.tokenizer(text)["input_ids"]
     assert spec.vision_start_token_id in batch[INPUT_IDS][0].tolist()
     run_model(module, batch)
-
-
-def video_records(folder: Path, videos: list[Path]) -> Path:
-    records = [
-        {
-            "id": f"v{i}",
-            "video": str(v),
-            "conversations": [
-                {"from": "human", "value": "<video>\nWhat moves?"},
-                {"from": "gpt", "value": "A square."},
-            ],
-        }
-        for i, v in enumerate(videos)
-    ]
-    return write_records(folder / "videos.jsonl", records)
 
 
 def test_qwen_video_follows_the_checkpoint_rules(qwen_folder, tmp_path):
@@ -403,8 +303,7 @@ def test_qwen_video_follows_the_checkpoint_rules(qwen_folder, tmp_path):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
     videos = [write_video(tmp_path / "a.mp4", num_frames=12, fps=4.0)]  # 3 s at 4 fps, 64 x 64
-    module, batch = first_batch(str(qwen_folder), video_records(tmp_path, videos))
-    data = batch["_data"]
+    module, batch, data = first_batch(str(qwen_folder), video_records(tmp_path, videos))
     assert data.frames == FrameSampling(num_frames=6, sample="fps", fps=2.0, min_frames=2)  # fps 2, capped at 6
     assert batch["video_grid_thw"].tolist() == [[3, *(s // 8 for s in smart_resize(64, 64, 16, 1024, 2048))]]
     # two equal frames at a size smart_resize keeps: the video path gives the image processor's patches
@@ -418,7 +317,7 @@ def test_qwen_video_follows_the_checkpoint_rules(qwen_folder, tmp_path):
     )
     assert torch.equal(ours.grid, hf["image_grid_thw"])
     name = "video qwen2_vl built-in (2 equal frames) vs Qwen2VLImageProcessorPil"
-    assert max_abs_diff(ours.values, hf["pixel_values"], name) < 1e-5  # fused vs separate rescale/normalise
+    assert parity_diff(ours.values, hf["pixel_values"], name) < 1e-5  # fused vs separate rescale/normalise
     run_model(module, batch)
 
 
@@ -445,21 +344,16 @@ def test_builtin_video_path_equals_transformers_video_processor(case, qwen_folde
                 }
             )
         )
-    transformers_side = CheckpointProcessor.load(str(folder), FAMILIES[family], video_backend="transformers")
-    builtin = CheckpointProcessor.load(str(folder), FAMILIES[family], video_backend="builtin")
-    assert transformers_side is not None and builtin is not None
+    transformers_side, builtin = video_paths(folder, family)
     for i, (frames, size) in enumerate([(6, (48, 64)), (3, (90, 40)), (4, (64, 64))]):
-        path = write_video(tmp_path / f"v{i}.mp4", num_frames=frames, seed=i)
-        decoded = sample_video(path, frames).frames
-        if size != (64, 64):
-            decoded = torch.nn.functional.interpolate(decoded.float(), size=size).round().to(torch.uint8)
+        decoded = clip_frames(tmp_path / f"v{i}.mp4", frames, seed=i, size=size)
         a, b = transformers_side.video(decoded), builtin.video(decoded)
         if a.grid is not None:
             assert torch.equal(a.grid, b.grid)
         if case == "qwen2_vl_capped":  # the cap binds: 64 x 64 frames fit max_pixels but not the budget
             assert int(a.grid[0, 1:].prod()) * 8 * 8 < 2048
         name = f"video {case} built-in vs {FAMILIES[family].video_processor}"
-        assert max_abs_diff(a.values, b.values, name) <= 1e-5
+        assert parity_diff(a.values, b.values, name) <= 1e-5
 
 
 @needs_torchvision
@@ -479,7 +373,7 @@ def test_frame_size_overrides_the_checkpoint_rule_or_is_refused(qwen_folder, tmp
 
     from regate_lightning.data import load_image
 
-    module, batch = first_batch(str(qwen_folder), image_records(tmp_path, images), frame_size=[48, 32])
+    module, batch, _ = first_batch(str(qwen_folder), image_records(tmp_path, images), frame_size=[48, 32])
     assert batch["image_grid_thw"].tolist() == [[1, 6, 4]] * len(images)
     hf = Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, image_mean=MEAN, image_std=STD, do_resize=False)(
         images=[load_image(p, (48, 32)).numpy() for p in images],
@@ -487,7 +381,7 @@ def test_frame_size_overrides_the_checkpoint_rule_or_is_refused(qwen_folder, tmp
         return_tensors="pt",
     )
     assert (
-        max_abs_diff(batch["pixel_values"], hf["pixel_values"], "image qwen2_vl frame_size vs Qwen2VLImageProcessorPil")
+        parity_diff(batch["pixel_values"], hf["pixel_values"], "image qwen2_vl frame_size vs Qwen2VLImageProcessorPil")
         == 0
     )
     run_model(module, batch)
@@ -514,11 +408,7 @@ def test_media_the_checkpoint_refuses_is_a_counted_skip(qwen_folder, tmp_path):
     """An image transformers' processor refuses (aspect ratio over 200) is bad input, not a crash."""
     path = tmp_path / "strip.png"
     Image.fromarray(np.zeros((1, 250, 3), dtype=np.uint8)).save(path)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.strategy.connect(MLLMModule(model=str(qwen_folder)))
-    data = ConversationDataModule(train_file=str(image_records(tmp_path, [path])), on_error="skip")
-    data.trainer = trainer
-    data.setup("fit")
+    _, data = data_module(str(qwen_folder), image_records(tmp_path, [path]), on_error="skip")
     assert data.train_set is not None and data.train_set[0] is None
     assert data.counter.counts()["unsupported_media"] == 1
     settings = VideoSettings.resolve("ckpt", "LlavaNextVideoVideoProcessor", {"resample": 0})
@@ -538,7 +428,7 @@ def test_models_without_processor_configs_keep_the_builtin_path(tmp_path):
     assert VisionSpec.from_model(loaded) == spec
     tokenizer().save_pretrained(tmp_path / "bare")  # the tokenizer still comes from the folder
     with pytest.warns(UserWarning, match="has no processor configs.*the built-in preprocessing applies"):
-        _, batch = first_batch(str(tmp_path / "bare"), image_records(tmp_path, write_images(tmp_path)[:1]))
+        _, batch, _ = first_batch(str(tmp_path / "bare"), image_records(tmp_path, write_images(tmp_path)[:1]))
     assert batch["image_grid_thw"].tolist() == [[1, 8, 8]]  # 64 x 64, the built-in size
     with pytest.raises(ValueError, match="`tokenizer` is required: the student was built in memory"):
         first_batch(MLLMModule(model=tiny.tiny_qwen2_vl()), tmp_path / "none.jsonl")
@@ -548,8 +438,7 @@ def test_tokenizer_argument_overrides_the_checkpoint(qwen_folder, images, tmp_pa
     other = tmp_path / "other"
     tok = qwen_tokenizer(template=QWEN_TEMPLATE.replace("You are a helpful assistant.", "Be brief."))
     tok.save_pretrained(other)
-    _, batch = first_batch(str(qwen_folder), image_records(tmp_path, images[:1]), tokenizer=str(other))
-    data = batch["_data"]
+    _, batch, data = first_batch(str(qwen_folder), image_records(tmp_path, images[:1]), tokenizer=str(other))
     assert data.load_chat_template() == tok.chat_template
     assert "Be brief." in data.tokenizer.decode(batch[INPUT_IDS][0])
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from script_loader import load_script
+from script_loader import load_script, recipe
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from regate_lightning.bank import ScoreBank
@@ -23,26 +23,6 @@ from regate_lightning.score import ScoreOptions, find_callback, part_files, part
 from regate_lightning.teacher import Teacher
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "debug_regate.yaml"
-
-
-def recipe(tmp_path: Path, name: str, ref_cache: Path | None, **data: object) -> Path:
-    """recipes/debug_regate.yaml with quiet, file-free trainer settings and the given cache and data."""
-    config = yaml.safe_load(RECIPE.read_text())
-    trainer = config["trainer"]
-    trainer.update(
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        max_steps=8,
-        default_root_dir=str(tmp_path),  # where `fit` saves config.yaml
-    )
-    trainer["callbacks"][0]["init_args"]["ref_cache"] = None if ref_cache is None else str(ref_cache)
-    config["data"]["init_args"].update(data)
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def cache(path: Path) -> dict:
@@ -61,15 +41,6 @@ def assert_same(a: dict, b: dict, exact: bool = True) -> None:
         assert torch.equal(a["ref"], b["ref"])
     else:
         assert torch.allclose(a["ref"], b["ref"], atol=1e-6, rtol=0), float((a["ref"] - b["ref"]).abs().max())
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and lose a lot to it when the two cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def child_env() -> dict[str, str]:
@@ -123,6 +94,16 @@ def test_score_equals_fit_and_fit_then_never_runs_the_teacher(tmp_path, teacher_
     result = score_main(["--config", str(recipe(tmp_path, "score.yaml", scored)), "--score.progress", "false"])
     assert (result.scored, result.reused, teacher_calls) == (0, 32, [])
     assert_same(before, cache(scored))
+
+
+@pytest.mark.parametrize(
+    ("source", "samples"), [("debug_internvl.yaml", 4), ("debug_llava_onevision.yaml", 4), ("debug_qwen3_vl.yaml", 6)]
+)
+def test_score_runs_the_student_teacher_on_the_familys_recipe(tmp_path, source, samples):
+    """``score`` on a family's debug recipe: the student's own text backbone scores every sample into the cache."""
+    config = recipe(tmp_path, "score.yaml", tmp_path / "refs.pt", source, num_samples=samples)
+    result = score_main(["--config", str(config), "--score.progress", "false"])
+    assert result.num_samples == samples and result.scored == samples and (tmp_path / "refs.pt").exists()
 
 
 def test_scoring_in_bf16_matches_fitting_in_bf16(tmp_path):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from references import max_abs_diff, position_ids, token_losses_4d
+from references import TOL, max_abs_diff, skipped_step_errors, token_losses_4d, token_losses_decoder
 
 from regate_lightning.data.video import normalize
 from regate_lightning.data.vision import VisionSpec
@@ -17,7 +17,6 @@ from regate_lightning.families import MediaRegions, family_of, resolve
 from regate_lightning.keys import ATTENTION_MASK, IGNORE_INDEX, INPUT_IDS, KEEP_MASK, LABELS
 from regate_lightning.policy import ReGATEPolicy
 from regate_lightning.scoring import num_kept
-from regate_lightning.targets import shift_targets
 from regate_lightning.testing import random_batch, tiny
 from regate_lightning.visual import (
     RandomSelection,
@@ -30,7 +29,6 @@ from regate_lightning.visual import (
     temporal_change,
 )
 
-TOL = 1e-5
 VIDEO_FAMILIES = {
     "llava_next_video": tiny.tiny_llava_next_video,
     "video_llava": tiny.tiny_video_llava,
@@ -289,43 +287,6 @@ def test_images_with_random_selection():
 # Equivalence: the elided step equals the unmodified model on the kept positions.
 
 
-def token_losses_on_kept_embeddings(model: torch.nn.Module, batch: dict, keep: torch.Tensor) -> torch.Tensor:
-    """The HF decoder and head run, row by row, on the kept positions of the model's own merged embeddings.
-
-    The merged input embeddings (text embeddings with the visual features scattered in by HF) are taken
-    from an unmodified forward pass; each row's kept positions are then cut out explicitly, with their
-    original position ids and an explicit all-ones attention mask, and run through the decoder and the
-    LM head. Losses ``[B, L]`` (NaN where nothing was computed).
-    """
-    parts = resolve(model)
-    seen: dict = {}
-
-    def record(module, args, kwargs):
-        seen["embeds"] = kwargs["inputs_embeds"]
-
-    handle = parts.decoder.register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        model(**{k: v for k, v in batch.items() if k not in ("sample_idx", KEEP_MASK, LABELS)}, use_cache=False)
-    finally:
-        handle.remove()
-    positions = position_ids(model, batch)
-    targets = shift_targets(batch[LABELS])
-    active = batch[ATTENTION_MASK].bool() & keep
-    out = torch.full(active.shape, float("nan"))
-    for row in range(active.shape[0]):
-        idx = active[row].nonzero().flatten()
-        hidden = parts.decoder(
-            inputs_embeds=seen["embeds"][row : row + 1, idx],
-            position_ids=positions[..., row : row + 1, idx],
-            attention_mask=torch.ones(1, idx.numel(), dtype=torch.long),
-            use_cache=False,
-        ).last_hidden_state[0]
-        tgt = targets[row, idx]
-        sup = tgt != IGNORE_INDEX
-        out[row, idx[sup]] = F.cross_entropy(parts.lm_head(hidden[sup]).float(), tgt[sup], reduction="none")
-    return out
-
-
 @pytest.mark.parametrize("selection", ["temporal", "random"])
 def test_visual_elision_equals_the_model_on_kept_positions(video_model, selection):
     name, model = video_model
@@ -335,7 +296,7 @@ def test_visual_elision_equals_the_model_on_kept_positions(video_model, selectio
     assert (~keep).any()
     with torch.no_grad():
         out = forward_active(model, batch, keep)
-        short = token_losses_on_kept_embeddings(model, batch, keep)
+        short = token_losses_decoder(model, batch, keep)  # the model's merged embeddings, kept positions alone
         masked = token_losses_4d(model, batch, keep)
     err = max(max_abs_diff(out.token_loss, short), max_abs_diff(out.token_loss, masked))
     print(f"max|diff| {name}/visual/{selection}: {err:.2e}")
@@ -378,30 +339,13 @@ def test_fully_elided_frames_are_not_encoded_and_train_the_same(video_model):
     batch = random_batch(model, batch_size=2, num_frames=4, ragged=True, seed=4)
     keep = policy_for(model, selection="uniform", keep_ratio=0.5).plan(batch, step=1).keep_mask
     _, tower, _ = family_of(model).encoders[-1]
-    rows: list[int] = []
-    encoder = getattr(resolve(model).inner, tower)
-    handle = encoder.register_forward_hook(lambda m, a, o: rows.append(o.last_hidden_state.shape[0]))
-    try:
-        model.zero_grad()
-        out = forward_active(model, batch, keep)
-        out.loss.backward()
-    finally:
-        handle.remove()
-    skipped = {k: v.grad.clone() for k, v in model.named_parameters() if v.grad is not None}
-    model.zero_grad()
-    masked = token_losses_4d(model, batch, keep)
-    masked[~masked.isnan()].mean().backward()
-    full = {k: v.grad.clone() for k, v in model.named_parameters() if v.grad is not None}
+    out, rows, loss_err, worst, _ = skipped_step_errors(model, batch, keep, getattr(resolve(model).inner, tower))
     steps_per_video = 2 if name.startswith("qwen") else 4  # Qwen2-VL: 4 frames are 2 temporal patches
     assert out.skipped_steps == 2 * steps_per_video // 2
     rows_per_step = batch["pixel_values_videos"].shape[0] // (2 * steps_per_video) if name.startswith("qwen") else 1
     assert rows == [rows_per_step * steps_per_video], "the tower encoded only the kept half of the steps"
-    assert max_abs_diff(out.token_loss.detach(), masked.detach()) < TOL
-    assert skipped.keys() == full.keys()
-    worst = max(float((skipped[k] - full[k]).abs().max()) for k in full)
     print(f"max|grad diff| {name}/skipped frames: {worst:.2e}")
-    assert worst < TOL
-    model.zero_grad()
+    assert loss_err < TOL and worst < TOL
 
 
 @pytest.mark.parametrize("name", ["llava_clip", "llava_next_video"])
