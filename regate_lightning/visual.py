@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from regate_lightning._imports import import_object, is_dotted_path
 from regate_lightning.elision import check_keep_mask
 from regate_lightning.families import Family, MediaRegions, resolve
+from regate_lightning.families.base import runs
 from regate_lightning.keys import ATTENTION_MASK, INPUT_IDS, KEEP_MASK
 from regate_lightning.schedule import Schedule, is_full_step
 from regate_lightning.scoring import check_int, check_keep_ratio, random_keep, select_keep
@@ -158,25 +159,6 @@ class VisualTokens:
         return tuple(out)
 
 
-def placeholder_runs(positions: Tensor) -> list[int]:
-    """Lengths of the runs of placeholder positions, row by row: one run per media item, in batch order.
-
-    Example:
-        >>> placeholder_runs(torch.tensor([[0, 1, 1, 0, 1], [1, 1, 1, 0, 0]], dtype=torch.bool))
-        [2, 1, 3]
-    """
-    lengths = []
-    for row in positions.tolist():
-        run = 0
-        for hit in [*row, False]:
-            if hit:
-                run += 1
-            elif run:
-                lengths.append(run)
-                run = 0
-    return lengths
-
-
 def _per_item(media: tuple[MediaRegions, ...], positions: Tensor) -> tuple[MediaRegions, ...]:
     """Split clips that the data joined frame-wise (one ``[1, sum T, ...]`` tensor) back into one per sample.
 
@@ -187,12 +169,12 @@ def _per_item(media: tuple[MediaRegions, ...], positions: Tensor) -> tuple[Media
     """
     if len(media) != 1:
         return media
-    runs = placeholder_runs(positions)
+    lengths = [length for _, _, length in runs(positions)]  # one run per media item, in batch order
     (joined,) = media
     per_step = joined.tokens_per_step
-    if joined.tail or len(runs) < 2 or sum(runs) != joined.num_tokens or any(r % per_step for r in runs):
+    if joined.tail or len(lengths) < 2 or sum(lengths) != joined.num_tokens or any(n % per_step for n in lengths):
         return media
-    parts = joined.regions.split([r // per_step for r in runs])
+    parts = joined.regions.split([n // per_step for n in lengths])
     return tuple(MediaRegions(joined.kind, part, joined.lead) for part in parts)
 
 

@@ -50,7 +50,8 @@ from references import TOL, max_abs_diff, skipped_step_errors, token_losses_4d
 from regate_lightning.data import VisionSpec, train_tokenizer
 from regate_lightning.elision import forward_active
 from regate_lightning.families import family_of, resolve
-from regate_lightning.families.internvl import FAMILY, spans, tiny_config
+from regate_lightning.families.base import runs
+from regate_lightning.families.internvl import FAMILY, tiny_config
 from regate_lightning.keys import ATTENTION_MASK, FRAME_INDEX, INPUT_IDS, LABELS, PIXEL_VALUES
 from regate_lightning.targets import candidate_mask
 from regate_lightning.testing import random_batch, tiny
@@ -357,7 +358,7 @@ def test_builtin_video_rules_equal_internvl_video_processor(folder, tmp_path):
 
 
 def test_span_helper():
-    assert spans(torch.tensor([[5, 5, 0], [0, 0, 5]]), 5) == [(0, 0, 2), (1, 2, 1)]
+    assert runs(torch.tensor([[5, 5, 0], [0, 0, 5]]) == 5) == [(0, 0, 2), (1, 2, 1)]  # InternVL's <img> spans
 
 
 def test_the_media_gap_swaps_images_of_equal_tiles(folder, tmp_path):

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from regate_lightning.keys import FRAME_INDEX, PIXEL_VALUES
+
 # Placeholder rules (the values of ``Family.placeholders``).
 PATCHES = "patches"
 """One token per tower patch of an image or frame (LLaVA, Video-LLaVA)."""
@@ -317,6 +319,11 @@ def frame_regions(
     return [MediaRegions(kind, x[i], lead) for i in range(num)]
 
 
+def _run_starts(mask: Tensor) -> Tensor:
+    """Where a run of True begins (bool ``[B, L]``)."""
+    return mask & ~torch.nn.functional.pad(mask, (1, 0))[:, :-1]
+
+
 def count_runs(mask: Tensor) -> Tensor:
     """Number of contiguous runs of True per row (int64 ``[B]``).
 
@@ -324,8 +331,57 @@ def count_runs(mask: Tensor) -> Tensor:
         >>> count_runs(torch.tensor([[0, 1, 1, 0, 1], [0, 0, 0, 0, 0]], dtype=torch.bool))
         tensor([2, 0])
     """
-    starts = mask & ~torch.nn.functional.pad(mask, (1, 0))[:, :-1]
-    return starts.sum(1)
+    return _run_starts(mask).sum(1)
+
+
+def runs(mask: Tensor) -> list[tuple[int, int, int]]:
+    """The contiguous runs of True of ``mask`` (bool ``[B, L]``), row by row: ``(row, start, length)``.
+
+    Example:
+        >>> runs(torch.tensor([[0, 1, 1, 0, 1], [1, 0, 0, 0, 0]], dtype=torch.bool))
+        [(0, 1, 2), (0, 4, 1), (1, 0, 1)]
+    """
+    ends = mask & ~torch.nn.functional.pad(mask, (0, 1))[:, 1:]
+    pairs = zip(_run_starts(mask).nonzero().tolist(), ends.nonzero().tolist(), strict=True)
+    return [(row, start, end - start + 1) for (row, start), (_, end) in pairs]
+
+
+def expansion_parts(text: str, placeholder: str, token_id: int) -> tuple[int | str, ...]:
+    """A processor's text for one media as :attr:`~regate_lightning.data.vision.ProcessedMedia.expansion` parts:
+    every ``placeholder`` becomes ``token_id``, the text between them stays text (tokenized as a whole).
+
+    Example:
+        >>> expansion_parts("<a><image><image> <a>", "<image>", 9)
+        ('<a>', 9, 9, ' <a>')
+    """
+    out: list[int | str] = []
+    for j, piece in enumerate(text.split(placeholder)):
+        if j:
+            out.append(token_id)
+        if piece:
+            out.append(piece)
+    return tuple(out)
+
+
+def top_id(vocab_size: int, rank: int, given: int | None = None) -> int:
+    """``given``, or the ``rank``-th id from the top of the vocabulary (1: the last), where the tiny configs put their
+    placeholder and marker ids (random text never uses them)."""
+    return vocab_size - rank if given is None else given
+
+
+def tower_config(image_size: int | None, patch_size: int, **extra: Any) -> dict[str, Any]:
+    """Keyword arguments of the tiny vision towers: 2 layers of width 32 (MLP 64), 4 heads, ``patch_size`` pixel
+    patches of ``image_size`` images (left to the config class when None), and ``extra``."""
+    config: dict[str, Any] = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "patch_size": patch_size,
+    }
+    if image_size is not None:
+        config["image_size"] = image_size
+    return {**config, **extra}
 
 
 @dataclass(frozen=True)
@@ -670,6 +726,34 @@ class Family:
             ValueError: the family takes no media, or cannot take ``num_frames`` or ``grid``.
         """
         raise ValueError(f"no random media layout for family {self.name!r}")
+
+
+@dataclass(frozen=True)
+class TileFamily(Family):
+    """A family whose every image tile and video frame is an image to the model (SmolVLM, InternVL): one placeholder
+    id, one pixel key; the data's :data:`~regate_lightning.keys.FRAME_INDEX` tells a video's frames from image tiles.
+
+    Its ``"image"`` kind is every placeholder (the model's view: what the tower encodes and the engine's step skipping
+    reads); its ``"video"`` kind, which has no token of its own, the subset that are video frames.
+    """
+
+    def media_token_id(self, config: Any, kind: str) -> int | None:
+        """The placeholder for the ``"image"`` kind (every tile and frame); None for ``"video"``."""
+        return int(config.image_token_id) if kind == "image" else None
+
+    def frame_index(self, batch: Mapping[str, Any], tiles: int) -> Tensor | None:
+        """The batch's :data:`~regate_lightning.keys.FRAME_INDEX` (int64 ``[tiles]``: a frame's number in its video,
+        -1 for an image's tile), None without one.
+
+        Raises:
+            ValueError: a frame index whose length is not the number of tiles.
+        """
+        index = batch.get(FRAME_INDEX)
+        if index is None:
+            return None
+        if index.numel() != tiles:
+            raise ValueError(f"`{FRAME_INDEX}` has {index.numel()} entries but `{PIXEL_VALUES}` has {tiles} tiles")
+        return index.flatten()
 
 
 def gather_mask(mask: Tensor | None, index: Tensor, valid: Tensor, length: int) -> Tensor:

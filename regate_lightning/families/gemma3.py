@@ -32,9 +32,12 @@ from regate_lightning.families.base import (
     MediaText,
     ModelParts,
     RandomMedia,
+    expansion_parts,
     frame_regions,
     gather_mask,
     text_config,
+    top_id,
+    tower_config,
 )
 from regate_lightning.keys import IMAGE_TYPE, PIXEL_VALUES, TOKEN_TYPE_IDS
 
@@ -73,13 +76,7 @@ def image_expansion(crops: int, tokens: int, image_token_id: int) -> tuple[int |
 
     sequence = f"\n\n{BOI_TOKEN}{IMAGE_TOKEN * tokens}{EOI_TOKEN}\n\n"
     text = Gemma3Processor.replace_image_token(SimpleNamespace(full_image_sequence=sequence), {"num_crops": [crops]}, 0)
-    out: list[int | str] = []
-    for j, piece in enumerate(text.split(IMAGE_TOKEN)):
-        if j:
-            out.append(image_token_id)
-        if piece:
-            out.append(piece)
-    return tuple(out)
+    return expansion_parts(text, IMAGE_TOKEN, image_token_id)
 
 
 @dataclass(frozen=True)
@@ -167,23 +164,14 @@ def tiny_config(
         layer_types=["sliding_attention", "full_attention"] * (num_layers // 2)
         + ["sliding_attention"] * (num_layers % 2),
     )
-    vision = {
-        "model_type": "siglip_vision_model",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "image_size": IMAGE_SIZE,
-        "patch_size": PATCH_SIZE,
-        "vision_use_head": False,
-    }
+    vision = tower_config(IMAGE_SIZE, PATCH_SIZE, model_type="siglip_vision_model", vision_use_head=False)
     return Gemma3Config(
         text_config=text,
         vision_config=vision,
         mm_tokens_per_image=4,
-        image_token_index=vocab_size - 1,
-        boi_token_index=vocab_size - 2,
-        eoi_token_index=vocab_size - 3,
+        image_token_index=top_id(vocab_size, 1),
+        boi_token_index=top_id(vocab_size, 2),
+        eoi_token_index=top_id(vocab_size, 3),
     )
 
 

@@ -38,15 +38,18 @@ from torch import Tensor, nn
 from regate_lightning.families.base import (
     DEFAULT_VOCAB,
     TILES,
-    Family,
     MediaRegions,
     MediaSteps,
     MediaText,
     ModelParts,
     RandomMedia,
+    TileFamily,
     find_module,
     frame_regions,
+    runs,
     text_config,
+    top_id,
+    tower_config,
 )
 from regate_lightning.keys import FRAME_INDEX, INPUT_IDS, PIXEL_VALUES, TEXT_TYPE, VIDEO_TYPE
 
@@ -77,24 +80,8 @@ def square_side(value: Any) -> int:
     return int(value)
 
 
-def spans(ids: Tensor, token_id: int) -> list[tuple[int, int, int]]:
-    """The runs of ``token_id`` in ``ids`` (``[B, L]``), row by row: ``(row, start, length)``.
-
-    Example:
-        >>> spans(torch.tensor([[0, 7, 7, 0, 7], [7, 0, 0, 0, 0]]), 7)
-        [(0, 1, 2), (0, 4, 1), (1, 0, 1)]
-    """
-    hits = ids == token_id
-    starts = hits & ~torch.nn.functional.pad(hits, (1, 0))[:, :-1]
-    ends = hits & ~torch.nn.functional.pad(hits, (0, 1))[:, 1:]
-    out = []
-    for (row, start), (_, end) in zip(starts.nonzero().tolist(), ends.nonzero().tolist(), strict=True):
-        out.append((row, start, end - start + 1))
-    return out
-
-
 @dataclass(frozen=True)
-class InternVLFamily(Family):
+class InternVLFamily(TileFamily):
     """The rules of InternVL (see the module docstring)."""
 
     def tile_side(self, config: Any) -> int:
@@ -134,10 +121,6 @@ class InternVLFamily(Family):
     # ----------------------------------------------------------------------------------------------
     # What the family takes.
 
-    def media_token_id(self, config: Any, kind: str) -> int | None:
-        """``<IMG_CONTEXT>`` for the ``"image"`` kind (every tile and frame); None for ``"video"``."""
-        return int(config.image_token_id) if kind == "image" else None
-
     def media_keys(self, kind: str) -> tuple[str, ...]:
         """Pixels and the frame index, one entry per tile or frame (both kinds)."""
         return (PIXEL_VALUES, FRAME_INDEX)
@@ -175,19 +158,6 @@ class InternVLFamily(Family):
     # ----------------------------------------------------------------------------------------------
     # Spans, steps and regions.
 
-    def frame_index(self, batch: Mapping[str, Any], tiles: int) -> Tensor | None:
-        """The batch's :data:`~regate_lightning.keys.FRAME_INDEX` (int64 ``[tiles]``), None without one.
-
-        Raises:
-            ValueError: a frame index whose length is not the number of tiles.
-        """
-        index = batch.get(FRAME_INDEX)
-        if index is None:
-            return None
-        if index.numel() != tiles:
-            raise ValueError(f"`{FRAME_INDEX}` has {index.numel()} entries but `{PIXEL_VALUES}` has {tiles} tiles")
-        return index.flatten()
-
     def _spans(self, config: Any, batch: Mapping[str, Any]) -> list[tuple[int, int, int, bool]]:
         """Every ``<IMG_CONTEXT>`` span in ``pixel_values`` order: ``(row, start, tiles, is_video_frame)``.
 
@@ -196,7 +166,7 @@ class InternVLFamily(Family):
         """
         per_tile = self.tile_tokens(config)
         found = []
-        for row, start, length in spans(batch[INPUT_IDS], int(config.image_token_id)):
+        for row, start, length in runs(batch[INPUT_IDS] == int(config.image_token_id)):
             if length % per_tile:
                 raise ValueError(
                     f"internvl: a run of {length} <IMG_CONTEXT> tokens is no whole number of {per_tile}-token tiles"
@@ -347,18 +317,10 @@ def tiny_config(
     if text_model_type not in ("qwen2", "qwen3"):
         raise ValueError(f"`text_model_type` must be 'qwen2' or 'qwen3', got {text_model_type!r}")
     text = {"model_type": text_model_type, **text_config(vocab_size, hidden_size, num_layers)}
-    vision = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "image_size": image_size,
-        "patch_size": PATCH_SIZE,
-    }
     return InternVLConfig(
-        vision_config=vision,
+        vision_config=tower_config(image_size, PATCH_SIZE),
         text_config=text,
-        image_token_id=vocab_size - 1 if image_token_id is None else image_token_id,
+        image_token_id=top_id(vocab_size, 1, image_token_id),
         image_seq_length=(image_size // PATCH_SIZE // 2) ** 2,
     )
 

@@ -31,6 +31,8 @@ from regate_lightning.families.base import (
     frame_regions,
     patch_grid,
     text_config,
+    top_id,
+    tower_config,
     tower_has_cls,
 )
 from regate_lightning.keys import IMAGE_TYPE, PIXEL_VALUES, VIDEO_TYPE
@@ -68,12 +70,7 @@ def siglip_vision_config(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_S
     from transformers import SiglipVisionConfig
 
     return SiglipVisionConfig(
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=patch_size,
+        **tower_config(image_size, patch_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size)
     )
 
 
@@ -250,7 +247,7 @@ def tiny_config(
     return LlavaConfig(
         vision_config=tower,
         text_config=LlamaConfig(**text_config(vocab_size, hidden_size, num_layers)),
-        image_token_id=vocab_size - 1 if image_token_id is None else image_token_id,
+        image_token_id=top_id(vocab_size, 1, image_token_id),
         vision_feature_select_strategy=strategy,
         vision_feature_layer=-1,
         image_seq_length=(image_size // PATCH_SIZE) ** 2,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from regate_lightning.families.base import DEFAULT_VOCAB, POOLED, text_config
+from regate_lightning.families.base import DEFAULT_VOCAB, POOLED, text_config, top_id
 from regate_lightning.families.llava import IMAGE_SIZE, LlavaFamily, clip_vision_config
 from regate_lightning.keys import IMAGE_SIZES, PIXEL_VALUES, PIXEL_VALUES_VIDEOS
 
@@ -40,8 +40,8 @@ def llava_next_video_config(
     return LlavaNextVideoConfig(
         vision_config=vision,
         text_config=LlamaConfig(**text),
-        video_token_index=vocab - 2 if video_token_id is None else video_token_id,
-        image_token_index=vocab - 1 if image_token_id is None else image_token_id,
+        video_token_index=top_id(vocab, 2, video_token_id),
+        image_token_index=top_id(vocab, 1, image_token_id),
         vision_feature_layer=vision_feature_layer,
         image_grid_pinpoints=[[vision.image_size, vision.image_size]],
         spatial_pool_stride=spatial_pool_stride,

@@ -41,6 +41,7 @@ from regate_lightning.families.base import (
     RandomMedia,
     patch_grid,
     text_config,
+    top_id,
     tower_has_cls,
 )
 from regate_lightning.families.llava import IMAGE_SIZE, LlavaFamily, siglip_vision_config
@@ -274,8 +275,8 @@ def tiny_config(
     return LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(**tower),
         text_config={"model_type": "qwen2", **text_config(vocab_size, hidden_size, num_layers)},
-        image_token_index=vocab_size - 1 if image_token_id is None else image_token_id,
-        video_token_index=vocab_size - 2 if video_token_id is None else video_token_id,
+        image_token_index=top_id(vocab_size, 1, image_token_id),
+        video_token_index=top_id(vocab_size, 2, video_token_id),
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
         image_grid_pinpoints=pinpoints,

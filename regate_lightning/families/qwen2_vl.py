@@ -26,6 +26,7 @@ from regate_lightning.families.base import (
     MediaSteps,
     RandomMedia,
     text_config,
+    top_id,
 )
 from regate_lightning.keys import (
     IMAGE_GRID_THW,
@@ -53,6 +54,12 @@ def mrope_section(head_dim: int) -> list[int]:
     return [first + rest % 2, rest // 2, rest // 2]
 
 
+def placeholder_ids(vocab_size: int) -> dict[str, int]:
+    """A Qwen-VL config's image, video, vision start and vision end ids, at the top of the vocabulary."""
+    keys = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return {key: top_id(vocab_size, rank) for rank, key in enumerate(keys, start=1)}
+
+
 def qwen_vl_kwargs(text: dict[str, Any], rope_theta: float = 10000.0) -> dict[str, Any]:
     """Keyword arguments of a Qwen2-VL / Qwen2.5-VL config around ``text`` (from :func:`text_config`).
 
@@ -62,13 +69,7 @@ def qwen_vl_kwargs(text: dict[str, Any], rope_theta: float = 10000.0) -> dict[st
     vocab = text["vocab_size"]
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     rope = {"rope_type": "default", "rope_theta": rope_theta, "mrope_section": mrope_section(head_dim)}
-    return {
-        "text_config": {**text, "rope_parameters": rope},
-        "image_token_id": vocab - 1,
-        "video_token_id": vocab - 2,
-        "vision_start_token_id": vocab - 3,
-        "vision_end_token_id": vocab - 4,
-    }
+    return {"text_config": {**text, "rope_parameters": rope}, **placeholder_ids(vocab)}
 
 
 def grid_regions(kind: str, pixels: Tensor, grids: Tensor, merge: int) -> list[MediaRegions]:
@@ -242,22 +243,29 @@ def tiny_qwen2_5_vl_config(vocab_size: int = DEFAULT_VOCAB, hidden_size: int = 6
     return Qwen2_5_VLConfig(vision_config=vision, **qwen_vl_kwargs(text_config(vocab_size, hidden_size, num_layers)))
 
 
+GRID_RULES: dict[str, Any] = {
+    "towers": ("visual",),
+    "placeholders": GRID,
+    "image_key": PIXEL_VALUES,
+    "video_key": PIXEL_VALUES_VIDEOS,
+    "grid_keys": (IMAGE_GRID_THW, VIDEO_GRID_THW),
+    "mrope": True,
+    "vision_markers": True,
+    "token_types": True,
+    "encoders": (("image", "visual", "visual"), ("video", "visual", "visual")),
+}
+"""The :class:`~regate_lightning.families.base.Family` fields every Qwen-VL family shares (Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL, Qwen3.5): one ``visual`` tower for images and videos, grids, M-RoPE, vision start / end markers and
+token types."""
+
 FAMILY = QwenVLFamily(
     "qwen2_vl",
     classes=("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"),
     model_types=("qwen2_vl", "qwen2_5_vl"),
-    towers=("visual",),
     projectors=("visual.merger",),
-    placeholders=GRID,
-    image_key=PIXEL_VALUES,
-    video_key=PIXEL_VALUES_VIDEOS,
-    grid_keys=(IMAGE_GRID_THW, VIDEO_GRID_THW),
     video_processor="Qwen2VLVideoProcessor",
-    mrope=True,
-    vision_markers=True,
-    token_types=True,
     seconds_per_grid=("qwen2_5_vl",),
-    encoders=(("image", "visual", "visual"), ("video", "visual", "visual")),
+    **GRID_RULES,
     tiny={
         "Qwen2VLForConditionalGeneration": tiny_qwen2_vl_config,
         "Qwen2_5_VLForConditionalGeneration": tiny_qwen2_5_vl_config,

@@ -43,15 +43,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from regate_lightning.families.base import DEFAULT_VOCAB, GRID, text_config
-from regate_lightning.families.qwen2_vl import PATCH_SIZE
+from regate_lightning.families.base import DEFAULT_VOCAB, text_config
+from regate_lightning.families.qwen2_vl import GRID_RULES, PATCH_SIZE, placeholder_ids
 from regate_lightning.families.qwen3_vl import RANDOM_TIMESTAMP_TOKENS, Qwen3VLFamily
-from regate_lightning.keys import (
-    IMAGE_GRID_THW,
-    PIXEL_VALUES,
-    PIXEL_VALUES_VIDEOS,
-    VIDEO_GRID_THW,
-)
 
 TIMESTAMP_TOKENS = RANDOM_TIMESTAMP_TOKENS
 """Text tokens that stand for one temporal patch's timestamp (``<1.5 seconds>``) in random batches (Qwen3-VL's)."""
@@ -120,14 +114,7 @@ def qwen3_5_kwargs(
         "linear_conv_kernel_dim": 4,
         "rope_parameters": rope,
     }
-    return {
-        "text_config": text,
-        "vision_config": vision,
-        "image_token_id": vocab - 1,
-        "video_token_id": vocab - 2,
-        "vision_start_token_id": vocab - 3,
-        "vision_end_token_id": vocab - 4,
-    }
+    return {"text_config": text, "vision_config": vision, **placeholder_ids(vocab)}
 
 
 def tiny_vision(hidden_size: int) -> dict[str, Any]:
@@ -198,18 +185,10 @@ FAMILY = Qwen3_5Family(
     "qwen3_5",
     classes=("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"),
     model_types=("qwen3_5", "qwen3_5_moe"),
-    towers=("visual",),
     projectors=("visual.merger",),
-    placeholders=GRID,
-    image_key=PIXEL_VALUES,
-    video_key=PIXEL_VALUES_VIDEOS,
-    grid_keys=(IMAGE_GRID_THW, VIDEO_GRID_THW),
     video_processor="Qwen3VLVideoProcessor",
-    mrope=True,
-    vision_markers=True,
-    token_types=True,
-    encoders=(("image", "visual", "visual"), ("video", "visual", "visual")),
     recurrent=True,
+    **GRID_RULES,
     tiny={
         "Qwen3_5ForConditionalGeneration": tiny_qwen3_5_config,
         "Qwen3_5MoeForConditionalGeneration": tiny_qwen3_5_moe_config,

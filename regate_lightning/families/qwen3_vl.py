@@ -50,17 +50,14 @@ from torch import Tensor
 
 from regate_lightning.families.base import (
     DEFAULT_VOCAB,
-    GRID,
     MediaText,
     RandomMedia,
     count_runs,
     scatter_rows,
     text_config,
 )
-from regate_lightning.families.qwen2_vl import QwenVLFamily
+from regate_lightning.families.qwen2_vl import GRID_RULES, QwenVLFamily, placeholder_ids
 from regate_lightning.keys import (
-    IMAGE_GRID_THW,
-    PIXEL_VALUES,
     PIXEL_VALUES_VIDEOS,
     VIDEO_GRID_THW,
     VIDEO_TYPE,
@@ -266,13 +263,7 @@ def qwen3_vl_kwargs(text: dict[str, Any], rope_theta: float = 5000000.0) -> dict
         "mrope_section": interleaved_mrope_section(head_dim),
         "mrope_interleaved": True,
     }
-    return {
-        "text_config": {**text, "head_dim": head_dim, "rope_parameters": rope},
-        "image_token_id": vocab - 1,
-        "video_token_id": vocab - 2,
-        "vision_start_token_id": vocab - 3,
-        "vision_end_token_id": vocab - 4,
-    }
+    return {"text_config": {**text, "head_dim": head_dim, "rope_parameters": rope}, **placeholder_ids(vocab)}
 
 
 def qwen3_vl_vision(
@@ -336,17 +327,9 @@ FAMILY = Qwen3VLFamily(
     "qwen3_vl",
     classes=("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration"),
     model_types=("qwen3_vl", "qwen3_vl_moe"),
-    towers=("visual",),
     projectors=("visual.merger", "visual.deepstack_merger_list"),
-    placeholders=GRID,
-    image_key=PIXEL_VALUES,
-    video_key=PIXEL_VALUES_VIDEOS,
-    grid_keys=(IMAGE_GRID_THW, VIDEO_GRID_THW),
     video_processor="Qwen3VLVideoProcessor",
-    mrope=True,
-    vision_markers=True,
-    token_types=True,
-    encoders=(("image", "visual", "visual"), ("video", "visual", "visual")),
+    **GRID_RULES,
     tiny={
         "Qwen3VLForConditionalGeneration": tiny_qwen3_vl_config,
         "Qwen3VLMoeForConditionalGeneration": tiny_qwen3_vl_moe_config,

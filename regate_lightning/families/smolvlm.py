@@ -37,13 +37,17 @@ from torch import Tensor
 from regate_lightning.families.base import (
     DEFAULT_VOCAB,
     TILES,
-    Family,
     MediaRegions,
     MediaSteps,
     MediaText,
     RandomMedia,
+    TileFamily,
+    expansion_parts,
     frame_regions,
+    runs,
     text_config,
+    top_id,
+    tower_config,
 )
 from regate_lightning.keys import FRAME_INDEX, INPUT_IDS, PIXEL_ATTENTION_MASK, PIXEL_VALUES, VIDEO_TYPE
 
@@ -64,23 +68,6 @@ VIDEO_TOKEN = "<video>"
 """What SmolVLM2's chat template writes for a video, replaced by the video's frames (``tokenizer.video_token``)."""
 
 
-def expansion_parts(text: str, image_token_id: int) -> tuple[int | str, ...]:
-    """A processor's text for one media as :attr:`~regate_lightning.data.vision.ProcessedMedia.expansion` parts:
-    every :data:`IMAGE_TOKEN` becomes ``image_token_id``, the text between them stays text (tokenized as a whole).
-
-    Example:
-        >>> expansion_parts("<a><image><image> <a>", 9)
-        ('<a>', 9, 9, ' <a>')
-    """
-    out: list[int | str] = []
-    for j, piece in enumerate(text.split(IMAGE_TOKEN)):
-        if j:
-            out.append(image_token_id)
-        if piece:
-            out.append(piece)
-    return tuple(out)
-
-
 def image_expansion(rows: int, cols: int, tokens: int, image_token_id: int) -> tuple[int | str, ...]:
     """The text SmolVLM's processor writes for an image split into ``rows x cols`` tiles plus the global image
     (``(0, 0)``: one global image), from transformers' own ``get_image_prompt_string``."""
@@ -94,7 +81,7 @@ def image_expansion(rows: int, cols: int, tokens: int, image_token_id: int) -> t
         image_token=IMAGE_TOKEN,
         global_image_token=GLOBAL_TOKEN,
     )
-    return expansion_parts(text, image_token_id)
+    return expansion_parts(text, IMAGE_TOKEN, image_token_id)
 
 
 def video_expansion(
@@ -125,7 +112,7 @@ def video_expansion(
     )
     inputs = {"pixel_values": torch.empty(1, len(timestamps), 0), "video_metadata": [metadata]}
     text = processing_smolvlm.SmolVLMProcessor.replace_video_token(processor, inputs, 0)
-    return expansion_parts(text, image_token_id)
+    return expansion_parts(text, IMAGE_TOKEN, image_token_id)
 
 
 def tile_tokens(config: Any) -> int:
@@ -152,22 +139,8 @@ def real_tiles(pixels: Tensor) -> Tensor:
     return real
 
 
-def placeholder_runs(mask: Tensor) -> list[tuple[int, int, int]]:
-    """The contiguous runs of True of ``mask`` (bool ``[B, L]``) as ``(row, start, end)``, row by row."""
-    runs = []
-    for row, values in enumerate(mask.tolist()):
-        start = None
-        for pos, hit in enumerate([*values, False]):
-            if hit and start is None:
-                start = pos
-            elif not hit and start is not None:
-                runs.append((row, start, pos))
-                start = None
-    return runs
-
-
 @dataclass(frozen=True)
-class SmolVLMFamily(Family):
+class SmolVLMFamily(TileFamily):
     """SmolVLM's rules (see the module docstring)."""
 
     def tile_side(self, config: Any) -> int:
@@ -182,10 +155,6 @@ class SmolVLMFamily(Family):
         """Pixels, their attention mask and the frame index, one entry per tile or frame (both kinds)."""
         return (PIXEL_VALUES, PIXEL_ATTENTION_MASK, FRAME_INDEX) if self.takes(kind) else ()
 
-    def media_token_id(self, config: Any, kind: str) -> int | None:
-        """``<image>`` for the ``"image"`` kind (every tile and frame); None for ``"video"`` (no token of its own)."""
-        return int(config.image_token_id) if kind == "image" else None
-
     def tiles(self, batch: Mapping[str, Any]) -> int:
         """Tiles and frames the model encodes (rows of its tower input)."""
         pixels = batch.get(PIXEL_VALUES)
@@ -195,22 +164,19 @@ class SmolVLMFamily(Family):
             raise ValueError(f"`{PIXEL_VALUES}` must be [N, images, 3, H, W], got shape {tuple(pixels.shape)}")
         return int(real_tiles(pixels).sum())
 
-    def frame_index(self, batch: Mapping[str, Any]) -> Tensor:
-        """The batch's :data:`~regate_lightning.keys.FRAME_INDEX` (int64 ``[tiles]``).
+    def frames(self, batch: Mapping[str, Any]) -> Tensor:
+        """The batch's :data:`~regate_lightning.keys.FRAME_INDEX` (:meth:`TileFamily.frame_index`), required.
 
         Raises:
             ValueError: the batch has no frame index, or one whose length is not the number of tiles.
         """
-        index = batch.get(FRAME_INDEX)
-        tiles = self.tiles(batch)
+        index = self.frame_index(batch, self.tiles(batch))
         if index is None:
             raise ValueError(
                 f"SmolVLM's video frames are told from image tiles by `{FRAME_INDEX}` (int64 [tiles]: a frame's number "
                 "in its video, -1 for an image tile), which this batch lacks; the data of regate_lightning.data adds it"
             )
-        if index.numel() != tiles:
-            raise ValueError(f"`{FRAME_INDEX}` has {index.numel()} entries but `{PIXEL_VALUES}` has {tiles} tiles")
-        return index.flatten()
+        return index
 
     def media_positions(self, config: Any, batch: Mapping[str, Any], kind: str) -> Tensor:
         """``"image"``: every placeholder; ``"video"``: the placeholders of the tiles whose frame index is >= 0.
@@ -224,17 +190,17 @@ class SmolVLMFamily(Family):
         everything = self.placeholder_mask(config, batch[INPUT_IDS], "image")
         if kind == "image":
             return everything
-        frames = self.frame_index(batch) >= 0
-        runs = placeholder_runs(everything)
-        if len(runs) != frames.numel():
+        frames = self.frames(batch) >= 0
+        found = runs(everything)
+        if len(found) != frames.numel():
             raise ValueError(
-                f"the batch has {len(runs)} runs of <image> placeholders but {frames.numel()} tiles; each tile's "
+                f"the batch has {len(found)} runs of <image> placeholders but {frames.numel()} tiles; each tile's "
                 "placeholders must be one run (SmolVLM's processor writes a marker token around each)"
             )
         out = torch.zeros_like(everything)
-        for (row, start, end), frame in zip(runs, frames.tolist(), strict=True):
+        for (row, start, length), frame in zip(found, frames.tolist(), strict=True):
             if frame:
-                out[row, start:end] = True
+                out[row, start : start + length] = True
         return out
 
     def media_steps(self, config: Any, batch: Mapping[str, Any], kind: str) -> list[MediaSteps]:
@@ -250,7 +216,7 @@ class SmolVLMFamily(Family):
     def _videos(self, batch: Mapping[str, Any]) -> list[list[int]]:
         """The tile indices of each video's frames, video by video."""
         videos: list[list[int]] = []
-        for tile, frame in enumerate(self.frame_index(batch).tolist()):
+        for tile, frame in enumerate(self.frames(batch).tolist()):
             if frame == 0:
                 videos.append([tile])
             elif frame > 0:
@@ -358,19 +324,11 @@ def tiny_config(
     scale factor 2, so ``(image_size / 16) ** 2`` tokens per tile or frame (4 at the default size)."""
     from transformers import SmolVLMConfig
 
-    vision = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "image_size": image_size,
-        "patch_size": PATCH_SIZE,
-    }
     text = {"model_type": "llama", **text_config(vocab_size, hidden_size, num_layers)}
     return SmolVLMConfig(
-        vision_config=vision,
+        vision_config=tower_config(image_size, PATCH_SIZE),
         text_config=text,
-        image_token_id=vocab_size - 1 if image_token_id is None else image_token_id,
+        image_token_id=top_id(vocab_size, 1, image_token_id),
         scale_factor=2,
         pad_token_id=0,
     )

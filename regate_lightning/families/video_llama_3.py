@@ -36,8 +36,11 @@ from regate_lightning.families.base import (
     MediaSteps,
     MediaText,
     RandomMedia,
+    expansion_parts,
     scatter_rows,
     text_config,
+    top_id,
+    tower_config,
 )
 from regate_lightning.keys import (
     IMAGE_GRID_THW,
@@ -127,13 +130,7 @@ def video_expansion(timestamps: list[float], per_frame: list[int], video_token_i
         "video_metadata": [VideoMetadata(total_num_frames=frames, fps=1.0, frames_indices=list(timestamps))],
     }
     text = VideoLlama3Processor.replace_video_token(SimpleNamespace(video_token=VIDEO_TOKEN), inputs, 0)
-    out: list[int | str] = []
-    for j, piece in enumerate(text.split(VIDEO_TOKEN)):
-        if j:
-            out.append(video_token_id)
-        if piece:
-            out.append(piece)
-    return tuple(out)
+    return expansion_parts(text, VIDEO_TOKEN, video_token_id)
 
 
 @dataclass(frozen=True)
@@ -282,18 +279,11 @@ def tiny_config(vocab_size: int = DEFAULT_VOCAB, hidden_size: int = 64, num_laye
     """A tiny ``VideoLlama3Config``: patch 8, a Qwen2 decoder; image / video placeholders at the vocabulary's top."""
     from transformers import VideoLlama3Config
 
-    vision = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "patch_size": PATCH_SIZE,
-    }
     return VideoLlama3Config(
-        vision_config=vision,
+        vision_config=tower_config(None, PATCH_SIZE),
         text_config={"model_type": "qwen2", **text_config(vocab_size, hidden_size, num_layers)},
-        image_token_id=vocab_size - 1,
-        video_token_id=vocab_size - 2,
+        image_token_id=top_id(vocab_size, 1),
+        video_token_id=top_id(vocab_size, 2),
     )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from regate_lightning.families.base import DEFAULT_VOCAB, PATCHES, text_config
+from regate_lightning.families.base import DEFAULT_VOCAB, PATCHES, text_config, top_id
 from regate_lightning.families.llava import IMAGE_SIZE, LlavaFamily, clip_vision_config
 from regate_lightning.keys import PIXEL_VALUES_IMAGES, PIXEL_VALUES_VIDEOS
 
@@ -27,8 +27,8 @@ def tiny_config(
     return VideoLlavaConfig(
         vision_config=clip_vision_config(image_size),
         text_config=LlamaConfig(**text_config(vocab_size, hidden_size, num_layers)),
-        video_token_index=vocab_size - 2 if video_token_id is None else video_token_id,
-        image_token_index=vocab_size - 1 if image_token_id is None else image_token_id,
+        video_token_index=top_id(vocab_size, 2, video_token_id),
+        image_token_index=top_id(vocab_size, 1, image_token_id),
         vision_feature_layer=-1,
     )
 
