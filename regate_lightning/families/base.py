@@ -734,8 +734,14 @@ class TileFamily(Family):
     id, one pixel key; the data's :data:`~regate_lightning.keys.FRAME_INDEX` tells a video's frames from image tiles.
 
     Its ``"image"`` kind is every placeholder (the model's view: what the tower encodes and the engine's step skipping
-    reads); its ``"video"`` kind, which has no token of its own, the subset that are video frames.
+    reads); its ``"video"`` kind, which has no token of its own, the subset that are video frames. Its checkpoints'
+    chat templates write a video as ``<video>``, which the data replaces by the frames' text.
     """
+
+    placeholders: str = TILES
+    image_key: str | None = PIXEL_VALUES
+    video_key: str | None = PIXEL_VALUES
+    template_tokens: tuple[tuple[str, str], ...] = (("video", "<video>"),)
 
     def media_token_id(self, config: Any, kind: str) -> int | None:
         """The placeholder for the ``"image"`` kind (every tile and frame); None for ``"video"``."""

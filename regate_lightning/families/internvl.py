@@ -37,7 +37,6 @@ from torch import Tensor, nn
 
 from regate_lightning.families.base import (
     DEFAULT_VOCAB,
-    TILES,
     MediaRegions,
     MediaSteps,
     MediaText,
@@ -57,9 +56,6 @@ IMAGE_START = "<img>"
 """Text before a tile span (the tokenizer's ``start_image_token`` in every InternVL ``-HF`` checkpoint)."""
 IMAGE_END = "</img>"
 """Text after a tile span (``end_image_token``)."""
-
-VIDEO_TOKEN = "<video>"
-"""What the checkpoints' chat template writes for a video (``tokenizer.video_token``), replaced by its frames' lines."""
 
 IMAGE_SIZE = 32
 """Tile side of the tiny test models."""
@@ -331,12 +327,8 @@ FAMILY = InternVLFamily(
     model_types=("internvl",),
     towers=("vision_tower",),
     projectors=("multi_modal_projector",),
-    placeholders=TILES,
-    image_key=PIXEL_VALUES,
-    video_key=PIXEL_VALUES,
     video_processor="InternVLVideoProcessor",
     processor_class="InternVLProcessor",
-    template_tokens=(("video", VIDEO_TOKEN),),
     encoders=(("image", "vision_tower", "multi_modal_projector"),),
     tiny={"InternVLForConditionalGeneration": tiny_config},
 )

@@ -35,7 +35,20 @@ from regate_lightning.families.base import (
     tower_config,
     tower_has_cls,
 )
-from regate_lightning.keys import IMAGE_TYPE, PIXEL_VALUES, VIDEO_TYPE
+from regate_lightning.keys import IMAGE_SIZES, IMAGE_TYPE, PIXEL_VALUES, PIXEL_VALUES_VIDEOS, VIDEO_TYPE
+
+POOLED_ANYRES: dict[str, Any] = {
+    "towers": ("vision_tower",),
+    "placeholders": POOLED,
+    "image_key": PIXEL_VALUES,
+    "video_key": PIXEL_VALUES_VIDEOS,
+    "anyres_images": True,
+    "image_sizes_key": IMAGE_SIZES,
+    "unused_tower_heads": True,
+}
+"""The :class:`~regate_lightning.families.base.Family` fields LLaVA-NeXT-Video and LLaVA-OneVision share: one tower
+for images and videos, pooled video frames, anyres images (through the checkpoint's image processor only, counted
+from ``image_sizes``), the tower's pooling head unused."""
 
 IMAGE_SIZE = 32
 """Tower input side of the tiny test models."""

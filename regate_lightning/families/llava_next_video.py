@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from regate_lightning.families.base import DEFAULT_VOCAB, POOLED, text_config, top_id
-from regate_lightning.families.llava import IMAGE_SIZE, LlavaFamily, clip_vision_config
-from regate_lightning.keys import IMAGE_SIZES, PIXEL_VALUES, PIXEL_VALUES_VIDEOS
+from regate_lightning.families.base import DEFAULT_VOCAB, text_config, top_id
+from regate_lightning.families.llava import IMAGE_SIZE, POOLED_ANYRES, LlavaFamily, clip_vision_config
 
 IMAGE_REFUSAL = (
     "LLaVA-NeXT-Video encodes images with anyres tiling, which runs through the checkpoint's own image "
@@ -72,18 +71,12 @@ FAMILY = LlavaFamily(
     "llava_next_video",
     classes=("LlavaNextVideoForConditionalGeneration",),
     model_types=("llava_next_video",),
-    towers=("vision_tower",),
     projectors=("multi_modal_projector", "vision_resampler"),
-    placeholders=POOLED,
-    image_key=PIXEL_VALUES,
-    video_key=PIXEL_VALUES_VIDEOS,
     image_refusal=IMAGE_REFUSAL,
-    anyres_images=True,
-    image_sizes_key=IMAGE_SIZES,
     video_processor="LlavaNextVideoVideoProcessor",
-    unused_tower_heads=True,
     encoders=(("video", "vision_tower", "multi_modal_projector"),),
     frames_alone=True,
     media_only=(("image", "image_newline"), ("video", "vision_resampler")),
     tiny={"LlavaNextVideoForConditionalGeneration": tiny_config},
+    **POOLED_ANYRES,
 )

@@ -35,7 +35,6 @@ from torch import Tensor
 
 from regate_lightning.families.base import (
     DEFAULT_VOCAB,
-    POOLED,
     MediaRegions,
     MediaSteps,
     RandomMedia,
@@ -44,7 +43,7 @@ from regate_lightning.families.base import (
     top_id,
     tower_has_cls,
 )
-from regate_lightning.families.llava import IMAGE_SIZE, LlavaFamily, siglip_vision_config
+from regate_lightning.families.llava import IMAGE_SIZE, POOLED_ANYRES, LlavaFamily, siglip_vision_config
 from regate_lightning.keys import IMAGE_SIZES, PIXEL_VALUES, PIXEL_VALUES_VIDEOS, VIDEO_TYPE
 
 IMAGE_REFUSAL = (
@@ -288,19 +287,13 @@ FAMILY = OnevisionFamily(
     "llava_onevision",
     classes=("LlavaOnevisionForConditionalGeneration",),
     model_types=("llava_onevision",),
-    towers=("vision_tower",),
     projectors=("multi_modal_projector",),
-    placeholders=POOLED,
-    image_key=PIXEL_VALUES,
-    video_key=PIXEL_VALUES_VIDEOS,
     image_refusal=IMAGE_REFUSAL,
-    anyres_images=True,
-    image_sizes_key=IMAGE_SIZES,
     video_processor="LlavaOnevisionVideoProcessor",
-    unused_tower_heads=True,
     encoders=(
         ("image", "vision_tower", "multi_modal_projector"),
         ("video", "vision_tower", "multi_modal_projector"),
     ),
     tiny={"LlavaOnevisionForConditionalGeneration": tiny_config},
+    **POOLED_ANYRES,
 )

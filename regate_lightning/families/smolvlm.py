@@ -36,7 +36,6 @@ from torch import Tensor
 
 from regate_lightning.families.base import (
     DEFAULT_VOCAB,
-    TILES,
     MediaRegions,
     MediaSteps,
     MediaText,
@@ -64,8 +63,6 @@ GLOBAL_TOKEN = "<global-img>"
 
 IMAGE_TOKEN = "<image>"
 """The placeholder of every tile and frame (``tokenizer.image_token``)."""
-VIDEO_TOKEN = "<video>"
-"""What SmolVLM2's chat template writes for a video, replaced by the video's frames (``tokenizer.video_token``)."""
 
 
 def image_expansion(rows: int, cols: int, tokens: int, image_token_id: int) -> tuple[int | str, ...]:
@@ -341,12 +338,8 @@ FAMILY = SmolVLMFamily(
     decoder="text_model",
     towers=("vision_model",),
     projectors=("connector",),
-    placeholders=TILES,
-    image_key=PIXEL_VALUES,
-    video_key=PIXEL_VALUES,
     video_processor="SmolVLMVideoProcessor",
     processor_class="SmolVLMProcessor",
-    template_tokens=(("video", VIDEO_TOKEN),),
     encoders=(("image", "vision_model", "connector"),),
     tiny={"SmolVLMForConditionalGeneration": tiny_config},
 )
