@@ -37,7 +37,7 @@ and patched by the path's rules; a size the model cannot take is refused, naming
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -121,6 +121,37 @@ def _height_width(size: Any) -> tuple[int, int] | None:
     return (int(height), int(width)) if height and width else None
 
 
+@dataclass(frozen=True)
+class _Request:
+    """What :meth:`VisionSpec.from_model` read, for the family's builder."""
+
+    family: Family
+    config: Any
+    vocab: int
+    size: Sequence[int] | None
+    mean: tuple[float, float, float] | None
+    std: tuple[float, float, float] | None
+    checkpoint: CheckpointProcessor | None
+
+
+def _check_square(family: Family, size: Sequence[int] | None, side: int, takes: str) -> None:
+    """Refuse a ``frame_size`` other than the family's ``side x side`` (``takes`` says why, with ``{side}``)."""
+    if size is not None and tuple(size) != (side, side):
+        raise ValueError(
+            f"`frame_size` {list(size)} cannot be used with {family.name}: {takes.format(side=side)}; "
+            f"set frame_size: [{side}, {side}] or leave it unset"
+        )
+
+
+def _check_multiple(family: Family, size: Sequence[int] | None, factor: int, of: str) -> None:
+    """Refuse a ``frame_size`` whose sides are not positive multiples of ``factor`` (``of``: what it is)."""
+    if size is not None and (size[0] % factor or size[1] % factor or min(size) < factor):
+        raise ValueError(
+            f"`frame_size` {list(size)} cannot be used with {family.name}: height and width must be positive "
+            f"multiples of {of} = {factor} (e.g. [{4 * factor}, {4 * factor}])"
+        )
+
+
 def anyres_image_tokens(
     image_size: tuple[int, int], grid_pinpoints: list[list[int]], tower_size: int, patch_size: int
 ) -> int:
@@ -150,6 +181,11 @@ def anyres_image_tokens(
     features = torch.empty(0, rows * side, cols * side, device="meta")
     height, width = unpad_image(features, list(image_size)).shape[1:]
     return side * side + height * (width + 1)
+
+
+def _of_family(read: Callable[[Family], Any], doc: str) -> Any:
+    """A :class:`VisionSpec` property that reads the spec's family entry (:data:`FAMILIES`)."""
+    return property(lambda spec: read(FAMILIES[spec.family]), doc=doc)
 
 
 @dataclass(frozen=True)
@@ -262,43 +298,59 @@ class VisionSpec:
                 f"`mean` / `std` set the built-in normalisation; the checkpoint {source} has its own processor "
                 "configs: pass processor=False to use the built-in path"
             )
-        vocab = int(config.get_text_config().vocab_size)
-        if family.placeholders == GRID:
-            return cls._grid(family, config, vocab, size, mean, std, checkpoint)
-        if family.placeholders == TILES:
-            return cls._tiles(family, config, vocab, size, mean, std, checkpoint)
-        if family.placeholders == MERGED:
-            return cls._merged(family, config, vocab, size, mean, std, checkpoint)
-        if family.placeholders == FIXED:
-            return cls._fixed(family, config, vocab, size, mean, std, checkpoint)
+        request = _Request(family, config, int(config.get_text_config().vocab_size), size, mean, std, checkpoint)
+        builders = {GRID: cls._grid, TILES: cls._tiles, MERGED: cls._merged, FIXED: cls._fixed}
+        return builders.get(family.placeholders, cls._llava)(request)
+
+    @classmethod
+    def _spec(
+        cls,
+        request: _Request,
+        size: Sequence[int] | None,
+        defaults: tuple[Sequence[float], Sequence[float]],
+        **fields: Any,
+    ) -> VisionSpec:
+        """The spec with what every family sets: its name and keys, ``size``, the checkpoint's normalisation (or the
+        one given, or ``defaults``), the vocabulary, the checkpoint's processor; and the family's ``fields``."""
+        mean, std = request.mean, request.std
+        if request.checkpoint is not None:
+            mean, std = _checkpoint_mean_std(request.checkpoint)
+        return cls(
+            family=request.family.name,
+            size=None if size is None else (int(size[0]), int(size[1])),
+            mean=_triple(mean or defaults[0]),
+            std=_triple(std or defaults[1]),
+            vocab_size=request.vocab,
+            image_key=request.family.image_key,
+            video_key=request.family.video_key,
+            processor=request.checkpoint,
+            **fields,
+        )
+
+    @classmethod
+    def _llava(cls, request: _Request) -> VisionSpec:
+        """The LLaVA families: every image and frame the tower's ``S x S``; anyres images from the checkpoint."""
+        family, config, checkpoint, size = request.family, request.config, request.checkpoint, request.size
         vision = config.vision_config
         siglip = getattr(vision, "model_type", "") in NO_CLS_TOWERS
         side = int(vision.image_size)
         patch_grid(vision)  # refuses a tower whose image size is no whole number of patches
-        if size is not None and tuple(size) != (side, side):
-            raise ValueError(
-                f"`frame_size` {list(size)} cannot be used with {family.name}: its vision tower takes "
-                f"{side} x {side} images only; set frame_size: [{side}, {side}] or leave it unset"
-            )
+        _check_square(family, size, side, "its vision tower takes {side} x {side} images only")
         images = family.image_key is not None
         videos = family.video_key is not None
         refusal = family.image_refusal
         pinpoints: tuple[tuple[int, int], ...] = ()
         if checkpoint is not None:
             _check_llava_processor(checkpoint, config, family, side)
-            refusal = "" if checkpoint.image_processor is not None or not images else _no_image_config(source)
+            refusal = _image_refusal(checkpoint) if images else ""
             if family.anyres_images:
                 pinpoints = tuple((int(h), int(w)) for h, w in config.image_grid_pinpoints)
-            mean, std = _checkpoint_mean_std(checkpoint)
-            size = tuple(size) if size is not None else None  # type: ignore[assignment]
         else:
             size = (side, side)
-        return cls(
-            family=family.name,
-            size=size,
-            mean=_triple(mean or (SIGLIP_MEAN if siglip else CLIP_MEAN)),
-            std=_triple(std or (SIGLIP_STD if siglip else CLIP_STD)),
-            vocab_size=vocab,
+        return cls._spec(
+            request,
+            size,
+            (SIGLIP_MEAN, SIGLIP_STD) if siglip else (CLIP_MEAN, CLIP_STD),
             image_token_id=int(config.image_token_id) if images else None,
             video_token_id=int(config.video_token_id) if videos else None,
             tokens_per_image=family.image_tokens(config) if images and family.placeholders == PATCHES else 0,
@@ -306,46 +358,29 @@ class VisionSpec:
             tokens_per_video=family.tail_tokens(config, "video") if videos else 0,
             patch_size=int(vision.patch_size),
             image_refusal=refusal,
-            image_key=family.image_key,
-            video_key=family.video_key,
             tower_size=side,
             image_grid_pinpoints=pinpoints,
             vision_aspect_ratio=str(getattr(config, "vision_aspect_ratio", "") or "") if pinpoints else "",
-            processor=checkpoint,
         )
 
     @classmethod
-    def _grid(
-        cls,
-        family: Family,
-        config: Any,
-        vocab: int,
-        size: tuple[int, int] | None,
-        mean: tuple[float, float, float] | None,
-        std: tuple[float, float, float] | None,
-        checkpoint: CheckpointProcessor | None,
-    ) -> VisionSpec:
+    def _grid(cls, request: _Request) -> VisionSpec:
+        """Qwen-VL families: patch grids, ``4 * patch * merge`` pixels a side on the built-in path."""
+        family, config, checkpoint, size = request.family, request.config, request.checkpoint, request.size
         vision = config.vision_config
         patch, merge, temporal = int(vision.patch_size), int(vision.spatial_merge_size), int(vision.temporal_patch_size)
         factor = patch * merge
-        if size is not None and (size[0] % factor or size[1] % factor or min(size) < factor):
-            raise ValueError(
-                f"`frame_size` {list(size)} cannot be used with {family.name}: height and width must be positive "
-                f"multiples of patch_size * merge_size = {factor} (e.g. [{4 * factor}, {4 * factor}])"
-            )
+        _check_multiple(family, size, factor, "patch_size * merge_size")
         refusal = ""
         if checkpoint is not None:
             _check_grid_processor(checkpoint, patch, merge, temporal)
-            mean, std = _checkpoint_mean_std(checkpoint)
-            refusal = "" if checkpoint.image_processor is not None else _no_image_config(checkpoint.source)
+            refusal = _image_refusal(checkpoint)
         elif size is None:
             size = (4 * factor, 4 * factor)
-        return cls(
-            family=family.name,
-            size=(int(size[0]), int(size[1])) if size is not None else None,
-            mean=_triple(mean or CLIP_MEAN),
-            std=_triple(std or CLIP_STD),
-            vocab_size=vocab,
+        return cls._spec(
+            request,
+            size,
+            (CLIP_MEAN, CLIP_STD),
             image_token_id=int(config.image_token_id),
             video_token_id=int(config.video_token_id),
             vision_start_token_id=int(config.vision_start_token_id),
@@ -355,80 +390,47 @@ class VisionSpec:
             merge_size=merge,
             seconds_per_grid=config.model_type in family.seconds_per_grid,
             image_refusal=refusal,
-            image_key=family.image_key,
-            video_key=family.video_key,
-            processor=checkpoint,
         )
 
     @classmethod
-    def _tiles(
-        cls,
-        family: Family,
-        config: Any,
-        vocab: int,
-        size: tuple[int, int] | None,
-        mean: tuple[float, float, float] | None,
-        std: tuple[float, float, float] | None,
-        checkpoint: CheckpointProcessor | None,
-    ) -> VisionSpec:
+    def _tiles(cls, request: _Request) -> VisionSpec:
         """A tile family (SmolVLM, InternVL): every tile and frame ``S x S`` (the family's ``tile_side``),
         ``tile_tokens`` placeholders each, a video's frames images to the model (one placeholder id); on the
         built-in path the normalisation of the family's video processor class."""
+        family, config, checkpoint, size = request.family, request.config, request.checkpoint, request.size
         side, tokens = family.tile_side(config), family.tile_tokens(config)
-        if size is not None and tuple(size) != (side, side):
-            raise ValueError(
-                f"`frame_size` {list(size)} cannot be used with {family.name}: its tiles and frames are {side} x "
-                f"{side}; set frame_size: [{side}, {side}] or leave it unset"
-            )
+        _check_square(family, size, side, "its tiles and frames are {side} x {side}")
         refusal = ""
         if checkpoint is not None:
             _check_tile_processor(checkpoint, side, tokens)
-            mean, std = _checkpoint_mean_std(checkpoint)
-            refusal = "" if checkpoint.image_processor is not None else _no_image_config(checkpoint.source)
+            refusal = _image_refusal(checkpoint)
         else:
             size = (side, side)
         defaults = VIDEO_PROCESSOR_DEFAULTS[family.video_processor]
         image_id = int(config.image_token_id)
-        return cls(
-            family=family.name,
-            size=tuple(size) if size is not None else None,  # type: ignore[arg-type]
-            mean=_triple(mean or defaults["image_mean"]),
-            std=_triple(std or defaults["image_std"]),
-            vocab_size=vocab,
+        return cls._spec(
+            request,
+            size,
+            (defaults["image_mean"], defaults["image_std"]),
             image_token_id=image_id,
             video_token_id=image_id,  # every frame is an image to the model
             patch_size=_side(config.vision_config.patch_size),
             image_refusal=refusal,
-            image_key=family.image_key,
-            video_key=family.video_key,
             tower_size=side,
-            processor=checkpoint,
             tile_tokens=tokens,
             template_tokens=family.template_tokens,
         )
 
     @classmethod
-    def _merged(
-        cls,
-        family: Family,
-        config: Any,
-        vocab: int,
-        size: tuple[int, int] | None,
-        mean: tuple[float, float, float] | None,
-        std: tuple[float, float, float] | None,
-        checkpoint: CheckpointProcessor | None,
-    ) -> VisionSpec:
+    def _merged(cls, request: _Request) -> VisionSpec:
         """VideoLLaMA3: patch grids per media; on the built-in path its processors' defaults (image merge 1, video
         merge 2, compression on, mean / std 0.5), every image and frame ``4 * patch * 2`` pixels a side."""
         from regate_lightning.families.video_llama_3 import IMAGE_MERGE, VIDEO_MERGE
 
+        family, config, checkpoint, size = request.family, request.config, request.checkpoint, request.size
         patch = int(config.vision_config.patch_size)
         factor = patch * VIDEO_MERGE
-        if size is not None and (size[0] % factor or size[1] % factor or min(size) < factor):
-            raise ValueError(
-                f"`frame_size` {list(size)} cannot be used with {family.name}: height and width must be positive "
-                f"multiples of patch_size * video merge size = {factor} (e.g. [{4 * factor}, {4 * factor}])"
-            )
+        _check_multiple(family, size, factor, "patch_size * video merge size")
         video_merge, compression = VIDEO_MERGE, True
         if checkpoint is not None:
             for where, found in (("image", checkpoint.image_processor), ("video", checkpoint.video_settings)):
@@ -437,49 +439,31 @@ class VisionSpec:
                         f"{checkpoint.source}: the {where} processor's patch_size {found.patch_size} differs from the "
                         f"model's vision_config.patch_size {patch}; fix the checkpoint's processor config"
                     )
-            mean, std = _checkpoint_mean_std(checkpoint)
             if checkpoint.video_settings is not None:
                 video_merge = checkpoint.video_settings.merge_size
                 compression = checkpoint.video_settings.use_token_compression
         elif size is None:
             size = (4 * factor, 4 * factor)
-        return cls(
-            family=family.name,
-            size=(int(size[0]), int(size[1])) if size is not None else None,
-            mean=_triple(mean or SIGLIP_MEAN),
-            std=_triple(std or SIGLIP_STD),
-            vocab_size=vocab,
+        return cls._spec(
+            request,
+            size,
+            (SIGLIP_MEAN, SIGLIP_STD),
             image_token_id=int(config.image_token_id),
             video_token_id=int(config.video_token_id),
             patch_size=patch,
             merge_size=video_merge,
-            image_key=family.image_key,
-            video_key=family.video_key,
-            processor=checkpoint,
             image_merge=IMAGE_MERGE,
             compression=compression,
         )
 
     @classmethod
-    def _fixed(
-        cls,
-        family: Family,
-        config: Any,
-        vocab: int,
-        size: tuple[int, int] | None,
-        mean: tuple[float, float, float] | None,
-        std: tuple[float, float, float] | None,
-        checkpoint: CheckpointProcessor | None,
-    ) -> VisionSpec:
+    def _fixed(cls, request: _Request) -> VisionSpec:
         """Gemma 3: every image (and crop) ``S x S``, ``mm_tokens_per_image`` placeholders between its markers."""
         from regate_lightning.families.gemma3 import image_tokens
 
+        family, config, checkpoint, size = request.family, request.config, request.checkpoint, request.size
         side = int(config.vision_config.image_size)
-        if size is not None and tuple(size) != (side, side):
-            raise ValueError(
-                f"`frame_size` {list(size)} cannot be used with {family.name}: its vision tower takes {side} x {side} "
-                f"images only; set frame_size: [{side}, {side}] or leave it unset"
-            )
+        _check_square(family, size, side, "its vision tower takes {side} x {side} images only")
         if checkpoint is not None:
             found = _height_width(getattr(checkpoint.image_processor, "size", None) or {})
             if found != (side, side):
@@ -487,53 +471,30 @@ class VisionSpec:
                     f"{checkpoint.source}: the image processor makes {found} images but the vision tower takes "
                     f"{side} x {side}; fix size in its preprocessor_config.json"
                 )
-            mean, std = _checkpoint_mean_std(checkpoint)
         else:
             size = (side, side)
-        return cls(
-            family=family.name,
-            size=tuple(size) if size is not None else None,  # type: ignore[arg-type]
-            mean=_triple(mean or SIGLIP_MEAN),
-            std=_triple(std or SIGLIP_STD),
-            vocab_size=vocab,
+        return cls._spec(
+            request,
+            size,
+            (SIGLIP_MEAN, SIGLIP_STD),
             image_token_id=int(config.image_token_id),
             tokens_per_image=image_tokens(config),
             patch_size=int(config.vision_config.patch_size),
-            image_key=family.image_key,
             tower_size=side,
-            processor=checkpoint,
             template_tokens=family.template_tokens,
         )
 
-    @property
-    def is_fixed(self) -> bool:
-        """Whether images are Gemma 3's: a fixed token count each, the processor's text around them."""
-        return FAMILIES[self.family].placeholders == FIXED
-
-    @property
-    def is_merged(self) -> bool:
-        """Whether media are VideoLLaMA3's patch grids with a merge size per media."""
-        return FAMILIES[self.family].placeholders == MERGED
-
-    @property
-    def is_tiles(self) -> bool:
-        """Whether media are tiles and frames of a fixed count each (SmolVLM, InternVL), expansions with markers."""
-        return FAMILIES[self.family].placeholders == TILES
-
-    @property
-    def is_qwen(self) -> bool:
-        """Whether the family counts placeholders by grid (Qwen2-VL / Qwen2.5-VL: patches, grids, markers)."""
-        return FAMILIES[self.family].placeholders == GRID
-
-    @property
-    def token_types(self) -> bool:
-        """Whether the model needs the token types (``mm_token_type_ids``, Gemma 3's ``token_type_ids``)."""
-        return FAMILIES[self.family].token_types
-
-    @property
-    def token_types_key(self) -> str:
-        """The batch key of the token types."""
-        return FAMILIES[self.family].token_types_key
+    is_fixed = _of_family(lambda f: f.placeholders == FIXED, "Whether images are Gemma 3's: a fixed token count each.")
+    is_merged = _of_family(lambda f: f.placeholders == MERGED, "Whether media are VideoLLaMA3's merged patch grids.")
+    is_tiles = _of_family(
+        lambda f: f.placeholders == TILES,
+        "Whether media are tiles and frames of a fixed count each (SmolVLM, InternVL).",
+    )
+    is_qwen = _of_family(lambda f: f.placeholders == GRID, "Whether the family counts placeholders by grid (Qwen-VL).")
+    token_types = _of_family(
+        lambda f: f.token_types, "Whether the model needs the token types (``mm_token_type_ids``, ``token_type_ids``)."
+    )
+    token_types_key = _of_family(lambda f: f.token_types_key, "The batch key of the token types.")
 
     @property
     def frame_keys(self) -> tuple[str, ...]:
@@ -594,9 +555,8 @@ class VisionSpec:
         if self.is_fixed:
             return self._fixed_image(image)
         if self.processor is not None:
-            return self._from_checkpoint("image", self.processor.image(image, resize=self.size is None))
-        self._check_size(image)
-        pixels = normalize(image, self.mean, self.std)
+            return self._from_checkpoint("image", self._checkpoint_pixels("image", image[None]))
+        pixels = self._normalized(image)
         if self.is_qwen:
             patches, grid = qwen_patchify(
                 pixels.unsqueeze(0), self.patch_size, self.temporal_patch_size, self.merge_size
@@ -641,10 +601,9 @@ class VisionSpec:
         if self.is_merged:
             return self._merged_media("video", frames, sampled_fps, times, duration)
         if self.processor is not None:
-            media = self._from_checkpoint("video", self.processor.video(frames, resize=self.size is None))
+            media = self._from_checkpoint("video", self._checkpoint_pixels("video", frames))
         else:
-            self._check_size(frames)
-            pixels = normalize(frames, self.mean, self.std)
+            pixels = self._normalized(frames)
             if self.is_qwen:
                 patches, grid = qwen_patchify(pixels, self.patch_size, self.temporal_patch_size, self.merge_size)
                 media = ProcessedMedia(
@@ -702,8 +661,7 @@ class VisionSpec:
         rows_cols: tuple[int, int] = (0, 0)
         mask = None
         if self.processor is not None:
-            resize = self.size is None
-            pixels = self.processor.image(frames[0], resize=resize) if image else self.processor.video(frames, resize)
+            pixels = self._checkpoint_pixels(kind, frames)
             values, mask, rows_cols = pixels.values, pixels.mask, pixels.rows_cols or (0, 0)
             if values.dim() == 5:  # SmolVLM's [n, 1, 3, S, S]; a video processor's [1, T, 3, S, S]
                 values = values.flatten(0, 1)
@@ -716,11 +674,9 @@ class VisionSpec:
                     f"{tuple(values.shape[-2:])}, but the vision tower takes {side} x {side}"
                 )
         else:
-            self._check_size(frames)
-            values = normalize(frames, self.mean, self.std)
+            values = self._normalized(frames)
         count = int(values.shape[0])
-        rate = sampled_fps or 1.0
-        stamps = [float(t) for t in times] if times is not None else [i / rate for i in range(count)]
+        stamps = _frame_times(times, count, sampled_fps)
         assert self.image_token_id is not None
         text = MediaText(
             kind,
@@ -729,7 +685,7 @@ class VisionSpec:
             tokens_per_step=self.tile_tokens,
             tile_grid=rows_cols,
             times=() if image else tuple(stamps),
-            duration=None if image else (duration if duration is not None else count / rate),
+            duration=None if image else (duration if duration is not None else count / (sampled_fps or 1.0)),
         )
         expansion = FAMILIES[self.family].media_expansion(text)
         return ProcessedMedia(kind, self._tile_tensors(kind, values, mask), count * self.tile_tokens, expansion)
@@ -748,18 +704,13 @@ class VisionSpec:
 
         image = kind == "image"
         if self.processor is not None:
-            pixels = (
-                self.processor.image(frames[0], resize=self.size is None)
-                if image
-                else self.processor.video(frames, resize=self.size is None)
-            )
+            pixels = self._checkpoint_pixels(kind, frames)
             values, grid = pixels.values, pixels.grid
             merge = pixels.merge_sizes if pixels.merge_sizes is not None else torch.tensor([self.merge_size])
             kept = pixels.compression
         else:
-            self._check_size(frames)
             merge = torch.tensor([self.image_merge if image else self.merge_size])
-            values, grid = qwen_patchify(normalize(frames, self.mean, self.std), self.patch_size, 1, int(merge))
+            values, grid = qwen_patchify(self._normalized(frames), self.patch_size, 1, int(merge))
             grid = grid.unsqueeze(0)
             kept = compression_mask(values, grid, merge) if not image and self.compression else None
         assert grid is not None
@@ -772,9 +723,7 @@ class VisionSpec:
             return ProcessedMedia("image", keys, tokens, expansion)
         if kept is None:
             kept = torch.ones(tokens, dtype=torch.bool)
-        count = frames.shape[0]
-        rate = sampled_fps or 1.0
-        stamps = [float(t) for t in times] if times is not None else [i / rate for i in range(count)]
+        stamps = _frame_times(times, frames.shape[0], sampled_fps)
         per_frame = tuple(int(n) for n in kept.view(int(grid[0, 0]), -1).sum(1))
         assert self.video_token_id is not None
         keys = {
@@ -797,10 +746,9 @@ class VisionSpec:
         """Gemma 3: the image (and any pan-and-scan crops the checkpoint's processor makes), each
         ``tokens_per_image`` placeholders in the processor's text (``Gemma3Processor.replace_image_token``)."""
         if self.processor is not None:
-            values = self.processor.image(image, resize=self.size is None).values
+            values = self._checkpoint_pixels("image", image[None]).values
         else:
-            self._check_size(image)
-            values = normalize(image, self.mean, self.std).unsqueeze(0)
+            values = self._normalized(image).unsqueeze(0)
         assert self.image_key is not None and self.image_token_id is not None
         steps = int(values.shape[0])  # the image and its crops
         expansion = FAMILIES[self.family].media_expansion(
@@ -852,9 +800,33 @@ class VisionSpec:
         tokens = self.tokens_per_image if image else pixels.values.shape[1] * self.tokens_per_frame
         return ProcessedMedia(kind, {key: pixels.values}, tokens + (0 if image else self.tokens_per_video))
 
-    def _check_size(self, pixels: torch.Tensor) -> None:
+    def _checkpoint_pixels(self, kind: str, frames: torch.Tensor) -> Pixels:
+        """One image (``frames[0]``) or video through the checkpoint's processor, resized by its rule unless the spec
+        has a size."""
+        assert self.processor is not None
+        resize = self.size is None
+        return (
+            self.processor.image(frames[0], resize=resize) if kind == "image" else self.processor.video(frames, resize)
+        )
+
+    def _normalized(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels ``[..., 3, H, W]`` at :attr:`size` normalised by the spec's mean and std (built-in path).
+
+        Raises:
+            ValueError: pixels of another size.
+        """
         if self.size is not None and tuple(pixels.shape[-2:]) != tuple(self.size):
             raise ValueError(f"media must be resized to {self.size} first, got {tuple(pixels.shape[-2:])}")
+        return normalize(pixels, self.mean, self.std)
+
+
+def _frame_times(times: torch.Tensor | None, count: int, sampled_fps: float | None) -> list[float]:
+    """Each of ``count`` frames' time in seconds: ``times``, or frame ``i`` at ``i / sampled_fps`` (``i`` without a
+    rate)."""
+    if times is not None:
+        return [float(t) for t in times]
+    rate = sampled_fps or 1.0
+    return [i / rate for i in range(count)]
 
 
 def join_media(key: str, parts: list[torch.Tensor], frame_keys: tuple[str, ...] = ()) -> torch.Tensor:
@@ -904,9 +876,12 @@ def _side(value: Any) -> int:
     return int(value[0]) if isinstance(value, (list, tuple)) else int(value)
 
 
-def _no_image_config(source: str | None) -> str:
+def _image_refusal(checkpoint: CheckpointProcessor) -> str:
+    """Why a checkpoint with video processor settings only cannot take images, or ``""``."""
+    if checkpoint.image_processor is not None:
+        return ""
     return (
-        f"the student checkpoint {source} has video processor settings but no image processor config "
+        f"the student checkpoint {checkpoint.source} has video processor settings but no image processor config "
         "(preprocessor_config.json), so it cannot take images; add the config or give images as one-frame videos"
     )
 
