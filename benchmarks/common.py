@@ -157,22 +157,31 @@ vocabulary 151936, tied embeddings; vision tower 24 blocks of width 1024 (MLP 40
 DeepStack from blocks 5, 11 and 17."""
 
 
+def decoder_kwargs(sizes: Any, **extra: Any) -> dict[str, Any]:
+    """The decoder config's keyword arguments (:func:`~regate_lightning.families.base.text_config`, 32768
+    positions) of ``sizes`` (a :class:`ModelSpec`, or any object with its decoder sizes), and ``extra``."""
+    from regate_lightning.families.base import text_config
+
+    return text_config(
+        sizes.vocab_size,
+        sizes.hidden_size,
+        sizes.num_layers,
+        num_heads=sizes.num_heads,
+        num_kv_heads=sizes.num_kv_heads,
+        intermediate_size=sizes.intermediate_size,
+        max_positions=32768,
+        **extra,
+    )
+
+
 def model_config(spec: ModelSpec) -> Any:
     """The transformers config of ``spec`` (placeholder ids are the last ids of the vocabulary)."""
-    from regate_lightning.testing.tiny import clip_vision_config, llava_next_video_config, qwen_vl_kwargs, text_config
+    from regate_lightning.testing.tiny import clip_vision_config, llava_next_video_config, qwen_vl_kwargs
 
     spec.check()
     if spec.family == QWEN3_5:
         return qwen3_5_model_config(spec)
-    text = text_config(
-        spec.vocab_size,
-        spec.hidden_size,
-        spec.num_layers,
-        num_heads=spec.num_heads,
-        num_kv_heads=spec.num_kv_heads,
-        intermediate_size=spec.intermediate_size,
-        max_positions=32768,
-    )
+    text = decoder_kwargs(spec)
     if spec.family == QWEN3_VL:
         from transformers import Qwen3VLConfig
 
@@ -265,18 +274,8 @@ def qwen3_5_model_config(spec: ModelSpec) -> Any:
     from transformers import Qwen3_5Config
 
     from regate_lightning.families.qwen3_5 import qwen3_5_kwargs
-    from regate_lightning.testing.tiny import text_config
 
-    text = text_config(
-        spec.vocab_size,
-        spec.hidden_size,
-        spec.num_layers,
-        num_heads=spec.num_heads,
-        num_kv_heads=spec.num_kv_heads,
-        intermediate_size=spec.intermediate_size,
-        max_positions=32768,
-        tie_word_embeddings=True,
-    )
+    text = decoder_kwargs(spec, tie_word_embeddings=True)
     vision = {
         "depth": spec.vision_depth,
         "hidden_size": spec.vision_width,
@@ -322,8 +321,15 @@ def build_model(
     """
     import transformers
 
-    config = model_config(spec)
     cls = getattr(transformers, REGISTRY[spec.family].classes[0])
+    return instantiate(cls, model_config(spec), device, dtype, attn, seed)
+
+
+def instantiate(
+    cls: Any, config: Any, device: str | torch.device, dtype: torch.dtype, attn: str, seed: int = 0
+) -> nn.Module:
+    """A random-initialised ``cls`` of ``config``, built directly on ``device`` in ``dtype`` with the attention
+    implementation ``attn``: in train mode, ``use_cache=False``."""
     torch.manual_seed(seed)
     with torch.device(device):
         try:

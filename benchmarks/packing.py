@@ -55,10 +55,12 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` and `regate_
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
+    decoder_kwargs,
     environment,
     fmt_float,
     fmt_str,
     format_table,
+    instantiate,
     load_average,
     median,
     now,
@@ -227,24 +229,7 @@ def build_model(size: ModelSize, device: torch.device, dtype: torch.dtype, attn:
     """A random ``Qwen2ForCausalLM`` of ``size`` on ``device`` in ``dtype``, train mode, no cache."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from regate_lightning.families.base import text_config
-
-    config = Qwen2Config(
-        **text_config(
-            size.vocab_size,
-            size.hidden_size,
-            size.num_layers,
-            num_heads=size.num_heads,
-            num_kv_heads=size.num_kv_heads,
-            intermediate_size=size.intermediate_size,
-            max_positions=32768,
-        )
-    )
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = Qwen2ForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn)
-    model.config.use_cache = False
-    return model.train()
+    return instantiate(Qwen2ForCausalLM, Qwen2Config(**decoder_kwargs(size)), device, dtype, attn, seed)
 
 
 class Steps:
