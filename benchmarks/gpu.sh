@@ -48,37 +48,39 @@ print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {tra
       f"lightning {lightning.__version__}, GPU: {gpu}")
 EOF
 
+# run_parts NAME LOG RESERVE_S CAP_S "PARTS" [ARGS...]: benchmarks/gpu_throughput.py once per part (one process
+# each: no allocator state carried over), each under CAP_S or what is left of the budget after RESERVE_S for the
+# later parts (a part with under 30 s left is skipped); ARGS go to gpu_throughput.py; output appended to $OUT/LOG.
+run_parts() {
+  local name=$1 log=$2 reserve=$3 cap=$4 parts=$5 part left limit status
+  shift 5
+  for part in $parts; do
+    left=$(( TOTAL_S - reserve - ($(date +%s) - start) ))
+    if [ "$left" -lt 30 ]; then echo "$name $part: skipped (time budget)"; continue; fi
+    limit=$(( left < cap ? left : cap ))
+    timeout --kill-after=10 "$limit" "$PY" benchmarks/gpu_throughput.py --out "$OUT" --only "$part" "$@" \
+      2>&1 | tee -a "$OUT/$log"
+    status=${PIPESTATUS[0]}
+    [ "$status" -eq 124 ] && echo "$name $part: stopped by the time limit (partial results in $OUT)"
+    echo "$name $part exit status: $status"
+  done
+}
+
 echo
 echo "== 1. throughput and profile (benchmarks/gpu_throughput.py) =="
-# One process per part: no allocator state carried over. Headline first; the last part is the first to go.
+# Headline first; the last part is the first to go (time is kept for 1b, 1c, 2, 3).
 # a1024-store: the policy's time per step with a store of 1M samples x 100 candidates (issue 13, < 1 %).
 PACKING_S="${PACKING_TIMEOUT_S:-90}"
-for part in ${GPU_PARTS:-a1024 a1024-store a512 a1024-frames a1024-frames-noskip a1024-more}; do
-left=$(( TOTAL_S - 90 - QWEN3_5_S - QWEN3_VL_S - PACKING_S - ($(date +%s) - start) ))  # keep time for 1b, 1c, 2, 3
-if [ "$left" -lt 30 ]; then echo "throughput $part: skipped (time budget)"; continue; fi
-limit=$(( left < ${THROUGHPUT_TIMEOUT_S:-110} ? left : ${THROUGHPUT_TIMEOUT_S:-110} ))
-timeout --kill-after=10 "$limit" "$PY" benchmarks/gpu_throughput.py --out "$OUT" --only "$part" "$@" \
-  2>&1 | tee -a "$OUT/gpu_throughput.log"
-status=${PIPESTATUS[0]}
-[ "$status" -eq 124 ] && echo "throughput $part: stopped by the time limit (partial results in $OUT)"
-echo "throughput $part exit status: $status"
-done
+run_parts throughput gpu_throughput.log $(( 90 + QWEN3_5_S + QWEN3_VL_S + PACKING_S )) "${THROUGHPUT_TIMEOUT_S:-110}" \
+  "${GPU_PARTS:-a1024 a1024-store a512 a1024-frames a1024-frames-noskip a1024-more}" "$@"
 
 # Part 1b: the Qwen3.5-0.8B-shaped step (hybrid decoder: 18 gated delta-net and 6 full-attention layers), its
 # headline part only by default (GPU_QWEN3_5_PARTS="a1024 a1024-frames" adds whole-frame elision).
 if [ "$QWEN3_5_S" -gt 0 ]; then
   echo
   echo "== 1b. Qwen3.5-shaped step (benchmarks/gpu_throughput.py --family qwen3_5) =="
-  for part in ${GPU_QWEN3_5_PARTS:-a1024}; do
-  left=$(( TOTAL_S - 90 - QWEN3_VL_S - PACKING_S - ($(date +%s) - start) ))
-  if [ "$left" -lt 30 ]; then echo "qwen3_5 $part: skipped (time budget)"; continue; fi
-  limit=$(( left < QWEN3_5_S ? left : QWEN3_5_S ))
-  timeout --kill-after=10 "$limit" "$PY" benchmarks/gpu_throughput.py --family qwen3_5 --out "$OUT" --only "$part" \
-    2>&1 | tee -a "$OUT/gpu_throughput_qwen3_5.log"
-  status=${PIPESTATUS[0]}
-  [ "$status" -eq 124 ] && echo "qwen3_5 $part: stopped by the time limit (partial results in $OUT)"
-  echo "qwen3_5 $part exit status: $status"
-  done
+  run_parts qwen3_5 gpu_throughput_qwen3_5.log $(( 90 + QWEN3_VL_S + PACKING_S )) "$QWEN3_5_S" \
+    "${GPU_QWEN3_5_PARTS:-a1024}" --family qwen3_5
 fi
 
 # Part 1c: the Qwen3-VL-2B-shaped step (DeepStack features into the first 3 decoder layers, a timestamp before each
@@ -87,16 +89,8 @@ fi
 if [ "$QWEN3_VL_S" -gt 0 ]; then
   echo
   echo "== 1c. Qwen3-VL-shaped step (benchmarks/gpu_throughput.py --family qwen3_vl) =="
-  for part in ${GPU_QWEN3_VL_PARTS:-a1024}; do
-  left=$(( TOTAL_S - 90 - PACKING_S - ($(date +%s) - start) ))
-  if [ "$left" -lt 30 ]; then echo "qwen3_vl $part: skipped (time budget)"; continue; fi
-  limit=$(( left < QWEN3_VL_S ? left : QWEN3_VL_S ))
-  timeout --kill-after=10 "$limit" "$PY" benchmarks/gpu_throughput.py --family qwen3_vl --out "$OUT" --only "$part" \
-    2>&1 | tee -a "$OUT/gpu_throughput_qwen3_vl.log"
-  status=${PIPESTATUS[0]}
-  [ "$status" -eq 124 ] && echo "qwen3_vl $part: stopped by the time limit (partial results in $OUT)"
-  echo "qwen3_vl $part exit status: $status"
-  done
+  run_parts qwen3_vl gpu_throughput_qwen3_vl.log $(( 90 + PACKING_S )) "$QWEN3_VL_S" \
+    "${GPU_QWEN3_VL_PARTS:-a1024}" --family qwen3_vl
 fi
 
 if [ "$PACKING_S" -gt 0 ]; then
