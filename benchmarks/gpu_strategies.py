@@ -48,7 +48,7 @@ from regate_lightning import MLLMModule, ReGATECallback  # noqa: E402
 from regate_lightning.families import resolve  # noqa: E402
 from regate_lightning.keys import KEEP_MASK  # noqa: E402
 from regate_lightning.strategies import check_strategy, sharded_reason  # noqa: E402
-from regate_lightning.testing import tiny  # noqa: E402
+from regate_lightning.testing import quiet_trainer, tiny  # noqa: E402
 from regate_lightning.testing.datamodule import RandomDataModule  # noqa: E402
 
 STEPS = 3
@@ -106,19 +106,13 @@ def scenario(name: str, strategy: Callable[[], Any], precision: str, kind: str, 
         regate = ReGATECallback(**SCHEDULE)
         probe = Probe(regate)
         data = RandomDataModule(num_samples=4 * BATCH, batch_size=BATCH, answer_len=16, shuffle=False)
-        trainer = pl.Trainer(
+        trainer = quiet_trainer(
             accelerator=accelerator,
             devices=1,
             strategy=strategy(),
             precision=precision,
             max_steps=STEPS,
             callbacks=[regate, probe],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
         )
         trainer.fit(module, data)
         wrapper = probe.wrapper

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from regate_lightning import MLLMModule, ReGATECallback
-from regate_lightning.testing import tiny
+from regate_lightning.testing import quiet_trainer, tiny
 from regate_lightning.testing.datamodule import RandomDataModule, concat_collate
 
 WORLD_SIZE = 2
@@ -238,18 +238,13 @@ def fit(
                 dirpath=checkpoint_dir, filename="e{epoch}", auto_insert_metric_name=False, save_top_k=-1
             )
         )
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         accelerator="cpu",
         devices=devices,
         strategy=DDP_STRATEGY if devices > 1 else "auto",
         max_epochs=EPOCHS,
         callbacks=callbacks,
-        logger=False,
         enable_checkpointing=checkpoint_dir is not None,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
         deterministic=True,
     )
     trainer.fit(module, Data(layout, shuffle), ckpt_path=resume)
@@ -291,18 +286,12 @@ def fit_batching(devices: int) -> dict[str, Any]:
     module = MLLMModule(tiny.tiny_llava(seed=SEED), packed=True, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
     regate = ReGATECallback(**CALLBACK)
     batches = Batches()
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         accelerator="cpu",
         devices=devices,
         strategy=DDP_STRATEGY if devices > 1 else "auto",
         max_epochs=1,
         callbacks=[regate, batches],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
     )
     data = RandomDataModule(num_samples=NUM_SAMPLES, batch_size=8, prompt_len=8, answer_len=32, seed=SEED, **BATCHING)
     trainer.fit(module, data)
@@ -332,18 +321,12 @@ def fit_families(devices: int) -> dict[str, Any]:
         module = MLLMModule(tiny.tiny_model(name, SEED), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
         regate = ReGATECallback(**{**CALLBACK, "warmup_steps": 1, "cycle_steps": 3})
         visual = VisualTokenElision(keep_ratio=0.5, selection="random", images=True, seed=SEED)
-        trainer = pl.Trainer(
+        trainer = quiet_trainer(
             accelerator="cpu",
             devices=devices,
             strategy="ddp" if devices > 1 else "auto",
             max_steps=3,
             callbacks=[regate, visual],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
         )
         data = RandomDataModule(num_samples=8, batch_size=2, prompt_len=4, answer_len=12, num_frames=2, seed=SEED)
         trainer.fit(module, data)

@@ -24,7 +24,7 @@ from regate_lightning.data.batching import (
     sample_lengths,
 )
 from regate_lightning.data.collate import Collator
-from regate_lightning.testing import tiny
+from regate_lightning.testing import quiet_trainer, tiny
 from regate_lightning.testing.datamodule import RandomDataModule
 
 LENGTHS = [int(n) for n in torch.randint(20, 400, (103,), generator=torch.Generator().manual_seed(0))]
@@ -153,16 +153,11 @@ def fit(batching: dict, ckpt_dir=None, resume=None) -> tuple[list, dict]:
         callbacks.append(
             pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_top_k=-1, filename="{step}")
         )
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         accelerator="cpu",
         max_epochs=2,
         callbacks=callbacks,
-        logger=False,
         enable_checkpointing=ckpt_dir is not None,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
     )
     trainer.fit(module, data, ckpt_path=resume)
     return record.batches, {k: v.clone() for k, v in module.state_dict().items()}

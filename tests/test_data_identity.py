@@ -19,7 +19,7 @@ from data_fixtures import write_video
 from regate_lightning import MLLMModule, ReGATECallback
 from regate_lightning.data import ConversationDataModule, sample_key
 from regate_lightning.keys import REPLACED, TEACHER_SAMPLES
-from regate_lightning.testing import tiny
+from regate_lightning.testing import quiet_trainer, tiny
 
 TOKENIZER = "regate_lightning.testing.byte_tokenizer"
 
@@ -56,14 +56,10 @@ def fit(root: Path, cache: Path | None, max_steps: int = 1, ckpt: str | None = N
         str(root / "train.jsonl"), tokenizer=TOKENIZER, num_frames=2, batch_size=3, on_error="skip", max_length=None
     )
     extra = [pl.callbacks.ModelCheckpoint(dirpath=root / "ckpt", save_last=True)] if save else []
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         accelerator="cpu",
         max_steps=max_steps,
-        logger=False,
         enable_checkpointing=save,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
         callbacks=[callback, *extra],
     )
     module = MLLMModule(tiny.tiny_llava_next_video(hidden_size=32), optimizer=lambda p: torch.optim.SGD(p, lr=0.0))

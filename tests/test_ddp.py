@@ -58,7 +58,7 @@ from regate_lightning.strategies import (
     check_unsharded,
     sharded_reason,
 )
-from regate_lightning.testing import tiny
+from regate_lightning.testing import quiet_trainer, tiny
 from regate_lightning.testing.datamodule import RandomDataModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -392,16 +392,11 @@ def test_teacher_is_copied_before_the_strategy_sets_up_the_model():
             super().setup(trainer)
 
     module = MLLMModule(tiny.tiny_llava(), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         accelerator="cpu",
         strategy=Spy("cpu"),
         max_steps=1,
         callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
     )
     trainer.fit(module, RandomDataModule(num_samples=4, batch_size=2, answer_len=8))
     assert seen == {"teacher_ready": True, "shares_storage": False}

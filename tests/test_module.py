@@ -15,7 +15,7 @@ from regate_lightning.families import resolve, vision_parts
 from regate_lightning.keys import IGNORE_INDEX, KEEP_MASK, LABELS, TOKEN_LOSS
 from regate_lightning.module import LoraOptions, MLLMModule, load_model
 from regate_lightning.targets import candidate_mask
-from regate_lightning.testing import tiny
+from regate_lightning.testing import quiet_trainer, tiny
 from regate_lightning.testing.batches import random_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,14 +290,9 @@ def test_lr_schedule_warms_up_then_decays_every_group_alike():
         lr_schedule="cosine",
         warmup_ratio=0.25,
     )
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         accelerator="cpu",
         max_steps=8,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
         callbacks=[Watch()],
     )
     trainer.fit(module, datamodule=RandomDataModule(num_samples=32, batch_size=4, num_frames=2))

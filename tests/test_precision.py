@@ -16,7 +16,7 @@ from regate_lightning.keys import KEEP_MASK, SAMPLE_IDX
 from regate_lightning.scoring import gather_candidates
 from regate_lightning.targets import candidate_mask
 from regate_lightning.teacher import Teacher, text_mask
-from regate_lightning.testing import tiny
+from regate_lightning.testing import quiet_trainer, tiny
 from regate_lightning.testing.batches import random_batch
 from regate_lightning.testing.datamodule import RandomDataModule
 
@@ -79,16 +79,11 @@ def fit(
     module: MLLMModule, callback: ReGATECallback, data: RandomDataModule, steps: int, fixed: Any = None, **kwargs: Any
 ) -> Spy:
     spy = Spy(callback, fixed)
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         accelerator="cpu",
         devices=1,
         max_steps=steps,
         callbacks=[callback, spy],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
         **kwargs,
     )
     trainer.fit(module, data)

@@ -15,7 +15,7 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 from regate_lightning.elision import forward_active
 from regate_lightning.families.base import text_config
 from regate_lightning.keys import ATTENTION_MASK, INPUT_IDS, LABELS
-from regate_lightning.testing import tiny
+from regate_lightning.testing import quiet_trainer, tiny
 from regate_lightning.testing.batches import random_batch
 
 
@@ -92,7 +92,6 @@ def test_aux_loss_equals_the_hf_model_on_full_and_elided_batches(student):
 @pytest.mark.parametrize("student", list(MOE_STUDENTS))
 def test_the_module_logs_the_aux_loss_in_training(tmp_path, student):
     """Two steps, the second sparse (answer elision, and visual-token elision for the multimodal students)."""
-    import lightning.pytorch as pl
 
     from regate_lightning import MLLMModule, ReGATECallback, VisualTokenElision
     from regate_lightning.keys import TRAIN_AUX_LOSS
@@ -103,13 +102,8 @@ def test_the_module_logs_the_aux_loss_in_training(tmp_path, student):
     callbacks = [ReGATECallback(**schedule)]
     if student != "qwen3_moe":
         callbacks.insert(0, VisualTokenElision(**schedule))
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
         callbacks=callbacks,
         default_root_dir=tmp_path,
     )

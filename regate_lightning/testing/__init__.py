@@ -5,7 +5,8 @@ Nothing here is part of the method. Everything builds from configs, without a do
     tiny.py        tiny random-initialised models of every supported family, the one tiny-config builder, and
                    ``byte_tokenizer`` (a tokenizer that fits every tiny model's vocabulary)
     batches.py     random token batches in a model's own keys (``random_batch``)
-    datamodule.py  ``RandomDataModule``: those batches as a LightningDataModule (the ``debug`` recipes)
+    datamodule.py  ``RandomDataModule``: those batches as a LightningDataModule (the ``debug`` recipes), and
+                   ``quiet_trainer`` (a Trainer without logger, checkpoints, progress bar or validation)
     strategies.py  FSDP and DeepSpeed on CPU processes (gloo), for the multi-process tests
 
 A recipe names them by dotted path, e.g. ``model: regate_lightning.testing.tiny_llava_next_video`` and
@@ -36,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     "random_batch": "regate_lightning.testing.batches",
     "RandomDataModule": "regate_lightning.testing.datamodule",
     "concat_collate": "regate_lightning.testing.datamodule",
+    "quiet_trainer": "regate_lightning.testing.datamodule",
     "CPUFSDPStrategy": "regate_lightning.testing.strategies",
     "CPUDeepSpeedStrategy": "regate_lightning.testing.strategies",
 }

@@ -165,3 +165,20 @@ class RandomDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         """Validation batches in order."""
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, collate_fn=concat_collate)
+
+
+QUIET_TRAINER: dict[str, Any] = {
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "limit_val_batches": 0,
+    "num_sanity_val_steps": 0,
+}
+"""The ``Trainer`` settings of a test or benchmark run: no logger, checkpoints, progress bar, model summary or
+validation."""
+
+
+def quiet_trainer(**kwargs: Any) -> pl.Trainer:
+    """A ``lightning.pytorch.Trainer`` with :data:`QUIET_TRAINER`'s settings, ``kwargs`` added or overriding them."""
+    return pl.Trainer(**{**QUIET_TRAINER, **kwargs})
