@@ -34,7 +34,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from regate_lightning import MLLMModule, ReGATECallback
 from regate_lightning.score import SCORING_TRAINER, score
-from regate_lightning.testing import tiny
+from regate_lightning.testing import quiet_trainer, tiny
 from regate_lightning.testing.datamodule import RandomDataModule
 
 NODES = 2
@@ -83,16 +83,9 @@ def trainer(strategy: Any = None, callbacks: list[pl.Callback] | None = None, **
         "strategy": ddp() if strategy is None else strategy,
         "max_epochs": EPOCHS,
         "callbacks": callbacks or [],
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "limit_val_batches": 0,
-        "num_sanity_val_steps": 0,
         "deterministic": True,
     }
-    options.update(kwargs)
-    return pl.Trainer(**options)
+    return quiet_trainer(**{**options, **kwargs})
 
 
 def fit(
