@@ -9,7 +9,8 @@ The callback decides; the module executes. The decisions are the policy's
 3. ``on_train_batch_start``: ``policy.plan(batch, trainer.global_step)`` with the strategy's all-gather
    and the precision plugin's forward context, and writes ``batch["keep_mask"]`` in a sparse step;
 4. ``on_train_batch_end``: ``policy.observe(plan, token_loss)``; counts the step and logs;
-5. ``on_train_epoch_end`` / ``on_fit_end``: rank 0 writes the reference cache.
+5. ``on_train_epoch_end`` / ``on_fit_end``: rank 0 writes the reference cache when it changed (the
+   teacher scored samples since the last write, or a checkpoint's store was restored).
 
 Under DDP every rank gathers the step's samples (in ``on_train_batch_start``) and the step's reference
 losses, student losses and counts (in ``on_train_batch_end``) from all ranks, one collective per hook
@@ -87,8 +88,9 @@ class ReGATECallback(Callback):
             default the datamodule's ``tokenizer`` attribute is used.
         ref_cache: file of reference losses: opened at the start when it exists (memory-mapped; each
             sample's losses are read when training first meets it and its content matches), written
-            (atomically, by rank 0, with the cached samples not met yet) at the end of every training
-            epoch and of fitting.
+            (atomically, by rank 0, with the cached samples not met yet) at the end of a training epoch
+            and of fitting when its content changed: the teacher scored samples since the file was read
+            or written, or a checkpoint's store was restored; an unchanged file is left as it is.
         selection: which candidates a sparse step keeps: ``"regate"`` (the top fused scores; also
             ``"topk"``), ``"random"`` (a control at the same keep count), ``"adaptive"`` (a keep count per
             sample from its scores), or a :class:`~regate_lightning.selection.Selection` (in YAML, a
@@ -149,6 +151,7 @@ class ReGATECallback(Callback):
         self.totals = dict.fromkeys(TOTALS, 0)
         self._restored: dict[str, Any] | None = None
         self._warned_replaced = False
+        self._cache_mark: int | None = None
         self.cache_samples = 0
         self._plan: StepPlan | None = None
         self._gather: Gather | None = None
@@ -186,9 +189,11 @@ class ReGATECallback(Callback):
             assert self.policy.teacher is not None
             name = f"the teacher {self.policy.teacher_spec!r}"
             check_unsharded(self.policy.teacher, name, type(trainer.strategy).__name__)
+        restored = self._restored is not None and self._restored.get("bank") is not None
         if self._restored is not None:
             self._apply_state(self._restored)
             self._restored = None
+        self._cache_mark = None
         if self.ref_cache:
             self.policy.cache = open_cache(self.ref_cache, self.policy.fingerprint)
             if self.policy.cache is not None:
@@ -196,6 +201,9 @@ class ReGATECallback(Callback):
                     f"ReGATE: {self.ref_cache} holds reference losses of {len(self.policy.cache)} samples (each "
                     "read when training first meets it)"
                 )
+                # The file holds what the store holds, unless a checkpoint's store was restored above.
+                if not restored:
+                    self._cache_mark = self.totals[TEACHER_SAMPLES]
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Place the teacher on the student's device and the store on ``store_device``.
@@ -300,10 +308,18 @@ class ReGATECallback(Callback):
         self._write_cache(trainer)
         self.policy.cache = None
 
+    def cache_changed(self) -> bool:
+        """Whether ``ref_cache`` lacks reference losses the store holds: the teacher scored samples since the
+        file was read or written, a checkpoint's store was restored, or the file was never written."""
+        return self._cache_mark is None or self.totals[TEACHER_SAMPLES] != self._cache_mark
+
     def _write_cache(self, trainer: pl.Trainer) -> None:
-        if self.ref_cache and self.policy.bank is not None and trainer.is_global_zero:
+        if not self.ref_cache or self.policy.bank is None or not self.cache_changed():
+            return
+        if trainer.is_global_zero:
             written = save_cache(self.ref_cache, self.policy.bank, self.policy.fingerprint, base=self.policy.cache)
             rank_zero_info(f"ReGATE: wrote reference losses of {written} samples to {self.ref_cache}")
+        self._cache_mark = self.totals[TEACHER_SAMPLES]  # the same on every rank: totals are summed over ranks
 
     # ---------------------------------------------------------------------------------------------
     # Checkpointing.
@@ -347,6 +363,7 @@ class ReGATECallback(Callback):
             rank_zero_warn("ReGATE: the teacher's weights differ from the checkpoint's; cached reference losses kept")
         if state["bank"] is not None:
             self.bank.load_state_dict(state["bank"])
+            self._cache_mark = None  # the restored store may hold samples the cache file lacks
         self.totals.update(state["totals"])
 
 
