@@ -64,6 +64,11 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "results" / "time_to_accuracy"
+TASK_DEFAULTS: dict[str, dict[str, int]] = {
+    "shapes": {"steps": 1500, "val_every": 150, "num_train": 2000, "num_val": 1000},
+    "descriptions": {"steps": 1500, "val_every": 150, "num_train": 2000, "num_val": 1200},
+}
+"""Per embedded task: optimizer steps, validation interval, training clips, validation questions."""
 NEAR = 0.015
 """The second, looser target: the baseline's peak minus this, one binomial sd of a 1000-question accuracy."""
 TASKS = ("colour", "shape", "direction", "count")
@@ -92,6 +97,7 @@ class RunConfig:
         coverage: the adaptive selection's share of the fused difficulty.
         pretrain_steps: text-only pretraining steps of the student's language model (cached).
         root: the synthetic set's folder (None: the cache).
+        task: the embedded task: ``"shapes"`` (the demo's, short answers) or ``"descriptions"`` (long answers).
     """
 
     variant: str
@@ -112,6 +118,7 @@ class RunConfig:
     coverage: float = 0.95
     pretrain_steps: int = 200
     root: str | None = None
+    task: str = "shapes"
 
 
 def _regate(config: RunConfig, **overrides: Any) -> list[Any]:
@@ -177,6 +184,37 @@ def loss_mask_from_keep(batch: dict[str, Any]) -> None:
     batch["labels"] = labels
 
 
+def roll_videos(batch: dict[str, Any]) -> None:
+    """Give every training sample the video of the next sample of its batch, in place (the last gets the first's).
+
+    The student then trains on clips that say nothing about its answers: a video-blind student, with the
+    statistics of real clips (validation still shows each question its own clip).
+
+    >>> import torch
+    >>> batch = {"pixel_values_videos": torch.arange(3).view(3, 1)}
+    >>> roll_videos(batch)
+    >>> batch["pixel_values_videos"].flatten().tolist()
+    [1, 2, 0]
+    """
+    for key in ("pixel_values_videos", "pixel_values"):
+        if key in batch:
+            batch[key] = batch[key].roll(-1, dims=0)
+
+
+def _blind(config: RunConfig) -> list[Any]:
+    import lightning.pytorch as pl
+
+    class Blind(pl.Callback):
+        """Training batches with their videos rolled by one sample (:func:`roll_videos`)."""
+
+        def on_train_batch_start(
+            self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int
+        ) -> None:
+            roll_videos(batch)
+
+    return [Blind()]
+
+
 def _loss_only(config: RunConfig) -> list[Any]:
     import lightning.pytorch as pl
 
@@ -199,6 +237,7 @@ VARIANTS: dict[str, tuple[str, Callable[[RunConfig], list[Any]]]] = {
     "random": ("random elision (same keep count)", lambda c: _regate(c, selection="random")),
     "adaptive": ("ReGATE, adaptive keep count", _adaptive),
     "regate_loss_only": ("ReGATE's selection on the loss only (no elision)", _loss_only),
+    "blind": ("video-blind student (each sample trained on another's video)", _blind),
 }
 """Variant name -> (label, callbacks for a run)."""
 for _ratio in (0.5, 0.25):
@@ -231,6 +270,8 @@ class RunResult:
         total_s: wall clock of the whole fit, validation included.
         totals: the ReGATE callback's ``totals`` at the end (None without one).
         visual_totals: the visual-token elision callback's ``totals`` at the end (None without one).
+        load: the machine's 1-minute load average when the run started and when it ended.
+        cpu_s: CPU seconds of the whole fit in this process (validation included).
     """
 
     config: RunConfig
@@ -239,25 +280,29 @@ class RunResult:
     total_s: float = 0.0
     totals: dict[str, int] | None = None
     visual_totals: dict[str, int] | None = None
+    load: list[float] = field(default_factory=list)
+    cpu_s: float = 0.0
 
 
 def _recorder_class() -> type:
     import lightning.pytorch as pl
     import torch
 
-    from regate_lightning.data.synthetic import needs_video
+    from regate_lightning.data.synthetic import synthetic_task
     from regate_lightning.keys import KEEP_MASK, NUM_ACTIVE, NUM_TARGETS, NUM_TOKENS, VAL, acc_metric, media_gap_metric
 
     class Recorder(pl.Callback):
         """Cumulative tokens, training seconds (validation excluded), accuracy, video gap and kept words."""
 
-        def __init__(self, regate: Any | None) -> None:
+        def __init__(self, regate: Any | None, task: str = "shapes") -> None:
             self.regate = regate
+            self.needs_video = synthetic_task(task).needs_video
             self.points: list[dict[str, float]] = []
             self.tokens = self.tokens_all = self.supervised = 0
             self.kept = {"visual": 0, "visual_kept": 0, "text": 0, "text_kept": 0}
             self.visual_ids: torch.Tensor | None = None
             self.start = self.val_s = self._val_start = self._train_s = 0.0
+            self.cpu_start = self.val_cpu = self._val_cpu_start = self._train_cpu = 0.0
 
         def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             tokenizer = trainer.datamodule.tokenizer
@@ -265,9 +310,10 @@ def _recorder_class() -> type:
             size = int(pl_module.model.get_output_embeddings().weight.shape[0])
             self.visual_ids = torch.zeros(size, dtype=torch.bool)
             for i, word in enumerate(words):
-                self.visual_ids[i] = word.isalpha() and needs_video(word)
+                self.visual_ids[i] = word.isalpha() and self.needs_video(word)
             _warm(trainer.datamodule)
             self.start = time.perf_counter()
+            self.cpu_start = time.process_time()
 
         def on_train_batch_end(
             self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -296,9 +342,12 @@ def _recorder_class() -> type:
         def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             self._val_start = time.perf_counter()
             self._train_s = self._val_start - self.start - self.val_s
+            self._val_cpu_start = time.process_time()
+            self._train_cpu = self._val_cpu_start - self.cpu_start - self.val_cpu
 
         def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             self.val_s += time.perf_counter() - self._val_start
+            self.val_cpu += time.process_time() - self._val_cpu_start
             metrics = trainer.callback_metrics
             if trainer.sanity_checking or acc_metric(VAL) not in metrics:
                 return
@@ -308,10 +357,11 @@ def _recorder_class() -> type:
                 "tokens_all": self.tokens_all,
                 "supervised": self.supervised,
                 "train_s": round(self._train_s, 3),
+                "train_cpu_s": round(self._train_cpu, 3),
                 "acc": float(metrics[acc_metric(VAL)]),
                 "video_gap": float(metrics.get(media_gap_metric(VAL, "video"), math.nan)),
             }
-            for task in TASKS:
+            for task in getattr(trainer.datamodule, "task_names", None) or TASKS:
                 if acc_metric(VAL, task) in metrics:
                     point[f"acc_{task}"] = float(metrics[acc_metric(VAL, task)])
             self.points.append(point)
@@ -378,7 +428,12 @@ def run_one(config: RunConfig) -> RunResult:
     pl.seed_everything(config.seed, verbose=False)
     size = {"num_train": config.num_train, "num_val": config.num_val}
     student = demo_student(
-        config.root, **size, num_frames=config.num_frames, pretrain_steps=config.pretrain_steps, seed=config.seed
+        config.root,
+        **size,
+        num_frames=config.num_frames,
+        pretrain_steps=config.pretrain_steps,
+        seed=config.seed,
+        task=config.task,
     )
     module = MLLMModule(
         student,
@@ -388,16 +443,23 @@ def run_one(config: RunConfig) -> RunResult:
         warmup_ratio=config.warmup_ratio,
     )
     data = SyntheticVideoQADataModule(
-        root=config.root, **size, num_frames=config.num_frames, batch_size=config.batch_size, val_batch_questions=16
+        root=config.root,
+        **size,
+        task=config.task,
+        num_frames=config.num_frames,
+        batch_size=config.batch_size,
+        val_batch_questions=16,
     )
     data.media_cache = _media_cache()
     callbacks = VARIANTS[config.variant][1](config)
     regate = next((c for c in callbacks if isinstance(c, ReGATECallback)), None)
-    recorder = _recorder_class()(regate)
+    recorder = _recorder_class()(regate, config.task)
     trainer = quiet_trainer(config.steps, config.val_every, [*callbacks, recorder])
-    start = time.perf_counter()
+    start, cpu, load = time.perf_counter(), time.process_time(), _load_average()
     trainer.fit(module, datamodule=data)
     result = RunResult(config, recorder.points, dict(recorder.kept), round(time.perf_counter() - start, 3))
+    result.load = [(load or [math.nan])[0], (_load_average() or [math.nan])[0]]
+    result.cpu_s = round(time.process_time() - cpu, 3)
     if regate is not None:
         result.totals = dict(regate.totals)
     visual = next((c for c in callbacks if isinstance(c, VisualTokenElision)), None)
@@ -520,7 +582,9 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "peak_sd": _std(peaks),
             "final_mean": _mean(finals),
             "final_sd": _std(finals),
-            "final_tasks": {t: _mean([r["points"][-1].get(f"acc_{t}", math.nan) for r in group]) for t in TASKS},
+            "final_tasks": {
+                t: _mean([r["points"][-1].get(f"acc_{t}", math.nan) for r in group]) for t in _tasks(group)
+            },
             "video_gap": _mean([r["points"][-1].get("video_gap", math.nan) for r in group]),
             "total_tokens": _mean([r["points"][-1]["tokens"] for r in group]),
             "total_tokens_all": _mean([r["points"][-1]["tokens_all"] for r in group]),
@@ -616,6 +680,19 @@ def _wins(mine: dict[int, float | None], random: dict[int, float | None]) -> str
     return f"{len(wins)}/{len(seeds)}"
 
 
+def _tasks(runs: list[dict[str, Any]]) -> list[str]:
+    """The question types the runs' validation points report (``acc_<task>``), in their order.
+
+    >>> _tasks([{"points": [{"acc": 0.5, "acc_order": 0.4, "acc_shape": 0.6}]}])
+    ['order', 'shape']
+    """
+    names: dict[str, None] = {}
+    for run in runs:
+        for point in run["points"][-1:]:
+            names.update((k.removeprefix("acc_"), None) for k in point if k.startswith("acc_"))
+    return list(names)
+
+
 def _num(x: float | None, fmt: str) -> str:
     return "not reached" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
@@ -639,18 +716,19 @@ def format_table(summary: dict[str, Any]) -> str:
             f"| {_num(row.get('tokens_ratio_near'), '.2f')}, {_num(row.get('seconds_ratio_near'), '.2f')}, "
             f"{row.get('before_random_near', '-')} | {row['total_tokens']:,.0f} |"
         )
+    tasks = list(next(iter(summary["variants"].values()), {}).get("final_tasks", {}))
     lines += [
         "",
         "| variant | "
-        + " | ".join(f"final {t}" for t in TASKS)
+        + " | ".join(f"final {t}" for t in tasks)
         + " | video gap | kept: answer words that need the video | kept: other answer words | video tokens kept |",
-        "|---|" + "---|" * (len(TASKS) + 4),
+        "|---|" + "---|" * (len(tasks) + 4),
     ]
     for name, row in summary["variants"].items():
         shares = [row.get("kept_visual_share"), row.get("kept_text_share"), row.get("video_tokens_kept")]
         lines.append(
             f"| {VARIANTS[name][0] if name in VARIANTS else name} | "
-            + " | ".join(_num(row["final_tasks"][t], ".3f") for t in TASKS)
+            + " | ".join(_num(row["final_tasks"].get(t), ".3f") for t in tasks)
             + f" | {_num(row['video_gap'], '.3f')} | "
             + " | ".join("-" if s is None else f"{100 * s:.1f} %" for s in shares)
             + " |"
@@ -796,10 +874,13 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=list(ISSUE_9), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--val-every", type=int, default=150)
-    parser.add_argument("--num-train", type=int, default=2000)
-    parser.add_argument("--num-val", type=int, default=1000)
+    parser.add_argument(
+        "--task", default="shapes", choices=list(TASK_DEFAULTS), help="the embedded task (sets the defaults below)"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the task's)")
+    parser.add_argument("--val-every", type=int, default=None, help="validate every N steps (default: the task's)")
+    parser.add_argument("--num-train", type=int, default=None, help="training clips (default: the task's)")
+    parser.add_argument("--num-val", type=int, default=None, help="validation questions (default: the task's)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--keep-ratio", type=float, default=0.5)
     parser.add_argument("--coverage", type=float, default=0.95)
@@ -829,6 +910,9 @@ def main(argv: list[str] | None = None) -> int:
         plot(report["summary"], args.summarise.parent)
         print(_report(report["summary"]))
         return 0
+    for key, value in TASK_DEFAULTS[args.task].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     pretrain = 200
     if args.smoke:
         args.variants, args.seeds, args.steps, args.val_every = SMOKE_VARIANTS, [0], 10, 5
@@ -841,7 +925,7 @@ def main(argv: list[str] | None = None) -> int:
     from regate_lightning.demo import demo_student
 
     # Generate the data and pretrain the text LM once, before the workers share them.
-    demo_student(args.root, num_train=args.num_train, num_val=args.num_val, pretrain_steps=pretrain)
+    demo_student(args.root, num_train=args.num_train, num_val=args.num_val, pretrain_steps=pretrain, task=args.task)
     configs = [
         RunConfig(
             variant=v,
@@ -858,6 +942,7 @@ def main(argv: list[str] | None = None) -> int:
             coverage=args.coverage,
             pretrain_steps=pretrain,
             root=args.root,
+            task=args.task,
         )
         for s in args.seeds
         for v in args.variants
