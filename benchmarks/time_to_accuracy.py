@@ -529,7 +529,9 @@ def _mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
             {
                 "step": pts[0]["step"],
                 "tokens": _mean([p["tokens"] for p in pts]),
+                "supervised": _mean([p["supervised"] for p in pts]),
                 "train_s": _mean([p["train_s"] for p in pts]),
+                "train_cpu_s": _mean([p.get("train_cpu_s", math.nan) for p in pts]),
                 "acc": _mean(accs),
                 "acc_std": _std(accs),
             }
@@ -560,6 +562,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     target = max(p["acc"] for p in _mean_curve(base_runs)) if base_runs else None
     base_finals = [r["points"][-1]["acc"] for r in base_runs]
     summary: dict[str, Any] = {
+        "task": runs[0]["config"].get("task", "shapes") if runs else None,
         "target_acc": target,
         "baseline_final_mean": _mean(base_finals) if base_finals else None,
         "baseline_final_sd": _std(base_finals) if base_finals else None,
@@ -633,11 +636,95 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if "random" in reach and name in reach and name not in ("random", "baseline"):
             row["before_random"] = _wins(reach[name], reach["random"])
             row["before_random_near"] = _wins(near[name], near["random"])
+    summary["floor"] = _floor_summary(by_variant, summary)
     by_seed = {name: {r["config"]["seed"]: r["points"][-1]["acc"] for r in group} for name, group in by_variant.items()}
     summary["paired_final"] = [
         {"a": a, "b": b, **_paired(by_seed[a], by_seed[b])} for a, b in PAIRS if a in by_seed and b in by_seed
     ]
     return summary
+
+
+COSTS = ("tokens", "supervised", "train_s", "train_cpu_s")
+"""What reaching an accuracy costs: decoder tokens, target tokens (supervised answer tokens whose loss was
+computed: the paper's counter), training wall clock and training CPU seconds (validation excluded)."""
+
+
+def _floor_summary(by_variant: dict[str, list[dict[str, Any]]], summary: dict[str, Any]) -> dict[str, Any]:
+    """Costs to the baseline's peak and to its final accuracy minus one seed sd (the *floor*), per variant.
+
+    For each goal (``peak``: the peak of the baseline's mean curve; ``floor``: the baseline's mean final accuracy
+    minus its seed sd) and each of :data:`COSTS`: the cost at which the variant's mean curve first reaches the
+    goal, its ratio to the baseline's, the per-seed ratios (each seed against the baseline of the same seed,
+    both reaching the same goal) with their median, and on how many seeds the variant reaches the floor with
+    fewer decoder tokens than random elision of the same seed.
+    """
+    base = by_variant.get("baseline")
+    if not base or summary.get("target_acc") is None:
+        return {}
+    goals = {"peak": summary["target_acc"], "floor": summary["baseline_final_mean"] - summary["baseline_final_sd"]}
+    out: dict[str, Any] = {"goals": goals, "variants": {}}
+    base_curve = _mean_curve(base)
+    base_seed = {r["config"]["seed"]: r for r in base}
+    reach_floor: dict[str, dict[int, float | None]] = {}
+    for name, group in by_variant.items():
+        curve = _mean_curve(group)
+        row: dict[str, Any] = {}
+        for goal, level in goals.items():
+            cell: dict[str, Any] = {}
+            for cost in COSTS:
+                mine, theirs = _first_reach(curve, level, cost), _first_reach(base_curve, level, cost)
+                ratios = []
+                for r in group:
+                    other = base_seed.get(r["config"]["seed"])
+                    a = _first_reach(r["points"], level, cost) if cost in r["points"][0] else None
+                    b = _first_reach(other["points"], level, cost) if other and cost in other["points"][0] else None
+                    if a is not None and b:
+                        ratios.append(a / b)
+                cell[cost] = mine
+                cell[f"{cost}_ratio"] = mine / theirs if mine is not None and theirs else None
+                cell[f"{cost}_seed_ratios"] = ratios
+                cell[f"{cost}_seed_median"] = _median(ratios)
+            cell["seeds_reached"] = sum(_first_reach(r["points"], level, "tokens") is not None for r in group)
+            cell["seeds"] = len(group)
+            row[goal] = cell
+        reach_floor[name] = {r["config"]["seed"]: _first_reach(r["points"], goals["floor"], "tokens") for r in group}
+        out["variants"][name] = row
+    if "random" in reach_floor:
+        for name, row in out["variants"].items():
+            if name not in ("random", "baseline"):
+                row["floor_before_random"] = _wins(reach_floor[name], reach_floor["random"])
+    return out
+
+
+def format_floor_table(summary: dict[str, Any]) -> str:
+    """Markdown: per variant, the costs to the baseline's peak and to its final minus one sd (ratios to its)."""
+    floor = summary.get("floor") or {}
+    if not floor:
+        return ""
+    goals = floor["goals"]
+    lines = [
+        f"Costs to the baseline's peak ({goals['peak']:.3f}) and to its final accuracy minus one seed sd "
+        f"({goals['floor']:.3f}), on the mean curves (ratio to the baseline's; per seed: median ratio):",
+        "",
+        "| variant | goal | reached (seeds) | decoder tokens (ratio; per seed) | target tokens (ratio; per seed) "
+        "| wall s (ratio; per seed) | CPU s (ratio; per seed) | before random |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in floor["variants"].items():
+        for goal in ("peak", "floor"):
+            cell = row[goal]
+            parts = []
+            for cost, fmt in (("tokens", ",.0f"), ("supervised", ",.0f"), ("train_s", ".0f"), ("train_cpu_s", ".0f")):
+                parts.append(
+                    f"{_num(cell[cost], fmt)} ({_num(cell[f'{cost}_ratio'], '.2f')}; "
+                    f"{_num(cell[f'{cost}_seed_median'], '.2f')})"
+                )
+            label = VARIANTS[name][0] if name in VARIANTS else name
+            wins = row.get("floor_before_random", "-") if goal == "floor" else "-"
+            lines.append(
+                f"| {label} | {goal} | {cell['seeds_reached']}/{cell['seeds']} | " + " | ".join(parts) + f" | {wins} |"
+            )
+    return "\n".join(lines)
 
 
 LEVELS = (0.7, 0.8, 0.85, 0.9)
@@ -655,6 +742,10 @@ PAIRS = (
     ("visual_temporal_0.25", "visual_random_0.25"),
     ("regate+visual_temporal_0.5", "regate+visual_random_0.5"),
     ("regate+visual_temporal_0.5", "baseline"),
+    ("baseline", "blind"),
+    ("random", "baseline"),
+    ("ema_only", "baseline"),
+    ("ref_only", "baseline"),
 )
 """Variant pairs whose final accuracies are compared seed by seed (same data order, same initial weights)."""
 
@@ -751,8 +842,55 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def verdict_long_answers(summary: dict[str, Any]) -> list[str]:
+    """Issue 22's targets on the long-answer task, each checked against the summary, in plain words."""
+    rows, floor = summary["variants"], summary.get("floor") or {}
+    base, blind = rows.get("baseline"), rows.get("blind")
+    if base is None:
+        return ["no baseline run: nothing to compare"]
+    out = [
+        f"the baseline learns the task and reads its video: final accuracy {base['final_mean']:.3f} ± "
+        f"{base['final_sd']:.3f}, video gap {_num(base['video_gap'], '.3f')} nats per answer token"
+    ]
+    if blind is not None:
+        gap = base["final_mean"] - blind["final_mean"]
+        noise = max(base["final_sd"], blind["final_sd"])
+        out.append(
+            f"a video-blind student (trained on other samples' videos) ends at {blind['final_mean']:.3f} ± "
+            f"{blind['final_sd']:.3f} (video gap {_num(blind['video_gap'], '.3f')}): the baseline is {gap:+.3f} above "
+            f"it, {gap / noise if noise else math.inf:.0f} times the larger seed sd"
+        )
+    cell = (floor.get("variants", {}).get("regate") or {}).get("floor")
+    if cell is None:
+        return out
+    goal = floor["goals"]["floor"]
+    for cost, limit, what in (
+        ("tokens", 0.70, "decoder tokens"),
+        ("supervised", 0.55, "target tokens"),
+        ("train_s", 0.75, "wall clock"),
+    ):
+        ratio, median = cell[f"{cost}_ratio"], cell[f"{cost}_seed_median"]
+        met = ratio is not None and ratio <= limit
+        out.append(
+            f"ReGATE reaches the baseline's final minus one sd ({goal:.3f}) with {_num(ratio, '.2f')} of its {what} "
+            f"on the mean curves (per seed: median {_num(median, '.2f')}; target <= {limit:.2f}): "
+            + ("met" if met else "missed")
+        )
+    cpu = cell["train_cpu_s_ratio"]
+    out.append(f"the same in CPU seconds (less sensitive to the other jobs on the machine): {_num(cpu, '.2f')}")
+    wins = floor["variants"]["regate"].get("floor_before_random", "-")
+    won = int(wins.split("/")[0]) if "/" in wins else 0
+    out.append(
+        f"ReGATE reaches it with fewer decoder tokens than random elision on {wins} seeds (target >= 4 of 5): "
+        + ("met" if won >= 4 else "missed")
+    )
+    return out
+
+
 def verdict(summary: dict[str, Any]) -> list[str]:
     """The issue's targets, each checked against the summary, in plain words."""
+    if summary.get("task") == "descriptions":
+        return verdict_long_answers(summary)
     out = []
     rows = summary["variants"]
     base, regate = rows.get("baseline"), rows.get("regate")
@@ -855,7 +993,8 @@ def plot(summary: dict[str, Any], out: Path) -> list[Path]:
 
 def _report(summary: dict[str, Any]) -> str:
     return "\n".join(
-        [format_table(summary), "", f"target (peak of the baseline's mean curve): {summary['target_acc']}", ""]
+        [format_table(summary), "", format_floor_table(summary), ""]
+        + [f"target (peak of the baseline's mean curve): {summary['target_acc']}", ""]
         + [f"- {line}" for line in verdict(summary)]
         + ["", "final accuracy, paired by seed (a - b: mean ± standard error; seeds where a is higher):"]
         + [
