@@ -254,6 +254,8 @@ for _ratio in (0.5, 0.25):
 SMOKE_VARIANTS = ["baseline", "regate", "regate+visual_temporal_0.5"]
 ISSUE_9 = ("baseline", "regate", "ema_only", "ref_only", "random", "adaptive")
 """The variants of the learning issue (the default); the visual ones are selected with ``--variants``."""
+ISSUE_22 = ("baseline", "regate", "ema_only", "ref_only", "random", "regate+visual_temporal_0.5", "blind")
+"""The variants of the long-answer issue (the default of ``--task descriptions``)."""
 
 
 @dataclass
@@ -1011,7 +1013,9 @@ def _report(summary: dict[str, Any]) -> str:
 def parser() -> argparse.ArgumentParser:
     """The command line of this script."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=list(ISSUE_9), choices=list(VARIANTS))
+    parser.add_argument(
+        "--variants", nargs="+", default=None, choices=list(VARIANTS), help="default: the task's (ISSUE_9, ISSUE_22)"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument(
         "--task", default="shapes", choices=list(TASK_DEFAULTS), help="the embedded task (sets the defaults below)"
@@ -1028,7 +1032,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--full", type=int, default=16)
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each one torch thread)")
     parser.add_argument("--root", default=None, help="synthetic set folder (default: the cache)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=None, help="default: docs/results/time_to_accuracy[_<task>]")
     parser.add_argument("--smoke", action="store_true", help="tiny: 40 clips, 16 questions, 1 seed, 3 variants")
     parser.add_argument("--summarise", type=Path, default=None, help="re-summarise a results JSON; no training")
     parser.add_argument(
@@ -1052,6 +1056,10 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in TASK_DEFAULTS[args.task].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.variants is None:
+        args.variants = list(ISSUE_22 if args.task == "descriptions" else ISSUE_9)
+    if args.out is None:
+        args.out = DEFAULT_OUT if args.task == "shapes" else DEFAULT_OUT.with_name(f"{DEFAULT_OUT.name}_{args.task}")
     pretrain = 200
     if args.smoke:
         args.variants, args.seeds, args.steps, args.val_every = SMOKE_VARIANTS, [0], 10, 5
