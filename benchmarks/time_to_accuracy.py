@@ -29,7 +29,18 @@ Variants (``--variants``), all with the paper's p = 0.5, beta = 0.9 and W/C/F = 
   (``temporal``) or at random; ``regate+visual_...``: the same with ReGATE. Selected with ``--variants``
   (the default runs the six above).
 
-Each (variant, seed) is one run, ``--jobs`` at a time in worker processes with one torch thread each.
+- ``blind``: a video-blind student: every training sample gets the video of the next sample of its batch
+  (:func:`roll_videos`), so its clips say nothing about its answers; validation shows each question its
+  own clip. What a student that does not read its video scores.
+
+**Tasks** (``--task``): ``shapes``, the demo's set (short answers, 27 % of a sequence; the defaults above),
+and ``descriptions``, the long-answer set (:mod:`regate_lightning.data.synthetic_descriptions`: detailed
+descriptions 56-74 % of a sequence, 1200 questions of six kinds), whose default variants are
+:data:`ISSUE_22` and whose results go to ``docs/results/time_to_accuracy_descriptions``.
+
+Each (variant, seed) is one run, ``--jobs`` at a time in worker processes with one torch thread each;
+``--jobs 1`` runs them one after the other in this process, the variants of one seed back to back, so
+that their wall clocks are comparable (each run also records its CPU seconds and the machine's load).
 The seed sets the data order and the random vision tower and projector; the synthetic set and the text
 language model's pretraining are shared by all runs.
 
@@ -38,10 +49,14 @@ cumulative tokens and training seconds at which the variant's mean curve first r
 the peak of the baseline's mean curve (ratios to the baseline's own), the same per seed against that
 seed's baseline peak, on how many seeds the variant reaches its target before random elision does, the
 video gap and the kept-word shares. Reaching is read at the validation points, without interpolation.
+For issue 22 also the costs (:data:`COSTS`: decoder tokens, target tokens, training wall clock and CPU
+seconds) to the baseline's peak and to the baseline's final accuracy minus one seed sd, on the mean
+curves and per seed, and whether ReGATE reaches the latter before random elision.
 
 Usage::
 
     REGATE_LIGHTNING_CACHE=/tmp/tta_cache python benchmarks/time_to_accuracy.py --jobs 2
+    REGATE_LIGHTNING_CACHE=/tmp/tta_desc nice -n 10 python benchmarks/time_to_accuracy.py --task descriptions --jobs 1
     python benchmarks/time_to_accuracy.py --summarise docs/results/time_to_accuracy/time_to_accuracy.json
     python benchmarks/time_to_accuracy.py --smoke --out /tmp/tta_smoke     # tiny, about a minute
 """
