@@ -3,7 +3,7 @@
 :func:`ensure_synthetic` writes, deterministically from a seed, into a cache folder (default
 ``~/.cache/regate_lightning/synthetic``, or ``$REGATE_LIGHTNING_CACHE/synthetic``, or a given folder)::
 
-    videos/train_00000.mp4 ...  videos/val_00000.mp4 ...   clips, 8 frames of 64x64 at 3 fps (2.7 s), H.264
+    videos/train_00000.mp4 ...  videos/val_00000.mp4 ...   clips, 8 frames of 64x64 at 3 fps (2.7 s), H.264 lossless
     train.json                                             conversations, LLaVA / VideoLLaMA2 format
     val_mc.json                                            multiple-choice questions
     manifest.json                                          the parameters; written last
@@ -52,6 +52,8 @@ from regate_lightning.data.render import FALLBACK_CHAT_TEMPLATE
 from regate_lightning.data.video import encode_video_hwc
 
 SYNTHETIC_VERSION = 2
+CLIP_ENCODING = "h264-lossless"
+"""How the clips are encoded (:func:`~regate_lightning.data.video.encode_video`); part of the manifest."""
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (225, 40, 40),
@@ -407,8 +409,9 @@ def ensure_synthetic(
         "size": size,
         "fps": fps,
     }
-    if task != "shapes":  # the shapes task's manifest is unchanged, so that its existing caches stay valid
+    if task != "shapes":  # the shapes task's manifest keeps its keys
         manifest["task"] = task
+    manifest["encoding"] = CLIP_ENCODING  # a cache of lossy clips (before issue 22) is encoded again
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:

