@@ -52,3 +52,19 @@ def test_keep_ratio_and_min_keep_set_the_elided_count():
     saving = expected_saving(count_batch(ShareCounts(), batch), Schedule(), 1000)
     assert saving["sparse_steps"] == count_sparse_steps(1000, Schedule())
     assert abs(saving["long_run"] - saving["sparse_step"] * 112 / 128) < 1e-12
+
+
+def test_when_regate_pays_reads_the_measurements(tmp_path, capsys):
+    """benchmarks/when_regate_pays.py: the throughput and time-to-accuracy results in one table and figure."""
+    import importlib.util
+
+    from script_loader import load_script
+
+    script = load_script("benchmarks/when_regate_pays.py")
+    assert script.main(["--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| CPU | 75 % | 0.5 | 0.581 | 0.627 | 42 % |" in out  # docs/results/throughput_cpu/throughput.json
+    assert "| H200 | 39 % | 0.5 | 0.948 | 0.805 | 5 % |" in out
+    assert "| shapes (the demo) | 27 % | 0.890 |" in out  # docs/results/time_to_accuracy/time_to_accuracy.json
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "when_regate_pays.png").stat().st_size > 10_000

@@ -37,10 +37,12 @@ from __future__ import annotations
 
 import fcntl
 import json
+import multiprocessing
 import os
 import re
 import shutil
 from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -373,6 +375,7 @@ def ensure_synthetic(
     size: int = 64,
     fps: float = 3.0,
     task: str = "shapes",
+    workers: int | None = None,
 ) -> SyntheticPaths:
     """Generate an embedded task's set into ``root`` unless it is there already (see the module docstring).
 
@@ -387,6 +390,8 @@ def ensure_synthetic(
         task: ``"shapes"`` (the demo's moving shapes, short answers) or ``"descriptions"`` (two groups of
             shapes one after the other, long detailed descriptions; see
             :mod:`regate_lightning.data.synthetic_descriptions`).
+        workers: processes that draw and encode the clips (forked); default one per CPU core, at most 4. A
+            clip's file depends on its content alone (lossless encoding), so any number writes the same bytes.
 
     Returns:
         The paths.
@@ -423,19 +428,43 @@ def ensure_synthetic(
             for stale in folder.glob("text_lm_*"):  # language models pretrained on the old text and tokenizer
                 shutil.rmtree(stale, ignore_errors=True)
             (folder / "videos").mkdir()
+            clips: list[tuple[str, Any]] = []
             for split, count, make in (("train", num_train, maker.train_record), ("val", num_val, maker.val_record)):
                 rng = np.random.default_rng([seed, maker.version, 0 if split == "train" else 1, *maker.stream])
                 records = []
                 for i in range(count):
                     spec = maker.random_clip(rng)
                     video = f"videos/{split}_{i:05d}.mp4"
-                    encode_video_hwc(maker.draw(spec, num_frames, size), folder / video, fps=fps)
+                    clips.append((str(folder / video), spec))
                     records.append(make(i, spec, rng, video))
                 _write_json(paths.train if split == "train" else paths.val, records)
+            _encode_all(task, clips, num_frames, size, fps, workers)
             _write_json(folder / "manifest.json", manifest)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return paths
+
+
+def _encode_clips(task: str, clips: list[tuple[str, Any]], num_frames: int, size: int, fps: float) -> None:
+    """Draw and encode ``clips`` (``(path, spec)``) one after the other."""
+    maker = synthetic_task(task)
+    for path, spec in clips:
+        encode_video_hwc(maker.draw(spec, num_frames, size), path, fps=fps)
+
+
+def _encode_all(
+    task: str, clips: list[tuple[str, Any]], num_frames: int, size: int, fps: float, workers: int | None
+) -> None:
+    """Draw and encode ``clips``, split over ``workers`` forked processes when there are enough of them."""
+    count = min(workers or min(os.cpu_count() or 1, 4), max(len(clips) // 250, 1))
+    if count <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        _encode_clips(task, clips, num_frames, size, fps)
+        return
+    # Forked, not spawned: a spawned process imports the package and torch again, which takes longer than its
+    # share of the work. The children draw with numpy and encode with PyAV; they never enter torch.
+    with ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("fork")) as pool:
+        for done in [pool.submit(_encode_clips, task, clips[i::count], num_frames, size, fps) for i in range(count)]:
+            done.result()
 
 
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
