@@ -29,7 +29,18 @@ Variants (``--variants``), all with the paper's p = 0.5, beta = 0.9 and W/C/F = 
   (``temporal``) or at random; ``regate+visual_...``: the same with ReGATE. Selected with ``--variants``
   (the default runs the six above).
 
-Each (variant, seed) is one run, ``--jobs`` at a time in worker processes with one torch thread each.
+- ``blind``: a video-blind student: every training sample gets the video of the next sample of its batch
+  (:func:`roll_videos`), so its clips say nothing about its answers; validation shows each question its
+  own clip. What a student that does not read its video scores.
+
+**Tasks** (``--task``): ``shapes``, the demo's set (short answers, 27 % of a sequence; the defaults above),
+and ``descriptions``, the long-answer set (:mod:`regate_lightning.data.synthetic_descriptions`: detailed
+descriptions 56-74 % of a sequence, 1200 questions of six kinds), whose default variants are
+:data:`ISSUE_22` and whose results go to ``docs/results/time_to_accuracy_descriptions``.
+
+Each (variant, seed) is one run, ``--jobs`` at a time in worker processes with one torch thread each;
+``--jobs 1`` runs them one after the other in this process, the variants of one seed back to back, so
+that their wall clocks are comparable (each run also records its CPU seconds and the machine's load).
 The seed sets the data order and the random vision tower and projector; the synthetic set and the text
 language model's pretraining are shared by all runs.
 
@@ -38,10 +49,14 @@ cumulative tokens and training seconds at which the variant's mean curve first r
 the peak of the baseline's mean curve (ratios to the baseline's own), the same per seed against that
 seed's baseline peak, on how many seeds the variant reaches its target before random elision does, the
 video gap and the kept-word shares. Reaching is read at the validation points, without interpolation.
+For issue 22 also the costs (:data:`COSTS`: decoder tokens, target tokens, training wall clock and CPU
+seconds) to the baseline's peak and to the baseline's final accuracy minus one seed sd, on the mean
+curves and per seed, and whether ReGATE reaches the latter before random elision.
 
 Usage::
 
     REGATE_LIGHTNING_CACHE=/tmp/tta_cache python benchmarks/time_to_accuracy.py --jobs 2
+    REGATE_LIGHTNING_CACHE=/tmp/tta_desc nice -n 10 python benchmarks/time_to_accuracy.py --task descriptions --jobs 1
     python benchmarks/time_to_accuracy.py --summarise docs/results/time_to_accuracy/time_to_accuracy.json
     python benchmarks/time_to_accuracy.py --smoke --out /tmp/tta_smoke     # tiny, about a minute
 """
@@ -64,6 +79,11 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "results" / "time_to_accuracy"
+TASK_DEFAULTS: dict[str, dict[str, int]] = {
+    "shapes": {"steps": 1500, "val_every": 150, "num_train": 2000, "num_val": 1000},
+    "descriptions": {"steps": 1500, "val_every": 150, "num_train": 2000, "num_val": 1200},
+}
+"""Per embedded task: optimizer steps, validation interval, training clips, validation questions."""
 NEAR = 0.015
 """The second, looser target: the baseline's peak minus this, one binomial sd of a 1000-question accuracy."""
 TASKS = ("colour", "shape", "direction", "count")
@@ -92,6 +112,7 @@ class RunConfig:
         coverage: the adaptive selection's share of the fused difficulty.
         pretrain_steps: text-only pretraining steps of the student's language model (cached).
         root: the synthetic set's folder (None: the cache).
+        task: the embedded task: ``"shapes"`` (the demo's, short answers) or ``"descriptions"`` (long answers).
     """
 
     variant: str
@@ -112,6 +133,7 @@ class RunConfig:
     coverage: float = 0.95
     pretrain_steps: int = 200
     root: str | None = None
+    task: str = "shapes"
 
 
 def _regate(config: RunConfig, **overrides: Any) -> list[Any]:
@@ -177,6 +199,37 @@ def loss_mask_from_keep(batch: dict[str, Any]) -> None:
     batch["labels"] = labels
 
 
+def roll_videos(batch: dict[str, Any]) -> None:
+    """Give every training sample the video of the next sample of its batch, in place (the last gets the first's).
+
+    The student then trains on clips that say nothing about its answers: a video-blind student, with the
+    statistics of real clips (validation still shows each question its own clip).
+
+    >>> import torch
+    >>> batch = {"pixel_values_videos": torch.arange(3).view(3, 1)}
+    >>> roll_videos(batch)
+    >>> batch["pixel_values_videos"].flatten().tolist()
+    [1, 2, 0]
+    """
+    for key in ("pixel_values_videos", "pixel_values"):
+        if key in batch:
+            batch[key] = batch[key].roll(-1, dims=0)
+
+
+def _blind(config: RunConfig) -> list[Any]:
+    import lightning.pytorch as pl
+
+    class Blind(pl.Callback):
+        """Training batches with their videos rolled by one sample (:func:`roll_videos`)."""
+
+        def on_train_batch_start(
+            self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int
+        ) -> None:
+            roll_videos(batch)
+
+    return [Blind()]
+
+
 def _loss_only(config: RunConfig) -> list[Any]:
     import lightning.pytorch as pl
 
@@ -199,6 +252,7 @@ VARIANTS: dict[str, tuple[str, Callable[[RunConfig], list[Any]]]] = {
     "random": ("random elision (same keep count)", lambda c: _regate(c, selection="random")),
     "adaptive": ("ReGATE, adaptive keep count", _adaptive),
     "regate_loss_only": ("ReGATE's selection on the loss only (no elision)", _loss_only),
+    "blind": ("video-blind student (each sample trained on another's video)", _blind),
 }
 """Variant name -> (label, callbacks for a run)."""
 for _ratio in (0.5, 0.25):
@@ -215,6 +269,8 @@ for _ratio in (0.5, 0.25):
 SMOKE_VARIANTS = ["baseline", "regate", "regate+visual_temporal_0.5"]
 ISSUE_9 = ("baseline", "regate", "ema_only", "ref_only", "random", "adaptive")
 """The variants of the learning issue (the default); the visual ones are selected with ``--variants``."""
+ISSUE_22 = ("baseline", "regate", "ema_only", "ref_only", "random", "regate+visual_temporal_0.5", "blind")
+"""The variants of the long-answer issue (the default of ``--task descriptions``)."""
 
 
 @dataclass
@@ -231,6 +287,8 @@ class RunResult:
         total_s: wall clock of the whole fit, validation included.
         totals: the ReGATE callback's ``totals`` at the end (None without one).
         visual_totals: the visual-token elision callback's ``totals`` at the end (None without one).
+        load: the machine's 1-minute load average when the run started and when it ended.
+        cpu_s: CPU seconds of the whole fit in this process (validation included).
     """
 
     config: RunConfig
@@ -239,25 +297,29 @@ class RunResult:
     total_s: float = 0.0
     totals: dict[str, int] | None = None
     visual_totals: dict[str, int] | None = None
+    load: list[float] = field(default_factory=list)
+    cpu_s: float = 0.0
 
 
 def _recorder_class() -> type:
     import lightning.pytorch as pl
     import torch
 
-    from regate_lightning.data.synthetic import needs_video
+    from regate_lightning.data.synthetic import synthetic_task
     from regate_lightning.keys import KEEP_MASK, NUM_ACTIVE, NUM_TARGETS, NUM_TOKENS, VAL, acc_metric, media_gap_metric
 
     class Recorder(pl.Callback):
         """Cumulative tokens, training seconds (validation excluded), accuracy, video gap and kept words."""
 
-        def __init__(self, regate: Any | None) -> None:
+        def __init__(self, regate: Any | None, task: str = "shapes") -> None:
             self.regate = regate
+            self.needs_video = synthetic_task(task).needs_video
             self.points: list[dict[str, float]] = []
             self.tokens = self.tokens_all = self.supervised = 0
             self.kept = {"visual": 0, "visual_kept": 0, "text": 0, "text_kept": 0}
             self.visual_ids: torch.Tensor | None = None
             self.start = self.val_s = self._val_start = self._train_s = 0.0
+            self.cpu_start = self.val_cpu = self._val_cpu_start = self._train_cpu = 0.0
 
         def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             tokenizer = trainer.datamodule.tokenizer
@@ -265,9 +327,10 @@ def _recorder_class() -> type:
             size = int(pl_module.model.get_output_embeddings().weight.shape[0])
             self.visual_ids = torch.zeros(size, dtype=torch.bool)
             for i, word in enumerate(words):
-                self.visual_ids[i] = word.isalpha() and needs_video(word)
+                self.visual_ids[i] = word.isalpha() and self.needs_video(word)
             _warm(trainer.datamodule)
             self.start = time.perf_counter()
+            self.cpu_start = time.process_time()
 
         def on_train_batch_end(
             self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -296,9 +359,12 @@ def _recorder_class() -> type:
         def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             self._val_start = time.perf_counter()
             self._train_s = self._val_start - self.start - self.val_s
+            self._val_cpu_start = time.process_time()
+            self._train_cpu = self._val_cpu_start - self.cpu_start - self.val_cpu
 
         def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             self.val_s += time.perf_counter() - self._val_start
+            self.val_cpu += time.process_time() - self._val_cpu_start
             metrics = trainer.callback_metrics
             if trainer.sanity_checking or acc_metric(VAL) not in metrics:
                 return
@@ -308,10 +374,11 @@ def _recorder_class() -> type:
                 "tokens_all": self.tokens_all,
                 "supervised": self.supervised,
                 "train_s": round(self._train_s, 3),
+                "train_cpu_s": round(self._train_cpu, 3),
                 "acc": float(metrics[acc_metric(VAL)]),
                 "video_gap": float(metrics.get(media_gap_metric(VAL, "video"), math.nan)),
             }
-            for task in TASKS:
+            for task in getattr(trainer.datamodule, "task_names", None) or TASKS:
                 if acc_metric(VAL, task) in metrics:
                     point[f"acc_{task}"] = float(metrics[acc_metric(VAL, task)])
             self.points.append(point)
@@ -378,7 +445,12 @@ def run_one(config: RunConfig) -> RunResult:
     pl.seed_everything(config.seed, verbose=False)
     size = {"num_train": config.num_train, "num_val": config.num_val}
     student = demo_student(
-        config.root, **size, num_frames=config.num_frames, pretrain_steps=config.pretrain_steps, seed=config.seed
+        config.root,
+        **size,
+        num_frames=config.num_frames,
+        pretrain_steps=config.pretrain_steps,
+        seed=config.seed,
+        task=config.task,
     )
     module = MLLMModule(
         student,
@@ -388,16 +460,23 @@ def run_one(config: RunConfig) -> RunResult:
         warmup_ratio=config.warmup_ratio,
     )
     data = SyntheticVideoQADataModule(
-        root=config.root, **size, num_frames=config.num_frames, batch_size=config.batch_size, val_batch_questions=16
+        root=config.root,
+        **size,
+        task=config.task,
+        num_frames=config.num_frames,
+        batch_size=config.batch_size,
+        val_batch_questions=16,
     )
     data.media_cache = _media_cache()
     callbacks = VARIANTS[config.variant][1](config)
     regate = next((c for c in callbacks if isinstance(c, ReGATECallback)), None)
-    recorder = _recorder_class()(regate)
+    recorder = _recorder_class()(regate, config.task)
     trainer = quiet_trainer(config.steps, config.val_every, [*callbacks, recorder])
-    start = time.perf_counter()
+    start, cpu, load = time.perf_counter(), time.process_time(), _load_average()
     trainer.fit(module, datamodule=data)
     result = RunResult(config, recorder.points, dict(recorder.kept), round(time.perf_counter() - start, 3))
+    result.load = [(load or [math.nan])[0], (_load_average() or [math.nan])[0]]
+    result.cpu_s = round(time.process_time() - cpu, 3)
     if regate is not None:
         result.totals = dict(regate.totals)
     visual = next((c for c in callbacks if isinstance(c, VisualTokenElision)), None)
@@ -467,7 +546,9 @@ def _mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
             {
                 "step": pts[0]["step"],
                 "tokens": _mean([p["tokens"] for p in pts]),
+                "supervised": _mean([p["supervised"] for p in pts]),
                 "train_s": _mean([p["train_s"] for p in pts]),
+                "train_cpu_s": _mean([p.get("train_cpu_s", math.nan) for p in pts]),
                 "acc": _mean(accs),
                 "acc_std": _std(accs),
             }
@@ -498,6 +579,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     target = max(p["acc"] for p in _mean_curve(base_runs)) if base_runs else None
     base_finals = [r["points"][-1]["acc"] for r in base_runs]
     summary: dict[str, Any] = {
+        "task": runs[0]["config"].get("task", "shapes") if runs else None,
         "target_acc": target,
         "baseline_final_mean": _mean(base_finals) if base_finals else None,
         "baseline_final_sd": _std(base_finals) if base_finals else None,
@@ -520,7 +602,9 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "peak_sd": _std(peaks),
             "final_mean": _mean(finals),
             "final_sd": _std(finals),
-            "final_tasks": {t: _mean([r["points"][-1].get(f"acc_{t}", math.nan) for r in group]) for t in TASKS},
+            "final_tasks": {
+                t: _mean([r["points"][-1].get(f"acc_{t}", math.nan) for r in group]) for t in _tasks(group)
+            },
             "video_gap": _mean([r["points"][-1].get("video_gap", math.nan) for r in group]),
             "total_tokens": _mean([r["points"][-1]["tokens"] for r in group]),
             "total_tokens_all": _mean([r["points"][-1]["tokens_all"] for r in group]),
@@ -569,11 +653,95 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if "random" in reach and name in reach and name not in ("random", "baseline"):
             row["before_random"] = _wins(reach[name], reach["random"])
             row["before_random_near"] = _wins(near[name], near["random"])
+    summary["floor"] = _floor_summary(by_variant, summary)
     by_seed = {name: {r["config"]["seed"]: r["points"][-1]["acc"] for r in group} for name, group in by_variant.items()}
     summary["paired_final"] = [
         {"a": a, "b": b, **_paired(by_seed[a], by_seed[b])} for a, b in PAIRS if a in by_seed and b in by_seed
     ]
     return summary
+
+
+COSTS = ("tokens", "supervised", "train_s", "train_cpu_s")
+"""What reaching an accuracy costs: decoder tokens, target tokens (supervised answer tokens whose loss was
+computed: the paper's counter), training wall clock and training CPU seconds (validation excluded)."""
+
+
+def _floor_summary(by_variant: dict[str, list[dict[str, Any]]], summary: dict[str, Any]) -> dict[str, Any]:
+    """Costs to the baseline's peak and to its final accuracy minus one seed sd (the *floor*), per variant.
+
+    For each goal (``peak``: the peak of the baseline's mean curve; ``floor``: the baseline's mean final accuracy
+    minus its seed sd) and each of :data:`COSTS`: the cost at which the variant's mean curve first reaches the
+    goal, its ratio to the baseline's, the per-seed ratios (each seed against the baseline of the same seed,
+    both reaching the same goal) with their median, and on how many seeds the variant reaches the floor with
+    fewer decoder tokens than random elision of the same seed.
+    """
+    base = by_variant.get("baseline")
+    if not base or summary.get("target_acc") is None:
+        return {}
+    goals = {"peak": summary["target_acc"], "floor": summary["baseline_final_mean"] - summary["baseline_final_sd"]}
+    out: dict[str, Any] = {"goals": goals, "variants": {}}
+    base_curve = _mean_curve(base)
+    base_seed = {r["config"]["seed"]: r for r in base}
+    reach_floor: dict[str, dict[int, float | None]] = {}
+    for name, group in by_variant.items():
+        curve = _mean_curve(group)
+        row: dict[str, Any] = {}
+        for goal, level in goals.items():
+            cell: dict[str, Any] = {}
+            for cost in COSTS:
+                mine, theirs = _first_reach(curve, level, cost), _first_reach(base_curve, level, cost)
+                ratios = []
+                for r in group:
+                    other = base_seed.get(r["config"]["seed"])
+                    a = _first_reach(r["points"], level, cost) if cost in r["points"][0] else None
+                    b = _first_reach(other["points"], level, cost) if other and cost in other["points"][0] else None
+                    if a is not None and b:
+                        ratios.append(a / b)
+                cell[cost] = mine
+                cell[f"{cost}_ratio"] = mine / theirs if mine is not None and theirs else None
+                cell[f"{cost}_seed_ratios"] = ratios
+                cell[f"{cost}_seed_median"] = _median(ratios)
+            cell["seeds_reached"] = sum(_first_reach(r["points"], level, "tokens") is not None for r in group)
+            cell["seeds"] = len(group)
+            row[goal] = cell
+        reach_floor[name] = {r["config"]["seed"]: _first_reach(r["points"], goals["floor"], "tokens") for r in group}
+        out["variants"][name] = row
+    if "random" in reach_floor:
+        for name, row in out["variants"].items():
+            if name not in ("random", "baseline"):
+                row["floor_before_random"] = _wins(reach_floor[name], reach_floor["random"])
+    return out
+
+
+def format_floor_table(summary: dict[str, Any]) -> str:
+    """Markdown: per variant, the costs to the baseline's peak and to its final minus one sd (ratios to its)."""
+    floor = summary.get("floor") or {}
+    if not floor:
+        return ""
+    goals = floor["goals"]
+    lines = [
+        f"Costs to the baseline's peak ({goals['peak']:.3f}) and to its final accuracy minus one seed sd "
+        f"({goals['floor']:.3f}), on the mean curves (ratio to the baseline's; per seed: median ratio):",
+        "",
+        "| variant | goal | reached (seeds) | decoder tokens (ratio; per seed) | target tokens (ratio; per seed) "
+        "| wall s (ratio; per seed) | CPU s (ratio; per seed) | before random |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in floor["variants"].items():
+        for goal in ("peak", "floor"):
+            cell = row[goal]
+            parts = []
+            for cost, fmt in (("tokens", ",.0f"), ("supervised", ",.0f"), ("train_s", ".0f"), ("train_cpu_s", ".0f")):
+                parts.append(
+                    f"{_num(cell[cost], fmt)} ({_num(cell[f'{cost}_ratio'], '.2f')}; "
+                    f"{_num(cell[f'{cost}_seed_median'], '.2f')})"
+                )
+            label = VARIANTS[name][0] if name in VARIANTS else name
+            wins = row.get("floor_before_random", "-") if goal == "floor" else "-"
+            lines.append(
+                f"| {label} | {goal} | {cell['seeds_reached']}/{cell['seeds']} | " + " | ".join(parts) + f" | {wins} |"
+            )
+    return "\n".join(lines)
 
 
 LEVELS = (0.7, 0.8, 0.85, 0.9)
@@ -591,6 +759,10 @@ PAIRS = (
     ("visual_temporal_0.25", "visual_random_0.25"),
     ("regate+visual_temporal_0.5", "regate+visual_random_0.5"),
     ("regate+visual_temporal_0.5", "baseline"),
+    ("baseline", "blind"),
+    ("random", "baseline"),
+    ("ema_only", "baseline"),
+    ("ref_only", "baseline"),
 )
 """Variant pairs whose final accuracies are compared seed by seed (same data order, same initial weights)."""
 
@@ -616,6 +788,19 @@ def _wins(mine: dict[int, float | None], random: dict[int, float | None]) -> str
     return f"{len(wins)}/{len(seeds)}"
 
 
+def _tasks(runs: list[dict[str, Any]]) -> list[str]:
+    """The question types the runs' validation points report (``acc_<task>``), in their order.
+
+    >>> _tasks([{"points": [{"acc": 0.5, "acc_order": 0.4, "acc_shape": 0.6}]}])
+    ['order', 'shape']
+    """
+    names: dict[str, None] = {}
+    for run in runs:
+        for point in run["points"][-1:]:
+            names.update((k.removeprefix("acc_"), None) for k in point if k.startswith("acc_"))
+    return list(names)
+
+
 def _num(x: float | None, fmt: str) -> str:
     return "not reached" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
@@ -639,18 +824,19 @@ def format_table(summary: dict[str, Any]) -> str:
             f"| {_num(row.get('tokens_ratio_near'), '.2f')}, {_num(row.get('seconds_ratio_near'), '.2f')}, "
             f"{row.get('before_random_near', '-')} | {row['total_tokens']:,.0f} |"
         )
+    tasks = list(next(iter(summary["variants"].values()), {}).get("final_tasks", {}))
     lines += [
         "",
         "| variant | "
-        + " | ".join(f"final {t}" for t in TASKS)
+        + " | ".join(f"final {t}" for t in tasks)
         + " | video gap | kept: answer words that need the video | kept: other answer words | video tokens kept |",
-        "|---|" + "---|" * (len(TASKS) + 4),
+        "|---|" + "---|" * (len(tasks) + 4),
     ]
     for name, row in summary["variants"].items():
         shares = [row.get("kept_visual_share"), row.get("kept_text_share"), row.get("video_tokens_kept")]
         lines.append(
             f"| {VARIANTS[name][0] if name in VARIANTS else name} | "
-            + " | ".join(_num(row["final_tasks"][t], ".3f") for t in TASKS)
+            + " | ".join(_num(row["final_tasks"].get(t), ".3f") for t in tasks)
             + f" | {_num(row['video_gap'], '.3f')} | "
             + " | ".join("-" if s is None else f"{100 * s:.1f} %" for s in shares)
             + " |"
@@ -673,8 +859,55 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def verdict_long_answers(summary: dict[str, Any]) -> list[str]:
+    """Issue 22's targets on the long-answer task, each checked against the summary, in plain words."""
+    rows, floor = summary["variants"], summary.get("floor") or {}
+    base, blind = rows.get("baseline"), rows.get("blind")
+    if base is None:
+        return ["no baseline run: nothing to compare"]
+    out = [
+        f"the baseline learns the task and reads its video: final accuracy {base['final_mean']:.3f} ± "
+        f"{base['final_sd']:.3f}, video gap {_num(base['video_gap'], '.3f')} nats per answer token"
+    ]
+    if blind is not None:
+        gap = base["final_mean"] - blind["final_mean"]
+        noise = max(base["final_sd"], blind["final_sd"])
+        out.append(
+            f"a video-blind student (trained on other samples' videos) ends at {blind['final_mean']:.3f} ± "
+            f"{blind['final_sd']:.3f} (video gap {_num(blind['video_gap'], '.3f')}): the baseline is {gap:+.3f} above "
+            f"it, {gap / noise if noise else math.inf:.0f} times the larger seed sd"
+        )
+    cell = (floor.get("variants", {}).get("regate") or {}).get("floor")
+    if cell is None:
+        return out
+    goal = floor["goals"]["floor"]
+    for cost, limit, what in (
+        ("tokens", 0.70, "decoder tokens"),
+        ("supervised", 0.55, "target tokens"),
+        ("train_s", 0.75, "wall clock"),
+    ):
+        ratio, median = cell[f"{cost}_ratio"], cell[f"{cost}_seed_median"]
+        met = ratio is not None and ratio <= limit
+        out.append(
+            f"ReGATE reaches the baseline's final minus one sd ({goal:.3f}) with {_num(ratio, '.2f')} of its {what} "
+            f"on the mean curves (per seed: median {_num(median, '.2f')}; target <= {limit:.2f}): "
+            + ("met" if met else "missed")
+        )
+    cpu = cell["train_cpu_s_ratio"]
+    out.append(f"the same in CPU seconds (less sensitive to the other jobs on the machine): {_num(cpu, '.2f')}")
+    wins = floor["variants"]["regate"].get("floor_before_random", "-")
+    won = int(wins.split("/")[0]) if "/" in wins else 0
+    out.append(
+        f"ReGATE reaches it with fewer decoder tokens than random elision on {wins} seeds (target >= 4 of 5): "
+        + ("met" if won >= 4 else "missed")
+    )
+    return out
+
+
 def verdict(summary: dict[str, Any]) -> list[str]:
     """The issue's targets, each checked against the summary, in plain words."""
+    if summary.get("task") == "descriptions":
+        return verdict_long_answers(summary)
     out = []
     rows = summary["variants"]
     base, regate = rows.get("baseline"), rows.get("regate")
@@ -777,7 +1010,8 @@ def plot(summary: dict[str, Any], out: Path) -> list[Path]:
 
 def _report(summary: dict[str, Any]) -> str:
     return "\n".join(
-        [format_table(summary), "", f"target (peak of the baseline's mean curve): {summary['target_acc']}", ""]
+        [format_table(summary), "", format_floor_table(summary), ""]
+        + [f"target (peak of the baseline's mean curve): {summary['target_acc']}", ""]
         + [f"- {line}" for line in verdict(summary)]
         + ["", "final accuracy, paired by seed (a - b: mean ± standard error; seeds where a is higher):"]
         + [
@@ -794,12 +1028,17 @@ def _report(summary: dict[str, Any]) -> str:
 def parser() -> argparse.ArgumentParser:
     """The command line of this script."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=list(ISSUE_9), choices=list(VARIANTS))
+    parser.add_argument(
+        "--variants", nargs="+", default=None, choices=list(VARIANTS), help="default: the task's (ISSUE_9, ISSUE_22)"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--val-every", type=int, default=150)
-    parser.add_argument("--num-train", type=int, default=2000)
-    parser.add_argument("--num-val", type=int, default=1000)
+    parser.add_argument(
+        "--task", default="shapes", choices=list(TASK_DEFAULTS), help="the embedded task (sets the defaults below)"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the task's)")
+    parser.add_argument("--val-every", type=int, default=None, help="validate every N steps (default: the task's)")
+    parser.add_argument("--num-train", type=int, default=None, help="training clips (default: the task's)")
+    parser.add_argument("--num-val", type=int, default=None, help="validation questions (default: the task's)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--keep-ratio", type=float, default=0.5)
     parser.add_argument("--coverage", type=float, default=0.95)
@@ -808,7 +1047,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--full", type=int, default=16)
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each one torch thread)")
     parser.add_argument("--root", default=None, help="synthetic set folder (default: the cache)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=None, help="default: docs/results/time_to_accuracy[_<task>]")
     parser.add_argument("--smoke", action="store_true", help="tiny: 40 clips, 16 questions, 1 seed, 3 variants")
     parser.add_argument("--summarise", type=Path, default=None, help="re-summarise a results JSON; no training")
     parser.add_argument(
@@ -829,6 +1068,13 @@ def main(argv: list[str] | None = None) -> int:
         plot(report["summary"], args.summarise.parent)
         print(_report(report["summary"]))
         return 0
+    for key, value in TASK_DEFAULTS[args.task].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.variants is None:
+        args.variants = list(ISSUE_22 if args.task == "descriptions" else ISSUE_9)
+    if args.out is None:
+        args.out = DEFAULT_OUT if args.task == "shapes" else DEFAULT_OUT.with_name(f"{DEFAULT_OUT.name}_{args.task}")
     pretrain = 200
     if args.smoke:
         args.variants, args.seeds, args.steps, args.val_every = SMOKE_VARIANTS, [0], 10, 5
@@ -841,7 +1087,7 @@ def main(argv: list[str] | None = None) -> int:
     from regate_lightning.demo import demo_student
 
     # Generate the data and pretrain the text LM once, before the workers share them.
-    demo_student(args.root, num_train=args.num_train, num_val=args.num_val, pretrain_steps=pretrain)
+    demo_student(args.root, num_train=args.num_train, num_val=args.num_val, pretrain_steps=pretrain, task=args.task)
     configs = [
         RunConfig(
             variant=v,
@@ -858,6 +1104,7 @@ def main(argv: list[str] | None = None) -> int:
             coverage=args.coverage,
             pretrain_steps=pretrain,
             root=args.root,
+            task=args.task,
         )
         for s in args.seeds
         for v in args.variants

@@ -10,7 +10,8 @@ The callback decides; the module executes. The decisions are the policy's
    and the precision plugin's forward context, and writes ``batch["keep_mask"]`` in a sparse step;
 4. ``on_train_batch_end``: ``policy.observe(plan, token_loss)``; counts the step and logs;
 5. ``on_train_epoch_end`` / ``on_fit_end``: the lowest rank of each file system writes the reference cache
-   (rank 0 alone on a shared folder; one rank per node on node-local folders).
+   (rank 0 alone on a shared folder; one rank per node on node-local folders) when it changed (the teacher
+   scored samples since the last write, a checkpoint's store was restored, or records left the data).
 
 Under DDP every rank gathers the step's samples (in ``on_train_batch_start``) and the step's reference
 losses, student losses and counts (in ``on_train_batch_end``) from all ranks, one collective per hook
@@ -98,8 +99,11 @@ class ReGATECallback(Callback):
         ref_cache: file of reference losses: opened at the start when it exists (memory-mapped; each
             sample's losses are read when training first meets it and its content matches), written
             (atomically, with the cached samples not met yet) at the end of every training epoch and of
-            fitting, by the lowest rank of each file system. Every rank must see the same file (or none):
-            the ranks compare it through the process group at the start and refuse to differ.
+            fitting, by the lowest rank of each file system, when its content changed: the teacher scored
+            samples since the file was read or written, a checkpoint's store was restored, or samples of it
+            belong to no record of the data now; an unchanged file is left as it is. Every rank must see the
+            same file (or none): the ranks compare it through the process group at the start and refuse to
+            differ.
         selection: which candidates a sparse step keeps: ``"regate"`` (the top fused scores; also
             ``"topk"``), ``"random"`` (a control at the same keep count), ``"adaptive"`` (a keep count per
             sample from its scores), or a :class:`~regate_lightning.selection.Selection` (in YAML, a
@@ -163,6 +167,8 @@ class ReGATECallback(Callback):
         self._first_replaced = ""  # the first of them, by name
         self.cache_samples = 0
         self._writes_cache = True
+        self._cache_stale = False  # ref_cache holds samples of records no longer in the data
+        self._cache_mark: int | None = None  # TEACHER_SAMPLES when ref_cache last held what the store holds
         self._plan: StepPlan | None = None
         self._gather: Gather | None = None
         self.last_plan: StepPlan | None = None
@@ -199,13 +205,18 @@ class ReGATECallback(Callback):
             assert self.policy.teacher is not None
             name = f"the teacher {self.policy.teacher_spec!r}"
             check_unsharded(self.policy.teacher, name, type(trainer.strategy).__name__)
+        restored = self._restored is not None and self._restored.get("bank") is not None
         if self._restored is not None:
             self._apply_state(self._restored)
             self._restored = None
         self._replaced_run, self._first_replaced = 0, ""
+        self._cache_mark = None
         check_checkpoint(trainer.strategy, resuming_from(trainer))
         if self.ref_cache:
             self.policy.cache = self._open_cache(trainer.strategy, trainer.datamodule)
+            if self.policy.cache is not None and not restored and not self._cache_stale:
+                # The file holds what the store will hold, unless a checkpoint's store was restored above.
+                self._cache_mark = self.totals[TEACHER_SAMPLES]
 
     def _open_cache(self, strategy: Strategy, datamodule: Any) -> ReferenceCache | None:
         """Open ``ref_cache`` on every rank; refuse, on every rank, a cache that the ranks see differently.
@@ -231,9 +242,11 @@ class ReGATECallback(Callback):
             "delete it everywhere and let this run's teacher score the samples again",
         )
         self._writes_cache = first_in_folder(strategy, Path(self.ref_cache).parent)
+        self._cache_stale = False
         if cache is not None:
             keys = data_keys(datamodule)
             gone = 0 if keys is None else int((~torch.isin(cache.sample_idx, keys)).sum())
+            self._cache_stale = gone > 0  # the next write leaves them out
             rank_zero_info(
                 f"ReGATE: {self.ref_cache} holds reference losses of {len(cache)} samples (each read when training "
                 "first meets it)"
@@ -356,10 +369,18 @@ class ReGATECallback(Callback):
                 f"first {self._first_replaced}; they were scored again (`{REPLACED_SAMPLES}`)"
             )
 
+    def cache_changed(self) -> bool:
+        """Whether ``ref_cache`` differs from what the store would write: the teacher scored samples since the
+        file was read or written, a checkpoint's store was restored, records left the data, or the file was
+        never written."""
+        return self._cache_mark is None or self.totals[TEACHER_SAMPLES] != self._cache_mark
+
     def _write_cache(self, trainer: pl.Trainer) -> None:
         """Every rank holds the same store: the lowest rank of each file system writes it there (see ``setup``),
-        with the samples of the training data as it is now (none of removed records)."""
-        if self.ref_cache and self.policy.bank is not None and self._writes_cache:
+        with the samples of the training data as it is now (none of removed records), when it changed."""
+        if not self.ref_cache or self.policy.bank is None or not self.cache_changed():
+            return
+        if self._writes_cache:
             written = save_cache(
                 self.ref_cache,
                 self.policy.bank,
@@ -368,6 +389,7 @@ class ReGATECallback(Callback):
                 data_keys=data_keys(trainer.datamodule),
             )
             rank_zero_info(f"ReGATE: wrote reference losses of {written} samples to {self.ref_cache}")
+        self._cache_mark = self.totals[TEACHER_SAMPLES]  # the same on every rank: totals are summed over ranks
 
     # ---------------------------------------------------------------------------------------------
     # Checkpointing.
@@ -411,6 +433,7 @@ class ReGATECallback(Callback):
             rank_zero_warn("ReGATE: the teacher's weights differ from the checkpoint's; cached reference losses kept")
         if state["bank"] is not None:
             self.bank.load_state_dict(state["bank"])
+            self._cache_mark = None  # the restored store may hold samples the cache file lacks
         self.totals.update(state["totals"])
 
 

@@ -195,6 +195,27 @@ def test_fused_selection_matches_hand_computation(template_lm):
 # Teacher cost.
 
 
+class FileStates(pl.Callback):
+    """After ReGATE's hooks: the file's (inode, mtime, size) at every epoch end and at the end of fitting.
+
+    The cache is written atomically (a new file renamed over the old one), so a write changes the inode.
+    """
+
+    def __init__(self, path) -> None:
+        self.path = path
+        self.states: list[tuple[int, int, int] | None] = []
+
+    def _note(self) -> None:
+        stat = self.path.stat() if self.path.exists() else None
+        self.states.append(None if stat is None else (stat.st_ino, stat.st_mtime_ns, stat.st_size))
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._note()
+
+    def on_fit_end(self, trainer, pl_module):
+        self._note()
+
+
 def test_teacher_runs_once_per_sample_and_cache_equals_fresh(tmp_path):
     student = module()
     callback = ReGATECallback(warmup_steps=1, cycle_steps=2, full_steps=1, ref_cache=str(tmp_path / "ref.pt"))
@@ -207,8 +228,11 @@ def test_teacher_runs_once_per_sample_and_cache_equals_fresh(tmp_path):
             callback.teacher.lm_head.register_forward_hook(lambda m, a, o: head_rows.append(o.shape[0]))
 
     data = RandomDataModule(num_samples=8, batch_size=4, answer_len=16)
-    trainer(6, [callback, Count()], max_epochs=3).fit(student, data)
+    files = FileStates(tmp_path / "ref.pt")
+    trainer(6, [callback, Count(), files], max_epochs=3).fit(student, data)
     assert sum(calls) == 8, "one teacher row per sample over three epochs"
+    # Written after the first epoch, when the teacher had scored every sample; never again, as nothing changed.
+    assert len(files.states) == 4 and files.states[0] is not None and len(set(files.states)) == 1
     assert callback.totals["teacher_samples"] == 8
     # Logits only at candidates: each LM-head call sees at most the candidates of a batch, never B x L.
     assert max(head_rows) <= 4 * 15
@@ -231,8 +255,12 @@ def test_teacher_runs_once_per_sample_and_cache_equals_fresh(tmp_path):
     calls.clear()
     callback2 = ReGATECallback(warmup_steps=1, cycle_steps=2, full_steps=1, ref_cache=str(tmp_path / "ref.pt"))
     callback = callback2
-    trainer(2, [callback2, Count()]).fit(module(), RandomDataModule(num_samples=8, batch_size=4, answer_len=16))
+    files2 = FileStates(tmp_path / "ref.pt")
+    trainer(4, [callback2, Count(), files2], max_epochs=2).fit(
+        module(), RandomDataModule(num_samples=8, batch_size=4, answer_len=16)
+    )
     assert calls == [] and callback2.totals["teacher_samples"] == 0
+    assert set(files2.states) == {files.states[0]}, "a run that only read the cache leaves the file as it was"
 
 
 def test_cache_from_another_teacher_is_refused(tmp_path):

@@ -144,3 +144,87 @@ def test_train_and_multiple_choice_batches_run_on_a_tiny_student(synthetic):
         }
     ).logits
     assert logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(logits).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# The second task: long descriptions (issue 22).
+
+
+@pytest.fixture(scope="module")
+def descriptions(tmp_path_factory):
+    return ensure_synthetic(tmp_path_factory.mktemp("syn_d"), num_train=40, num_val=12, task="descriptions")
+
+
+def _first_half_colours(root, record) -> tuple[float, float]:
+    """Pixels of each group's colour in the first and the second half of the clip (8 frames)."""
+    frames = decode_video(root / record["video"], num_frames=8).float()
+    out = []
+    for group, half in (("first", slice(0, 4)), ("second", slice(4, 8))):
+        colour = torch.tensor(COLOURS[record["clip"][group]["colour"]], dtype=torch.float32).view(3, 1, 1)
+        other = torch.tensor(COLOURS[record["clip"]["second" if group == "first" else "first"]["colour"]])
+        close = ((frames[half] - colour).abs().amax(1) < 40).float().sum((1, 2))
+        far = ((frames[half] - other.float().view(3, 1, 1)).abs().amax(1) < 40).float().sum((1, 2))
+        out.append(float(close.min() - far.max()))
+    return out[0], out[1]
+
+
+def test_descriptions_are_long_mostly_predictable_and_state_the_clip(descriptions):
+    from regate_lightning.data import synthetic_descriptions as d
+
+    tok = synthetic_tokenizer(descriptions)
+    assert len(tok) <= 766  # the student's 768 ids end with the two placeholders
+    records = json.loads(descriptions.train.read_text())
+    long_answers = [r for r in records if len(r["conversations"]) == 2 and len(r["conversations"][1]["value"]) > 40]
+    short = [r for r in records if r not in long_answers]
+    assert 0.6 <= len(long_answers) / len(records) <= 0.9 and short, "mostly descriptions, some short questions"
+    counts = [0, 0]  # words that need the video, all words
+    for record in long_answers:
+        request, answer = (t["value"] for t in record["conversations"])
+        assert request.removeprefix("<video>\n") in d._REQUESTS
+        tokens = len(tok(answer, add_special_tokens=False)["input_ids"])
+        prompt = len(tok.apply_chat_template([{"role": "user", "content": request}], tokenize=True, return_dict=False))
+        share = (tokens + 1) / (tokens + 1 + prompt + 64)  # answer and </s> against 64 video tokens and the prompt
+        assert 80 <= tokens <= 250 and 0.5 <= share <= 0.8, (tokens, share)
+        clip = record["clip"]
+        words = [w.lower() for w, _ in d.classify_words(answer)]
+        for group in (clip["first"], clip["second"]):
+            assert group["colour"] in words and group["direction"] in words
+            assert {"slowly", "quickly", "slow"} & set(words)
+        visual = sum(v for _, v in d.classify_words(answer))
+        assert visual < 0.4 * len(words), "most words are predictable from the text"
+        counts[0] += visual
+        counts[1] += len(words)
+    assert counts[0] < 0.3 * counts[1]
+    for record in short:
+        assert all(len(t["value"].split()) == 1 for t in record["conversations"][1::2])
+    # Several phrasings and paragraph orders.
+    assert len({r["conversations"][1]["value"].split(".")[0] for r in long_answers}) > 10
+
+
+def test_descriptions_clips_show_the_groups_in_order(descriptions):
+    for record in json.loads(descriptions.train.read_text())[:6]:
+        first, second = _first_half_colours(descriptions.root, record)
+        assert first > 0 and second > 0, "each half shows its own group's colour, not the other's"
+
+
+def test_descriptions_validation_questions(descriptions):
+    from regate_lightning.data import synthetic_descriptions as d
+
+    raw = json.loads(descriptions.val.read_text())
+    assert [r["task"] for r in raw] == [d.TASKS[i % len(d.TASKS)] for i in range(12)]
+    for r in raw:
+        clip = r["clip"]
+        groups = [d.Group(**clip["first"]), d.Group(**clip["second"])]
+        if r["task"] == "order":
+            truth = clip["first"]["colour"]
+            assert clip["second"]["colour"] in r["options"]
+        else:
+            group = next(g for g in groups if g.colour in r["question"])
+            truth = group.answer(r["task"])
+        assert r["options"][r["answer"]] == truth and len(set(r["options"])) == len(r["options"]) >= 2
+    assert {r.task for r in read_choice_records(descriptions.val)} == set(d.TASKS)
+
+
+def test_unknown_task_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"`task` must be one of \('shapes', 'descriptions'\), got 'captions'"):
+        ensure_synthetic(tmp_path, num_train=2, num_val=1, task="captions")

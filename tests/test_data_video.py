@@ -19,7 +19,7 @@ from regate_lightning.data import (
     resize_frames,
     sample_video,
 )
-from regate_lightning.data.video import frame_indices
+from regate_lightning.data.video import frame_indices, to_rgb
 
 
 def test_uniform_long_clip_gives_exactly_n_centred_frames():
@@ -79,6 +79,19 @@ def test_path_and_bytesio_decode_identically(tmp_path):
     from_bytes = decode_video(io.BytesIO(path.read_bytes()), num_frames=5)
     from_raw = decode_video(path.read_bytes(), num_frames=5)
     assert torch.equal(from_path, from_bytes) and torch.equal(from_path, from_raw)
+
+
+def test_single_thread_conversion_gives_the_bytes_of_to_ndarray():
+    """``to_rgb`` (one swscale thread) gives the bytes of PyAV's default conversion, at several sizes."""
+    import av
+    import numpy as np
+
+    for size in ((48, 64), (64, 32), (48, 64)):
+        with av.open(video_bytes(3, size=size), mode="r") as container:
+            frames = list(container.decode(video=0))
+        assert frames
+        for frame in frames:
+            assert np.array_equal(to_rgb(frame), frame.to_ndarray(format="rgb24"))
 
 
 @pytest.mark.parametrize("content", [b"", b"not a video at all" * 50])

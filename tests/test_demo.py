@@ -106,3 +106,41 @@ def test_summary_says_where_the_reference_losses_came_from(tmp_path):
     assert "30 of 40 (75.0 %); teacher scored 8 samples once each" in first and "ref_cache" not in first
     again = render_text([], {**summary, "teacher_samples": 0.0, "cache_samples": 8.0}, None, tmp_path / "r.html")
     assert "(75.0 %); the teacher ran on no sample, 8 read from ref_cache" in again
+
+
+def test_descriptions_recipe_runs_at_smoke_size(tmp_path, monkeypatch, capsys):
+    """recipes/demo_descriptions_regate.yaml as written, shrunk by overrides: data, text LM, fit, summary."""
+    from pathlib import Path
+
+    from regate_lightning.cli import main
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    monkeypatch.chdir(tmp_path)
+    root = str(tmp_path / "synthetic_descriptions")
+    main(
+        [
+            "fit",
+            "--config",
+            str(recipes / "demo_descriptions_regate.yaml"),
+            f"--model.model_kwargs.root={root}",
+            "--model.model_kwargs.num_train=16",
+            "--model.model_kwargs.num_val=12",
+            "--model.model_kwargs.pretrain_steps=5",
+            f"--data.init_args.root={root}",
+            "--data.init_args.num_train=16",
+            "--data.init_args.num_val=12",
+            "--data.init_args.num_workers=0",
+            "--trainer.max_epochs=1",
+            "--trainer.check_val_every_n_epoch=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            "--trainer.callbacks.warmup_steps=1",
+            "--trainer.callbacks.cycle_steps=2",
+            "--trainer.callbacks.full_steps=0",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "ReGATE run summary" in out and "validation accuracy" in out
+    for task in ("order", "shape", "count", "direction", "speed", "entry"):
+        assert f"{task} " in out.split("validation accuracy")[1].splitlines()[0]
+    assert (tmp_path / "runs" / "demo_descriptions" / "ref_cache.pt").is_file()

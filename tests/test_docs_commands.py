@@ -270,6 +270,10 @@ def _own_data_fit_used_the_cache(cwd: Path, out: str) -> None:
     assert any(r.get("val/acc_moving_direction") for r in rows) and any(r.get("val/acc_object_colour") for r in rows)
 
 
+def _prints_the_share(cwd: Path, out: str) -> None:
+    assert "answer share: " in out and "candidate share: " in out and "over this recipe's 8 steps" in out
+
+
 def _lists_score(cwd: Path, out: str) -> None:
     assert "{fit,validate,test,predict,score}" in out
 
@@ -293,6 +297,8 @@ CHECKS: dict[str, Any] = {
     "regate-lightning fit --config recipes/demo_regate.yaml --trainer.callbacks.keep_ratio=0.3": PrintConfig(),
     "regate-lightning fit --config recipes/demo_regate.yaml": PrintConfig(),
     "regate-lightning fit --config recipes/demo_visual.yaml": PrintConfig(),
+    "regate-lightning fit --config recipes/demo_descriptions_regate.yaml": PrintConfig(),
+    "python -m regate_lightning.share --config recipes/own_data.yaml": Run(_prints_the_share),
     "regate-lightning score --config recipes/demo_regate.yaml": PrintConfig(),
     "regate-lightning --help": Run(_lists_score),
     "regate-lightning score --help": Run(),
@@ -334,6 +340,14 @@ CHECKS: dict[str, Any] = {
     "regate+visual_temporal_0.5 --seeds 5 6 7 8 9 --out /tmp/tta_vis59": Args(
         "tests/test_time_to_accuracy_smoke.py::test_time_to_accuracy_smoke"
     ),
+    "REGATE_LIGHTNING_CACHE=/tmp/tta_desc python benchmarks/time_to_accuracy.py --task descriptions --jobs 1": Args(
+        "tests/test_time_to_accuracy_smoke.py::test_time_to_accuracy_smoke"
+    ),
+    "python benchmarks/time_to_accuracy.py --summarise "
+    "docs/results/time_to_accuracy_descriptions/time_to_accuracy.json": Args(
+        "tests/test_time_to_accuracy_smoke.py::test_time_to_accuracy_smoke"
+    ),
+    "python benchmarks/when_regate_pays.py": Args("tests/test_share.py::test_when_regate_pays_reads_the_measurements"),
     "REGATE_LIGHTNING_CACHE=/tmp/tta_cache python benchmarks/demo_ablation.py --jobs 2": Args(
         "tests/test_time_to_accuracy_smoke.py::test_demo_ablation_smoke"
     ),

@@ -22,7 +22,13 @@ def test_recipe_parses(recipe, capsys):
 
 
 @pytest.mark.parametrize(
-    ("name", "other"), [("debug", "debug_regate"), ("demo", "demo_regate"), ("demo_regate", "demo_visual")]
+    ("name", "other"),
+    [
+        ("debug", "debug_regate"),
+        ("demo", "demo_regate"),
+        ("demo_regate", "demo_visual"),
+        ("demo_descriptions", "demo_descriptions_regate"),
+    ],
 )
 def test_regate_recipe_differs_only_in_callbacks(name, other):
     folder = RECIPES[0].parent

@@ -46,7 +46,7 @@ from regate_lightning.data.datasets import ConversationDataset, FrameSampling, M
 from regate_lightning.data.errors import DataError, SkipCounter, describe_counts
 from regate_lightning.data.processors import chat_template_of, checkpoint_of, frames_for_video
 from regate_lightning.data.render import ChatRenderer
-from regate_lightning.data.synthetic import ensure_synthetic, synthetic_tokenizer
+from regate_lightning.data.synthetic import ensure_synthetic, synthetic_task, synthetic_tokenizer
 from regate_lightning.data.video import FOLDER_FPS
 from regate_lightning.data.vision import VisionSpec
 from regate_lightning.keys import TRAIN, VAL
@@ -468,23 +468,35 @@ class SyntheticVideoQADataModule(ConversationDataModule):
         num_train: training clips (conversations).
         num_val: multiple-choice validation questions.
         seed: generation seed; the same arguments give the same files.
+        task: ``"shapes"`` (the demo: short answers) or ``"descriptions"`` (long detailed descriptions, see
+            :mod:`regate_lightning.data.synthetic_descriptions`); the default folder is the task's.
         **kwargs: the other arguments of :class:`ConversationDataModule` (not the files nor the tokenizer).
     """
 
     def __init__(
-        self, root: str | None = None, num_train: int = 2000, num_val: int = 1000, seed: int = 0, **kwargs: Any
+        self,
+        root: str | None = None,
+        num_train: int = 2000,
+        num_val: int = 1000,
+        seed: int = 0,
+        task: str = "shapes",
+        **kwargs: Any,
     ) -> None:
         kwargs.setdefault("num_frames", 4)
+        synthetic_task(task)  # refuses an unknown task now, naming the known ones
         super().__init__(train_file="", **kwargs)
         self.root = root
         self.num_train = num_train
         self.num_val = num_val
         self.seed = seed
+        self.task = task
         self.paths: Any = None
 
     def prepare_data(self) -> None:
         """Generate the clips, the annotation files and the tokenizer (once; later calls find them)."""
-        self.paths = ensure_synthetic(self.root, num_train=self.num_train, num_val=self.num_val, seed=self.seed)
+        self.paths = ensure_synthetic(
+            self.root, num_train=self.num_train, num_val=self.num_val, seed=self.seed, task=self.task
+        )
         synthetic_tokenizer(self.paths)
 
     def load_chat_template(self) -> str | None:

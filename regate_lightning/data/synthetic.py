@@ -3,7 +3,7 @@
 :func:`ensure_synthetic` writes, deterministically from a seed, into a cache folder (default
 ``~/.cache/regate_lightning/synthetic``, or ``$REGATE_LIGHTNING_CACHE/synthetic``, or a given folder)::
 
-    videos/train_00000.mp4 ...  videos/val_00000.mp4 ...   clips, 8 frames of 64x64 at 3 fps (2.7 s), H.264
+    videos/train_00000.mp4 ...  videos/val_00000.mp4 ...   clips, 8 frames of 64x64 at 3 fps (2.7 s), H.264 lossless
     train.json                                             conversations, LLaVA / VideoLLaMA2 format
     val_mc.json                                            multiple-choice questions
     manifest.json                                          the parameters; written last
@@ -37,10 +37,12 @@ from __future__ import annotations
 
 import fcntl
 import json
+import multiprocessing
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,8 @@ from regate_lightning.data.render import FALLBACK_CHAT_TEMPLATE
 from regate_lightning.data.video import encode_video_hwc
 
 SYNTHETIC_VERSION = 2
+CLIP_ENCODING = "h264-lossless"
+"""How the clips are encoded (:func:`~regate_lightning.data.video.encode_video`); part of the manifest."""
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (225, 40, 40),
@@ -149,18 +153,23 @@ class SyntheticPaths:
         train: the conversation file (LLaVA format).
         val: the multiple-choice file.
         tokenizer: the tokenizer folder (created by :func:`synthetic_tokenizer`).
+        task: the embedded task (:data:`SYNTHETIC_TASKS`).
     """
 
     root: Path
     train: Path
     val: Path
     tokenizer: Path
+    task: str = "shapes"
 
 
-def default_root() -> Path:
-    """``$REGATE_LIGHTNING_CACHE/synthetic``, else ``~/.cache/regate_lightning/synthetic``."""
+def default_root(task: str = "shapes") -> Path:
+    """``$REGATE_LIGHTNING_CACHE/<folder>``, else ``~/.cache/regate_lightning/<folder>``, the task's folder.
+
+    ``synthetic`` for ``task="shapes"``, ``synthetic_descriptions`` for ``task="descriptions"``.
+    """
     base = os.environ.get("REGATE_LIGHTNING_CACHE") or "~/.cache/regate_lightning"
-    return Path(base).expanduser() / "synthetic"
+    return Path(base).expanduser() / synthetic_task(task).folder
 
 
 def visual_words() -> frozenset[str]:
@@ -201,7 +210,8 @@ def random_clip(rng: np.random.Generator) -> ClipSpec:
     )
 
 
-def _shape_mask(shape: str, ys: np.ndarray, xs: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
+def shape_mask(shape: str, ys: np.ndarray, xs: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
+    """Boolean mask of one shape of "radius" ``r`` centred at ``(cy, cx)`` on the pixel grid ``ys, xs``."""
     if shape == "circle":
         return (ys - cy) ** 2 + (xs - cx) ** 2 <= r * r
     if shape == "square":
@@ -245,7 +255,7 @@ def _draw(spec: ClipSpec, num_frames: int, size: int) -> np.ndarray:
     for t in range(num_frames):
         for lane in lanes:
             cy, cx = (lane, travel[t]) if spec.direction in ("left", "right") else (travel[t], lane)
-            frames[t][_shape_mask(spec.shape, ys, xs, cy, cx, radius)] = colour
+            frames[t][shape_mask(spec.shape, ys, xs, cy, cx, radius)] = colour
     return frames
 
 
@@ -295,6 +305,61 @@ def _val_record(index: int, spec: ClipSpec, rng: np.random.Generator, video: str
     }
 
 
+@dataclass(frozen=True)
+class SyntheticTask:
+    """How one embedded task makes its clips and records (see :func:`synthetic_task`).
+
+    Attributes:
+        name: ``"shapes"`` or ``"descriptions"``.
+        version: the generator's version (a cached set of another version is regenerated).
+        folder: the default folder's name under the cache.
+        random_clip: ``rng -> spec``, the content of one clip.
+        draw: ``(spec, num_frames, size) -> uint8 [T, H, W, 3]``.
+        train_record: ``(index, spec, rng, video) -> record`` (LLaVA format, with ``clip``).
+        val_record: ``(index, spec, rng, video) -> multiple-choice record``.
+        needs_video: ``word -> bool``: the answer words that need the video.
+        vocab_size: the set's tokenizer's vocabulary (:func:`synthetic_tokenizer`); the demo student's
+            embedding has room for it and its two placeholder tokens.
+        stream: extra entropy of the generator's seed, so that the tasks draw different clips.
+    """
+
+    name: str
+    version: int
+    folder: str
+    random_clip: Callable[[np.random.Generator], Any]
+    draw: Callable[[Any, int, int], np.ndarray]
+    train_record: Callable[[int, Any, np.random.Generator, str], dict[str, Any]]
+    val_record: Callable[[int, Any, np.random.Generator, str], dict[str, Any]]
+    needs_video: Callable[[str], bool]
+    vocab_size: int = 500
+    stream: tuple[int, ...] = ()
+
+
+SYNTHETIC_TASKS: tuple[str, ...] = ("shapes", "descriptions")
+"""The embedded tasks: ``shapes`` (the demo: short answers) and ``descriptions`` (long answers, issue 22)."""
+
+
+def synthetic_task(name: str) -> SyntheticTask:
+    """The embedded task called ``name`` (one of :data:`SYNTHETIC_TASKS`).
+
+    Example:
+        >>> synthetic_task("descriptions").folder
+        'synthetic_descriptions'
+    """
+    if name == "shapes":
+        return SyntheticTask(
+            "shapes", SYNTHETIC_VERSION, "synthetic", random_clip, _draw, _train_record, _val_record, needs_video
+        )
+    if name == "descriptions":
+        from regate_lightning.data import synthetic_descriptions as d
+
+        return SyntheticTask(
+            "descriptions", d.VERSION, "synthetic_descriptions", d.random_clip, d.draw, d.train_record,
+            d.val_record, d.needs_video, vocab_size=760, stream=(1,),
+        )  # fmt: skip
+    raise ValueError(f"`task` must be one of {SYNTHETIC_TASKS}, got {name!r}")
+
+
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
@@ -309,17 +374,24 @@ def ensure_synthetic(
     num_frames: int = 8,
     size: int = 64,
     fps: float = 3.0,
+    task: str = "shapes",
+    workers: int | None = None,
 ) -> SyntheticPaths:
-    """Generate the synthetic set into ``root`` unless it is there already (see the module docstring).
+    """Generate an embedded task's set into ``root`` unless it is there already (see the module docstring).
 
     Args:
-        root: the folder; default :func:`default_root`.
+        root: the folder; default :func:`default_root` of the task.
         num_train: training clips.
         num_val: validation clips (multiple-choice questions).
         seed: the seed; the same arguments give byte-identical JSON and identical decoded frames.
         num_frames: frames per clip.
         size: frame height and width (even).
         fps: frame rate of the encoded clips.
+        task: ``"shapes"`` (the demo's moving shapes, short answers) or ``"descriptions"`` (two groups of
+            shapes one after the other, long detailed descriptions; see
+            :mod:`regate_lightning.data.synthetic_descriptions`).
+        workers: processes that draw and encode the clips (forked); default one per CPU core, at most 4. A
+            clip's file depends on its content alone (lossless encoding), so any number writes the same bytes.
 
     Returns:
         The paths.
@@ -329,11 +401,12 @@ def ensure_synthetic(
             f"need num_train >= 1, num_val >= 0, num_frames >= 1 and an even size >= 16; got {num_train}, "
             f"{num_val}, {num_frames}, {size}"
         )
-    folder = Path(root).expanduser() if root is not None else default_root()
+    maker = synthetic_task(task)
+    folder = Path(root).expanduser() if root is not None else default_root(task)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = SyntheticPaths(folder, folder / "train.json", folder / "val_mc.json", folder / "tokenizer")
+    paths = SyntheticPaths(folder, folder / "train.json", folder / "val_mc.json", folder / "tokenizer", task)
     manifest = {
-        "version": SYNTHETIC_VERSION,
+        "version": maker.version,
         "num_train": num_train,
         "num_val": num_val,
         "seed": seed,
@@ -341,6 +414,9 @@ def ensure_synthetic(
         "size": size,
         "fps": fps,
     }
+    if task != "shapes":  # the shapes task's manifest keeps its keys
+        manifest["task"] = task
+    manifest["encoding"] = CLIP_ENCODING  # a cache of lossy clips (before issue 22) is encoded again
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -352,19 +428,43 @@ def ensure_synthetic(
             for stale in folder.glob("text_lm_*"):  # language models pretrained on the old text and tokenizer
                 shutil.rmtree(stale, ignore_errors=True)
             (folder / "videos").mkdir()
-            for split, count, make in (("train", num_train, _train_record), ("val", num_val, _val_record)):
-                rng = np.random.default_rng([seed, SYNTHETIC_VERSION, 0 if split == "train" else 1])
+            clips: list[tuple[str, Any]] = []
+            for split, count, make in (("train", num_train, maker.train_record), ("val", num_val, maker.val_record)):
+                rng = np.random.default_rng([seed, maker.version, 0 if split == "train" else 1, *maker.stream])
                 records = []
                 for i in range(count):
-                    spec = random_clip(rng)
+                    spec = maker.random_clip(rng)
                     video = f"videos/{split}_{i:05d}.mp4"
-                    encode_video_hwc(_draw(spec, num_frames, size), folder / video, fps=fps)
+                    clips.append((str(folder / video), spec))
                     records.append(make(i, spec, rng, video))
                 _write_json(paths.train if split == "train" else paths.val, records)
+            _encode_all(task, clips, num_frames, size, fps, workers)
             _write_json(folder / "manifest.json", manifest)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return paths
+
+
+def _encode_clips(task: str, clips: list[tuple[str, Any]], num_frames: int, size: int, fps: float) -> None:
+    """Draw and encode ``clips`` (``(path, spec)``) one after the other."""
+    maker = synthetic_task(task)
+    for path, spec in clips:
+        encode_video_hwc(maker.draw(spec, num_frames, size), path, fps=fps)
+
+
+def _encode_all(
+    task: str, clips: list[tuple[str, Any]], num_frames: int, size: int, fps: float, workers: int | None
+) -> None:
+    """Draw and encode ``clips``, split over ``workers`` forked processes when there are enough of them."""
+    count = min(workers or min(os.cpu_count() or 1, 4), max(len(clips) // 250, 1))
+    if count <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        _encode_clips(task, clips, num_frames, size, fps)
+        return
+    # Forked, not spawned: a spawned process imports the package and torch again, which takes longer than its
+    # share of the work. The children draw with numpy and encode with PyAV; they never enter torch.
+    with ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("fork")) as pool:
+        for done in [pool.submit(_encode_clips, task, clips[i::count], num_frames, size, fps) for i in range(count)]:
+            done.result()
 
 
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -430,12 +530,13 @@ def train_tokenizer(
     )
 
 
-def synthetic_tokenizer(paths: SyntheticPaths | None = None, vocab_size: int = 500) -> Any:
+def synthetic_tokenizer(paths: SyntheticPaths | None = None, vocab_size: int | None = None) -> Any:
     """The synthetic set's tokenizer: loaded from ``paths.tokenizer``, or trained there on first use.
 
     Args:
         paths: from :func:`ensure_synthetic` (default: ``ensure_synthetic()``).
-        vocab_size: see :func:`train_tokenizer`.
+        vocab_size: see :func:`train_tokenizer`; default the task's (500 for ``shapes``, 760 for
+            ``descriptions``, where every word of the set then is one token).
 
     Returns:
         A ``PreTrainedTokenizerFast`` with ``<pad>``=0, ``<s>``=1, ``</s>``=2, ``<image>``, ``<video>``
@@ -444,6 +545,7 @@ def synthetic_tokenizer(paths: SyntheticPaths | None = None, vocab_size: int = 5
     from transformers import PreTrainedTokenizerFast
 
     paths = paths or ensure_synthetic()
+    vocab_size = vocab_size or synthetic_task(paths.task).vocab_size
     with open(paths.root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:

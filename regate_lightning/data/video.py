@@ -159,6 +159,18 @@ def fps_indices(times: list[float], duration: float, fps: float, max_frames: int
     return out
 
 
+def to_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """A decoded frame as uint8 ``[H, W, 3]`` RGB, the bytes of ``frame.to_ndarray(format="rgb24")``.
+
+    ``to_ndarray(format=...)`` converts with swscale's default ``threads=0`` (as many threads as cores),
+    which starts a pool of slice threads for every frame: about 1.2 ms a frame on this project's CPU, five
+    times the cost of decoding a 64x64 frame. One thread converts a small frame at once and starts nothing
+    (the bytes are the same: ``tests/test_data_video.py``); a converter that keeps no threads is also safe
+    in forked DataLoader workers.
+    """
+    return frame.reformat(format="rgb24", threads=1).to_ndarray()
+
+
 def _check_exists(source: MediaSource, name: str) -> None:
     if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
         raise MediaError(f"{name}: no such file; check the path and the media root", reason="missing_media")
@@ -251,7 +263,7 @@ def sample_video(
             for packet in packets:
                 for frame in stream.codec_context.decode(packet):
                     if decoded in wanted:
-                        converted[decoded] = frame.to_ndarray(format="rgb24")
+                        converted[decoded] = to_rgb(frame)
                     last = frame
                     decoded += 1
     except MediaError:
@@ -261,7 +273,7 @@ def sample_video(
     if last is None:
         raise MediaError(f"{name}: no frame could be decoded; the file is corrupt or empty")
     # A damaged tail can decode fewer frames than it has packets: the missing ones repeat the last frame.
-    fallback = last.to_ndarray(format="rgb24")
+    fallback = to_rgb(last)
     arrays = [converted.get(i, fallback) for i in indices]
     frames = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     if size is not None:
@@ -461,7 +473,8 @@ def encode_video(
         frames: uint8 ``[T, 3, H, W]`` with even ``H`` and ``W`` (yuv420p).
         dest: a path or an ``io.BytesIO``.
         fps: frame rate of the clip.
-        codec: a PyAV encoder, ``"libx264"`` (deterministic with one thread) or ``"mpeg4"``.
+        codec: a PyAV encoder, ``"libx264"`` (lossless: the same frames decode back on every machine) or
+            ``"mpeg4"``.
     """
     array = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1] != 3:
@@ -481,11 +494,16 @@ def encode_video_hwc(
         stream.width, stream.height = hwc.shape[2], hwc.shape[1]
         stream.pix_fmt = "yuv420p"
         if codec == "libx264":
-            stream.options = {"crf": "12", "preset": "veryfast", "threads": "1"}
+            # Lossless (qp 0): the decoded frames are exactly the yuv420p frames given. At crf 12, libx264
+            # wrote a few clips in a thousand differently from one process to the next (same input, same
+            # options: 17 of 3000 synthetic clips between two fresh caches), so a seed did not fix the data.
+            stream.options = {"qp": "0", "preset": "veryfast", "threads": "1"}
         else:
             stream.thread_count = 1
         for image in hwc:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+            # Converted to yuv420p here with one swscale thread, not by the encoder with one per core.
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p", threads=1)
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

@@ -45,16 +45,23 @@ from regate_lightning.testing.tiny import clip_vision_config, llava_next_video_c
 
 log = logging.getLogger(__name__)
 
-VOCAB_SIZE = 512  # the synthetic tokenizer stays below 508; the placeholders take the top ids
+VOCAB_SIZE = 512  # the shapes task's tokenizer stays below 508; the placeholders take the top ids
 VIDEO_TOKEN_ID = 510
 IMAGE_TOKEN_ID = 511
+VOCAB_SIZES: dict[str, int] = {"shapes": VOCAB_SIZE, "descriptions": 768}
+"""The student's vocabulary per embedded task: the set's tokenizer, then room, then ``<video>`` and ``<image>``."""
 
 
-def _text_config(hidden_size: int, num_layers: int) -> dict[str, Any]:
+def vocab_size(task: str) -> int:
+    """The demo student's vocabulary for an embedded task (video and image placeholders are its last two ids)."""
+    if task not in VOCAB_SIZES:
+        raise ValueError(f"`task` must be one of {tuple(VOCAB_SIZES)}, got {task!r}")
+    return VOCAB_SIZES[task]
+
+
+def _text_config(hidden_size: int, num_layers: int, vocab: int = VOCAB_SIZE) -> dict[str, Any]:
     """The language model's config: 4 KV heads (no grouping), 1024 positions, an untied head."""
-    return text_config(
-        VOCAB_SIZE, hidden_size, num_layers, num_kv_heads=4, max_positions=1024, tie_word_embeddings=False
-    )
+    return text_config(vocab, hidden_size, num_layers, num_kv_heads=4, max_positions=1024, tie_word_embeddings=False)
 
 
 def conversation_texts(paths: SyntheticPaths, tokenizer: Any) -> list[list[int]]:
@@ -82,14 +89,18 @@ def pretrained_text_lm(
     Returns:
         The trained model (eval mode, float32).
     """
-    key = json.dumps({"h": hidden_size, "l": num_layers, "s": steps, "b": batch_size, "lr": lr, "seed": seed})
+    vocab = vocab_size(paths.task)
+    options = {"h": hidden_size, "l": num_layers, "s": steps, "b": batch_size, "lr": lr, "seed": seed}
+    if vocab != VOCAB_SIZE:  # the shapes task's key is unchanged, so that its cached models stay valid
+        options["v"] = vocab
+    key = json.dumps(options)
     folder = paths.root / f"text_lm_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
     if (folder / "config.json").exists():
         return LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = synthetic_tokenizer(paths)
     texts = conversation_texts(paths, tokenizer)
     torch.manual_seed(seed)
-    lm = LlamaForCausalLM(LlamaConfig(**_text_config(hidden_size, num_layers)))
+    lm = LlamaForCausalLM(LlamaConfig(**_text_config(hidden_size, num_layers, vocab)))
     optimizer = torch.optim.AdamW(lm.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     lm.train()
@@ -196,6 +207,7 @@ def demo_student(
     pretrain_steps: int = 200,
     init_clips: int = 64,
     seed: int = 0,
+    task: str = "shapes",
 ) -> LlavaNextVideoForConditionalGeneration:
     """The demo's student: the pretrained text LM inside a LLaVA-NeXT-Video with a small CLIP tower.
 
@@ -219,13 +231,16 @@ def demo_student(
         init_clips: training clips the projector's initialisation is measured on; 0 leaves the projector as
             initialised at random (the old demo's student, which never learned to read its video).
         seed: seed of the random vision tower and projector.
+        task: the embedded task (``"shapes"``, the demo's; ``"descriptions"``, long answers); the data module's
+            ``task`` must match.
     """
-    paths = ensure_synthetic(root, num_train=num_train, num_val=num_val, seed=0)
+    vocab = vocab_size(task)
+    paths = ensure_synthetic(root, num_train=num_train, num_val=num_val, seed=0, task=task)
     lm = pretrained_text_lm(paths, hidden_size=hidden_size, num_layers=num_layers, steps=pretrain_steps)
     torch.manual_seed(seed)
     vision = clip_vision_config(image_size, patch_size, hidden_size=64)
     config = llava_next_video_config(
-        vision, _text_config(hidden_size, num_layers), VIDEO_TOKEN_ID, IMAGE_TOKEN_ID, spatial_pool_stride=pool_stride
+        vision, _text_config(hidden_size, num_layers, vocab), vocab - 2, vocab - 1, spatial_pool_stride=pool_stride
     )
     model = LlavaNextVideoForConditionalGeneration(config)
     model.model.language_model.load_state_dict(lm.model.state_dict())
