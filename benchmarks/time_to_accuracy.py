@@ -546,7 +546,7 @@ def _mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
             {
                 "step": pts[0]["step"],
                 "tokens": _mean([p["tokens"] for p in pts]),
-                "supervised": _mean([p["supervised"] for p in pts]),
+                "supervised": _mean([p.get("supervised", math.nan) for p in pts]),
                 "train_s": _mean([p["train_s"] for p in pts]),
                 "train_cpu_s": _mean([p.get("train_cpu_s", math.nan) for p in pts]),
                 "acc": _mean(accs),
@@ -1051,6 +1051,15 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true", help="tiny: 40 clips, 16 questions, 1 seed, 3 variants")
     parser.add_argument("--summarise", type=Path, default=None, help="re-summarise a results JSON; no training")
     parser.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="results JSONs (or runs.partial.jsonl files) of runs made apart, summarised together into OUT; no "
+        "training. Refused where two files hold the same (variant, seed) or settings other than variant and seed "
+        "differ",
+    )
+    parser.add_argument(
         "--resume",
         action="store_true",
         help="keep the finished runs in OUT/runs.partial.jsonl whose configuration matches one planned; run the rest",
@@ -1071,10 +1080,12 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in TASK_DEFAULTS[args.task].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.variants is None:
-        args.variants = list(ISSUE_22 if args.task == "descriptions" else ISSUE_9)
     if args.out is None:
         args.out = DEFAULT_OUT if args.task == "shapes" else DEFAULT_OUT.with_name(f"{DEFAULT_OUT.name}_{args.task}")
+    if args.combine is not None:
+        return _combine(args.combine, args.out, argv)
+    if args.variants is None:
+        args.variants = list(ISSUE_22 if args.task == "descriptions" else ISSUE_9)
     pretrain = 200
     if args.smoke:
         args.variants, args.seeds, args.steps, args.val_every = SMOKE_VARIANTS, [0], 10, 5
@@ -1151,6 +1162,70 @@ def main(argv: list[str] | None = None) -> int:
     partial.unlink(missing_ok=True)
     print(_report(summary))
     print(f"wrote {args.out / 'time_to_accuracy.json'}" + "".join(f", {p}" for p in pngs))
+    return 0
+
+
+def _runs_of(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The runs of a results JSON (with its ``meta``) or of a ``runs.partial.jsonl`` (one run per line, no meta)."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        runs = []
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                runs.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise SystemExit(f"{path}:{number}: not a JSON run ({err}); remove the line or run it again") from None
+        return runs, None
+    report = json.loads(text)
+    return report["runs"], report.get("meta")
+
+
+def _combine(paths: list[Path], out: Path, argv: list[str] | None) -> int:
+    """Summarise runs made by several invocations (other seeds or variants, resumed elsewhere) as one result.
+
+    Every run must have been made with the same settings apart from its variant and seed (steps, data, keep
+    ratio, task, ...), and no (variant, seed) may come twice: either is refused naming the two files.
+    """
+    runs: list[dict[str, Any]] = []
+    where: dict[tuple[str, int], Path] = {}
+    sources = []
+    reference: tuple[dict[str, Any], Path] | None = None
+    for path in paths:
+        found, meta = _runs_of(path)
+        sources.append({"file": str(path), "runs": len(found), "meta": meta})
+        for run in found:
+            config = run["config"]
+            key = (config["variant"], config["seed"])
+            if key in where:
+                raise SystemExit(f"--combine: {key[0]} seed {key[1]} is in both {where[key]} and {path}; keep one")
+            settings = {k: v for k, v in config.items() if k not in ("variant", "seed")}
+            if reference is None:
+                reference = (settings, path)
+            elif settings != reference[0]:
+                differ = sorted(
+                    k for k in settings.keys() | reference[0].keys() if settings.get(k) != reference[0].get(k)
+                )
+                raise SystemExit(
+                    f"--combine: {key[0]} seed {key[1]} in {path} was made with other settings than the runs of "
+                    f"{reference[1]} ({', '.join(differ)}); runs of one result must differ only in variant and seed"
+                )
+            where[key] = path
+            runs.append(run)
+    order = {name: i for i, name in enumerate(VARIANTS)}
+    runs.sort(key=lambda r: (order.get(r["config"]["variant"], len(order)), r["config"]["seed"]))
+    summary = summarise(runs)
+    meta = {**run_environment(argv, 0), "combined_from": sources}
+    meta.pop("machine")  # the runs' machines are their sources' (a .jsonl file records none)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "time_to_accuracy.json").write_text(
+        json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1) + "\n", encoding="utf-8"
+    )
+    pngs = plot(summary, out)
+    print(_report(summary))
+    print(
+        f"wrote {out / 'time_to_accuracy.json'} from {len(runs)} runs of {len(paths)} files"
+        + "".join(f", {p}" for p in pngs)
+    )
     return 0
 
 

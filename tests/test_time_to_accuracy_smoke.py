@@ -80,6 +80,24 @@ def test_time_to_accuracy_smoke(tmp_path):
     assert again["baseline"] == base  # kept as it was, not retrained
     assert again["regate"]["config"]["steps"] == 10 and not (out / "runs.partial.jsonl").exists()
 
+    # --combine: runs split over a results JSON and a runs.partial.jsonl give the summary of all of them; the
+    # same (variant, seed) twice, or a run made with other settings, is refused naming the files.
+    from benchmarks.time_to_accuracy import main
+
+    first, rest = tmp_path / "first.json", tmp_path / "rest.jsonl"
+    first.write_text(json.dumps({**resumed, "runs": resumed["runs"][:1]}), encoding="utf-8")
+    rest.write_text("".join(json.dumps(r) + "\n" for r in resumed["runs"][1:]), encoding="utf-8")
+    assert main(["--combine", str(first), str(rest), "--out", str(tmp_path / "both")]) == 0
+    both = json.loads((tmp_path / "both" / "time_to_accuracy.json").read_text())
+    assert len(both["runs"]) == 3 and [s["runs"] for s in both["meta"]["combined_from"]] == [1, 2]
+    assert json.dumps(both["summary"], sort_keys=True) == json.dumps(resumed["summary"], sort_keys=True)
+    with pytest.raises(SystemExit, match=f"baseline seed 0 is in both {first} and {first}"):
+        main(["--combine", str(first), str(first), "--out", str(tmp_path / "twice")])
+    other = {**resumed["runs"][1], "config": {**resumed["runs"][1]["config"], "lr": 1.0}}
+    rest.write_text(json.dumps(other) + "\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"made with other settings than the runs of .*first.json \(lr\)"):
+        main(["--combine", str(first), str(rest), "--out", str(tmp_path / "other")])
+
 
 def test_summary_reaches_and_ratios():
     from benchmarks.time_to_accuracy import format_table, summarise
