@@ -349,8 +349,12 @@ CHECKS: dict[str, Any] = {
     "--variants ema_only ref_only regate+visual_temporal_0.5 blind --seeds 0 --out /tmp/desc_b": Args(TTA_SMOKE),
     "REGATE_LIGHTNING_CACHE=/tmp/tta_desc python benchmarks/time_to_accuracy.py --task descriptions --jobs 2 "
     "--variants blind --seeds 1 --out /tmp/desc_c": Args(TTA_SMOKE),
+    "REGATE_LIGHTNING_CACHE=/tmp/tta_desc python benchmarks/time_to_accuracy.py --task descriptions --jobs 1 "
+    "--variants regate_loss_only --seeds 0 1 --out /tmp/desc_d": Args(TTA_SMOKE),
     "python benchmarks/time_to_accuracy.py --task descriptions --combine /tmp/desc_a/time_to_accuracy.json "
-    "/tmp/desc_b/time_to_accuracy.json /tmp/desc_c/time_to_accuracy.json": Args(TTA_SMOKE),
+    "/tmp/desc_b/time_to_accuracy.json /tmp/desc_c/time_to_accuracy.json /tmp/desc_d/time_to_accuracy.json": Args(
+        TTA_SMOKE
+    ),
     "python benchmarks/when_regate_pays.py": Args("tests/test_share.py::test_when_regate_pays_reads_the_measurements"),
     "REGATE_LIGHTNING_CACHE=/tmp/tta_cache python benchmarks/demo_ablation.py --jobs 2": Args(
         "tests/test_time_to_accuracy_smoke.py::test_demo_ablation_smoke"
