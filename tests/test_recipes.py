@@ -54,3 +54,24 @@ def test_every_debug_recipe_trains(recipe, tmp_path, monkeypatch):
         main(args)
     except SystemExit as done:  # the command ends with an exit code only on an error
         assert not done.code, done.code
+
+
+@pytest.mark.parametrize(
+    ("recipe", "name"),
+    [
+        ("debug_qwen3_vl.yaml", "Qwen3VLMoeForConditionalGeneration"),
+        ("debug_qwen3_5.yaml", "Qwen3_5MoeForConditionalGeneration"),
+    ],
+)
+def test_the_moe_classes_train_on_their_familys_debug_recipe(recipe, name, tmp_path, monkeypatch):
+    """The MoE classes, which the recipes name in a comment, train through the same recipe (ReGATE and
+    visual-token elision), with only the class changed on the command line."""
+    monkeypatch.chdir(tmp_path)
+    path = next(p for p in RECIPES if p.name == recipe)
+    args = ["fit", "--config", str(path), f"--model.model_kwargs.name={name}", "--trainer.max_steps=2"]
+    args += ["--trainer.limit_val_batches=1", "--trainer.val_check_interval=2", "--trainer.logger=false"]
+    args += ["--trainer.enable_checkpointing=false"]
+    try:
+        main(args)
+    except SystemExit as done:
+        assert not done.code, done.code
