@@ -346,9 +346,9 @@ CHECKS: dict[str, Any] = {
     "REGATE_LIGHTNING_CACHE=/tmp/tta_desc python benchmarks/time_to_accuracy.py --task descriptions --jobs 2 "
     "--variants baseline regate random --seeds 0 1 2 3 4 --out /tmp/desc_a": Args(TTA_SMOKE),
     "REGATE_LIGHTNING_CACHE=/tmp/tta_desc python benchmarks/time_to_accuracy.py --task descriptions --jobs 2 "
-    "--variants ema_only ref_only regate+visual_temporal_0.5 blind --seeds 0 --out /tmp/desc_b": Args(TTA_SMOKE),
+    "--variants ema_only ref_only regate+visual_temporal_0.5 blind --seeds 0 1 --out /tmp/desc_b": Args(TTA_SMOKE),
     "REGATE_LIGHTNING_CACHE=/tmp/tta_desc python benchmarks/time_to_accuracy.py --task descriptions --jobs 2 "
-    "--variants blind --seeds 1 --out /tmp/desc_c": Args(TTA_SMOKE),
+    "--variants regate+visual_temporal_0.5 --seeds 2 --out /tmp/desc_c": Args(TTA_SMOKE),
     "REGATE_LIGHTNING_CACHE=/tmp/tta_desc python benchmarks/time_to_accuracy.py --task descriptions --jobs 1 "
     "--variants regate_loss_only --seeds 0 1 --out /tmp/desc_d": Args(TTA_SMOKE),
     "python benchmarks/time_to_accuracy.py --task descriptions --combine /tmp/desc_a/time_to_accuracy.json "
