@@ -167,7 +167,6 @@ class ReGATECallback(Callback):
         self._first_replaced = ""  # the first of them, by name
         self.cache_samples = 0
         self._writes_cache = True
-        self._cache_stale = False  # ref_cache holds samples of records no longer in the data
         self._cache_mark: int | None = None  # TEACHER_SAMPLES when ref_cache last held what the store holds
         self._plan: StepPlan | None = None
         self._gather: Gather | None = None
@@ -213,13 +212,16 @@ class ReGATECallback(Callback):
         self._cache_mark = None
         check_checkpoint(trainer.strategy, resuming_from(trainer))
         if self.ref_cache:
-            self.policy.cache = self._open_cache(trainer.strategy, trainer.datamodule)
-            if self.policy.cache is not None and not restored and not self._cache_stale:
-                # The file holds what the store will hold, unless a checkpoint's store was restored above.
+            self.policy.cache, gone = self._open_cache(trainer.strategy, trainer.datamodule)
+            if self.policy.cache is not None and not restored and not gone:
+                # The file holds what the store will hold, unless a checkpoint's store was restored above or
+                # the file holds samples of records no longer in the data (the next write leaves them out).
                 self._cache_mark = self.totals[TEACHER_SAMPLES]
 
-    def _open_cache(self, strategy: Strategy, datamodule: Any) -> ReferenceCache | None:
+    def _open_cache(self, strategy: Strategy, datamodule: Any) -> tuple[ReferenceCache | None, int]:
         """Open ``ref_cache`` on every rank; refuse, on every rank, a cache that the ranks see differently.
+
+        Returns the cache (None without a file) and how many of its samples belong to no record of the data.
 
         Every rank reads the file from its own file system. The ranks compare what they opened (present or
         not, fingerprint, samples) through the process group: one rank reading reference losses while
@@ -242,11 +244,10 @@ class ReGATECallback(Callback):
             "delete it everywhere and let this run's teacher score the samples again",
         )
         self._writes_cache = first_in_folder(strategy, Path(self.ref_cache).parent)
-        self._cache_stale = False
+        gone = 0
         if cache is not None:
             keys = data_keys(datamodule)
             gone = 0 if keys is None else int((~torch.isin(cache.sample_idx, keys)).sum())
-            self._cache_stale = gone > 0  # the next write leaves them out
             rank_zero_info(
                 f"ReGATE: {self.ref_cache} holds reference losses of {len(cache)} samples (each read when training "
                 "first meets it)"
@@ -257,7 +258,7 @@ class ReGATECallback(Callback):
                     else ""
                 )
             )
-        return cache
+        return cache, gone
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Place the teacher on the student's device and the store on ``store_device``.
