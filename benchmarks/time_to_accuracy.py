@@ -1072,10 +1072,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.summarise is not None:
         report = json.loads(args.summarise.read_text(encoding="utf-8"))
-        report["summary"] = summarise(report["runs"])
-        args.summarise.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        plot(report["summary"], args.summarise.parent)
-        print(_report(report["summary"]))
+        _publish(args.summarise, report["meta"], report["runs"])
         return 0
     for key, value in TASK_DEFAULTS[args.task].items():
         if getattr(args, key) is None:
@@ -1146,8 +1143,6 @@ def main(argv: list[str] | None = None) -> int:
                 keep(future.result())
     order = {(c.variant, c.seed): i for i, c in enumerate(configs)}
     runs.sort(key=lambda r: order[(r["config"]["variant"], r["config"]["seed"])])
-    summary = summarise(runs)
-
     meta = {
         **run_environment(argv, args.jobs),
         "load_average": {"start": load_start, "end": _load_average()},
@@ -1155,14 +1150,20 @@ def main(argv: list[str] | None = None) -> int:
         "resumed_runs": len(done),
         "smoke": args.smoke,
     }
-    (args.out / "time_to_accuracy.json").write_text(
-        json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1) + "\n", encoding="utf-8"
-    )
-    pngs = plot(summary, args.out)
+    _publish(args.out / "time_to_accuracy.json", meta, runs)
     partial.unlink(missing_ok=True)
-    print(_report(summary))
-    print(f"wrote {args.out / 'time_to_accuracy.json'}" + "".join(f", {p}" for p in pngs))
     return 0
+
+
+def _publish(path: Path, meta: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+    """Summarise ``runs``, write the result (meta, summary, runs) to ``path`` and its plots beside it, and print
+    the report: what a run, ``--summarise`` and ``--combine`` end with."""
+    summary = summarise(runs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1) + "\n", encoding="utf-8")
+    pngs = plot(summary, path.parent)
+    print(_report(summary))
+    print(f"wrote {path} from {len(runs)} runs" + "".join(f", {p}" for p in pngs))
 
 
 def _runs_of(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
@@ -1213,19 +1214,9 @@ def _combine(paths: list[Path], out: Path, argv: list[str] | None) -> int:
             runs.append(run)
     order = {name: i for i, name in enumerate(VARIANTS)}
     runs.sort(key=lambda r: (order.get(r["config"]["variant"], len(order)), r["config"]["seed"]))
-    summary = summarise(runs)
     meta = {**run_environment(argv, 0), "combined_from": sources}
     meta.pop("machine")  # the runs' machines are their sources' (a .jsonl file records none)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "time_to_accuracy.json").write_text(
-        json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1) + "\n", encoding="utf-8"
-    )
-    pngs = plot(summary, out)
-    print(_report(summary))
-    print(
-        f"wrote {out / 'time_to_accuracy.json'} from {len(runs)} runs of {len(paths)} files"
-        + "".join(f", {p}" for p in pngs)
-    )
+    _publish(out / "time_to_accuracy.json", meta, runs)
     return 0
 
 
