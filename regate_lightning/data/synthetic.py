@@ -292,8 +292,26 @@ def _val_record(index: int, spec: ClipSpec, rng: np.random.Generator, video: str
     correct = words["shape" if task == "shape" else task]
     distractors = [w for w in vocabulary if w != correct]
     chosen = [distractors[int(i)] for i in rng.permutation(len(distractors))[:3]]
-    options = [correct, *chosen]
-    options = [options[int(i)] for i in rng.permutation(4)]
+    return choice_record(index, video, task, question, correct, chosen, asdict(spec), rng)
+
+
+def choice_record(
+    index: int,
+    video: str,
+    task: str,
+    question: str,
+    correct: str,
+    distractors: list[str],
+    clip: dict[str, Any],
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """A multiple-choice validation record: ``correct`` and ``distractors`` in an order drawn from ``rng``.
+
+    Both embedded tasks write their questions with it (this module's and
+    :mod:`~regate_lightning.data.synthetic_descriptions`'s), so the two sets have one record layout.
+    """
+    options = [correct, *distractors]
+    options = [options[int(i)] for i in rng.permutation(len(options))]
     return {
         "id": f"val-{index:05d}",
         "video": video,
@@ -301,7 +319,7 @@ def _val_record(index: int, spec: ClipSpec, rng: np.random.Generator, video: str
         "question": question,
         "options": options,
         "answer": options.index(correct),
-        "clip": asdict(spec),
+        "clip": clip,
     }
 
 

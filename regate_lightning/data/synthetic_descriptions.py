@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from regate_lightning.data.synthetic import BACKGROUND, COLOURS, DIRECTIONS, SHAPES, shape_mask
+from regate_lightning.data.synthetic import BACKGROUND, COLOURS, DIRECTIONS, SHAPES, choice_record, shape_mask
 
 VERSION = 4
 """Bump when the clips or the text change: a cached set with another version is regenerated."""
@@ -339,17 +339,7 @@ def val_record(index: int, spec: SceneSpec, rng: np.random.Generator, video: str
     else:
         pool = [w for w in vocabulary if w != correct]
         chosen = [pool[int(i)] for i in rng.permutation(len(pool))[:3]]
-    options = [correct, *chosen]
-    options = [options[int(i)] for i in rng.permutation(len(options))]
-    return {
-        "id": f"val-{index:05d}",
-        "video": video,
-        "task": task,
-        "question": question,
-        "options": options,
-        "answer": options.index(correct),
-        "clip": asdict(spec),
-    }
+    return choice_record(index, video, task, question, correct, chosen, asdict(spec), rng)
 
 
 def visual_words() -> frozenset[str]:
