@@ -48,7 +48,12 @@ def test_every_debug_recipe_trains(recipe, tmp_path, monkeypatch):
     """Two optimizer steps and one validation batch of every debug recipe (a family's ``debug_<family>.yaml``
     included); ``debug_regate.yaml`` runs in ``tests/test_docs_commands.py``."""
     monkeypatch.chdir(tmp_path)
-    args = ["fit", "--config", str(recipe), "--trainer.max_steps=2", "--trainer.limit_val_batches=1"]
+    train_two_steps(recipe)
+
+
+def train_two_steps(recipe: Path, *overrides: str) -> None:
+    """``regate-lightning fit`` of ``recipe`` (and ``overrides``) for two optimizer steps and one validation batch."""
+    args = ["fit", "--config", str(recipe), *overrides, "--trainer.max_steps=2", "--trainer.limit_val_batches=1"]
     args += ["--trainer.val_check_interval=2", "--trainer.logger=false", "--trainer.enable_checkpointing=false"]
     try:
         main(args)
@@ -67,11 +72,4 @@ def test_the_moe_classes_train_on_their_familys_debug_recipe(recipe, name, tmp_p
     """The MoE classes, which the recipes name in a comment, train through the same recipe (ReGATE and
     visual-token elision), with only the class changed on the command line."""
     monkeypatch.chdir(tmp_path)
-    path = next(p for p in RECIPES if p.name == recipe)
-    args = ["fit", "--config", str(path), f"--model.model_kwargs.name={name}", "--trainer.max_steps=2"]
-    args += ["--trainer.limit_val_batches=1", "--trainer.val_check_interval=2", "--trainer.logger=false"]
-    args += ["--trainer.enable_checkpointing=false"]
-    try:
-        main(args)
-    except SystemExit as done:
-        assert not done.code, done.code
+    train_two_steps(next(p for p in RECIPES if p.name == recipe), f"--model.model_kwargs.name={name}")
